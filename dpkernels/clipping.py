@@ -1,0 +1,115 @@
+"""Clip functions and clipping groups.
+
+A clipping group is a set of parameters whose per-sample gradients are clipped
+together: with n_i the per-sample norm over the group and R_g its bound,
+
+    abadi:      c_i = min(1, R_g / (n_i + 1e-6))
+    automatic:  c_i = R_g / (n_i + gamma)          (AUTO-S, Bu et al. 2022)
+
+and every parameter of the group receives sum_i c_i grad_i. Both keep
+||c_i grad_i|| <= R_g, so one sample moves the whole update by at most
+R_total = sqrt(sum_g R_g^2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+CLIP_FUNCTIONS = ("abadi", "automatic")
+GROUP_MODES = ("all-layer", "layer-wise", "param-wise")
+ABADI_EPS = 1e-6
+
+
+def clip_factors(norms: Tensor, bound: float, clipping: str = "abadi", gamma: float = 0.01) -> Tensor:
+    """Per-sample clip factors c_i from per-sample norms n_i (not squared)."""
+    if clipping == "abadi":
+        return (bound / (norms + ABADI_EPS)).clamp(max=1.0)
+    if clipping == "automatic":
+        return bound / (norms + gamma)
+    raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
+
+
+GroupSpec = str | Sequence[Sequence[str]] | Callable[[str, nn.Module], Any]
+
+
+def resolve_groups(
+    modules: dict[str, nn.Module], params: dict[str, list[nn.Parameter]], groups: GroupSpec
+) -> list[list[nn.Parameter]]:
+    """Split the trainable parameters of the DP modules into clipping groups.
+
+    modules: name -> DP module; params: name -> its trainable parameters (a
+    parameter shared by several modules is listed under each and placed once,
+    with the first module that names it).
+    groups: "all-layer", "layer-wise", "param-wise", a list of lists of module
+    names, or a callable (module name, module) -> group key.
+    """
+    key_of: dict[str, Any]
+    if groups == "all-layer":
+        key_of = dict.fromkeys(modules, 0)
+    elif groups == "layer-wise":
+        key_of = {n: n for n in modules}
+    elif groups == "param-wise":
+        out: list[list[nn.Parameter]] = []
+        seen: set[int] = set()
+        for n in modules:
+            for p in params[n]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append([p])
+        return out
+    elif callable(groups):
+        key_of = {n: groups(n, m) for n, m in modules.items()}
+    elif isinstance(groups, str):
+        raise ValueError(f"groups must be one of {GROUP_MODES}, a list of lists of module names or a callable, got {groups!r}")
+    else:
+        key_of = {}
+        for gi, names in enumerate(groups):
+            if isinstance(names, str):
+                raise TypeError(f"groups[{gi}] is the string {names!r}: give a list of module names per group")
+            for n in names:
+                if n not in modules:
+                    raise ValueError(
+                        f"groups[{gi}] names {n!r}, which is not a DP layer with trainable parameters; "
+                        f"known layers: {sorted(modules)}"
+                    )
+                if n in key_of:
+                    raise ValueError(f"module {n!r} is listed in two clipping groups ({key_of[n]} and {gi})")
+                key_of[n] = gi
+        missing = [n for n in modules if n not in key_of]
+        if missing:
+            raise ValueError(f"these DP layers with trainable parameters are in no clipping group: {missing}")
+    by_key: dict[Any, list[nn.Parameter]] = {}
+    seen = set()
+    for n in modules:
+        for p in params[n]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                by_key.setdefault(key_of[n], []).append(p)
+    return list(by_key.values())
+
+
+def group_bounds(max_grad_norm: float | Sequence[float], n_groups: int) -> list[float]:
+    """Per-group bounds: a float R gives R / sqrt(G) to each of G groups (so R_total = R)."""
+    if isinstance(max_grad_norm, int | float):
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        return [float(max_grad_norm) / math.sqrt(n_groups)] * n_groups
+    bounds = [float(b) for b in max_grad_norm]
+    if len(bounds) != n_groups:
+        raise ValueError(f"max_grad_norm has {len(bounds)} bounds for {n_groups} clipping groups")
+    if any(not b > 0 for b in bounds):
+        raise ValueError(f"every bound in max_grad_norm must be positive, got {bounds}")
+    return bounds
+
+
+def total_bound(bounds: Sequence[float]) -> float:
+    """R_total = sqrt(sum_g R_g^2): the sensitivity of the whole update."""
+    return math.sqrt(sum(b * b for b in bounds))
+
+
+__all__ = ["clip_factors", "resolve_groups", "group_bounds", "total_bound", "torch"]

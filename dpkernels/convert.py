@@ -1,0 +1,178 @@
+"""make_private: swap supported layers for their DP twins, validate the rest, wire the engine."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import ops
+from .accounting import Accountant, get_noise_multiplier
+from .clipping import CLIP_FUNCTIONS, GroupSpec, group_bounds, resolve_groups
+from .engine import DPOptimizer, Engine, Tie
+from .nn import DP_LAYERS, DPModule
+
+_SUPPORTED = "Linear, Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm"
+
+
+def convert_layers(model: nn.Module) -> nn.Module:
+    """Replace every supported torch layer (exact type) by its DP twin, in place; returns the model."""
+    for name, child in list(model.named_children()):
+        dp_cls = DP_LAYERS.get(type(child))
+        if dp_cls is not None:
+            setattr(model, name, dp_cls.from_module(child))
+        else:
+            convert_layers(child)
+    return model
+
+
+def _trainable(m: nn.Module) -> list[nn.Parameter]:
+    return [p for p in m.parameters(recurse=False) if p.requires_grad]
+
+
+def validate(model: nn.Module) -> dict[str, nn.Module]:
+    """The DP modules with trainable parameters, by name; raises on what cannot be made private."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"module {name!r} is a {type(m).__name__}: batch statistics mix samples, so per-sample "
+                f"gradients are not defined. Replace it with GroupNorm (e.g. nn.GroupNorm(32, channels), or "
+                f"torchvision's norm_layer=lambda c: nn.GroupNorm(32, c))."
+            )
+    dp = {n: m for n, m in model.named_modules() if isinstance(m, DPModule) and _trainable(m)}
+    covered = {id(p) for m in dp.values() for p in _trainable(m)}
+    owner = {id(p): n for n, m in model.named_modules() for p in m.parameters(recurse=False)}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad and id(p) not in covered:
+            mname = owner.get(id(p), "")
+            mod = model.get_submodule(mname) if mname else model
+            raise ValueError(
+                f"parameter {pname!r} of module {mname or '<model>'!r} ({type(mod).__name__}) is trainable but no "
+                f"DP layer covers it, so its gradient would not be private. Freeze it "
+                f"(p.requires_grad_(False)) or build the module from supported layers ({_SUPPORTED})."
+            )
+    return dp
+
+
+def build_ties(modules: dict[str, nn.Module]) -> list[Tie]:
+    """Group DP modules that share a trainable parameter (union-find); check each group is supported."""
+    parent = {n: n for n in modules}
+
+    def find(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    first: dict[int, str] = {}
+    for n, m in modules.items():
+        for p in _trainable(m):
+            if id(p) in first:
+                parent[find(n)] = find(first[id(p)])
+            else:
+                first[id(p)] = n
+    by_root: dict[str, list[str]] = {}
+    for n in modules:
+        by_root.setdefault(find(n), []).append(n)
+    ties = []
+    for names in by_root.values():
+        mods = [modules[n] for n in names]
+        params: list[nn.Parameter] = []
+        for m in mods:
+            for p in _trainable(m):
+                if all(q is not p for q in params):
+                    params.append(p)
+        if len(mods) > 1:
+            from .functional.tied import check_tie
+
+            check_tie(mods, names)
+        ties.append(Tie(modules=mods, names=names, params=params))
+    return ties
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    target_delta: float | None = None,
+    max_grad_norm: float | Sequence[float] = 1.0,
+    expected_batch_size: float | None = None,
+    sample_rate: float | None = None,
+    dataset_size: int | None = None,
+    epochs: float | None = None,
+    steps: int | None = None,
+    clipping: str = "abadi",
+    gamma: float = 0.01,
+    groups: GroupSpec = "all-layer",
+    strategy: str = "bk",
+    loss_reduction: str = "mean",
+    accumulation_steps: int = 1,
+    accountant: str = "rdp",
+    seed: int | None = None,
+    backend: str | None = None,
+) -> tuple[nn.Module, DPOptimizer]:
+    """Make ``model`` and ``optimizer`` train with DP-SGD.
+
+    Each step's gradient is (sum_i c_i g_i + N(0, sigma^2 R_total^2)) / expected_batch_size
+    (no division for loss_reduction="sum"), with c_i the clip factors of each clipping group.
+
+    Give either ``noise_multiplier`` or ``target_epsilon`` (with ``target_delta`` and the number
+    of ``steps`` or ``epochs``). The sampling rate is ``sample_rate``, or
+    expected_batch_size / dataset_size; without it no privacy is accounted.
+    """
+    if clipping not in CLIP_FUNCTIONS:
+        raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
+    if sample_rate is None and dataset_size is not None and expected_batch_size is not None:
+        sample_rate = expected_batch_size / dataset_size
+    if expected_batch_size is None:
+        if sample_rate is None or dataset_size is None:
+            raise ValueError("give expected_batch_size (the expected number of samples in a logical step)")
+        expected_batch_size = sample_rate * dataset_size
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+    if target_epsilon is not None:
+        if target_delta is None or sample_rate is None:
+            raise ValueError("target_epsilon needs target_delta and the sampling rate (sample_rate or dataset_size)")
+        if steps is None:
+            if epochs is None:
+                raise ValueError("target_epsilon needs the number of steps (steps=...) or epochs (epochs=...)")
+            steps = math.ceil(epochs / sample_rate)
+        noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, sample_rate, steps, accountant)
+    assert noise_multiplier is not None
+    if backend is not None:
+        ops.set_backend(backend)
+
+    convert_layers(model)
+    modules = validate(model)
+    if not modules:
+        raise ValueError("the model has no trainable parameters in a DP layer: nothing to train privately")
+    ties = build_ties(modules)
+    params = {n: _trainable(m) for n, m in modules.items()}
+    clip_groups = resolve_groups(modules, params, groups)
+    bounds = group_bounds(max_grad_norm, len(clip_groups))
+    engine = Engine(
+        modules,
+        ties,
+        clip_groups,
+        bounds,
+        noise_multiplier=noise_multiplier,
+        expected_batch_size=expected_batch_size,
+        clipping=clipping,
+        gamma=gamma,
+        strategy=strategy,
+        loss_reduction=loss_reduction,
+        accumulation_steps=accumulation_steps,
+        seed=seed,
+    )
+    for m in modules.values():
+        m._dp_engine = engine  # type: ignore[assignment]
+    model.register_forward_pre_hook(engine.on_model_forward, with_kwargs=True)
+    acct = Accountant(accountant) if sample_rate is not None else None
+    dp_opt = DPOptimizer(optimizer, engine, accountant=acct, sample_rate=sample_rate)
+    if target_delta is not None:
+        dp_opt.target_delta = target_delta  # type: ignore[attr-defined]
+    return model, dp_opt

@@ -1,0 +1,443 @@
+"""The per-step state of DP training, and the optimizer wrapper.
+
+Data flow of one logical step (DESIGN.md):
+
+    forward     every DP layer that will need per-sample work counts a *use*
+    backward    each use hands (saved input, output gradient G) to `Engine.on_backward`;
+                when every use of a layer (of a *tie*: layers sharing a parameter)
+                has arrived its per-sample squared norms go to its clipping groups;
+                when a group has all its norms its clip factors are known and its
+                parameters' clipped sums are computed at once (book-keeping), the
+                (input, G) pairs released
+    end of backward   groups still open (a layer whose output never reached the loss)
+                are finished with what arrived
+    optimizer.step()  every parameter not yet noised gets scale * (acc + sigma R_total z)
+
+The noise is fused into the last micro-batch's clipped sum when the engine knows
+it is the last (``accumulation_steps``); otherwise it is added at ``step()``.
+``p.grad`` is *set* by the DP step (never accumulated across steps): micro-batch
+sums live in the engine until the step.
+
+Strategies: "bk" (book-keeping, one backward) and "two-pass" (ghost clipping:
+`DPOptimizer.backward(loss)` runs a norms-only backward, then a second backward in
+which each layer clips its own G rows with the now-known factors; no (A, G) is
+kept between the passes).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .clipping import clip_factors
+
+STRATEGIES = ("bk", "two-pass")
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class SumSpec:
+    """What a layer's clipped sum for one parameter needs: scale * (prev + sum_i c_i g_i + noise_std z)."""
+
+    c: Tensor
+    prev: Tensor | None = None
+    noise_std: float = 0.0
+    scale: float = 1.0
+    seed: int = 0
+
+
+Use = tuple[Any, Tensor]  # (what forward saved for the engine, output gradient G)
+
+
+@dataclass(eq=False)
+class Tie:
+    """DP modules that share trainable parameters: the unit of per-sample norm computation."""
+
+    modules: list[nn.Module]
+    names: list[str]
+    params: list[nn.Parameter]
+    expected: int = 0  # uses counted in forward since the last backward
+    arrived: int = 0
+    uses: dict[nn.Module, list[Use]] = field(default_factory=dict)
+    summed: set[int] = field(default_factory=set)  # ids of params whose clipped sum is done
+    reported: bool = False
+
+    def owners(self, p: nn.Parameter) -> list[nn.Module]:
+        return [m for m in self.modules if any(q is p for q in m.parameters(recurse=False))]
+
+
+def _mix64(*xs: int) -> int:
+    """splitmix64 over the inputs: independent 63-bit seeds per (seed, step, parameter)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+class Engine:
+    """Per-sample norms, clipping and noise for a set of DP modules."""
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        ties: list[Tie],
+        groups: list[list[nn.Parameter]],
+        bounds: Sequence[float],
+        *,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        clipping: str = "abadi",
+        gamma: float = 0.01,
+        strategy: str = "bk",
+        loss_reduction: str = "mean",
+        accumulation_steps: int = 1,
+        seed: int | None = None,
+    ):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if not expected_batch_size > 0:
+            raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size}")
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+        self.modules = modules
+        self.ties = ties
+        self.groups = groups
+        self.bounds = list(bounds)
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_batch_size = float(expected_batch_size)
+        self.clipping = clipping
+        self.gamma = gamma
+        self.strategy = strategy
+        self.loss_reduction = loss_reduction
+        self.accumulation_steps = accumulation_steps
+        self.seed = secrets.randbits(63) if seed is None else int(seed)
+        self.enabled = True
+        self.batch_size: int | None = None  # the model's batch, read by a forward pre-hook
+        self.steps = 0
+        self.r_total = math.sqrt(sum(b * b for b in self.bounds))
+
+        self._tie_of = {m: t for t in ties for m in t.modules}
+        self._name_of = {m: n for n, m in modules.items()}
+        self._group_of = {id(p): gi for gi, ps in enumerate(groups) for p in ps}
+        self._params = [p for ps in groups for p in ps]
+        self._index = {id(p): i for i, p in enumerate(self._params)}
+        self._ties_of_group = [[t for t in ties if any(id(p) in {id(q) for q in ps} for p in t.params)] for ps in groups]
+        self._acc: dict[int, Tensor] = {}  # raw clipped sums of earlier micro-batches
+        self._noised: set[int] = set()
+        self._micro = 0
+        self._phase: str | None = None  # two-pass: "norms" or "apply"
+        self._factors: list[Tensor | None] = [None] * len(groups)
+        self._reset_pass()
+
+    # ------------------------------------------------------------------ forward
+    def wants(self, module: nn.Module) -> bool:
+        """Whether this forward call of ``module`` needs per-sample work (and so counts a use)."""
+        if not (self.enabled and torch.is_grad_enabled()):
+            return False
+        tie = self._tie_of.get(module)
+        if tie is None:
+            return False
+        tie.expected += 1
+        return True
+
+    def on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the model: remember the batch size of its first tensor input."""
+        for x in list(args) + list(kwargs.values()):
+            if isinstance(x, Tensor) and x.dim() > 0:
+                self.batch_size = x.shape[0]
+                return
+        self.batch_size = None
+
+    # ------------------------------------------------------------------ backward
+    def _reset_pass(self) -> None:
+        self._in_backward = False
+        self._batch: int | None = None
+        self._norm2: list[Tensor | None] = [None] * len(self.groups)
+        self._left = [0] * len(self.groups)
+        self._done = [False] * len(self.groups)
+
+    def _begin_backward(self) -> None:
+        if self.strategy == "two-pass" and self._phase is None:
+            raise RuntimeError(
+                "strategy='two-pass' runs two backward passes: call optimizer.backward(loss) "
+                "instead of loss.backward()"
+            )
+        if self._micro >= self.accumulation_steps:
+            raise RuntimeError(
+                f"a backward pass after {self.accumulation_steps} micro-batch(es) without optimizer.step(): "
+                f"noise was already added; pass accumulation_steps=k to make_private to accumulate k micro-batches"
+            )
+        self._in_backward = True
+        if self._phase != "apply":  # the clipping pass of two-pass keeps the norms pass's factors
+            self._factors = [None] * len(self.groups)
+        for gi, ties in enumerate(self._ties_of_group):
+            self._left[gi] = sum(1 for t in ties if t.expected > 0)
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _check_batch(self, module: nn.Module, B: int) -> None:
+        name = self._name_of.get(module, type(module).__name__)
+        if self._batch is None:
+            self._batch = B
+        if B != self._batch or (self.batch_size is not None and B != self.batch_size):
+            want = self.batch_size if self.batch_size is not None else self._batch
+            raise RuntimeError(
+                f"DP layer {name!r} saw a batch of {B} samples while the model's batch has {want}: an input "
+                f"broadcast across the batch (or a batch that is not the first dimension) loses the "
+                f"per-sample gradients. Expand that input to the batch (x.expand({want}, ...)) before the layer."
+            )
+
+    def loss_scale(self) -> float:
+        """G that a layer sees is g_i * loss_scale^-1: B for a mean loss, 1 for a sum."""
+        return float(self._batch or 0) if self.loss_reduction == "mean" else 1.0
+
+    def on_backward(self, module: nn.Module, saved: Any, g: Tensor) -> None:
+        """Called by a DP layer's backward with what its forward saved and its output gradient."""
+        if not self._in_backward:
+            self._begin_backward()
+        self._check_batch(module, g.shape[0])
+        tie = self._tie_of[module]
+        tie.uses.setdefault(module, []).append((saved, g))
+        tie.arrived += 1
+        if tie.arrived >= tie.expected:
+            self._tie_complete(tie)
+
+    def _tie_complete(self, tie: Tie) -> None:
+        if tie.reported:
+            return
+        tie.reported = True
+        if self._phase == "apply":
+            self._sum_params(tie, tie.params)
+            tie.uses.clear()
+            return
+        norms = tie_norms(tie) if tie.uses else {}
+        s2 = self.loss_scale() ** 2
+        for gi in {self._group_of[id(p)] for p in tie.params}:
+            for p in tie.params:
+                if self._group_of[id(p)] == gi and id(p) in norms:
+                    n2 = norms[id(p)] * s2
+                    bad = ~torch.isfinite(n2)
+                    if bool(bad.any()):
+                        idx = bad.nonzero().flatten().tolist()[:8]
+                        raise FloatingPointError(
+                            f"non-finite per-sample gradient of a parameter of {tie.names} for sample(s) {idx}: "
+                            f"no step was taken; check the loss and inputs of those samples"
+                        )
+                    acc = self._norm2[gi]
+                    self._norm2[gi] = n2 if acc is None else acc + n2
+            self._left[gi] -= 1
+            if self._left[gi] == 0:
+                self._group_done(gi)
+        if self._phase == "norms":
+            tie.uses.clear()
+
+    def _group_done(self, gi: int) -> None:
+        if self._done[gi]:
+            return
+        self._done[gi] = True
+        n2 = self._norm2[gi]
+        if n2 is None:  # no sample reached any parameter of this group
+            B = self._batch or 0
+            n2 = torch.zeros(B, device=self._params[0].device)
+        c = clip_factors(n2.sqrt(), self.bounds[gi], self.clipping, self.gamma) * self.loss_scale()
+        self._factors[gi] = c
+        if self._phase == "norms":
+            return
+        for tie in self._ties_of_group[gi]:
+            if tie.reported and tie.uses:
+                ps = [p for p in tie.params if self._group_of[id(p)] == gi]
+                self._sum_params(tie, ps)
+                if len(tie.summed) == len(tie.params):
+                    tie.uses.clear()
+
+    def _spec(self, p: nn.Parameter, fin: bool, prev: Tensor | None) -> SumSpec:
+        c = self._factors[self._group_of[id(p)]]
+        assert c is not None
+        mean = self.loss_reduction == "mean"
+        return SumSpec(
+            c=c,
+            prev=prev,
+            noise_std=self.noise_multiplier * self.r_total if fin else 0.0,
+            scale=1.0 / self.expected_batch_size if (fin and mean) else 1.0,
+            seed=self.param_seed(p),
+        )
+
+    def _store(self, p: nn.Parameter, result: Tensor, last: bool) -> None:
+        if last:
+            p.grad = result.to(p.dtype)
+            self._noised.add(id(p))
+        else:
+            self._acc[id(p)] = result
+
+    def _sum_params(self, tie: Tie, params: list[nn.Parameter]) -> None:
+        """Clipped sums of ``params`` from the tie's uses; noise fused when this is the last micro-batch.
+
+        Parameters of one module go in one call; a parameter shared by several modules
+        chains their contributions through ``prev`` and gets its noise once, in the last.
+        """
+        last = self._micro + 1 == self.accumulation_steps
+        by_module: dict[nn.Module, list[nn.Parameter]] = {}
+        for p in params:
+            tie.summed.add(id(p))
+            owners = [m for m in tie.owners(p) if tie.uses.get(m)]
+            if self._factors[self._group_of[id(p)]] is None or not owners:
+                continue
+            if len(owners) == 1:
+                by_module.setdefault(owners[0], []).append(p)
+                continue
+            result = self._acc.pop(id(p), None)
+            for k, m in enumerate(owners):
+                spec = self._spec(p, last and k == len(owners) - 1, result)
+                result = m.dp_function.clipped_sum(m, tie.uses[m], {id(p): spec})[id(p)]
+            assert result is not None
+            self._store(p, result, last)
+        for m, ps in by_module.items():
+            specs = {id(p): self._spec(p, last, self._acc.pop(id(p), None)) for p in ps}
+            out = m.dp_function.clipped_sum(m, tie.uses[m], specs)
+            for p in ps:
+                self._store(p, out[id(p)], last)
+
+    def _end_backward(self) -> None:
+        """End of a backward pass: finish what is still open, then reset the per-pass state."""
+        for tie in self.ties:
+            if tie.expected > 0 and not tie.reported:
+                self._tie_complete(tie)
+        if self._phase != "apply":
+            for gi in range(len(self.groups)):
+                self._group_done(gi)
+        for tie in self.ties:
+            if self._phase != "norms":
+                tie.expected = 0
+            tie.arrived = 0
+            tie.uses.clear()
+            tie.summed.clear()
+            tie.reported = False
+        if self._phase != "norms":
+            self._micro += 1
+        self._reset_pass()
+
+    def backward(self, loss: Tensor) -> None:
+        """One micro-batch's backward; for "two-pass" the norms pass and then the clipping pass."""
+        if self.strategy != "two-pass":
+            loss.backward()
+            return
+        try:
+            self._phase = "norms"
+            loss.backward(retain_graph=True)
+            self._phase = "apply"
+            loss.backward()
+        finally:
+            self._phase = None
+            self._reset_pass()
+
+    # ------------------------------------------------------------------ step
+    def param_seed(self, p: nn.Parameter) -> int:
+        return _mix64(self.seed, self.steps, self._index[id(p)])
+
+    def noise_std(self) -> float:
+        """Standard deviation of the noise on each coordinate of the final gradient."""
+        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+        return self.noise_multiplier * self.r_total * scale
+
+    def finish_step(self) -> None:
+        """Give every parameter not yet noised its noise (and scale); then start a new logical step."""
+        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+        for p in self._params:
+            if id(p) in self._noised:
+                continue
+            out = ops.add_noise(
+                self._acc.pop(id(p), None),
+                p.shape,
+                noise_std=self.noise_multiplier * self.r_total,
+                scale=scale,
+                seed=self.param_seed(p),
+                device=p.device,
+            )
+            p.grad = out.to(p.dtype)
+        self._acc.clear()
+        self._noised.clear()
+        self._micro = 0
+        self.steps += 1
+
+    def report(self) -> str:
+        """Per layer: type, norm method chosen at the last backward, clipping group."""
+        rows = ["layer | type | norm method | group"]
+        for name, m in self.modules.items():
+            gis = sorted({self._group_of[id(p)] for p in self._tie_of[m].params if id(p) in self._group_of})
+            method = getattr(m, "dp_norm_method", "-")
+            rows.append(f"{name} | {type(m).__name__} | {method} | {','.join(map(str, gis))}")
+        return "\n".join(rows)
+
+
+def tie_norms(tie: Tie) -> dict[int, Tensor]:
+    """Per-sample squared norms of a tie's parameters (keyed by id), exact for shared parameters."""
+    if len(tie.modules) == 1:
+        m = tie.modules[0]
+        return m.dp_function.norms(m, tie.uses.get(m, []))
+    from .functional.tied import tied_norms
+
+    return tied_norms(tie)
+
+
+class DPOptimizer(torch.optim.Optimizer):
+    """Wraps a torch optimizer so that ``loss.backward(); optimizer.step()`` is one DP step.
+
+    The update it applies uses  grad = (sum_i c_i g_i + N(0, sigma^2 R_total^2)) / expected_batch_size.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, engine: Engine, accountant: Any = None, sample_rate: float | None = None):
+        # No super().__init__: the wrapped optimizer owns param_groups and state.
+        self.original_optimizer = optimizer
+        self.engine = engine
+        self.accountant = accountant
+        self.sample_rate = sample_rate
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+
+    @property  # type: ignore[override]
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @property  # type: ignore[override]
+    def state(self):
+        return self.original_optimizer.state
+
+    def backward(self, loss: Tensor) -> None:
+        """Backward for one micro-batch; needed for strategy="two-pass", equivalent to loss.backward() otherwise."""
+        self.engine.backward(loss)
+
+    def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.engine.finish_step()
+        self.original_optimizer.step()
+        if self.accountant is not None and self.sample_rate is not None:
+            self.accountant.step(noise_multiplier=self.engine.noise_multiplier, sample_rate=self.sample_rate)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"DPOptimizer({self.original_optimizer!r}, sigma={self.engine.noise_multiplier}, R={self.engine.r_total})"

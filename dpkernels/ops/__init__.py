@@ -1,0 +1,112 @@
+"""One entry point per op, dispatching to a backend.
+
+Backends: ``reference`` (plain PyTorch, any device, the ground truth), ``triton``
+(CUDA tensors, or the CPU under TRITON_INTERPRET=1) and ``cuda`` (the csrc
+extension). ``auto`` picks per call by device and availability; `set_backend`
+forces one. An op a backend lacks falls back to the reference; `last_backend`
+says which backend served each op most recently, so the choice is visible.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from torch import Tensor
+
+from . import reference
+
+BACKENDS = ("reference", "triton", "cuda")
+_forced: str | None = None
+_loaded: dict[str, ModuleType | None] = {"reference": reference}
+last_backend: dict[str, str] = {}
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every op ("reference", "triton", "cuda"), or None / "auto" for automatic."""
+    global _forced
+    if name in (None, "auto"):
+        _forced = None
+        return
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
+    if _load(name) is None:
+        raise RuntimeError(f"backend {name!r} is not available here: {_errors.get(name, 'not built')}")
+    _forced = name
+
+
+def get_backend() -> str:
+    """The forced backend, or "auto"."""
+    return _forced or "auto"
+
+
+_errors: dict[str, str] = {}
+
+
+def _load(name: str) -> ModuleType | None:
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(f"dpkernels.ops.{name}")
+        except Exception as exc:  # an optional backend that fails to import is simply unavailable
+            _errors[name] = f"{type(exc).__name__}: {exc}"
+            _loaded[name] = None
+    return _loaded[name]
+
+
+def available_backends() -> list[str]:
+    return [b for b in BACKENDS if _load(b) is not None]
+
+
+def _auto(device_type: str) -> list[str]:
+    if device_type == "cuda":
+        return ["cuda", "triton", "reference"]
+    return ["reference"]
+
+
+def resolve(op: str, tensor: Tensor, backend: str | None = None):
+    """The callable that serves ``op`` for ``tensor``'s device, and its backend's name."""
+    order = [backend or _forced] if (backend or _forced) else _auto(tensor.device.type)
+    for name in order + ["reference"]:
+        mod = _load(name)
+        fn = getattr(mod, op, None) if mod is not None else None
+        if fn is not None:
+            last_backend[op] = name
+            return fn
+    raise NotImplementedError(op)
+
+
+def _dispatch(op: str):
+    def call(*args, backend: str | None = None, **kwargs):
+        return resolve(op, args[0], backend)(*args, **kwargs)
+
+    call.__name__ = op
+    call.__doc__ = f"Dispatches to ``{op}`` of the chosen backend; see dpkernels.ops.reference.{op}."
+    return call
+
+
+# Helpers that are not kernels: always the reference.
+linear_norm_method = reference.linear_norm_method
+acc_dtype = reference.acc_dtype
+
+# The ops. Each backend module defines the ones it implements under these names,
+# with the reference's signature (first positional argument: a tensor on the target device).
+linear_norms = _dispatch("linear_norms")
+linear_clipped_sum = _dispatch("linear_clipped_sum")
+bias_norms = _dispatch("bias_norms")
+bias_clipped_sum = _dispatch("bias_clipped_sum")
+conv_norms = _dispatch("conv_norms")
+conv_clipped_sum = _dispatch("conv_clipped_sum")
+embedding_norms = _dispatch("embedding_norms")
+embedding_clipped_sum = _dispatch("embedding_clipped_sum")
+embedding_linear_cross = _dispatch("embedding_linear_cross")
+affine_norms = _dispatch("affine_norms")
+affine_clipped_sum = _dispatch("affine_clipped_sum")
+
+
+def add_noise(prev, shape, *, noise_std: float, scale: float, seed: int, device, dtype=None, backend: str | None = None):
+    """scale * (prev + noise_std * z) for a parameter no sample touched; see reference.add_noise."""
+    import torch
+
+    probe = prev if prev is not None else torch.empty(0, device=device)
+    kw = {} if dtype is None else {"dtype": dtype}
+    return resolve("add_noise", probe, backend)(prev, shape, noise_std=noise_std, scale=scale, seed=seed, device=device, **kw)

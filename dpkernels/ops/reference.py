@@ -1,0 +1,138 @@
+"""Plain-PyTorch reference ops: the ground truth every backend is tested against.
+
+Every op works on any device and dtype. Norms and sums accumulate in float32 for
+half inputs and in float64 for float64 inputs (so tests can compare in float64).
+
+Shapes follow one convention: ``a`` is a layer input of shape (B, T, d), ``g`` the
+gradient of the layer output, (B, T, p), where T collects every non-batch position
+(sequence, pixels after unfold). Nothing here knows about modules or the engine.
+
+Noise: every op that writes a gradient computes
+
+    out = scale * (prev + sum_i c_i * grad_i + noise_std * z),   z ~ N(0, I)
+
+with ``z`` drawn from a generator keyed by ``seed`` (one seed per output tensor),
+``prev`` an optional accumulated sum (gradient accumulation, tied weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Per-chunk budget (elements) for temporaries of the reference: keeps the
+# (chunk, T, T) Gram matrices or (chunk, p, d) per-sample gradients bounded.
+_CHUNK_ELEMS = 1 << 26
+
+
+def acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half inputs accumulate in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _chunks(batch: int, per_sample: int):
+    step = max(1, _CHUNK_ELEMS // max(1, per_sample))
+    for start in range(0, batch, step):
+        yield slice(start, min(batch, start + step))
+
+
+def gaussian(shape, seed: int, device, dtype=torch.float32) -> Tensor:
+    """Standard normal noise, deterministic given ``seed`` (an int in [0, 2**63))."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed) & ((1 << 63) - 1))
+    return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+
+def finish(total: Tensor, prev: Tensor | None, noise_std: float, scale: float, seed: int) -> Tensor:
+    """scale * (prev + total + noise_std * z): the epilogue every clipped-sum op shares."""
+    if prev is not None:
+        total = total + prev.to(total.dtype)
+    if noise_std != 0.0:
+        total = total + noise_std * gaussian(total.shape, seed, total.device, total.dtype)
+    if scale != 1.0:
+        total = total * scale
+    return total
+
+
+def add_noise(
+    prev: Tensor | None, shape, *, noise_std: float, scale: float, seed: int, device, dtype=torch.float32
+) -> Tensor:
+    """scale * (prev + noise_std * z): the update of a parameter no sample touched this step."""
+    base = torch.zeros(shape, device=device, dtype=dtype) if prev is None else prev.to(dtype)
+    return finish(base, None, noise_std, scale, seed)
+
+
+# ----------------------------------------------------------------------------- Linear
+
+
+def linear_norm_method(T: int, d: int, p: int) -> str:
+    """The FLOP rule: ghost costs T^2 (d + p) per sample, instantiation 2 T d p."""
+    return "ghost" if T * (d + p) < 2 * d * p else "inst"
+
+
+def linear_norms(a: Tensor, g: Tensor, *, bias: bool, method: str) -> tuple[Tensor, Tensor | None]:
+    """Per-sample squared norms of a Linear layer's weight and bias gradients.
+
+    weight: ||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>          (method "ghost")
+                              = sum_{p,d} (sum_t g_tp a_td)^2     (method "inst")
+    bias:   ||sum_t g_t||^2
+    a: (B, T, d), g: (B, T, p). Returns float32 (float64 for float64 inputs) tensors of shape (B,).
+    """
+    if method not in ("ghost", "inst"):
+        raise ValueError(f"linear_norms: method must be 'ghost' or 'inst', got {method!r}")
+    dt = acc_dtype(a, g)
+    B, T, d = a.shape
+    p = g.shape[-1]
+    w = torch.empty(B, device=a.device, dtype=dt)
+    per_sample = T * T if method == "ghost" else p * d
+    for sl in _chunks(B, per_sample):
+        ac, gc = a[sl].to(dt), g[sl].to(dt)
+        if method == "ghost":
+            w[sl] = (ac @ ac.transpose(1, 2) * (gc @ gc.transpose(1, 2))).sum(dim=(1, 2))
+        else:
+            w[sl] = (gc.transpose(1, 2) @ ac).square().sum(dim=(1, 2))
+    return w, (bias_norms(g) if bias else None)
+
+
+def linear_clipped_sum(
+    a: Tensor,
+    g: Tensor,
+    c: Tensor,
+    *,
+    bias: bool,
+    noise_std: float = 0.0,
+    scale: float = 1.0,
+    seed_w: int = 0,
+    seed_b: int = 0,
+    prev_w: Tensor | None = None,
+    prev_b: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Clipped, summed, noised Linear gradients.
+
+    weight: scale * (prev_w + sum_i c_i G_i^T A_i + noise_std * z_w)   (p, d)
+    bias:   scale * (prev_b + sum_i c_i sum_t g_it + noise_std * z_b)  (p,)
+    """
+    dt = acc_dtype(a, g)
+    p, d = g.shape[-1], a.shape[-1]
+    gs = g.to(dt) * c.to(dt)[:, None, None]
+    w = gs.reshape(-1, p).T @ a.to(dt).reshape(-1, d)
+    w = finish(w, prev_w, noise_std, scale, seed_w)
+    b = finish(gs.sum(dim=(0, 1)), prev_b, noise_std, scale, seed_b) if bias else None
+    return w, b
+
+
+# ----------------------------------------------------------------------------- bias (Linear, Conv)
+
+
+def bias_norms(g: Tensor) -> Tensor:
+    """Per-sample squared norms of a bias gradient: ||sum_t g_t||^2, g: (B, T, p)."""
+    return g.to(acc_dtype(g)).sum(dim=1).square().sum(dim=1)
+
+
+def bias_clipped_sum(
+    g: Tensor, c: Tensor, *, noise_std: float = 0.0, scale: float = 1.0, seed: int = 0, prev: Tensor | None = None
+) -> Tensor:
+    """scale * (prev + sum_i c_i sum_t g_it + noise_std * z), g: (B, T, p)."""
+    dt = acc_dtype(g)
+    total = torch.einsum("btp,b->p", g.to(dt), c.to(dt))
+    return finish(total, prev, noise_std, scale, seed)
