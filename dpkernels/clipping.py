@@ -65,7 +65,9 @@ def resolve_groups(
     elif callable(groups):
         key_of = {n: groups(n, m) for n, m in modules.items()}
     elif isinstance(groups, str):
-        raise ValueError(f"groups must be one of {GROUP_MODES}, a list of lists of module names or a callable, got {groups!r}")
+        raise ValueError(
+            f"groups must be one of {GROUP_MODES}, a list of lists of module names or a callable, got {groups!r}"
+        )
     else:
         key_of = {}
         for gi, names in enumerate(groups):

@@ -134,7 +134,9 @@ class Engine:
         self._group_of = {id(p): gi for gi, ps in enumerate(groups) for p in ps}
         self._params = [p for ps in groups for p in ps]
         self._index = {id(p): i for i, p in enumerate(self._params)}
-        self._ties_of_group = [[t for t in ties if any(id(p) in {id(q) for q in ps} for p in t.params)] for ps in groups]
+        self._ties_of_group = [
+            [t for t in ties if any(id(p) in {id(q) for q in ps} for p in t.params)] for ps in groups
+        ]
         self._acc: dict[int, Tensor] = {}  # raw clipped sums of earlier micro-batches
         self._noised: set[int] = set()
         self._micro = 0
@@ -172,8 +174,7 @@ class Engine:
     def _begin_backward(self) -> None:
         if self.strategy == "two-pass" and self._phase is None:
             raise RuntimeError(
-                "strategy='two-pass' runs two backward passes: call optimizer.backward(loss) "
-                "instead of loss.backward()"
+                "strategy='two-pass' runs two backward passes: call optimizer.backward(loss) instead of loss.backward()"
             )
         if self._micro >= self.accumulation_steps:
             raise RuntimeError(
@@ -191,7 +192,7 @@ class Engine:
         name = self._name_of.get(module, type(module).__name__)
         if self._batch is None:
             self._batch = B
-        if B != self._batch or (self.batch_size is not None and B != self.batch_size):
+        if self._batch != B or (self.batch_size is not None and self.batch_size != B):
             want = self.batch_size if self.batch_size is not None else self._batch
             raise RuntimeError(
                 f"DP layer {name!r} saw a batch of {B} samples while the model's batch has {want}: an input "
@@ -397,7 +398,9 @@ class DPOptimizer(torch.optim.Optimizer):
     The update it applies uses  grad = (sum_i c_i g_i + N(0, sigma^2 R_total^2)) / expected_batch_size.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, engine: Engine, accountant: Any = None, sample_rate: float | None = None):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, engine: Engine, accountant: Any = None, sample_rate: float | None = None
+    ):
         # No super().__init__: the wrapped optimizer owns param_groups and state.
         self.original_optimizer = optimizer
         self.engine = engine
@@ -440,4 +443,6 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.load_state_dict(state_dict)
 
     def __repr__(self) -> str:
-        return f"DPOptimizer({self.original_optimizer!r}, sigma={self.engine.noise_multiplier}, R={self.engine.r_total})"
+        return (
+            f"DPOptimizer({self.original_optimizer!r}, sigma={self.engine.noise_multiplier}, R={self.engine.r_total})"
+        )

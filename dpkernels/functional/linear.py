@@ -64,8 +64,16 @@ class LinearFunction(torch.autograd.Function):
         out: dict[int, Tensor] = {}
         if sw is not None and sb is not None and sw.c is sb.c:  # one call for both (same clip factors)
             rw, rb = ops.linear_clipped_sum(
-                a, g, sw.c, bias=True, noise_std=sw.noise_std, scale=sw.scale, seed_w=sw.seed, seed_b=sb.seed,
-                prev_w=sw.prev, prev_b=sb.prev,
+                a,
+                g,
+                sw.c,
+                bias=True,
+                noise_std=sw.noise_std,
+                scale=sw.scale,
+                seed_w=sw.seed,
+                seed_b=sb.seed,
+                prev_w=sw.prev,
+                prev_b=sb.prev,
             )
             assert rb is not None
             return {id(w): rw, id(b): rb}

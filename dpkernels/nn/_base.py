@@ -25,7 +25,9 @@ class DPModule:
     def from_module(cls: type[T], module: nn.Module) -> T:
         """A DP twin of ``module`` sharing its parameters, buffers and hooks (tied weights stay tied)."""
         if type(module) is not cls.torch_layer and not isinstance(module, cls):
-            raise TypeError(f"{cls.__name__}.from_module takes a {cls.torch_layer.__name__}, got {type(module).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_module takes a {cls.torch_layer.__name__}, got {type(module).__name__}"
+            )
         new = copy.copy(module)
         new._parameters = dict(module._parameters)  # type: ignore[attr-defined]
         new._buffers = dict(module._buffers)  # type: ignore[attr-defined]

@@ -103,10 +103,14 @@ affine_norms = _dispatch("affine_norms")
 affine_clipped_sum = _dispatch("affine_clipped_sum")
 
 
-def add_noise(prev, shape, *, noise_std: float, scale: float, seed: int, device, dtype=None, backend: str | None = None):
+def add_noise(
+    prev, shape, *, noise_std: float, scale: float, seed: int, device, dtype=None, backend: str | None = None
+):
     """scale * (prev + noise_std * z) for a parameter no sample touched; see reference.add_noise."""
     import torch
 
     probe = prev if prev is not None else torch.empty(0, device=device)
     kw = {} if dtype is None else {"dtype": dtype}
-    return resolve("add_noise", probe, backend)(prev, shape, noise_std=noise_std, scale=scale, seed=seed, device=device, **kw)
+    return resolve("add_noise", probe, backend)(
+        prev, shape, noise_std=noise_std, scale=scale, seed=seed, device=device, **kw
+    )

@@ -1,0 +1,33 @@
+"""Plain-PyTorch reference ops: the ground truth every backend is tested against.
+
+Every op works on any device and dtype. Norms and sums accumulate in float32 for
+half inputs and in float64 for float64 inputs (so tests can compare in float64).
+
+Shapes follow one convention: ``a`` is a layer input of shape (B, T, d), ``g`` the
+gradient of the layer output, (B, T, p), where T collects every non-batch position
+(sequence, pixels after unfold). Nothing here knows about modules or the engine.
+
+Noise: every op that writes a gradient computes
+
+    out = scale * (prev + sum_i c_i * grad_i + noise_std * z),   z ~ N(0, I)
+
+with ``z`` drawn from a generator keyed by ``seed`` (one seed per output tensor),
+``prev`` an optional accumulated sum (gradient accumulation, tied weights).
+"""
+
+from __future__ import annotations
+
+from ._common import acc_dtype, add_noise, finish, gaussian
+from .linear import bias_clipped_sum, bias_norms, linear_clipped_sum, linear_norm_method, linear_norms
+
+__all__ = [
+    "acc_dtype",
+    "add_noise",
+    "bias_clipped_sum",
+    "bias_norms",
+    "finish",
+    "gaussian",
+    "linear_clipped_sum",
+    "linear_norm_method",
+    "linear_norms",
+]

@@ -1,0 +1,64 @@
+"""Helpers every reference op shares: accumulation dtype, chunking, noise and the epilogue.
+
+The conventions of all reference ops (see the package docstring):
+
+Every op works on any device and dtype. Norms and sums accumulate in float32 for
+half inputs and in float64 for float64 inputs (so tests can compare in float64).
+
+Shapes follow one convention: ``a`` is a layer input of shape (B, T, d), ``g`` the
+gradient of the layer output, (B, T, p), where T collects every non-batch position
+(sequence, pixels after unfold). Nothing here knows about modules or the engine.
+
+Noise: every op that writes a gradient computes
+
+    out = scale * (prev + sum_i c_i * grad_i + noise_std * z),   z ~ N(0, I)
+
+with ``z`` drawn from a generator keyed by ``seed`` (one seed per output tensor),
+``prev`` an optional accumulated sum (gradient accumulation, tied weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Per-chunk budget (elements) for temporaries of the reference: keeps the
+# (chunk, T, T) Gram matrices or (chunk, p, d) per-sample gradients bounded.
+_CHUNK_ELEMS = 1 << 26
+
+
+def acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half inputs accumulate in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _chunks(batch: int, per_sample: int):
+    step = max(1, _CHUNK_ELEMS // max(1, per_sample))
+    for start in range(0, batch, step):
+        yield slice(start, min(batch, start + step))
+
+
+def gaussian(shape, seed: int, device, dtype=torch.float32) -> Tensor:
+    """Standard normal noise, deterministic given ``seed`` (an int in [0, 2**63))."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed) & ((1 << 63) - 1))
+    return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+
+def finish(total: Tensor, prev: Tensor | None, noise_std: float, scale: float, seed: int) -> Tensor:
+    """scale * (prev + total + noise_std * z): the epilogue every clipped-sum op shares."""
+    if prev is not None:
+        total = total + prev.to(total.dtype)
+    if noise_std != 0.0:
+        total = total + noise_std * gaussian(total.shape, seed, total.device, total.dtype)
+    if scale != 1.0:
+        total = total * scale
+    return total
+
+
+def add_noise(
+    prev: Tensor | None, shape, *, noise_std: float, scale: float, seed: int, device, dtype=torch.float32
+) -> Tensor:
+    """scale * (prev + noise_std * z): the update of a parameter no sample touched this step."""
+    base = torch.zeros(shape, device=device, dtype=dtype) if prev is None else prev.to(dtype)
+    return finish(base, None, noise_std, scale, seed)
