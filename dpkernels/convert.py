@@ -32,7 +32,7 @@ def _trainable(m: nn.Module) -> list[nn.Parameter]:
     return [p for p in m.parameters(recurse=False) if p.requires_grad]
 
 
-def validate(model: nn.Module) -> dict[str, nn.Module]:
+def validate(model: nn.Module) -> dict[str, nn.Module]:  # values are DPModules
     """The DP modules with trainable parameters, by name; raises on what cannot be made private."""
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -41,7 +41,7 @@ def validate(model: nn.Module) -> dict[str, nn.Module]:
                 f"gradients are not defined. Replace it with GroupNorm (e.g. nn.GroupNorm(32, channels), or "
                 f"torchvision's norm_layer=lambda c: nn.GroupNorm(32, c))."
             )
-    dp = {n: m for n, m in model.named_modules() if isinstance(m, DPModule) and _trainable(m)}
+    dp: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if isinstance(m, DPModule) and _trainable(m)}
     covered = {id(p) for m in dp.values() for p in _trainable(m)}
     owner = {id(p): n for n, m in model.named_modules() for p in m.parameters(recurse=False)}
     for pname, p in model.named_parameters(remove_duplicate=False):

@@ -73,6 +73,11 @@ class Tie:
         return [m for m in self.modules if any(q is p for q in m.parameters(recurse=False))]
 
 
+def dp_function(module: Any) -> Any:
+    """The autograd Function class (with its ``norms`` and ``clipped_sum``) of a DP module."""
+    return type(module).dp_function
+
+
 def _mix64(*xs: int) -> int:
     """splitmix64 over the inputs: independent 63-bit seeds per (seed, step, parameter)."""
     h = 0x9E3779B97F4A7C15
@@ -301,12 +306,12 @@ class Engine:
             result = self._acc.pop(id(p), None)
             for k, m in enumerate(owners):
                 spec = self._spec(p, last and k == len(owners) - 1, result)
-                result = m.dp_function.clipped_sum(m, tie.uses[m], {id(p): spec})[id(p)]
+                result = dp_function(m).clipped_sum(m, tie.uses[m], {id(p): spec})[id(p)]
             assert result is not None
             self._store(p, result, last)
         for m, ps in by_module.items():
             specs = {id(p): self._spec(p, last, self._acc.pop(id(p), None)) for p in ps}
-            out = m.dp_function.clipped_sum(m, tie.uses[m], specs)
+            out = dp_function(m).clipped_sum(m, tie.uses[m], specs)
             for p in ps:
                 self._store(p, out[id(p)], last)
 
@@ -386,7 +391,7 @@ def tie_norms(tie: Tie) -> dict[int, Tensor]:
     """Per-sample squared norms of a tie's parameters (keyed by id), exact for shared parameters."""
     if len(tie.modules) == 1:
         m = tie.modules[0]
-        return m.dp_function.norms(m, tie.uses.get(m, []))
+        return dp_function(m).norms(m, tie.uses.get(m, []))
     from .functional.tied import tied_norms
 
     return tied_norms(tie)

@@ -7,9 +7,11 @@ layer are concatenated along T, which gives the norm of the summed gradient.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import ops
@@ -18,7 +20,7 @@ from ._common import batch_rows, trainable
 
 class LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, module: nn.Module) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, module: Any) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.module = module
         return F.linear(x, weight, bias)
@@ -38,7 +40,7 @@ class LinearFunction(torch.autograd.Function):
         return (a[0], g[0]) if len(a) == 1 else (torch.cat(a, 1), torch.cat(g, 1))
 
     @staticmethod
-    def norms(module: nn.Module, uses) -> dict[int, Tensor]:
+    def norms(module: Any, uses) -> dict[int, Tensor]:
         a, g = LinearFunction._rows(uses)
         w, b = trainable(module, "weight"), trainable(module, "bias")
         out: dict[int, Tensor] = {}
@@ -56,7 +58,7 @@ class LinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def clipped_sum(module: nn.Module, uses, specs) -> dict[int, Tensor]:
+    def clipped_sum(module: Any, uses, specs) -> dict[int, Tensor]:
         a, g = LinearFunction._rows(uses)
         w, b = trainable(module, "weight"), trainable(module, "bias")
         sw = specs.get(id(w)) if w is not None else None

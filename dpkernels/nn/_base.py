@@ -10,7 +10,7 @@ from torch import nn
 T = TypeVar("T", bound="DPModule")
 
 
-class DPModule:
+class DPModule(nn.Module):
     """A torch layer with the same forward and state_dict whose backward reports per-sample work.
 
     Without an engine attached (``_dp_engine is None``) a DP layer behaves exactly like its torch
@@ -19,6 +19,7 @@ class DPModule:
 
     _dp_engine: Any = None
     dp_function: Any = None
+    dp_norm_method: str = "-"  # how the last backward computed this layer's norms (engine.report)
     torch_layer: type[nn.Module]
 
     @classmethod
@@ -32,7 +33,7 @@ class DPModule:
         new._parameters = dict(module._parameters)  # type: ignore[attr-defined]
         new._buffers = dict(module._buffers)  # type: ignore[attr-defined]
         new._modules = dict(module._modules)  # type: ignore[attr-defined]
-        new.__class__ = cls
+        object.__setattr__(new, "__class__", cls)
         return new  # type: ignore[return-value]
 
     def _dp_active(self) -> bool:

@@ -65,7 +65,8 @@ def _auto(device_type: str) -> list[str]:
 
 def resolve(op: str, tensor: Tensor, backend: str | None = None):
     """The callable that serves ``op`` for ``tensor``'s device, and its backend's name."""
-    order = [backend or _forced] if (backend or _forced) else _auto(tensor.device.type)
+    chosen = backend or _forced
+    order = [chosen] if chosen else _auto(tensor.device.type)
     for name in order + ["reference"]:
         mod = _load(name)
         fn = getattr(mod, op, None) if mod is not None else None
