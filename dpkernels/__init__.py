@@ -3,18 +3,30 @@
 Public API: `make_private`, the DP layers (`DPLinear`, ...), `set_backend`, accounting.
 """
 
+from . import api as api  # functional API for other libraries: api.per_sample_norms, api.clipped_sum
+from . import data as data  # Poisson sampling: data.poisson_loader, data.PoissonBatchSampler
 from .accounting import Accountant, get_epsilon, get_noise_multiplier
 from .convert import make_private
 from .engine import DPOptimizer, Engine
-from .nn import DP_LAYERS, DPLinear
+from .nn import DP_LAYERS, DPConv1d, DPConv2d, DPConv3d, DPEmbedding, DPGroupNorm, DPLayerNorm, DPLinear, DPRMSNorm
+from .nn.mha import DPMultiheadAttention
+from .nn.tap import tap_parameters  # opt-in for raw (1, ...) parameters broadcast over the batch
 from .ops import available_backends, get_backend, set_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Accountant",
+    "DPConv1d",
+    "DPConv2d",
+    "DPConv3d",
+    "DPEmbedding",
+    "DPGroupNorm",
+    "DPLayerNorm",
     "DPLinear",
+    "DPMultiheadAttention",
     "DPOptimizer",
+    "DPRMSNorm",
     "DP_LAYERS",
     "Engine",
     "available_backends",
@@ -23,4 +35,5 @@ __all__ = [
     "get_noise_multiplier",
     "make_private",
     "set_backend",
+    "tap_parameters",
 ]

@@ -40,8 +40,10 @@ def _check(sample_rate: float, steps: int, delta: float) -> None:
 def get_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, mechanism: str = "rdp") -> float:
     """Epsilon spent by ``steps`` Poisson-sampled Gaussian steps at ``delta``."""
     _check(sample_rate, steps, delta)
+    if steps == 0:
+        return 0.0
     if noise_multiplier == 0:
-        return float("inf") if steps > 0 else 0.0
+        return float("inf")
     acc = _fresh(mechanism)
     acc.compose(_event(noise_multiplier, sample_rate, steps))
     return float(acc.get_epsilon(delta))
@@ -54,13 +56,27 @@ def get_noise_multiplier(
     _check(sample_rate, steps, target_delta)
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
+    if steps == 0:
+        return 0.0
+    bracket: dp_accounting.mechanism_calibration.BracketInterval
+    if mechanism == "rdp":
+        bracket = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
+    else:
+        # RDP's answer is an upper end for PLD (PLD's epsilon is the tighter one). A PLD of a very
+        # small sigma needs a huge discretised loss distribution (sigma = 1e-3 asks for ~38 GiB),
+        # so the lower end is found by stepping down from there, not by starting near zero.
+        hi = get_noise_multiplier(target_epsilon, target_delta, sample_rate, steps, "rdp")
+        lo = 0.8 * hi
+        while lo > 0.05 * hi and get_epsilon(lo, sample_rate, steps, target_delta, mechanism) <= target_epsilon:
+            lo *= 0.8
+        bracket = dp_accounting.ExplicitBracketInterval(lo, hi)
     return float(
         dp_accounting.calibrate_dp_mechanism(
             lambda: _fresh(mechanism),
             lambda sigma: _event(sigma, sample_rate, steps),
             target_epsilon,
             target_delta,
-            bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
+            bracket_interval=bracket,
         )
     )
 
@@ -92,5 +108,6 @@ class Accountant:
         acc = _fresh(self.mechanism)
         for sigma, q, n in self.history:
             _check(q, n, delta)
-            acc.compose(_event(sigma, q, n))
+            if n > 0:
+                acc.compose(_event(sigma, q, n))
         return float(acc.get_epsilon(delta))

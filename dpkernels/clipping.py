@@ -47,6 +47,8 @@ def resolve_groups(
     with the first module that names it).
     groups: "all-layer", "layer-wise", "param-wise", a list of lists of module
     names, or a callable (module name, module) -> group key.
+    Groups come in the order of the user's list (a list of bounds follows it),
+    else in the order of their first layer in the model.
     """
     key_of: dict[str, Any]
     if groups == "all-layer":
@@ -92,6 +94,15 @@ def resolve_groups(
             if id(p) not in seen:
                 seen.add(id(p))
                 by_key.setdefault(key_of[n], []).append(p)
+    if not (callable(groups) or isinstance(groups, str)):
+        # the user's order: a list of bounds in max_grad_norm is given in this order
+        empty = [gi for gi in range(len(groups)) if gi not in by_key]
+        if empty:
+            raise ValueError(
+                f"clipping group(s) {empty} of {list(map(list, groups))} have no trainable parameter of their own "
+                f"(a parameter shared by several layers belongs to the group of the first one)"
+            )
+        return [by_key[gi] for gi in range(len(groups))]
     return list(by_key.values())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Sequence
 
@@ -13,14 +14,60 @@ from .accounting import Accountant, get_noise_multiplier
 from .clipping import CLIP_FUNCTIONS, GroupSpec, group_bounds, resolve_groups
 from .engine import DPOptimizer, Engine, Tie
 from .nn import DP_LAYERS, DPModule
+from .nn.tap import tap_known
 
-_SUPPORTED = "Linear, Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm"
+_SUPPORTED = (
+    "Linear, Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm, MultiheadAttention, Hugging Face Conv1D and "
+    "LlamaRMSNorm; a raw (1, ...) parameter the model only broadcasts over the batch: dpkernels.tap_parameters"
+)
+
+
+# --- optional third-party layers (transformers, ...): looked up by qualified class name, so that the
+# package is never imported by dpkernels; the twin's module is imported when such a layer is met. A
+# target is a DP class, or a function (layer class -> DP class, or None to refuse).
+_HF = "transformers.models"
+THIRD_PARTY_LAYERS: dict[str, str] = {
+    "transformers.pytorch_utils.Conv1D": "dpkernels.nn.hf:DPConv1D",
+    f"{_HF}.llama.modeling_llama.LlamaRMSNorm": "dpkernels.nn.hf:DPLlamaRMSNorm",
+    **{
+        f"{_HF}.{m}.modeling_{m}.{c}": "dpkernels.nn.hf:llama_style_rmsnorm"  # LlamaRMSNorm's code, checked on use
+        for m, c in [
+            ("mistral", "MistralRMSNorm"),
+            ("mixtral", "MixtralRMSNorm"),
+            ("qwen2", "Qwen2RMSNorm"),
+            ("qwen2_moe", "Qwen2MoeRMSNorm"),
+            ("qwen3", "Qwen3RMSNorm"),
+            ("phi3", "Phi3RMSNorm"),
+            ("granite", "GraniteRMSNorm"),
+            ("smollm3", "SmolLM3RMSNorm"),
+        ]
+    },
+}
+
+
+def dp_class(m: nn.Module) -> type[DPModule] | None:
+    """The DP twin of ``m``'s exact type: DP_LAYERS, then THIRD_PARTY_LAYERS; None if unsupported."""
+    cls = DP_LAYERS.get(type(m))
+    if cls is None:
+        target = THIRD_PARTY_LAYERS.get(f"{type(m).__module__}.{type(m).__qualname__}")
+        if target is not None:
+            mod, attr = target.split(":")
+            obj = getattr(importlib.import_module(mod), attr)
+            cls = obj if isinstance(obj, type) else obj(type(m))
+    return cls
+
+
+# --- end of third-party layers
 
 
 def convert_layers(model: nn.Module) -> nn.Module:
-    """Replace every supported torch layer (exact type) by its DP twin, in place; returns the model."""
+    """Replace every supported torch layer (exact type) by its DP twin, in place; returns the model.
+
+    Modules listed in nn.tap.TAPPED_PARAMETERS (the model itself included) keep their class's code but
+    get exact per-sample gradients for their batch-broadcast raw parameters (see dpkernels.nn.tap)."""
+    tap_known(model)
     for name, child in list(model.named_children()):
-        dp_cls = DP_LAYERS.get(type(child))
+        dp_cls = dp_class(child)
         if dp_cls is not None:
             setattr(model, name, dp_cls.from_module(child))
         else:

@@ -211,11 +211,30 @@ class Engine:
 
     def on_backward(self, module: nn.Module, saved: Any, g: Tensor) -> None:
         """Called by a DP layer's backward with what its forward saved and its output gradient."""
+        try:
+            self._on_backward(module, saved, g)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        """Forget the pass in progress after an error in backward (its end-of-pass callback will not
+        run), so that the next forward/backward starts clean instead of mixing with stale uses."""
+        for tie in self.ties:
+            tie.expected = 0
+            tie.arrived = 0
+            tie.uses.clear()
+            tie.summed.clear()
+            tie.reported = False
+        self._reset_pass()
+
+    def _on_backward(self, module: nn.Module, saved: Any, g: Tensor) -> None:
         if not self._in_backward:
             self._begin_backward()
         self._check_batch(module, g.shape[0])
         tie = self._tie_of[module]
-        tie.uses.setdefault(module, []).append((saved, g))
+        if g.shape[0] > 0:  # an empty (Poisson) batch has no per-sample work: its step is noise only
+            tie.uses.setdefault(module, []).append((saved, g))
         tie.arrived += 1
         if tie.arrived >= tie.expected:
             self._tie_complete(tie)
@@ -317,6 +336,13 @@ class Engine:
 
     def _end_backward(self) -> None:
         """End of a backward pass: finish what is still open, then reset the per-pass state."""
+        try:
+            self._finish_pass()
+        except BaseException:
+            self._abort()
+            raise
+
+    def _finish_pass(self) -> None:
         for tie in self.ties:
             if tie.expected > 0 and not tie.reported:
                 self._tie_complete(tie)
@@ -341,7 +367,12 @@ class Engine:
             return
         try:
             self._phase = "norms"
-            loss.backward(retain_graph=True)
+            # autograd.grad, not backward: the norms pass must not accumulate into any leaf's .grad
+            # (an input that requires grad would otherwise get its gradient twice). The DP parameters
+            # as inputs make autograd run every DP layer's backward; they receive None.
+            torch.autograd.grad(
+                loss, [p for p in self._params if p.requires_grad], retain_graph=True, allow_unused=True
+            )
             self._phase = "apply"
             loss.backward()
         finally:
@@ -363,13 +394,15 @@ class Engine:
         for p in self._params:
             if id(p) in self._noised:
                 continue
+            prev = self._acc.pop(id(p), None)
             out = ops.add_noise(
-                self._acc.pop(id(p), None),
+                prev,
                 p.shape,
                 noise_std=self.noise_multiplier * self.r_total,
                 scale=scale,
                 seed=self.param_seed(p),
                 device=p.device,
+                dtype=prev.dtype if prev is not None else ops.acc_dtype(p),  # never round a float64 sum to fp32
             )
             p.grad = out.to(p.dtype)
         self._acc.clear()

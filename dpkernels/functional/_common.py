@@ -13,6 +13,7 @@ with ``uses`` the list of (saved, G) of every call of the module in this pass
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -40,4 +41,4 @@ def trainable(module: nn.Module, name: str) -> nn.Parameter | None:
 
 def batch_rows(x: Tensor) -> Tensor:
     """(B, ..., d) -> (B, T, d) with T the product of the middle dimensions."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])  # not -1: B may be 0

@@ -18,13 +18,25 @@ with ``z`` drawn from a generator keyed by ``seed`` (one seed per output tensor)
 from __future__ import annotations
 
 from ._common import acc_dtype, add_noise, finish, gaussian
+from .conv import conv_clipped_sum, conv_norms, conv_rows, conv_unfold
+from .embedding import embedding_clipped_sum, embedding_linear_cross, embedding_norms
 from .linear import bias_clipped_sum, bias_norms, linear_clipped_sum, linear_norm_method, linear_norms
+from .norm import affine_clipped_sum, affine_norms
 
 __all__ = [
+    "conv_clipped_sum",
+    "conv_norms",
+    "conv_rows",
+    "conv_unfold",
     "acc_dtype",
     "add_noise",
+    "affine_clipped_sum",
+    "affine_norms",
     "bias_clipped_sum",
     "bias_norms",
+    "embedding_clipped_sum",
+    "embedding_linear_cross",
+    "embedding_norms",
     "finish",
     "gaussian",
     "linear_clipped_sum",

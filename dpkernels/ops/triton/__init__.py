@@ -1,0 +1,40 @@
+"""Triton backend: Linear and bias norms, clipped sums and noise as fused kernels.
+
+Each op has the reference's name and signature (dpkernels.ops.reference) and wraps one
+`torch.library.custom_op` in the ``dpkernels`` namespace (``dpkernels::triton_<op>``;
+the prefix keeps the csrc backend free to register its own ops in the namespace), with a
+`register_fake` impl, so `torch.compile(fullgraph=True)` traces through the ops and
+`torch.library.opcheck` passes. `custom_op` is used rather than `triton_op` + `wrap_triton`:
+on torch 2.14 / triton 3.8 the latter runs eagerly but fails torch.compile and opcheck under
+the CPU interpreter (TRITON_INTERPRET=1) that the tests use, while `custom_op` passes all
+three. The cost is that Inductor cannot see into the kernels (no fusion across them), which
+the fused kernels make moot.
+
+Kernels run on CUDA tensors, or on the CPU when TRITON_INTERPRET=1 was set before triton
+was imported (the tests do this). Importing this module only defines the ops.
+
+Results differ from the reference in one documented way: the noise z is drawn by Philox
+inside the kernels (keyed by the seed and the element's offset), not by torch.Generator;
+see add_noise.py.
+"""
+
+from __future__ import annotations
+
+from .add_noise import add_noise
+from .affine import affine_clipped_sum, affine_norms
+from .embedding import embedding_clipped_sum, embedding_linear_cross, embedding_norms
+from .linear_clipped_sum import bias_clipped_sum, linear_clipped_sum
+from .linear_norms import bias_norms, linear_norms
+
+__all__ = [
+    "add_noise",
+    "affine_clipped_sum",
+    "affine_norms",
+    "bias_clipped_sum",
+    "bias_norms",
+    "embedding_clipped_sum",
+    "embedding_linear_cross",
+    "embedding_norms",
+    "linear_clipped_sum",
+    "linear_norms",
+]

@@ -1,0 +1,654 @@
+"""Embedding per-sample norms, the clipped sum with dense noise, and the tied-head cross term.
+
+Sample i looks up ids x_i (T,) in a table W (V, D) and receives output gradients g_i (T, D):
+
+    dW_i[v] = sum_{t: x_it = v} g_it                         (tokens equal to padding_idx excluded)
+    norms:  ||dW_i||^2 = sum_v ||sum_{t: x_it = v} g_it||^2 = sum_{t,s} [x_it = x_is] (g_it . g_is)
+    sum:    W' = scale * (prev + sum_i c_i dW_i + noise_std * z)     (V, D), z dense over the table
+    cross:  <dE_i, dH_i> = sum_{t,s} g_h[i, s, x_t] (a_s . g_e,t)    (table tied to a Linear head)
+
+Norms, two kernels, chosen by T (``norms_method``):
+- "gram" (T <= 64, one 64 x 64 tile): the equality-masked Gram sum_{t,s} [x_t = x_s] (g_t . g_s) in
+  registers, G G^T by tl.dot over D-chunks. Needs no sort (one launch) and reads g once; its T^2 D
+  multiply-adds are at most 64x the T D of reading g, on tensor cores or FMA units that idle anyway.
+- "scan" (longer sequences, where the Gram's cost grows as T^2): each sample's ids sorted on the
+  host (torch.sort, stable: a fixed summation order), then one program per (sample, D-tile) walks the
+  sorted tokens in tiles of 32, forms each run's sum S_v by a segmented prefix sum carried across
+  tiles and adds ||S_v||^2 at the run's last token: the reference's own formula, cost linear in T,
+  never a (B, V, D) tensor. Within a tile the segmented sum is a masked lower-triangular matmul
+  (32 multiply-adds per element of g, on tensor cores for 16-bit g). A first version used
+  tl.associative_scan with a segmented combine: no fewer registers on sm_90, and Triton's CPU
+  interpreter runs custom scans element by element (34 s for one T = 70 test case, vs ~1 s now).
+
+Clipped sum: all B*T tokens sorted by id once (padding tokens moved past the table), so each block of
+BLOCK_V consecutive table rows owns one contiguous range of sorted tokens (its bounds from one
+searchsorted). One program per (row block, D-tile) gathers its tokens' rows c_i g_it and adds them
+into its rows by a one-hot matmul (onehot[r, k] = [x_k = v0 + r]), then applies the shared noise
+epilogue (add_noise.py) and writes its tile once: every table row, touched or not, is written
+exactly once with its noise, no atomics, no zero-fill or second pass. The padding row gets noise
+and no data, as the reference documents. A non-finite gradient row spreads to the other rows of its
+block through the matmul (the engine refuses non-finite per-sample norms before any sum is taken).
+
+Cross term: one program per (sample, Th-tile, Te-tile) forms A_S G_E,T^T by tl.dot, gathers
+P[s, t] = g_h[i, s, x_t] and sums the product; the head's (Th, V) gradient is only gathered.
+
+Accumulation in float32 (float64 for float64 inputs). Norm and cross programs write partials that
+the host sums in a fixed order, and the stable sorts fix the order of every sum: results are
+deterministic. Ids are not range-checked (the forward's F.embedding already did, and a check here
+would synchronise with the GPU); the clipped sum drops an id outside [0, V).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (
+    NS,
+    SEED_MASK,
+    acc_dtype,
+    block,
+    check_prev,
+    common_input,
+    dot_operand,
+    dot_precision,
+    launch,
+    num_sms,
+)
+from .add_noise import WIDE_OFFSETS, _epilogue
+
+GRAM_MAX_T = 64  # norms_method: the Gram kernel while one sample fits one (64 x 64) tile
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _embedding_gram_kernel(
+    ids_ptr,
+    g_ptr,
+    out_ptr,  # (B * n_parts,) partial norms
+    T,
+    D,
+    n_parts,  # D-ranges per sample, one program each
+    d_per_part,  # columns per program, a multiple of BLOCK_K
+    pad,
+    s_ib,
+    s_it,
+    s_gb,
+    s_gt,
+    s_gd,
+    ACC: tl.constexpr,  # float32, float64 for float64 g
+    DOT: tl.constexpr,  # tl.dot operand dtype, see _common.dot_operand
+    HAS_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # >= T: the whole sample is one tile
+    BLOCK_K: tl.constexpr,  # chunk of the D reduction
+):
+    """sum_{t,s} [x_t = x_s != pad] sum_{d in this program's range} g_td g_sd."""
+    pid = tl.program_id(0)
+    sample = pid // n_parts
+    part = pid - sample * n_parts
+    rows = tl.arange(0, BLOCK_T)
+    mask_t = rows < T
+    x = tl.load(ids_ptr + sample.to(tl.int64) * s_ib + rows * s_it, mask=mask_t, other=-1)
+    keep = mask_t
+    if HAS_PAD:
+        keep = keep & (x != pad)
+    g_base = g_ptr + sample.to(tl.int64) * s_gb
+    offs_k = tl.arange(0, BLOCK_K)
+    gg = tl.zeros((BLOCK_T, BLOCK_T), dtype=ACC)
+    d_lo = part * d_per_part
+    d_hi = tl.minimum(d_lo + d_per_part, D)
+    for k0 in range(d_lo, d_hi, BLOCK_K):
+        cols = k0 + offs_k
+        m = keep[:, None] & (cols < d_hi)[None, :]  # padding rows are never read: a NaN there stays out
+        gt = tl.load(g_base + rows[:, None] * s_gt + cols[None, :] * s_gd, mask=m, other=0.0)
+        gt = gt.to(DOT)
+        # ieee even for float32: the reference sums rows exactly in fp32 (no matmul, so no TF32 to match)
+        gg = tl.dot(gt, tl.trans(gt), gg, input_precision="ieee")
+    same = (x[:, None] == x[None, :]) & keep[:, None] & keep[None, :]
+    tl.store(out_ptr + pid, tl.sum(tl.where(same, gg, 0.0)))
+
+
+@triton.jit
+def _embedding_scan_kernel(
+    sid_ptr,  # (B, T) ids sorted within each sample, contiguous
+    perm_ptr,  # (B, T) the position t of each sorted id
+    g_ptr,
+    out_ptr,  # (B * n_dtiles,) partial norms
+    T,
+    D,
+    n_dtiles,
+    pad,
+    s_gb,
+    s_gt,
+    s_gd,
+    ACC: tl.constexpr,
+    DOT: tl.constexpr,  # tl.dot operand dtype, see _common.dot_operand
+    HAS_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # sorted tokens per step
+    BLOCK_D: tl.constexpr,
+):
+    """sum over runs v of the sorted ids of ||sum_{t in run v} g_t[D-tile]||^2, one pass over the sample.
+
+    Within a tile of sorted tokens the segmented prefix sum is a matmul, Q = L G with
+    L[t, s] = [s <= t and x_s = x_t] (runs are contiguous once sorted); the run still open at the
+    tile's end is carried into the next tile. Q at a run's last token is the run's sum S_v.
+    """
+    pid = tl.program_id(0)
+    sample = pid // n_dtiles
+    cols = (pid - sample * n_dtiles) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    ids_base = sid_ptr + sample.to(tl.int64) * T
+    perm_base = perm_ptr + sample.to(tl.int64) * T
+    g_base = g_ptr + sample.to(tl.int64) * s_gb
+    offs_t = tl.arange(0, BLOCK_T)
+    lower = offs_t[None, :] <= offs_t[:, None]
+    last = offs_t == BLOCK_T - 1
+    carry = tl.zeros((BLOCK_D,), dtype=ACC)  # the partial sum of the run still open at the tile's end
+    carry_id = tl.full((), -1, tl.int64)  # and its id (-1: none; ids are >= 0)
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + offs_t
+        mask_t = rows < T
+        x = tl.load(ids_base + rows, mask=mask_t, other=-1).to(tl.int64)
+        x_next = tl.load(ids_base + rows + 1, mask=rows + 1 < T, other=-1).to(tl.int64)
+        end = (x != x_next) & mask_t
+        keep = mask_t
+        if HAS_PAD:
+            keep = keep & (x != pad)  # the padding run sums zeros; its rows are never read
+        pos = tl.load(perm_base + rows, mask=mask_t, other=0)
+        g = tl.load(
+            g_base + pos.to(tl.int64)[:, None] * s_gt + cols[None, :] * s_gd,
+            mask=keep[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        run = ((x[:, None] == x[None, :]) & lower).to(DOT)
+        # ieee: 1.0 * g is exact, so Q holds exactly-rounded fp32 sums as the reference's index_add
+        q = tl.dot(run, g.to(DOT), tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC), input_precision="ieee")
+        q = tl.where((x == carry_id)[:, None], q + carry[None, :], q)
+        acc += tl.where(end[:, None], q * q, 0.0)  # ||S_v||^2 at the run's last token
+        carry = tl.sum(tl.where(last[:, None], q, 0.0), axis=0)
+        carry_id = tl.max(tl.where(last, x, -1))
+    tl.store(out_ptr + pid, tl.sum(acc))
+
+
+@triton.jit
+def _embedding_clipped_sum_kernel(
+    sid_ptr,  # (B*T,) ids sorted over the whole batch, padding moved to V (past every block)
+    perm_ptr,  # (B*T,) flat position i*T + t of each sorted id
+    bounds_ptr,  # (n_vblocks + 1,) sorted-token range of each block of BLOCK_V rows
+    g_ptr,
+    c_ptr,
+    out_ptr,  # (V, D)
+    prev_ptr,
+    V,
+    D,
+    T,
+    s_gb,
+    s_gt,
+    s_gd,
+    noise_std,
+    scale,
+    seed,
+    ACC: tl.constexpr,
+    HAS_PREV: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    WIDE: tl.constexpr,  # V * D >= 2**31: int64 offsets (see add_noise.py)
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # sorted tokens per step
+):
+    """out[v, :] = scale * (prev[v] + sum_{(i,t): x_it = v} c_i g_it + noise_std * z[v]) for one tile."""
+    pid_v = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    lo = tl.load(bounds_ptr + pid_v)
+    hi = tl.load(bounds_ptr + pid_v + 1)
+    acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=ACC)
+    for k0 in range(lo, hi, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask_k = ks < hi
+        x = tl.load(sid_ptr + ks, mask=mask_k, other=-1)
+        pos = tl.load(perm_ptr + ks, mask=mask_k, other=0)
+        sample = pos // T
+        t = pos - sample * T
+        c = tl.load(c_ptr + sample, mask=mask_k, other=0.0).to(ACC)
+        g_rows = sample.to(tl.int64) * s_gb + t.to(tl.int64) * s_gt
+        g = tl.load(g_ptr + g_rows[:, None] + cols[None, :] * s_gd, mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+        gc = g.to(ACC) * c[:, None]
+        onehot = (rows[:, None] == x[None, :]).to(ACC)  # (BLOCK_V, BLOCK_K): scatter as a matmul
+        # ieee: 1.0 * gc is exact, so the sum rounds like the reference's fp32 index_add (TF32 would not)
+        acc = tl.dot(onehot, gc, acc, input_precision="ieee")
+    offs = rows[:, None] * D + cols[None, :]
+    if WIDE:
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    mask = (rows < V)[:, None] & mask_d[None, :]
+    acc = _epilogue(acc, offs, mask, prev_ptr, noise_std * (hi > lo).to(tl.float32), scale, seed, HAS_PREV, HAS_NOISE, WIDE)
+    tl.store(out_ptr + offs, acc, mask=mask)
+
+
+@triton.jit
+def _embedding_cross_kernel(
+    ids_ptr,
+    ge_ptr,
+    a_ptr,
+    gh_ptr,
+    out_ptr,  # (B * n_tiles,) partials
+    Te,
+    Th,
+    D,
+    n_tiles_t,
+    n_tiles,  # Th-tiles x Te-tiles per sample
+    pad,
+    s_ib,
+    s_it,
+    s_eb,
+    s_et,
+    s_ed,
+    s_ab,
+    s_as,
+    s_ad,
+    s_hb,
+    s_hs,
+    s_hv,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,  # as the reference's (P^T a) matmul, see _common.dot_precision
+    DOT: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # head positions per tile
+    BLOCK_T: tl.constexpr,  # embedding positions per tile
+    BLOCK_K: tl.constexpr,  # chunk of the D reduction
+):
+    """sum_{s in S-tile, t in T-tile} g_h[i, s, x_t] (a_s . g_e,t), padding tokens t excluded."""
+    pid = tl.program_id(0)
+    sample = pid // n_tiles
+    tile = pid - sample * n_tiles
+    tile_s = tile // n_tiles_t
+    tile_t = tile - tile_s * n_tiles_t
+    rows_s = tile_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    rows_t = tile_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_s = rows_s < Th
+    mask_t = rows_t < Te
+    x = tl.load(ids_ptr + sample.to(tl.int64) * s_ib + rows_t * s_it, mask=mask_t, other=0)
+    keep = mask_t
+    if HAS_PAD:
+        keep = keep & (x != pad)
+    a_base = a_ptr + sample.to(tl.int64) * s_ab
+    e_base = ge_ptr + sample.to(tl.int64) * s_eb
+    offs_k = tl.arange(0, BLOCK_K)
+    m = tl.zeros((BLOCK_S, BLOCK_T), dtype=ACC)  # tile of A_i G_e,i^T
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + offs_k
+        mask_k = cols < D
+        a = tl.load(
+            a_base + rows_s[:, None] * s_as + cols[None, :] * s_ad, mask=mask_s[:, None] & mask_k[None, :], other=0.0
+        )
+        e = tl.load(
+            e_base + cols[:, None] * s_ed + rows_t[None, :] * s_et, mask=mask_k[:, None] & keep[None, :], other=0.0
+        )
+        m = tl.dot(a.to(DOT), e.to(DOT), m, input_precision=PRECISION)
+    p = tl.load(
+        gh_ptr + sample.to(tl.int64) * s_hb + rows_s[:, None] * s_hs + x.to(tl.int64)[None, :] * s_hv,
+        mask=mask_s[:, None] & keep[None, :],
+        other=0.0,
+    ).to(ACC)
+    tl.store(out_ptr + pid, tl.sum(m * p))
+
+
+# ----------------------------------------------------------------------------- configs
+# Register counts: ptxas for sm_90, from tests/ops/test_triton_embedding.py::test_aot_sm90 (slow).
+
+
+def norms_method(T: int) -> str:
+    """The norms kernel for T positions: "gram" while a sample fits one Gram tile (T <= 64): one launch,
+    no sort, T^2 D work at most 64x the unavoidable read of g; "scan" beyond, where the sort costs
+    less than the T^2 term."""
+    return "gram" if T <= GRAM_MAX_T else "scan"
+
+
+def gram_config(T: int, D: int, dtype: torch.dtype) -> dict:
+    """A (<=64 x <=64) Gram accumulator (32 fp32 registers a thread on 4 warps) and D-chunks of 64
+    16-bit columns (wgmma) or 16 wider ones: fp32 dots here are ieee, on FMA units with operands in
+    registers (sm_90 fp32: 123 registers a thread, 168 with 32 columns)."""
+    return dict(
+        BLOCK_T=block(T, 16, GRAM_MAX_T),
+        BLOCK_K=block(D, 16, 64 if dtype.itemsize == 2 else 16),
+        num_warps=4,
+        num_stages=2,
+    )
+
+
+def scan_config(T: int, D: int) -> dict:
+    """32 sorted tokens x 64 columns per step: the gathered tile, its run sums and the accumulator,
+    16 fp32 registers a thread each on 4 warps; 96 registers in all for fp32 on sm_90, 80 for bf16."""
+    return dict(BLOCK_T=block(T, 16, 32), BLOCK_D=block(D, 16, 64), num_warps=4, num_stages=2)
+
+
+def clipped_sum_config(V: int, D: int) -> dict:
+    """32 table rows x 64 columns per program, 32 tokens per step. The one-hot matmul is an fp32 FMA
+    dot (ieee, see the kernel), whose operands live in registers: 128 registers a thread on sm_90
+    with the noise epilogue on the whole tile, no spills; 128 columns took 255."""
+    return dict(BLOCK_V=block(V, 16, 32), BLOCK_D=block(D, 16, 64), BLOCK_K=32, num_warps=4, num_stages=2)
+
+
+def cross_config(Te: int, Th: int, D: int, dtype: torch.dtype) -> dict:
+    """64 x 64 tiles of A G_e^T, as the Linear ghost kernel's Gram tiles, and the gathered P tile beside
+    them: 95 registers a thread and wgmma for bf16 on sm_90, 161 for ieee fp32."""
+    return dict(
+        BLOCK_S=block(Th, 16, 64),
+        BLOCK_T=block(Te, 16, 64),
+        BLOCK_K=block(D, 16, {2: 64, 4: 32}.get(dtype.itemsize, 16)),
+        num_warps=4,
+        num_stages=3,
+    )
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _acc_tl(dt: torch.dtype):
+    return tl.float64 if dt == torch.float64 else tl.float32
+
+
+def _pad_arg(padding_idx: int | None, num_embeddings: int) -> int:
+    """torch's convention (negative counts from the end), or -1 (never an id) for none."""
+    if padding_idx is None:
+        return -1
+    return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
+
+
+def launch_norms(
+    ids: Tensor, g: Tensor, num_embeddings: int, padding_idx: int | None, method: str | None = None
+) -> Tensor:
+    """The host side of embedding_norms; ``method`` forces "gram" or "scan" (tests cover both)."""
+    common_input("embedding_norms", g)
+    dt = acc_dtype(g)
+    B, T = ids.shape
+    D = g.shape[2]
+    method = norms_method(T) if method is None else method
+    pad = _pad_arg(padding_idx, num_embeddings)
+    if B * T * D == 0:
+        return torch.zeros(B, device=g.device, dtype=dt)
+    if method == "gram":
+        if T > GRAM_MAX_T:
+            raise ValueError(f"embedding_norms: the gram kernel holds T <= {GRAM_MAX_T} positions, got T = {T}")
+        cfg = gram_config(T, D, g.dtype)
+        bk = cfg["BLOCK_K"]
+        k_tiles = triton.cdiv(D, bk)
+        # split D over programs until the batch fills two waves of the GPU
+        want = max(1, min(k_tiles, triton.cdiv(2 * num_sms(g.device), B)))
+        d_per = triton.cdiv(k_tiles, want) * bk
+        n_parts = triton.cdiv(D, d_per)
+        out = torch.empty((B, n_parts), device=g.device, dtype=dt)
+        launch(
+            _embedding_gram_kernel,
+            (B * n_parts,),
+            ids,
+            g,
+            out,
+            T,
+            D,
+            n_parts,
+            d_per,
+            pad,
+            *ids.stride(),
+            *g.stride(),
+            ACC=_acc_tl(dt),
+            DOT=dot_operand(_embedding_gram_kernel, g.dtype),
+            HAS_PAD=padding_idx is not None,
+            **cfg,
+        )
+        return out.sum(1)
+    if method != "scan":
+        raise ValueError(f"embedding_norms: method must be 'gram' or 'scan', got {method!r}")
+    sid, perm = torch.sort(ids, dim=1, stable=True)  # stable: a fixed summation order
+    cfg = scan_config(T, D)
+    n_dtiles = triton.cdiv(D, cfg["BLOCK_D"])
+    out = torch.empty((B, n_dtiles), device=g.device, dtype=dt)
+    launch(
+        _embedding_scan_kernel,
+        (B * n_dtiles,),
+        sid,
+        perm,
+        g,
+        out,
+        T,
+        D,
+        n_dtiles,
+        pad,
+        *g.stride(),
+        ACC=_acc_tl(dt),
+        DOT=dot_operand(_embedding_scan_kernel, g.dtype),
+        HAS_PAD=padding_idx is not None,
+        **cfg,
+    )
+    return out.sum(1)
+
+
+def launch_clipped_sum(
+    ids: Tensor,
+    g: Tensor,
+    c: Tensor,
+    num_embeddings: int,
+    padding_idx: int | None,
+    noise_std: float,
+    scale: float,
+    seed: int,
+    prev: Tensor | None,
+) -> Tensor:
+    common_input("embedding_clipped_sum", g)
+    dt = acc_dtype(g)
+    B, T = ids.shape
+    V, D = num_embeddings, g.shape[2]
+    out = torch.empty((V, D), device=g.device, dtype=dt)
+    if V * D == 0:
+        return out
+    cfg = clipped_sum_config(V, D)
+    bv, bd = cfg["BLOCK_V"], cfg["BLOCK_D"]
+    n_vblocks = triton.cdiv(V, bv)
+    keys = ids.reshape(-1)
+    if padding_idx is not None:  # padding tokens sort past the table: no block's range holds them
+        keys = torch.where(keys == _pad_arg(padding_idx, V), V, keys)
+    sid, perm = torch.sort(keys, stable=True)  # stable: a fixed summation order within a row
+    edges = (torch.arange(n_vblocks + 1, device=g.device, dtype=sid.dtype) * bv).clamp_(max=V)
+    bounds = torch.searchsorted(sid, edges)  # bounds[j] = number of tokens with id < j * BLOCK_V
+    launch(
+        _embedding_clipped_sum_kernel,
+        (n_vblocks, triton.cdiv(D, bd)),
+        sid,
+        perm,
+        bounds,
+        g,
+        c.contiguous(),
+        out,
+        prev.contiguous() if prev is not None else out,  # out stands for an absent prev; never read
+        V,
+        D,
+        max(T, 1),  # no token when T == 0; avoids a division by zero in the position split
+        *g.stride(),
+        float(noise_std),
+        float(scale),
+        int(seed) & SEED_MASK,
+        ACC=_acc_tl(dt),
+        HAS_PREV=prev is not None,
+        HAS_NOISE=noise_std != 0.0,
+        WIDE=V * D >= WIDE_OFFSETS,
+        **cfg,
+    )
+    return out
+
+
+def launch_cross(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, padding_idx: int | None) -> Tensor:
+    in_dt = common_input("embedding_linear_cross", a, g_e)
+    common_input("embedding_linear_cross", g_h)
+    dt = acc_dtype(g_e, a, g_h)
+    a, g_e = a.to(in_dt), g_e.to(in_dt)
+    B, Te = ids.shape
+    Th, D, V = a.shape[1], a.shape[2], g_h.shape[2]
+    if B * Te * Th == 0:
+        return torch.zeros(B, device=g_e.device, dtype=dt)
+    cfg = cross_config(Te, Th, D, in_dt)
+    n_t = triton.cdiv(Te, cfg["BLOCK_T"])
+    n_tiles = triton.cdiv(Th, cfg["BLOCK_S"]) * n_t
+    out = torch.empty((B, n_tiles), device=g_e.device, dtype=dt)
+    launch(
+        _embedding_cross_kernel,
+        (B * n_tiles,),
+        ids,
+        g_e,
+        a,
+        g_h,
+        out,
+        Te,
+        Th,
+        D,
+        n_t,
+        n_tiles,
+        _pad_arg(padding_idx, V),
+        *ids.stride(),
+        *g_e.stride(),
+        *a.stride(),
+        *g_h.stride(),
+        ACC=_acc_tl(dt),
+        PRECISION=dot_precision(in_dt),
+        DOT=dot_operand(_embedding_cross_kernel, in_dt),
+        HAS_PAD=padding_idx is not None,
+        **cfg,
+    )
+    return out.sum(1)
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+@torch.library.custom_op(f"{NS}::triton_embedding_norms", mutates_args=())
+def _embedding_norms_op(ids: Tensor, g: Tensor, num_embeddings: int, padding_idx: int | None) -> Tensor:
+    return launch_norms(ids, g, num_embeddings, padding_idx)
+
+
+@_embedding_norms_op.register_fake
+def _(ids, g, num_embeddings, padding_idx):
+    return g.new_empty((ids.shape[0],), dtype=acc_dtype(g))
+
+
+@torch.library.custom_op(f"{NS}::triton_embedding_clipped_sum", mutates_args=())
+def _embedding_clipped_sum_op(
+    ids: Tensor,
+    g: Tensor,
+    c: Tensor,
+    num_embeddings: int,
+    padding_idx: int | None,
+    noise_std: float,
+    scale: float,
+    seed: int,
+    prev: Tensor | None,
+) -> Tensor:
+    return launch_clipped_sum(ids, g, c, num_embeddings, padding_idx, noise_std, scale, seed, prev)
+
+
+@_embedding_clipped_sum_op.register_fake
+def _(ids, g, c, num_embeddings, padding_idx, noise_std, scale, seed, prev):
+    return g.new_empty((num_embeddings, g.shape[2]), dtype=acc_dtype(g))
+
+
+@torch.library.custom_op(f"{NS}::triton_embedding_linear_cross", mutates_args=())
+def _embedding_linear_cross_op(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, padding_idx: int | None) -> Tensor:
+    return launch_cross(ids, g_e, a, g_h, padding_idx)
+
+
+@_embedding_linear_cross_op.register_fake
+def _(ids, g_e, a, g_h, padding_idx):
+    return g_e.new_empty((ids.shape[0],), dtype=acc_dtype(g_e, a, g_h))
+
+
+def _check(op: str, ids: Tensor, g: Tensor, c: Tensor | None = None, g_name: str = "g") -> None:
+    """ids: (B, T) integer, g: (B, T, D), c: (B,), one device; errors say which argument is wrong."""
+    if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"{op}: ids must be a (B, T) int32/int64 tensor, got {ids.dtype} of shape {tuple(ids.shape)}; "
+            "flatten the non-batch dimensions first"
+        )
+    if g.dim() != 3 or g.shape[:2] != ids.shape:
+        raise ValueError(
+            f"{op}: {g_name} must be (B, T, D) with the (B, T) of ids {tuple(ids.shape)}, got {tuple(g.shape)}"
+        )
+    if g.device != ids.device:
+        raise ValueError(f"{op}: ids are on {ids.device} but {g_name} on {g.device}; move both to one device")
+    if c is not None:
+        if c.shape != (ids.shape[0],):
+            raise ValueError(
+                f"{op}: c must hold one clip factor per sample, shape ({ids.shape[0]},), got {tuple(c.shape)}"
+            )
+        if c.device != g.device:
+            raise ValueError(f"{op}: c is on {c.device} but g on {g.device}; move both to one device")
+
+
+def _check_pad(op: str, padding_idx: int | None, num_embeddings: int) -> None:
+    if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"{op}: padding_idx must be in [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+
+
+def embedding_norms(ids: Tensor, g: Tensor, *, num_embeddings: int, padding_idx: int | None) -> Tensor:
+    """Per-sample squared norms of an Embedding's weight gradient, exact for repeated tokens:
+
+        ||dW_i||^2 = sum_v ||sum_{t: x_it = v} g_it||^2 = sum_{t,s} [x_it = x_is] (g_it . g_is)
+
+    tokens equal to ``padding_idx`` excluded. ids: (B, T) integer, g: (B, T, D).
+    Returns (B,) in float32 (float64 for float64 g).
+    """
+    _check("embedding_norms", ids, g)
+    _check_pad("embedding_norms", padding_idx, num_embeddings)
+    return _embedding_norms_op(ids, g, int(num_embeddings), padding_idx)
+
+
+def embedding_clipped_sum(
+    ids: Tensor,
+    g: Tensor,
+    c: Tensor,
+    *,
+    num_embeddings: int,
+    padding_idx: int | None,
+    noise_std: float = 0.0,
+    scale: float = 1.0,
+    seed: int = 0,
+    prev: Tensor | None = None,
+) -> Tensor:
+    """scale * (prev + sum_i c_i dW_i + noise_std * z), a (V, D) table written once.
+
+    The noise z is dense over the whole table (rows no sample touched included); the padding_idx row
+    gets noise and no data, as in the reference (see its docstring for why).
+    ids: (B, T), g: (B, T, D), c: (B,). Returns (V, D) in float32 (float64 for float64 g).
+    """
+    _check("embedding_clipped_sum", ids, g, c)
+    _check_pad("embedding_clipped_sum", padding_idx, num_embeddings)
+    check_prev("embedding_clipped_sum", "prev", prev, (num_embeddings, g.shape[2]), g.device)
+    return _embedding_clipped_sum_op(
+        ids, g, c, int(num_embeddings), padding_idx, float(noise_std), float(scale), int(seed) & SEED_MASK, prev
+    )
+
+
+def embedding_linear_cross(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, *, padding_idx: int | None) -> Tensor:
+    """Per-sample cross term <dE_i, dH_i> of a table (V, D) used as an Embedding and as a Linear head:
+
+        <dE_i, dH_i> = sum_{t,s} g_h[i, s, x_t] * (a_s . g_e,t)       (padding tokens t excluded)
+
+    ids (B, Te), g_e (B, Te, D), a (B, Th, D), g_h (B, Th, V). Returns (B,) in float32 (float64).
+    """
+    op = "embedding_linear_cross"
+    _check(op, ids, g_e, g_name="g_e")
+    if a.dim() != 3 or a.shape[0] != ids.shape[0] or a.shape[2] != g_e.shape[2]:
+        raise ValueError(
+            f"{op}: a must be (B, Th, D) with B = {ids.shape[0]}, D = {g_e.shape[2]}, got {tuple(a.shape)}"
+        )
+    if g_h.dim() != 3 or g_h.shape[:2] != a.shape[:2]:
+        raise ValueError(
+            f"{op}: g_h must be (B, Th, V) with the (B, Th) of a {tuple(a.shape[:2])}, got {tuple(g_h.shape)}"
+        )
+    if not a.device == g_h.device == ids.device:
+        raise ValueError(f"{op}: ids, a and g_h must be on one device, got {ids.device}, {a.device}, {g_h.device}")
+    _check_pad(op, padding_idx, g_h.shape[2])
+    return _embedding_linear_cross_op(ids, g_e, a, g_h, padding_idx)

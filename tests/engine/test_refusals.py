@@ -1,0 +1,189 @@
+"""What cannot be made private is refused, with an error that names the module or parameter and says
+what to do; never trained silently without privacy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dpkernels
+
+from .zoo import BY_NAME, batch, batch_loss
+
+
+def _private(model: nn.Module, **kw):
+    kw = dict(dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4.0), **kw)
+    return dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+
+
+def _mlp() -> nn.Module:
+    return BY_NAME["mlp"].build()
+
+
+# ------------------------------------------------------------------------------------- model structure
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm1d(9), nn.SyncBatchNorm(9)], ids=["BatchNorm1d", "SyncBatchNorm"])
+def test_batchnorm_is_refused_with_groupnorm_suggested(bn):
+    model = nn.Sequential(nn.Linear(5, 9), bn, nn.Linear(9, 2))
+    with pytest.raises(ValueError, match=r"'1'.*GroupNorm"):
+        _private(model)
+
+
+def test_batchnorm2d_in_a_submodule_is_named():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Sequential(nn.Tanh(), nn.BatchNorm2d(4, affine=False)))
+    # no trainable parameter in it, but batch statistics still mix samples
+    with pytest.raises(ValueError, match=r"'1\.1'.*BatchNorm2d.*GroupNorm"):
+        _private(model)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def test_trainable_parameter_no_dp_layer_covers_is_refused():
+    with pytest.raises(ValueError, match=r"'scale'.*_Scaled.*requires_grad_\(False\)"):
+        _private(_Scaled())
+
+
+def test_frozen_uncovered_parameter_is_accepted():
+    model = _Scaled()
+    model.scale.requires_grad_(False)
+    model, opt = _private(model)  # nothing to refuse: the frozen parameter is never updated
+    x = torch.randn(3, 5)
+    model(x).sum().backward()
+    opt.step()
+    assert model.scale.grad is None
+
+
+class _MyLinear(nn.Linear):
+    """A subclass may change forward: only exact torch types are converted."""
+
+
+class _Wrap(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        out = self.inner(x)
+        return self.head(out[0] if isinstance(out, tuple) else out)
+
+
+@pytest.mark.parametrize(
+    "inner,match",
+    [
+        (nn.PReLU(3), r"'inner\.weight'.*PReLU"),
+        (nn.GRU(3, 3, batch_first=True), r"'inner\.weight_ih_l0'.*GRU"),
+        (_MyLinear(3, 3), r"'inner\.weight'.*_MyLinear"),
+    ],
+    ids=["PReLU", "GRU", "Linear-subclass"],
+)
+def test_unsupported_layer_is_refused_by_parameter_name(inner, match):
+    with pytest.raises(ValueError, match=match):
+        _private(_Wrap(inner))
+
+
+def test_model_without_trainable_dp_layer_is_refused():
+    model = nn.Sequential(nn.Linear(5, 3))
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        _private(model)
+
+
+# ------------------------------------------------------------------------------------- use at run time
+
+
+def test_two_pass_with_plain_loss_backward_is_refused():
+    case = BY_NAME["mlp"]
+    model, opt = _private(case.build(), strategy="two-pass")
+    x, y = batch(case, 3)
+    with pytest.raises(RuntimeError, match=r"optimizer\.backward\(loss\)"):
+        batch_loss(case, model(x), y, "mean").backward()
+
+
+class _Broadcast(nn.Module):
+    """Adds a projection of a (1, T, d) table to a (B, T, d) batch: the projection sees one row."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.pos = nn.Linear(4, 6)
+        self.register_buffer("table", torch.randn(1, 3, 4))
+
+    def forward(self, x):
+        return self.inp(x) + self.pos(self.table)
+
+
+@pytest.mark.parametrize("strategy", ["bk", "two-pass"])
+def test_batch_broadcast_into_a_linear_is_refused(strategy):
+    model, opt = _private(_Broadcast(), strategy=strategy)
+    x = torch.randn(5, 3, 4)
+    with pytest.raises(RuntimeError, match=r"'pos'.*batch of 1 samples.*batch has 5.*expand"):
+        opt.backward(model(x).square().sum())
+
+
+def test_the_same_model_with_the_input_expanded_is_accepted():
+    class Expanded(_Broadcast):
+        def forward(self, x):
+            return self.inp(x) + self.pos(self.table.expand(x.shape[0], -1, -1))
+
+    model, opt = _private(Expanded())
+    model(torch.randn(5, 3, 4)).square().sum().backward()
+    opt.step()
+    assert model.pos.weight.grad is not None
+
+
+# ------------------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(noise_multiplier=None, target_epsilon=1.0, sample_rate=0.01, steps=10), "target_delta"),
+        (dict(noise_multiplier=None, target_epsilon=1.0, target_delta=1e-5, steps=10), "sample_rate"),
+        (dict(noise_multiplier=None, target_epsilon=1.0, target_delta=1e-5, sample_rate=0.01), r"steps=\.\.\..*epochs"),
+        (dict(target_epsilon=1.0, noise_multiplier=1.0, target_delta=1e-5, sample_rate=0.01, steps=5), "exactly one"),
+        (dict(noise_multiplier=None), "exactly one"),
+        (dict(clipping="flat"), r"clipping.*'abadi'.*'automatic'.*'flat'"),
+        (dict(strategy="ghost"), r"strategy.*'bk'.*'two-pass'.*'ghost'"),
+        (dict(loss_reduction="avg"), r"loss_reduction.*'avg'"),
+        (dict(accountant="gdp", sample_rate=0.01), r"accountant.*'gdp'"),
+        (dict(max_grad_norm=0.0), "max_grad_norm must be positive"),
+        (dict(max_grad_norm=[1.0, 1.0], groups="all-layer"), "2 bounds for 1 clipping groups"),
+        (dict(max_grad_norm=[1.0, -1.0, 1.0], groups="layer-wise"), "positive"),
+        (dict(expected_batch_size=None), "expected_batch_size"),
+        (dict(noise_multiplier=-1.0), "noise_multiplier"),
+        (dict(accumulation_steps=0), "accumulation_steps"),
+    ],
+)
+def test_bad_arguments_are_refused(kw, match):
+    base = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4.0)
+    base.update(kw)
+    base = {k: v for k, v in base.items() if v is not None}
+    with pytest.raises(ValueError, match=match):
+        dpkernels.make_private(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), **base)
+
+
+@pytest.mark.parametrize(
+    "groups,err,match",
+    [
+        ("per-layer", ValueError, r"'all-layer', 'layer-wise', 'param-wise'.*'per-layer'"),
+        ([["0", "2"], ["5"]], ValueError, r"groups\[1\] names '5'.*known layers: \['0', '2', '4'\]"),
+        ([["0", "2"], ["2", "4"]], ValueError, r"'2' is listed in two clipping groups"),
+        ([["0", "2"]], ValueError, r"in no clipping group: \['4'\]"),
+        ([["0", "2"], "4"], TypeError, r"groups\[1\] is the string '4'"),
+        ([["0", "2", "4"], []], ValueError, r"group\(s\) \[1\].*no trainable parameter"),
+    ],
+)
+def test_bad_group_specs_are_refused(groups, err, match):
+    with pytest.raises(err, match=match):
+        _private(_mlp(), groups=groups)

@@ -1,0 +1,166 @@
+"""Poisson batches: each example in each batch independently with probability q; empty batches are
+valid (zero-size) batches; the loader drives a DP step.
+
+Statistical checks are two-sided at level ALPHA = 1e-6 under the Poisson model; the generators are
+seeded, so the tests are deterministic and the level bounds the chance a correct sampler fails.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+import dpkernels
+from dpkernels.data import PoissonBatchSampler, poisson_loader
+
+ALPHA = 1e-6
+
+
+def _batches(n: int, q: float, steps: int, seed: int = 0) -> list[list[int]]:
+    return list(PoissonBatchSampler(n, q, steps=steps, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_each_index_is_included_with_probability_q():
+    n, q, steps = 50, 0.1, 2000
+    counts = np.zeros(n)
+    for b in _batches(n, q, steps):
+        assert len(set(b)) == len(b) and all(0 <= i < n for i in b)  # a subset, no repeats
+        counts[b] += 1
+    # each count ~ Binomial(steps, q); all n inside their two-sided ALPHA / n quantiles (Bonferroni)
+    lo, hi = stats.binom.ppf(ALPHA / (2 * n), steps, q), stats.binom.isf(ALPHA / (2 * n), steps, q)
+    assert lo <= counts.min() and counts.max() <= hi, (counts.min(), counts.max(), lo, hi)
+    # the total ~ Binomial(n steps, q): q pinned to about +-3% relative
+    tot = counts.sum()
+    assert stats.binom.ppf(ALPHA / 2, n * steps, q) <= tot <= stats.binom.isf(ALPHA / 2, n * steps, q)
+    # a chi-square test of uniformity across indices (a sampler favouring some examples fails)
+    chi2 = ((counts - steps * q) ** 2 / (steps * q * (1 - q))).sum()
+    assert chi2 <= stats.chi2.isf(ALPHA, n), chi2
+
+
+def test_batch_sizes_vary_as_binomial_and_indices_independently():
+    n, q, steps = 40, 0.25, 2000
+    batches = _batches(n, q, steps, seed=1)
+    sizes = np.array([len(b) for b in batches], dtype=float)
+    # variance of Binomial(n, q) sizes: (steps - 1) s^2 / (n q (1 - q)) ~ chi2(steps - 1) approximately
+    # (sizes are near-normal at n q = 10); a fixed-size or shuffled sampler has variance ~0
+    v = sizes.var(ddof=1) / (n * q * (1 - q))
+    df = steps - 1
+    assert stats.chi2.ppf(ALPHA / 2, df) / df <= v <= stats.chi2.isf(ALPHA / 2, df) / df, v
+    # pairwise independence of two indices: P(both) = q^2, count ~ Binomial(steps, q^2)
+    both = sum(1 for b in batches if 0 in b and 1 in b)
+    assert stats.binom.ppf(ALPHA / 2, steps, q * q) <= both <= stats.binom.isf(ALPHA / 2, steps, q * q)
+
+
+def test_steps_default_to_one_expected_epoch_and_are_reproducible():
+    assert len(PoissonBatchSampler(100, 0.1)) == 10
+    assert len(PoissonBatchSampler(100, 0.3)) == 3  # round(1 / 0.3)
+    assert len(PoissonBatchSampler(100, 1.0)) == 1
+    assert len(PoissonBatchSampler(100, 0.01, steps=7)) == 7
+    assert len(list(PoissonBatchSampler(100, 0.1))) == 10
+    assert _batches(30, 0.2, 5, seed=3) == _batches(30, 0.2, 5, seed=3)
+    assert _batches(30, 0.2, 5, seed=3) != _batches(30, 0.2, 5, seed=4)
+    assert _batches(5, 1.0, 2) == [[0, 1, 2, 3, 4]] * 2  # q = 1: everything, every step
+    assert PoissonBatchSampler(200, 0.05).expected_batch_size == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(num_samples=-1, sample_rate=0.1), "num_samples"),
+        (dict(num_samples=10, sample_rate=0.0), "sample_rate"),
+        (dict(num_samples=10, sample_rate=1.5), "sample_rate"),
+        (dict(num_samples=10, sample_rate=0.1, steps=0), "steps"),
+    ],
+)
+def test_bad_sampler_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        PoissonBatchSampler(**kw)
+
+
+class _Dicts(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return {"x": torch.full((2, 3), float(i), dtype=torch.float16), "label": i, "w": 0.5, "mask": np.ones(3, bool)}
+
+
+def test_empty_batches_collate_to_zero_size_tensors():
+    ds = TensorDataset(torch.randn(6, 3, 5, dtype=torch.float64), torch.arange(6))
+    # q tiny: every batch is empty (probability of any inclusion ~ 6e-12)
+    batches = list(poisson_loader(ds, 1e-12, steps=3))
+    assert len(batches) == 3
+    for x, y in batches:
+        assert x.shape == (0, 3, 5) and x.dtype == torch.float64
+        assert y.shape == (0,) and y.dtype == torch.int64
+    (b,) = list(poisson_loader(_Dicts(), 1e-12, steps=1))
+    assert b["x"].shape == (0, 2, 3) and b["x"].dtype == torch.float16
+    assert b["label"].shape == (0,) and b["label"].dtype == torch.int64
+    assert b["w"].shape == (0,) and b["w"].dtype == torch.float64
+    assert b["mask"].shape == (0, 3) and b["mask"].dtype == torch.bool
+    # a non-empty batch goes through the usual collate
+    (b,) = list(poisson_loader(_Dicts(), 1.0, steps=1))
+    assert b["x"].shape == (4, 2, 3) and b["label"].tolist() == [0, 1, 2, 3]
+
+
+def test_user_collate_fn_is_used_for_empty_batches_too():
+    ds = TensorDataset(torch.randn(4, 2))
+    collate = lambda items: torch.stack([t[0] for t in items]) * 2  # noqa: E731
+    (b,) = list(poisson_loader(ds, 1e-12, steps=1, collate_fn=collate))
+    assert isinstance(b, torch.Tensor) and b.shape == (0, 2)
+    (b,) = list(poisson_loader(ds, 1.0, steps=1, collate_fn=collate))
+    torch.testing.assert_close(b, ds.tensors[0] * 2, rtol=0, atol=0)  # exact: a product by 2
+
+
+@pytest.mark.parametrize("kw", [dict(batch_size=4), dict(shuffle=True), dict(drop_last=True), dict(sampler=[0])])
+def test_loader_refuses_its_own_batching_arguments(kw):
+    with pytest.raises(TypeError, match="Poisson"):
+        poisson_loader(TensorDataset(torch.zeros(3)), 0.5, **kw)
+
+
+def test_loader_refuses_an_empty_dataset():
+    with pytest.raises(ValueError, match="non-empty"):
+        poisson_loader(TensorDataset(torch.zeros(0, 2)), 0.5)
+
+
+def _train(q: float, steps: int):
+    torch.manual_seed(0)
+    n = 40
+    ds = TensorDataset(torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,)))
+    loader = poisson_loader(ds, q, steps=steps, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    before = [p.detach().clone() for p in model.parameters()]
+    model, opt = dpkernels.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+        sample_rate=q, dataset_size=n, seed=0, loss_reduction="sum",
+    )  # fmt: skip
+    sizes = []
+    for x, y in loader:
+        sizes.append(len(x))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        opt.step()
+    return model, opt, before, sizes
+
+
+@pytest.mark.parametrize("q,empty", [(0.25, False), (1e-12, True)], ids=["batch", "empty-batch"])
+def test_loader_trains_dp_steps(q, empty):
+    model, opt, before, sizes = _train(q, steps=2)
+    assert len(sizes) == 2 and (all(s == 0 for s in sizes) if empty else all(s > 0 for s in sizes))
+    assert opt.accountant.steps == 2 and opt.accountant.history[0][1] == pytest.approx(q)
+    assert opt.engine.expected_batch_size == pytest.approx(q * 40)
+    for p, p0 in zip(model.parameters(), before):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+        assert not torch.equal(p.detach(), p0)  # an empty batch still moves the parameters: by noise
+    if empty:
+        # noise only: sigma R / 1 per coordinate (sum reduction); 77 values: the std within ~[0.45, 1.55]x
+        g = torch.cat([p.grad.flatten() for p in model.parameters()])
+        s = float(g.square().sum())
+        assert stats.chi2.ppf(ALPHA / 2, g.numel()) <= s <= stats.chi2.isf(ALPHA / 2, g.numel())
+        assert math.isfinite(s)
