@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from .add_noise import add_noise
 from .affine import affine_clipped_sum, affine_norms
+from .conv import conv_clipped_sum, conv_norms
 from .embedding import embedding_clipped_sum, embedding_linear_cross, embedding_norms
 from .linear_clipped_sum import bias_clipped_sum, linear_clipped_sum
 from .linear_norms import bias_norms, linear_norms
@@ -32,6 +33,8 @@ __all__ = [
     "affine_norms",
     "bias_clipped_sum",
     "bias_norms",
+    "conv_clipped_sum",
+    "conv_norms",
     "embedding_clipped_sum",
     "embedding_linear_cross",
     "embedding_norms",

@@ -227,7 +227,7 @@ def _embedding_clipped_sum_kernel(
     if WIDE:
         offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     mask = (rows < V)[:, None] & mask_d[None, :]
-    acc = _epilogue(acc, offs, mask, prev_ptr, noise_std * (hi > lo).to(tl.float32), scale, seed, HAS_PREV, HAS_NOISE, WIDE)
+    acc = _epilogue(acc, offs, mask, prev_ptr, noise_std, scale, seed, HAS_PREV, HAS_NOISE, WIDE)
     tl.store(out_ptr + offs, acc, mask=mask)
 
 

@@ -1,0 +1,1010 @@
+"""Conv1d/2d/3d per-sample norms and clipped sum as implicit GEMM: unfold(x) is never written to memory.
+
+A convolution is, per sample i and group j, a Linear layer on the unfolded input (ops.reference.conv):
+
+    A_ij: (T, d)  row t = the input window output position t sees, d = C_in/groups * prod(k),
+                  columns ordered (c, k_1, ..., k_n) as the weight (C_out, C_in/groups, *k) flattened
+    G_ij: (T, p)  the output gradient of group j's p = C_out/groups channels
+
+    ghost:  ||grad_i W||^2 = sum_j <A_ij A_ij^T, G_ij G_ij^T>
+    inst:   ||grad_i W||^2 = sum_j sum_{q,e} (G_ij^T A_ij)_{qe}^2
+    bias:   ||sum_t g_it||^2                  (= sum_j of the sums of G_ij G_ij^T's entries)
+    sum:    W = scale * (prev_w + sum_i c_i G_i^T A_i + noise_std * z_w)  in the weight's layout
+            b = scale * (prev_b + sum_i c_i sum_t g_it + noise_std * z_b)
+
+The kernels are those of linear_norms.py and linear_clipped_sum.py with one change: a tile of A is
+gathered from x as it loads. Entry (t, e) of A_ij is x[i, j C_in/groups + c, o(t) * stride - padding +
+k(e) * dilation] (per spatial dim), zero where that falls in the padding: the row part (the window's
+corner o * stride - padding) and the column part (the channel c and the offset k * dilation) are
+computed once per tile from the row and column indices, their sum is the address and the bounds check
+per dim is the load mask. 1-d and 2-d convs run as 3-d ones with leading spatial dims of size 1, and
+the ``NDIM`` constexpr drops the arithmetic of those dims.
+
+ghost: one program per (sample, group, pair of T-tiles I <= J) forms A_I A_J^T and G_I G_J^T in
+registers and sums their elementwise product (off-diagonal pairs twice); the same G Gram tile gives
+the bias norm. inst: one program per (sample, group, p-tile, d-tile) forms that tile of G^T A over T
+and sums its squares; the first d-tile also sums G over T for the bias. Partial norms are summed on
+the host in a fixed order (deterministic, no atomics). clipped sum: one program per (group, p-tile,
+d-tile) reduces all B*T rows, c_i folded into G's rows as they load, split-K when the output tiles
+cannot fill the GPU, and the shared Philox epilogue (add_noise.py) writes the (C_out, d) weight once;
+its noise is that of add_noise for the weight's shape and seed.
+
+Accumulation in float32 (float64 for float64 inputs). Cases the kernels do not take, which the Python
+wrappers send to the reference ops explicitly: more than 3 spatial dims; C_in or C_out = 0; a sample
+of x or g whose offsets do not fit int32 (>= 2**31 elements), or B * T >= 2**31 rows (clipped sum).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference import conv as ref_conv
+from ._common import (
+    NS,
+    SEED_MASK,
+    acc_dtype,
+    block,
+    check_prev,
+    common_input,
+    dot_operand,
+    dot_precision,
+    launch,
+)
+from .add_noise import WIDE_OFFSETS, _epilogue, finish
+from .linear_clipped_sum import plan_splits
+
+IntOrSeq = int | Sequence[int]
+INT32 = 1 << 31
+
+# ----------------------------------------------------------------------------- index arithmetic
+
+
+@triton.jit
+def _window(t, O_H, O_W, ST_D, ST_H, ST_W, PAD_D, PAD_H, PAD_W, NDIM: tl.constexpr):
+    """Output position t (row-major over the output grid) -> the first input coordinate of its
+    window per dim, o * stride - padding (negative inside the leading zero padding)."""
+    if NDIM == 1:
+        w = t * ST_W - PAD_W
+        return w, w, w  # the first two stand for absent dims, never read
+    elif NDIM == 2:
+        oh = t // O_W
+        return t, oh * ST_H - PAD_H, (t - oh * O_W) * ST_W - PAD_W
+    else:
+        od = t // (O_H * O_W)
+        r = t - od * (O_H * O_W)
+        oh = r // O_W
+        return od * ST_D - PAD_D, oh * ST_H - PAD_H, (r - oh * O_W) * ST_W - PAD_W
+
+
+@triton.jit
+def _taps(col, KK, K_H, K_W, DIL_D, DIL_H, DIL_W, NDIM: tl.constexpr):
+    """Column e = c * prod(k) + (k_1, ..., k_n) row-major -> (c, k_1 * dil_1, ..., k_n * dil_n)."""
+    ch = col // KK
+    r = col - ch * KK
+    if NDIM == 1:
+        return ch, r, r, r * DIL_W
+    elif NDIM == 2:
+        kh = r // K_W
+        return ch, r, kh * DIL_H, (r - kh * K_W) * DIL_W
+    else:
+        kd = r // (K_H * K_W)
+        r2 = r - kd * (K_H * K_W)
+        kh = r2 // K_W
+        return ch, kd * DIL_D, kh * DIL_H, (r2 - kh * K_W) * DIL_W
+
+
+@triton.jit
+def _gather(
+    wd,
+    wh,
+    ww,
+    mask_r,
+    ch,
+    kd,
+    kh,
+    kw,
+    mask_c,
+    S_D,
+    S_H,
+    S_W,
+    s_xc,
+    s_xd,
+    s_xh,
+    s_xw,
+    NDIM: tl.constexpr,
+):
+    """Offsets (from the sample-group's first channel) and mask of the unfold tile [rows, cols]:
+    x[c, window + tap] per dim, masked where that lies in the zero padding."""
+    iw = ww[:, None] + kw[None, :]
+    mask = mask_r[:, None] & mask_c[None, :] & (iw >= 0) & (iw < S_W)
+    offs = ch[None, :] * s_xc + iw * s_xw
+    if NDIM >= 2:
+        ih = wh[:, None] + kh[None, :]
+        mask = mask & (ih >= 0) & (ih < S_H)
+        offs += ih * s_xh
+    if NDIM == 3:
+        i_d = wd[:, None] + kd[None, :]
+        mask = mask & (i_d >= 0) & (i_d < S_D)
+        offs += i_d * s_xd
+    return offs, mask
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _conv_ghost_kernel(
+    x_ptr,
+    g_ptr,
+    w_ptr,  # (B * groups * n_pairs,) partial weight norms
+    b_ptr,  # (B * groups * n_pairs,) partial bias norms
+    T,
+    D,  # C_in/groups * prod(k)
+    P,  # C_out/groups
+    CIN_G,  # C_in/groups
+    groups,
+    n_tiles,  # cdiv(T, BLOCK_T) < 23170, so that (2 n_tiles + 1)^2 fits int32
+    n_pairs,  # n_tiles (n_tiles + 1) / 2
+    O_H,
+    O_W,
+    S_D,
+    S_H,
+    S_W,
+    KK,
+    K_H,
+    K_W,
+    ST_D,
+    ST_H,
+    ST_W,
+    PAD_D,
+    PAD_H,
+    PAD_W,
+    DIL_D,
+    DIL_H,
+    DIL_W,
+    s_xb,
+    s_xc,
+    s_xd,
+    s_xh,
+    s_xw,
+    s_gb,
+    s_gc,
+    s_gt,
+    ACC: tl.constexpr,  # accumulation dtype: float32, float64 for float64 inputs
+    PRECISION: tl.constexpr,  # tl.dot input_precision, see _common.dot_precision
+    DOT: tl.constexpr,  # tl.dot operand dtype, see _common.dot_operand
+    HAS_BIAS: tl.constexpr,
+    NDIM: tl.constexpr,  # spatial dims: the index arithmetic of absent ones is not emitted
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # chunk of the d (and p) reduction of the Gram tiles
+):
+    pid = tl.program_id(0)
+    sg = pid // n_pairs
+    k = pid - sg * n_pairs
+    sample = sg // groups
+    grp = sg - sample * groups
+    # (i, j), i <= j: the k-th cell of the row-major upper triangle, as in linear_norms._ghost_kernel
+    n2 = 2 * n_tiles + 1
+    i = ((n2 - tl.sqrt((n2 * n2 - 8 * k).to(tl.float64))) * 0.5).to(tl.int32)
+    i = tl.where(i * (n2 - i) // 2 > k, i - 1, i)
+    i = tl.where((i + 1) * (n2 - i - 1) // 2 <= k, i + 1, i)
+    j = i + k - i * (n2 - i) // 2
+
+    rows_i = i * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows_j = j * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_i = rows_i < T
+    mask_j = rows_j < T
+    offs_k = tl.arange(0, BLOCK_K)
+    # the windows of both row tiles, once: only the columns move in the reduction
+    di, hi, wi = _window(rows_i, O_H, O_W, ST_D, ST_H, ST_W, PAD_D, PAD_H, PAD_W, NDIM)
+    dj, hj, wj = _window(rows_j, O_H, O_W, ST_D, ST_H, ST_W, PAD_D, PAD_H, PAD_W, NDIM)
+
+    x_base = x_ptr + sample.to(tl.int64) * s_xb + (grp * CIN_G).to(tl.int64) * s_xc
+    aa = tl.zeros((BLOCK_T, BLOCK_T), dtype=ACC)  # tile (I, J) of A A^T
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + offs_k
+        mask_k = cols < D
+        ch, kd, kh, kw = _taps(cols, KK, K_H, K_W, DIL_D, DIL_H, DIL_W, NDIM)
+        oi, mi = _gather(di, hi, wi, mask_i, ch, kd, kh, kw, mask_k, S_D, S_H, S_W, s_xc, s_xd, s_xh, s_xw, NDIM)
+        oj, mj = _gather(dj, hj, wj, mask_j, ch, kd, kh, kw, mask_k, S_D, S_H, S_W, s_xc, s_xd, s_xh, s_xw, NDIM)
+        x = tl.load(x_base + oi, mask=mi, other=0.0)
+        y = tl.load(x_base + oj, mask=mj, other=0.0)
+        aa = tl.dot(x.to(DOT), tl.trans(y).to(DOT), aa, input_precision=PRECISION)
+
+    g_base = g_ptr + sample.to(tl.int64) * s_gb + (grp * P).to(tl.int64) * s_gc
+    gg = tl.zeros((BLOCK_T, BLOCK_T), dtype=ACC)  # tile (I, J) of G G^T
+    for k0 in range(0, P, BLOCK_K):
+        cols = k0 + offs_k
+        mask_k = cols < P
+        x = tl.load(
+            g_base + rows_i[:, None] * s_gt + cols[None, :] * s_gc, mask=mask_i[:, None] & mask_k[None, :], other=0.0
+        )
+        y = tl.load(
+            g_base + cols[:, None] * s_gc + rows_j[None, :] * s_gt, mask=mask_k[:, None] & mask_j[None, :], other=0.0
+        )
+        gg = tl.dot(x.to(DOT), y.to(DOT), gg, input_precision=PRECISION)
+
+    weight = tl.where(i == j, 1.0, 2.0)  # an off-diagonal tile stands for itself and its transpose
+    tl.store(w_ptr + pid, tl.sum(aa * gg) * weight)
+    if HAS_BIAS:
+        tl.store(b_ptr + pid, tl.sum(gg) * weight)
+
+
+@triton.jit
+def _conv_inst_kernel(
+    x_ptr,
+    g_ptr,
+    w_ptr,  # (B * groups * n_tiles,) partial weight norms
+    b_ptr,  # (B * groups * n_tiles,) partial bias norms
+    T,
+    D,
+    P,
+    CIN_G,
+    groups,
+    n_tiles_d,
+    n_tiles,  # p-tiles x d-tiles per (sample, group)
+    O_H,
+    O_W,
+    S_D,
+    S_H,
+    S_W,
+    KK,
+    K_H,
+    K_W,
+    ST_D,
+    ST_H,
+    ST_W,
+    PAD_D,
+    PAD_H,
+    PAD_W,
+    DIL_D,
+    DIL_H,
+    DIL_W,
+    s_xb,
+    s_xc,
+    s_xd,
+    s_xh,
+    s_xw,
+    s_gb,
+    s_gc,
+    s_gt,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NDIM: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # chunk of the T reduction
+):
+    pid = tl.program_id(0)
+    sg = pid // n_tiles
+    tile = pid - sg * n_tiles
+    sample = sg // groups
+    grp = sg - sample * groups
+    tile_p = tile // n_tiles_d
+    tile_d = tile - tile_p * n_tiles_d
+    offs_p = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tile_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_p = offs_p < P
+    mask_d = offs_d < D
+    offs_t = tl.arange(0, BLOCK_T)
+    ch, kd, kh, kw = _taps(offs_d, KK, K_H, K_W, DIL_D, DIL_H, DIL_W, NDIM)  # the columns stay: once
+    x_base = x_ptr + sample.to(tl.int64) * s_xb + (grp * CIN_G).to(tl.int64) * s_xc
+    g_base = g_ptr + sample.to(tl.int64) * s_gb + (grp * P).to(tl.int64) * s_gc
+
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=ACC)  # tile of G^T A, never written out
+    bacc = tl.zeros((BLOCK_P,), dtype=ACC)
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + offs_t
+        mask_t = rows < T
+        g = tl.load(
+            g_base + rows[:, None] * s_gt + offs_p[None, :] * s_gc, mask=mask_t[:, None] & mask_p[None, :], other=0.0
+        )
+        wd, wh, ww = _window(rows, O_H, O_W, ST_D, ST_H, ST_W, PAD_D, PAD_H, PAD_W, NDIM)
+        oa, ma = _gather(wd, wh, ww, mask_t, ch, kd, kh, kw, mask_d, S_D, S_H, S_W, s_xc, s_xd, s_xh, s_xw, NDIM)
+        a = tl.load(x_base + oa, mask=ma, other=0.0)
+        acc = tl.dot(tl.trans(g).to(DOT), a.to(DOT), acc, input_precision=PRECISION)
+        if HAS_BIAS and tile_d == 0:
+            bacc += tl.sum(g.to(ACC), axis=0)
+    tl.store(w_ptr + pid, tl.sum(acc * acc))
+    if HAS_BIAS:
+        tl.store(b_ptr + pid, tl.sum(bacc * bacc))  # zero unless tile_d == 0
+
+
+@triton.jit
+def _conv_clipped_sum_kernel(
+    x_ptr,
+    g_ptr,
+    c_ptr,
+    w_ptr,  # (C_out, D) output, or (S, C_out, D) workspace when SPLIT
+    b_ptr,  # (C_out,) output, or (S, C_out) workspace when SPLIT
+    prev_w_ptr,
+    prev_b_ptr,
+    T,
+    D,
+    P,  # C_out/groups
+    CIN_G,
+    C_OUT,
+    K,  # B * T, the reduction length
+    k_per_split,  # rows per split, a multiple of BLOCK_K
+    n_tiles_p,  # p-tiles per group
+    O_H,
+    O_W,
+    S_D,
+    S_H,
+    S_W,
+    KK,
+    K_H,
+    K_W,
+    ST_D,
+    ST_H,
+    ST_W,
+    PAD_D,
+    PAD_H,
+    PAD_W,
+    DIL_D,
+    DIL_H,
+    DIL_W,
+    s_xb,
+    s_xc,
+    s_xd,
+    s_xh,
+    s_xw,
+    s_gb,
+    s_gc,
+    s_gt,
+    noise_std,
+    scale,
+    seed_w,
+    seed_b,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,  # write raw partial sums to the workspace; the finish kernel does the epilogue
+    HAS_PREV_W: tl.constexpr,
+    HAS_PREV_B: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    WIDE: tl.constexpr,  # C_out * D >= 2**31: int64 output offsets (see add_noise.py)
+    NDIM: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EPI_ROWS: tl.constexpr,  # rows of the output tile per slice of the noise epilogue
+):
+    pid_gp = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    grp = pid_gp // n_tiles_p
+    tile_p = pid_gp - grp * n_tiles_p
+    offs_q = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_q < P
+    chan = grp * P + offs_q  # output channels of this tile
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    ch, kd, kh, kw = _taps(offs_d, KK, K_H, K_W, DIL_D, DIL_H, DIL_W, NDIM)
+    x_grp = x_ptr + (grp * CIN_G).to(tl.int64) * s_xc
+
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=ACC)
+    bacc = tl.zeros((BLOCK_P,), dtype=ACC)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rows = k0 + tl.arange(0, BLOCK_K)
+        mask_k = rows < k_hi
+        sample = rows // T
+        t = rows - sample * T
+        c = tl.load(c_ptr + sample, mask=mask_k, other=0.0).to(ACC)
+        g_rows = sample.to(tl.int64) * s_gb + t.to(tl.int64) * s_gt
+        g = tl.load(g_ptr + g_rows[:, None] + chan[None, :] * s_gc, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+        gc = g.to(ACC) * c[:, None]  # the clip factor folded into G's rows, (BLOCK_K, BLOCK_P)
+        wd, wh, ww = _window(t, O_H, O_W, ST_D, ST_H, ST_W, PAD_D, PAD_H, PAD_W, NDIM)
+        oa, ma = _gather(wd, wh, ww, mask_k, ch, kd, kh, kw, mask_d, S_D, S_H, S_W, s_xc, s_xd, s_xh, s_xw, NDIM)
+        a = tl.load(x_grp + sample.to(tl.int64)[:, None] * s_xb + oa, mask=ma, other=0.0)
+        acc = tl.dot(tl.trans(gc.to(a.dtype)).to(DOT), a.to(DOT), acc, input_precision=PRECISION)
+        if HAS_BIAS and pid_d == 0:  # the first column of programs also sums the bias
+            bacc += tl.sum(gc, axis=0)
+
+    out_offs = chan[:, None] * D + offs_d[None, :]
+    if WIDE:
+        out_offs = chan.to(tl.int64)[:, None] * D + offs_d[None, :]
+    out_mask = mask_p[:, None] & mask_d[None, :]
+    if SPLIT:
+        part = pid_s.to(tl.int64) * C_OUT * D
+        tl.store(w_ptr + part + out_offs, acc, mask=out_mask)
+        if HAS_BIAS:
+            tl.store(b_ptr + pid_s * C_OUT + chan, bacc, mask=mask_p & (pid_d == 0))
+    else:
+        if HAS_NOISE:
+            # as in linear_clipped_sum: Philox over a whole large accumulator exceeds the registers, so the
+            # raw tile goes out and the epilogue runs over it in EPI_ROWS-row slices re-read from L1/L2
+            tl.store(w_ptr + out_offs, acc, mask=out_mask)
+            tl.debug_barrier()
+            for r0 in range(0, BLOCK_P, EPI_ROWS):
+                q = tile_p * BLOCK_P + r0 + tl.arange(0, EPI_ROWS)
+                rows_o = grp * P + q
+                offs = rows_o[:, None] * D + offs_d[None, :]
+                if WIDE:
+                    offs = rows_o.to(tl.int64)[:, None] * D + offs_d[None, :]
+                mask = (q < P)[:, None] & mask_d[None, :]
+                x = tl.load(w_ptr + offs, mask=mask, other=0.0)
+                x = _epilogue(x, offs, mask, prev_w_ptr, noise_std, scale, seed_w, HAS_PREV_W, True, WIDE)
+                tl.store(w_ptr + offs, x, mask=mask)
+        else:
+            acc = _epilogue(acc, out_offs, out_mask, prev_w_ptr, noise_std, scale, seed_w, HAS_PREV_W, False, WIDE)
+            tl.store(w_ptr + out_offs, acc, mask=out_mask)
+        if HAS_BIAS and pid_d == 0:
+            bacc = _epilogue(bacc, chan, mask_p, prev_b_ptr, noise_std, scale, seed_b, HAS_PREV_B, HAS_NOISE, False)
+            tl.store(b_ptr + chan, bacc, mask=mask_p)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _k_block(dtype: torch.dtype) -> int:
+    """The reduction chunk: 32 rows of 16-bit inputs, 16 of 4- and 8-byte ones; half of linear_norms'
+    chunks. A gathered tile has no contiguity for the compiler to vectorise, so each element holds its
+    own 64-bit address and mask: with linear's chunks 128x128 tiles spill (ptxas for sm_90: 255
+    registers and 32-450 B of spills on conv1d k=5 and 1x1 convs); with these, none spills (<= 255 registers)."""
+    return 32 if dtype.itemsize == 2 else 16
+
+
+def _max_p(dtype: torch.dtype) -> int:
+    """The largest p-tile: 128, but 64 where tl.dot runs on FMA units (IEEE float32, float64), whose
+    128x128 accumulators spill with the gather's addresses beside them (AOT report: 16-384 B)."""
+    fma = dtype == torch.float64 or (dtype == torch.float32 and dot_precision(dtype) == "ieee")
+    return 64 if fma else 128
+
+
+def _warps(gather: int, out: int) -> int:
+    """8 warps for a gathered tile of >= 16x128 elements or a 128x128 accumulator, else 4: a 32x128
+    gather beside a 32x128 accumulator takes 254 registers on 4 warps, 162 on 8 (AOT report)."""
+    return 8 if gather >= 16 * 128 or out >= 128 * 128 else 4
+
+
+def ghost_config(T: int, d: int, p: int, dtype: torch.dtype) -> dict:
+    """64x64 Gram tiles on 4 warps, as linear_norms.ghost_config, with the conv reduction chunk:
+    two gathered tiles of 64 rows per step (16-bit: 90-245 registers, no spills)."""
+    return dict(BLOCK_T=block(T, 16, 64), BLOCK_K=block(max(d, p), 16, _k_block(dtype)), num_warps=4, num_stages=3)
+
+
+def inst_config(T: int, d: int, p: int, dtype: torch.dtype) -> dict:
+    """Output tiles up to 128x128, as linear_norms.inst_config; conv layers often have a small
+    p = C_out/groups, and the tile shrinks to it."""
+    bp, bd, bt = block(p, 16, _max_p(dtype)), block(d, 16, 128), block(T, 16, _k_block(dtype))
+    return dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_T=bt, num_warps=_warps(bt * bd, bp * bd), num_stages=3)
+
+
+def clipped_sum_config(p: int, d: int, dtype: torch.dtype) -> dict:
+    """Output tiles up to 128x128, as linear_clipped_sum.config, with the conv reduction chunk."""
+    bp, bd, bk = block(p, 16, _max_p(dtype)), block(d, 16, 128), _k_block(dtype)
+    return dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk, num_warps=_warps(bk * bd, bp * bd), num_stages=3)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A conv's shapes as the kernels see them: spatial dims padded to 3 in front (size 1, kernel 1)."""
+
+    ndim: int
+    B: int
+    c_in: int
+    c_out: int
+    groups: int
+    T: int  # output positions
+    D: int  # C_in/groups * prod(k)
+    P: int  # C_out/groups
+    kernel_size: tuple[int, ...]
+    args: tuple[int, ...]  # O_H .. DIL_W, the kernels' index arguments, then x's strides s_xb .. s_xw
+
+    def unsupported(self, x: Tensor, g: Tensor) -> str | None:
+        """Why the kernels cannot take this case (the wrappers then call the reference), or None."""
+        if self.ndim > 3:
+            return f"{self.ndim} spatial dims"
+        if self.c_in == 0 or self.c_out == 0:
+            return "no channels"
+        for name, t in (("x", x), ("g", g)):
+            span = sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:], strict=True))
+            if span >= INT32:
+                return f"a sample of {name} spans >= 2**31 elements"
+        return None
+
+
+def _ntuple(v: IntOrSeq, n: int, name: str, op: str) -> tuple[int, ...]:
+    """An int, or one int per spatial dim (a single one repeated), as torch's conv layers take them."""
+    if isinstance(v, int):
+        return (v,) * n
+    t = tuple(int(e) for e in v)
+    if len(t) == 1:
+        t = t * n
+    if len(t) != n:
+        raise ValueError(f"{op}: {name} must be an int or {n} ints for a {n}-d convolution, got {tuple(v)}")
+    return t
+
+
+def geometry(
+    op: str,
+    x: Tensor,
+    g: Tensor,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq,
+    padding: IntOrSeq,
+    dilation: IntOrSeq,
+    groups: int,
+) -> ConvGeometry:
+    """Check x (B, C_in, *S) and g (B, C_out, *out) against the conv's geometry, with errors that say
+    which argument is wrong, and lay the geometry out for the kernels."""
+    if x.dim() < 3:
+        raise ValueError(
+            f"{op}: x must be (B, C_in, *spatial) with at least one spatial dim, got shape {tuple(x.shape)}"
+        )
+    if g.dim() < 2 or g.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{op}: g must be the conv output's gradient (B, C_out, *out) with the B = {x.shape[0]} of x, "
+            f"got shape {tuple(g.shape)}"
+        )
+    if g.device != x.device:
+        raise ValueError(f"{op}: x is on {x.device} but g on {g.device}; move both to one device")
+    n = x.dim() - 2
+    k = _ntuple(kernel_size, n, "kernel_size", op)
+    s = _ntuple(stride, n, "stride", op)
+    pad = _ntuple(padding, n, "padding", op)
+    dil = _ntuple(dilation, n, "dilation", op)
+    if min(k) < 1 or min(s) < 1 or min(dil) < 1 or min(pad) < 0:
+        raise ValueError(
+            f"{op}: kernel_size, stride and dilation must be >= 1 and padding >= 0, got kernel_size={k}, "
+            f"stride={s}, padding={pad}, dilation={dil}"
+        )
+    B, c_in, c_out = x.shape[0], x.shape[1], g.shape[1]
+    if groups < 1 or c_in % groups or c_out % groups:
+        raise ValueError(f"{op}: groups={groups} must divide C_in={c_in} and C_out={c_out}")
+    S = tuple(x.shape[2:])
+    out = []
+    for i in range(n):
+        span = dil[i] * (k[i] - 1) + 1
+        if S[i] + 2 * pad[i] < span:
+            raise ValueError(
+                f"{op}: spatial dim {i} has size {S[i] + 2 * pad[i]} after padding, smaller than the dilated "
+                f"kernel ({span}); pad the input or use a smaller kernel/dilation"
+            )
+        out.append((S[i] + 2 * pad[i] - span) // s[i] + 1)
+    T = math.prod(out)
+    if math.prod(g.shape[2:]) != T:
+        raise ValueError(
+            f"{op}: output gradient of shape {tuple(g.shape)} does not match the {T} output positions of an input "
+            f"{tuple(x.shape)} with kernel_size={k}, stride={s}, padding={pad}, dilation={dil}"
+        )
+    lead = max(0, 3 - n)
+    O3 = (1,) * lead + tuple(out)
+    S3 = (1,) * lead + S
+    k3 = (1,) * lead + k
+    s3 = (1,) * lead + s
+    p3 = (0,) * lead + pad
+    d3 = (1,) * lead + dil
+    xs = x.stride()
+    sx3 = (0,) * lead + tuple(xs[2:])  # absent dims are never addressed
+    args = (O3[-2], O3[-1], *S3[-3:], math.prod(k), k3[-2], k3[-1], *s3[-3:], *p3[-3:], *d3[-3:])
+    args += (xs[0], xs[1], *sx3[-3:])
+    return ConvGeometry(
+        ndim=n,
+        B=B,
+        c_in=c_in,
+        c_out=c_out,
+        groups=groups,
+        T=T,
+        D=c_in // groups * math.prod(k),
+        P=c_out // groups,
+        kernel_size=k,
+        args=args,
+    )
+
+
+def _cast(op: str, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
+    in_dt = common_input(op, x, g)
+    return x.to(in_dt), g.to(in_dt), acc_dtype(x, g)
+
+
+def _acc_tl(dt: torch.dtype):
+    return tl.float64 if dt == torch.float64 else tl.float32
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def launch_ghost(
+    x: Tensor, g: Tensor, kernel_size, stride, padding, dilation, groups: int, bias: bool
+) -> tuple[Tensor, Tensor]:
+    x, g, dt = _cast("conv_norms", x, g)
+    geo = geometry("conv_norms", x, g, kernel_size, stride, padding, dilation, groups)
+    gr = g.reshape(geo.B, geo.c_out, geo.T)
+    cfg = ghost_config(geo.T, geo.D, geo.P, x.dtype)
+    n_tiles = triton.cdiv(geo.T, cfg["BLOCK_T"])
+    if n_tiles >= 23170:  # the kernel's pair index arithmetic is int32
+        raise ValueError(
+            f"conv_norms: T = {geo.T} output positions is too many for the ghost kernel; use method='inst'"
+        )
+    n_pairs = n_tiles * (n_tiles + 1) // 2
+    n_prog = geo.B * groups * n_pairs
+    w = torch.zeros((geo.B, groups * n_pairs), device=x.device, dtype=dt)
+    b = torch.zeros((geo.B, groups * n_pairs) if bias else (0,), device=x.device, dtype=dt)
+    if n_prog > 0:
+        launch(
+            _conv_ghost_kernel,
+            (n_prog,),
+            x,
+            gr,
+            w,
+            b,
+            geo.T,
+            geo.D,
+            geo.P,
+            geo.c_in // groups,
+            groups,
+            n_tiles,
+            n_pairs,
+            *geo.args,
+            *gr.stride(),
+            ACC=_acc_tl(dt),
+            PRECISION=dot_precision(x.dtype),
+            DOT=dot_operand(_conv_ghost_kernel, x.dtype),
+            HAS_BIAS=bias,
+            NDIM=geo.ndim,
+            **cfg,
+        )
+    return w.sum(1), (b.sum(1) if bias else b)
+
+
+def launch_inst(
+    x: Tensor, g: Tensor, kernel_size, stride, padding, dilation, groups: int, bias: bool
+) -> tuple[Tensor, Tensor]:
+    x, g, dt = _cast("conv_norms", x, g)
+    geo = geometry("conv_norms", x, g, kernel_size, stride, padding, dilation, groups)
+    gr = g.reshape(geo.B, geo.c_out, geo.T)
+    cfg = inst_config(geo.T, geo.D, geo.P, x.dtype)
+    n_tiles_d = triton.cdiv(geo.D, cfg["BLOCK_D"])
+    n_tiles = triton.cdiv(geo.P, cfg["BLOCK_P"]) * n_tiles_d
+    n_prog = geo.B * groups * n_tiles
+    w = torch.zeros((geo.B, groups * n_tiles), device=x.device, dtype=dt)
+    b = torch.zeros((geo.B, groups * n_tiles) if bias else (0,), device=x.device, dtype=dt)
+    if n_prog > 0:
+        launch(
+            _conv_inst_kernel,
+            (n_prog,),
+            x,
+            gr,
+            w,
+            b,
+            geo.T,
+            geo.D,
+            geo.P,
+            geo.c_in // groups,
+            groups,
+            n_tiles_d,
+            n_tiles,
+            *geo.args,
+            *gr.stride(),
+            ACC=_acc_tl(dt),
+            PRECISION=dot_precision(x.dtype),
+            DOT=dot_operand(_conv_inst_kernel, x.dtype),
+            HAS_BIAS=bias,
+            NDIM=geo.ndim,
+            **cfg,
+        )
+    return w.sum(1), (b.sum(1) if bias else b)
+
+
+def launch_clipped_sum(
+    x: Tensor,
+    g: Tensor,
+    c: Tensor,
+    *,
+    weight_shape: Sequence[int],
+    stride: IntOrSeq,
+    padding: IntOrSeq,
+    dilation: IntOrSeq,
+    groups: int,
+    bias: bool,
+    noise_std: float,
+    scale: float,
+    seed_w: int,
+    seed_b: int,
+    prev_w: Tensor | None,
+    prev_b: Tensor | None,
+    splits: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The host side of conv_clipped_sum; ``splits`` forces the split-K factor (the tests cover
+    both paths with it). Returns (weight, bias or an empty tensor)."""
+    x, g, dt = _cast("conv_clipped_sum", x, g)
+    kernel_size = tuple(weight_shape[2:])
+    geo = geometry("conv_clipped_sum", x, g, kernel_size, stride, padding, dilation, groups)
+    gr = g.reshape(geo.B, geo.c_out, geo.T)
+    w = torch.empty(tuple(weight_shape), device=x.device, dtype=dt)
+    b = torch.empty((geo.c_out,) if bias else (0,), device=x.device, dtype=dt)
+    cfg = clipped_sum_config(geo.P, geo.D, x.dtype)
+    bp, bd, bk = cfg.pop("BLOCK_P"), cfg.pop("BLOCK_D"), cfg.pop("BLOCK_K")
+    K = geo.B * geo.T
+    n_tiles_p = triton.cdiv(geo.P, bp)
+    grid_d = triton.cdiv(geo.D, bd)
+    tiles = groups * n_tiles_p * grid_d
+    s = plan_splits(tiles, K, bk, x.device) if splits is None else max(1, min(splits, triton.cdiv(max(K, 1), bk)))
+    k_per = triton.cdiv(triton.cdiv(max(K, 1), bk), s) * bk
+    s = triton.cdiv(max(K, 1), k_per)
+    split = s > 1
+    ws_w = torch.empty((s, geo.c_out, geo.D) if split else (0,), device=x.device, dtype=dt)
+    ws_b = torch.empty((s, geo.c_out) if split and bias else (0,), device=x.device, dtype=dt)
+    launch(
+        _conv_clipped_sum_kernel,
+        (groups * n_tiles_p, grid_d, s),
+        x,
+        gr,
+        c.contiguous(),
+        ws_w if split else w,
+        ws_b if split and bias else b,
+        prev_w.contiguous() if prev_w is not None else w,
+        prev_b.contiguous() if prev_b is not None else b,
+        geo.T,
+        geo.D,
+        geo.P,
+        geo.c_in // groups,
+        geo.c_out,
+        K,
+        k_per,
+        n_tiles_p,
+        *geo.args,
+        *gr.stride(),
+        float(noise_std),
+        float(scale),
+        int(seed_w) & SEED_MASK,
+        int(seed_b) & SEED_MASK,
+        ACC=_acc_tl(dt),
+        PRECISION=dot_precision(x.dtype),
+        DOT=dot_operand(_conv_clipped_sum_kernel, x.dtype),
+        HAS_BIAS=bias,
+        SPLIT=split,
+        HAS_PREV_W=prev_w is not None,
+        HAS_PREV_B=prev_b is not None,
+        HAS_NOISE=noise_std != 0.0,
+        WIDE=geo.c_out * geo.D >= WIDE_OFFSETS,
+        NDIM=geo.ndim,
+        BLOCK_P=bp,
+        BLOCK_D=bd,
+        BLOCK_K=bk,
+        EPI_ROWS=min(16, bp),
+        **cfg,
+    )
+    if split:
+        finish(ws_w, prev_w, w, noise_std=noise_std, scale=scale, seed=seed_w)
+        if bias:
+            finish(ws_b, prev_b, b, noise_std=noise_std, scale=scale, seed=seed_b)
+    return w, b
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+@torch.library.custom_op(f"{NS}::triton_conv_norms_ghost", mutates_args=())
+def _conv_norms_ghost_op(
+    x: Tensor,
+    g: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    bias: bool,
+) -> tuple[Tensor, Tensor]:
+    return launch_ghost(x, g, kernel_size, stride, padding, dilation, groups, bias)
+
+
+@torch.library.custom_op(f"{NS}::triton_conv_norms_inst", mutates_args=())
+def _conv_norms_inst_op(
+    x: Tensor,
+    g: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    bias: bool,
+) -> tuple[Tensor, Tensor]:
+    return launch_inst(x, g, kernel_size, stride, padding, dilation, groups, bias)
+
+
+def _norms_fake(x, g, kernel_size, stride, padding, dilation, groups, bias):
+    dt = acc_dtype(x, g)
+    B = x.shape[0]
+    return x.new_empty((B,), dtype=dt), x.new_empty((B,) if bias else (0,), dtype=dt)
+
+
+_conv_norms_ghost_op.register_fake(_norms_fake)
+_conv_norms_inst_op.register_fake(_norms_fake)
+
+
+@torch.library.custom_op(f"{NS}::triton_conv_clipped_sum", mutates_args=())
+def _conv_clipped_sum_op(
+    x: Tensor,
+    g: Tensor,
+    c: Tensor,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    bias: bool,
+    noise_std: float,
+    scale: float,
+    seed_w: int,
+    seed_b: int,
+    prev_w: Tensor | None,
+    prev_b: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    return launch_clipped_sum(
+        x,
+        g,
+        c,
+        weight_shape=weight_shape,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        noise_std=noise_std,
+        scale=scale,
+        seed_w=seed_w,
+        seed_b=seed_b,
+        prev_w=prev_w,
+        prev_b=prev_b,
+    )
+
+
+@_conv_clipped_sum_op.register_fake
+def _(x, g, c, weight_shape, stride, padding, dilation, groups, bias, noise_std, scale, seed_w, seed_b, prev_w, prev_b):
+    dt = acc_dtype(x, g)
+    return x.new_empty(tuple(weight_shape), dtype=dt), x.new_empty((g.shape[1],) if bias else (0,), dtype=dt)
+
+
+def _lists(x: Tensor, kernel_size, stride, padding, dilation) -> tuple[list[int], ...]:
+    n = x.dim() - 2
+    return tuple(
+        list(_ntuple(v, n, name, "conv"))
+        for v, name in ((kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation"))
+    )
+
+
+def conv_norms(
+    x: Tensor,
+    g: Tensor,
+    *,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq,
+    padding: IntOrSeq,
+    dilation: IntOrSeq,
+    groups: int,
+    bias: bool,
+    method: str,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-sample squared norms of a Conv1d/2d/3d layer's weight and bias gradients, by implicit GEMM.
+
+    weight: sum_j ||G_ij^T A_ij||_F^2 over groups j, A = unfold(x) gathered tile by tile in the kernel
+            ("ghost": <A A^T, G G^T>, "inst": sum (G^T A)^2; see linear_norms)
+    bias:   ||sum_t g_t||^2
+    x: (B, C_in, *S), zero-padded by ``padding``; g: (B, C_out, *out). Returns float32 (float64 for
+    float64 inputs) tensors of shape (B,). Cases the kernels do not take (more than 3 spatial dims,
+    no channels, a sample of >= 2**31 elements) are computed by the reference op (ops.reference.conv).
+    """
+    if method not in ("ghost", "inst"):
+        raise ValueError(f"conv_norms: method must be 'ghost' or 'inst', got {method!r}")
+    common_input("conv_norms", x, g)
+    geo = geometry("conv_norms", x, g, kernel_size, stride, padding, dilation, groups)
+    if geo.unsupported(x, g):
+        return ref_conv.conv_norms(
+            x,
+            g,
+            kernel_size=kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            method=method,
+        )
+    op = _conv_norms_ghost_op if method == "ghost" else _conv_norms_inst_op
+    w, b = op(x, g, *_lists(x, kernel_size, stride, padding, dilation), groups, bias)
+    return w, (b if bias else None)
+
+
+def conv_clipped_sum(
+    x: Tensor,
+    g: Tensor,
+    c: Tensor,
+    *,
+    weight_shape: Sequence[int],
+    stride: IntOrSeq,
+    padding: IntOrSeq,
+    dilation: IntOrSeq,
+    groups: int,
+    bias: bool,
+    noise_std: float = 0.0,
+    scale: float = 1.0,
+    seed_w: int = 0,
+    seed_b: int = 0,
+    prev_w: Tensor | None = None,
+    prev_b: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Clipped, summed, noised Conv gradients: one implicit-GEMM matmul over the B*T rows.
+
+    weight: scale * (prev_w + sum_i c_i G_i^T unfold(x_i) + noise_std * z_w)   weight_shape (C_out, C_in/g, *k)
+    bias:   scale * (prev_b + sum_i c_i sum_t g_it + noise_std * z_b)          (C_out,)
+    c_i is folded into G's rows as they load; z is the in-kernel Philox noise of add_noise (a function of
+    the seed and the output's shape). float32 results (float64 for float64 inputs). Cases the kernels do
+    not take (more than 3 spatial dims, no channels, a sample of >= 2**31 elements, B*T >= 2**31 rows)
+    are computed by the reference op (ops.reference.conv), whose noise is torch.Generator's.
+    """
+    op = "conv_clipped_sum"
+    common_input(op, x, g)
+    weight_shape = tuple(int(v) for v in weight_shape)
+    n = x.dim() - 2
+    if len(weight_shape) != n + 2:
+        raise ValueError(
+            f"{op}: weight_shape must be (C_out, C_in/groups, *kernel_size) with {n} kernel dims for an input of "
+            f"shape {tuple(x.shape)}, got {weight_shape}"
+        )
+    geo = geometry(op, x, g, weight_shape[2:], stride, padding, dilation, groups)
+    if weight_shape[:2] != (geo.c_out, geo.c_in // groups):
+        raise ValueError(
+            f"{op}: weight_shape {weight_shape} does not match C_out={geo.c_out} of g and C_in/groups="
+            f"{geo.c_in // groups} of x"
+        )
+    if c.shape != (geo.B,):
+        raise ValueError(f"{op}: c must hold one clip factor per sample, shape ({geo.B},), got {tuple(c.shape)}")
+    if c.device != x.device:
+        raise ValueError(f"{op}: c is on {c.device} but x on {x.device}; move both to one device")
+    check_prev(op, "prev_w", prev_w, weight_shape, x.device)
+    check_prev(op, "prev_b", prev_b, (geo.c_out,), x.device)
+    if geo.unsupported(x, g) or geo.B * geo.T >= INT32:
+        return ref_conv.conv_clipped_sum(
+            x,
+            g,
+            c,
+            weight_shape=weight_shape,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            noise_std=noise_std,
+            scale=scale,
+            seed_w=seed_w,
+            seed_b=seed_b,
+            prev_w=prev_w,
+            prev_b=prev_b,
+        )
+    _, s, p, d = _lists(x, weight_shape[2:], stride, padding, dilation)
+    w, b = _conv_clipped_sum_op(
+        x,
+        g,
+        c,
+        list(weight_shape),
+        s,
+        p,
+        d,
+        groups,
+        bias,
+        float(noise_std),
+        float(scale),
+        int(seed_w) & SEED_MASK,
+        int(seed_b) & SEED_MASK,
+        prev_w,
+        prev_b,
+    )
+    return w, (b if bias else None)
