@@ -13,13 +13,11 @@ import sys
 
 import pytest
 import torch
-from torch import nn
-
-opacus = pytest.importorskip("opacus")
 from opacus import PrivacyEngine  # noqa: E402
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (  # noqa: E402
     GradSampleHooksFastGradientClipping,
 )
+from torch import nn
 
 from dpkernels import api, opacus_backend  # noqa: E402
 

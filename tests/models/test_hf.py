@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import transformers  # noqa: E402,F401  (a test dependency: fail, never skip, when it is missing)
 from conftest import (
     DT,
     TOL,
@@ -29,8 +30,6 @@ from conftest import (
     token_batch,
 )
 from torch import nn
-
-pytest.importorskip("transformers")
 
 import dpkernels  # noqa: E402
 from dpkernels.nn import DPModule  # noqa: E402

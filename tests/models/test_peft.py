@@ -14,7 +14,6 @@ import torch
 from conftest import DT, check_model, dp_step, gpt2, lm_loss, token_batch
 from torch import nn
 
-peft = pytest.importorskip("peft")
 # transformers deprecates an attribute PEFT still reads; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 

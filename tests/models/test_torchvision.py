@@ -11,10 +11,9 @@ import io
 
 import pytest
 import torch
+import torchvision  # noqa: E402  (a test dependency: fail, never skip, when it is missing)
 from conftest import DT, TOL, check_model, image_batch, tv_loss, tv_vit
 from torch import nn
-
-torchvision = pytest.importorskip("torchvision")
 
 import dpkernels  # noqa: E402
 from dpkernels.nn import DPModule  # noqa: E402
