@@ -11,7 +11,7 @@ shape (1, T) as Hugging Face GPT-2 does (``pos_ids="broadcast"``): the (1, T, D)
 added to the (B, T, D) token embedding, so autograd sums its output gradient over the batch
 before the layer sees it. DP libraries must expand that input or refuse it (DESIGN.md).
 
-`build(name, device)` returns a `Workload`: the model, a fixed random batch, the loss.
+`build(name, batch, device)` returns a `Workload`: the model, a fixed random batch, the loss.
 """
 
 from __future__ import annotations
@@ -188,6 +188,22 @@ def resnet18_gn(classes: int, blocks: tuple[int, int, int, int] = (2, 2, 2, 2), 
     return ResNet(BasicBlock, list(blocks), num_classes=classes, norm_layer=lambda c: nn.GroupNorm(groups, c))
 
 
+class HFGPT2(nn.Module):
+    """A stock Hugging Face GPT2LMHeadModel built from its config (random weights, tied wte/lm_head, the
+    (1, T) position ids GPT-2 broadcasts), unedited; this wrapper only returns ``.logits`` so that every
+    mode drives it like the other LMs. transformers is imported here, when such a model is built."""
+
+    def __init__(self, vocab: int, n_pos: int, d: int, layers: int, heads: int):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(vocab_size=vocab, n_positions=n_pos, n_embd=d, n_layer=layers, n_head=heads)
+        self.lm = GPT2LMHeadModel(cfg)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.lm(input_ids=input_ids).logits
+
+
 # ----------------------------------------------------------------------------- configs
 
 
@@ -195,7 +211,7 @@ def resnet18_gn(classes: int, blocks: tuple[int, int, int, int] = (2, 2, 2, 2), 
 class Config:
     """A model and its input: ``kind`` picks the builder, ``args`` its keyword arguments."""
 
-    kind: str  # gpt | bert | vit | resnet | mlp
+    kind: str  # gpt | hf-gpt2 | bert | vit | resnet | mlp
     args: dict[str, Any] = field(default_factory=dict)
     seq: int = 0  # T for token models
     image: int = 0  # H = W for image models
@@ -218,6 +234,16 @@ CONFIGS: dict[str, Config] = {
     "gpt2-tiny": Config("gpt", _GPT_TINY, seq=8, classes=97, default_batch=4),
     "gpt2-tiny-tied": Config("gpt", {**_GPT_TINY, "tied": True}, seq=8, classes=97, default_batch=4),
     "gpt2-tiny-bcast": Config("gpt", {**_GPT_TINY, "pos_ids": "broadcast"}, seq=8, classes=97, default_batch=4),
+    "hf-gpt2-small": Config(
+        "hf-gpt2",
+        dict(vocab=50257, n_pos=1024, d=768, layers=12, heads=12),
+        seq=256,
+        classes=50257,
+        notes="stock transformers GPT2LMHeadModel from config: Conv1D, tied head, (1, T) position ids",
+    ),
+    "hf-gpt2-tiny": Config(
+        "hf-gpt2", dict(vocab=97, n_pos=16, d=32, layers=2, heads=2), seq=8, classes=97, default_batch=4
+    ),
     "bert-base": Config("bert", _BERT_BASE, seq=128, classes=2, notes="12 x 768, post-LN, T=128, 2 classes"),
     "bert-tiny": Config("bert", _BERT_TINY, seq=8, classes=2, default_batch=4),
     "vit-small-32": Config(
@@ -259,6 +285,7 @@ CONFIGS: dict[str, Config] = {
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "gpt": GPT,
+    "hf-gpt2": HFGPT2,
     "bert": BERT,
     "vit": ViT,
     "resnet": resnet18_gn,
@@ -301,9 +328,9 @@ def build(name: str, batch: int, device: str | torch.device = "cpu", seed: int =
     torch.manual_seed(seed)
     model = _BUILDERS[cfg.kind](**cfg.args).to(device)
     g = torch.Generator().manual_seed(seed + 1)
-    if cfg.kind in ("gpt", "bert"):
+    if cfg.kind in ("gpt", "hf-gpt2", "bert"):
         x = torch.randint(0, cfg.args["vocab"], (batch, cfg.seq), generator=g)
-        y = torch.randint(0, cfg.classes, (batch, cfg.seq) if cfg.kind == "gpt" else (batch,), generator=g)
+        y = torch.randint(0, cfg.classes, (batch,) if cfg.kind == "bert" else (batch, cfg.seq), generator=g)
     elif cfg.kind in ("vit", "resnet"):
         x = torch.randn(batch, 3, cfg.image, cfg.image, generator=g)
         y = torch.randint(0, cfg.classes, (batch,), generator=g)

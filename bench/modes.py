@@ -154,7 +154,7 @@ def _dpkernels(mode: str, work: Workload, ctx: Context) -> Runner:
     import dpkernels
     from dpkernels import ops
 
-    name, backend = mode.split(":")
+    name, _, backend = mode.partition(":")  # no backend named: dpkernels' automatic choice
     groups, strategy = DPK_MODES[name]
     model, opt = dpkernels.make_private(
         work.model,
@@ -164,7 +164,7 @@ def _dpkernels(mode: str, work: Workload, ctx: Context) -> Runner:
         expected_batch_size=float(ctx.batch),
         groups=groups,
         strategy=strategy,
-        backend=backend,
+        backend=backend or None,
         seed=0,
     )
 

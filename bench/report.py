@@ -97,49 +97,46 @@ def markdown(info: dict[str, Any], results: list[dict[str, Any]], searches: list
 
 
 def plot(results: list[dict[str, Any]], metric: str, path: Path, title: str) -> Path:
-    """Grouped bars of ``metric`` (time_ratio or mem_ratio): one group per (model, batch, dtype), a bar per DP mode.
-
-    A mode that did not run is marked by its status under the axis instead of a bar.
-    """
+    """Grouped bars of ``metric`` (time_ratio or mem_ratio), one panel per dtype: a group per (model, batch),
+    a bar per DP mode. A mode that did not run is marked by its status instead of a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(dict.fromkeys(_key(r) for r in results))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in results))
     modes = [m for m in dict.fromkeys(r["mode"] for r in results) if m != "nondp"]
     by = {(_key(r), r["mode"]): r for r in results}
     width = 0.8 / max(1, len(modes))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.28 * len(keys) * max(1, len(modes))), 4.8))
+    n_groups = max(len({(r["model"], r["batch"]) for r in results if r["dtype"] == d}) for d in dtypes)
+    fig, axes = plt.subplots(
+        len(dtypes), 1, figsize=(max(6.0, 1.5 + 0.16 * n_groups * max(1, len(modes))), 3.2 * len(dtypes)),
+        squeeze=False,
+        layout="constrained",
+    )  # fmt: skip
     cmap = plt.get_cmap("tab20")
-    for j, mode in enumerate(modes):
-        xs, ys = [], []
-        for i, k in enumerate(keys):
-            r = by.get((k, mode))
-            x = i - 0.4 + width * (j + 0.5)
-            if r is not None and r.get(metric) is not None:
-                xs.append(x)
-                ys.append(r[metric])
-            elif r is not None:
-                ax.text(
-                    x,
-                    0.02,
-                    r["status"],
-                    rotation=90,
-                    ha="center",
-                    va="bottom",
-                    fontsize=6,
-                    color=cmap(j % 20),
-                    transform=ax.get_xaxis_transform(),
-                )
-        ax.bar(xs, ys, width=width, label=mode, color=cmap(j % 20))
-    ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([f"{m}\nB={b} {d}" for m, b, d in keys], fontsize=7)
-    ax.set_ylabel(f"{metric.replace('_', ' ')} (x non-DP)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps the legend placed right of the axes
+    for ax, dtype in zip(axes[:, 0], dtypes, strict=True):
+        keys = list(dict.fromkeys(_key(r) for r in results if r["dtype"] == dtype))
+        for j, mode in enumerate(modes):
+            xs, ys = [], []
+            for i, k in enumerate(keys):
+                r = by.get((k, mode))
+                x = i - 0.4 + width * (j + 0.5)
+                if r is not None and r.get(metric) is not None:
+                    xs.append(x)
+                    ys.append(r[metric])
+                elif r is not None:
+                    ax.text(x, 0.03, r["status"], rotation=90, ha="center", va="bottom", fontsize=6,
+                            color=cmap(j % 20), transform=ax.get_xaxis_transform())  # fmt: skip
+            ax.bar(xs, ys, width=width, label=mode, color=cmap(j % 20))
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([f"{m}\nB={b}" for m, b, _ in keys], fontsize=7)
+        ax.set_ylabel(f"{metric.replace('_', ' ')} (x non-DP)", fontsize=8)
+        ax.set_title(dtype, fontsize=8, loc="left")
+    axes[0, 0].legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # keeps the legend placed right of the axes
     plt.close(fig)
     return path
 
@@ -159,3 +156,21 @@ def write(
         paths.append(plot(results, "time_ratio", out / "time_ratio.png", f"Step time / non-DP step time - {dev}"))
         paths.append(plot(results, "mem_ratio", out / "memory_ratio.png", f"Peak memory / non-DP peak - {dev}"))
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m bench.report DIR: rewrite DIR's results.md and plots from its results.json."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m bench.report DIR (a directory holding results.json)", file=sys.stderr)
+        return 2
+    data = json.loads((Path(args[0]) / "results.json").read_text())
+    for p in write(Path(args[0]), data["meta"], data["results"], data.get("max_batch", [])):
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

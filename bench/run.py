@@ -186,8 +186,9 @@ def meta(args: argparse.Namespace, argv: Sequence[str], results: Sequence[dict[s
     else:
         info["device_name"] = cpu_name()
         info["memory_measure"] = (
-            "CPU: peak RSS of the worker process over the timed steps minus its RSS after imports, before the "
-            "model was built (an upper bound: allocators keep freed pages)"
+            "CPU: peak anonymous RSS of the worker process over the timed steps (VmHWM - RssFile - RssShmem) "
+            "minus its anonymous RSS after imports, before the model was built (an upper bound: allocators keep "
+            "freed pages)"
         )
         info["threads"] = args.threads or torch.get_num_threads()
     if args.fastdp_path:
@@ -271,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 10:
+        print(f"note: {args.steps} timed step(s): medians and IQRs over fewer than 10 steps mean little", flush=True)
     if args.fastdp_path and not (Path(args.fastdp_path) / "fastDP" / "__init__.py").exists():
         raise SystemExit(f"--fastdp-path {args.fastdp_path!r} has no fastDP/__init__.py")
     mode_list, skipped = M.expand(_csv(args.modes), args.device, args.fastdp_path)

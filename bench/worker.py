@@ -12,10 +12,11 @@ torch.cuda.synchronize().
 Peak memory:
 - cuda: torch.cuda.max_memory_allocated() over the timed steps (the counter is reset after the
   warm-up, so it includes the resident model, gradients and optimizer state);
-- cpu: the peak resident set size (VmHWM) of this process over the timed steps, minus its RSS
-  after the imports and before the model was built (the high-water mark is reset after the
-  warm-up through /proc/self/clear_refs). CPU allocators keep freed pages, so this is an upper
-  bound on what the step needed; compare CPU figures only with each other.
+- cpu: the peak anonymous resident memory of this process over the timed steps, minus its
+  anonymous RSS after the imports and before the model was built (see `_cpu_memory`; the
+  high-water mark is reset after the warm-up through /proc/self/clear_refs). CPU allocators keep
+  freed pages, so this is an upper bound on what the step needed; compare CPU figures only with
+  each other.
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ import traceback
 from typing import Any
 
 
-def _status_kb(key: str) -> int | None:
+def _proc_status() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem of this process in bytes (those the kernel reports)."""
+    out: dict[str, int] = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(rest.split()[0]) * 1024
     except OSError:
         pass
-    return None
+    return out
 
 
 def _reset_hwm() -> bool:
@@ -51,16 +55,34 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _rss_bytes() -> int:
-    kb = _status_kb("VmRSS")
-    return (kb or 0) * 1024
+def _cpu_memory(before: dict[str, int], hwm_reset: bool) -> dict[str, Any]:
+    """Peak memory growth of this process over the timed steps, from /proc/self/status.
 
-
-def _hwm_bytes() -> int:
-    kb = _status_kb("VmHWM")
-    if kb is None:  # no procfs: the lifetime peak (ru_maxrss is in KB on Linux)
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb * 1024
+    The kernel keeps one peak, VmHWM, of anonymous + file-backed + shared pages. File-backed pages are
+    mostly the code of torch's shared libraries, faulted in as kernels are first used (over 100 MiB by
+    the first training step) and the same for every mode; they are touched in the warm-up and stay put
+    in the timed steps. So the peak of anonymous memory (tensors, allocator arenas) in the timed steps is
+    estimated as VmHWM - RssFile - RssShmem read after them, and reported minus RssAnon at the baseline.
+    """
+    after = _proc_status()
+    if "VmHWM" not in after:  # no procfs: the lifetime peak (ru_maxrss is in KB on Linux)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"peak_mem_bytes": None, "peak_rss_bytes": peak, "mem_kind": "not measured: no /proc/self/status"}
+    res: dict[str, Any] = {"peak_rss_bytes": after["VmHWM"], "rss_baseline_bytes": before.get("VmRSS")}
+    window = "over the timed steps" if hwm_reset else "over the whole process (its peak could not be reset)"
+    if "RssAnon" in after and "RssAnon" in before:
+        peak_anon = after["VmHWM"] - after.get("RssFile", 0) - after.get("RssShmem", 0)
+        res["peak_mem_bytes"] = peak_anon - before["RssAnon"]
+        res["rss_anon_baseline_bytes"] = before["RssAnon"]
+        res["rss_file_bytes"] = after.get("RssFile")
+        res["mem_kind"] = (
+            f"peak anonymous RSS of the worker process {window} (VmHWM - RssFile - RssShmem) minus its "
+            "anonymous RSS after imports"
+        )
+    else:
+        res["peak_mem_bytes"] = after["VmHWM"] - before.get("VmRSS", 0)
+        res["mem_kind"] = f"peak RSS of the worker process {window} minus its RSS after imports"
+    return res
 
 
 def _quantiles(xs: list[float]) -> dict[str, float]:
@@ -90,14 +112,19 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         device = spec["device"]
         cuda = device == "cuda"
         amp = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
-        # Initialise torch's lazy runtime (allocator pools, autograd threads, kernels) on a throw-away layer so
-        # the baseline below holds it and the measured growth is the model's and the mode's.
+        # Initialise torch's lazy runtime on a throw-away layer so that the baseline below holds it and the
+        # measured growth is the model's and the mode's: the first optimizer.step() alone imports ~80 MiB
+        # of modules (torch._dynamo), the first backward starts the autograd threads.
         probe = torch.nn.Linear(8, 8).to(device)
+        probe_opt = torch.optim.SGD(probe.parameters(), lr=0.0)
         with amp:
-            probe(torch.randn(2, 8, device=device)).sum().backward()
-        del probe
+            out = probe(torch.randn(2, 8, device=device))
+            probe_loss = torch.nn.functional.cross_entropy(out, torch.zeros(2, dtype=torch.long, device=device))
+        probe_loss.backward()
+        probe_opt.step()
+        del probe, probe_opt, probe_loss, out
         gc.collect()
-        rss0 = _rss_bytes()
+        mem0 = _proc_status()
 
         phase = "setup"
         work = build(spec["model"], spec["batch"], device, seed=spec.get("seed", 0))
@@ -152,15 +179,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             res["peak_mem_bytes"] = None
             res["mem_kind"] = "not measured: --inline runs every case in one process"
         else:
-            hwm = _hwm_bytes()
-            res["peak_mem_bytes"] = hwm - rss0
-            res["peak_rss_bytes"] = hwm
-            res["rss_baseline_bytes"] = rss0
-            res["mem_kind"] = (
-                "peak RSS of the worker process over the timed steps minus its RSS after imports"
-                if hwm_reset
-                else "lifetime peak RSS of the worker process minus its RSS after imports (peak not resettable here)"
-            )
+            res.update(_cpu_memory(mem0, bool(hwm_reset)))
         res["step_time"] = _quantiles(times) if times else None
         res["step_times_s"] = times
         res["samples_per_s"] = spec["batch"] / res["step_time"]["median_s"] if times else None
