@@ -1,39 +1,56 @@
 """Compile every Triton kernel of dpkernels ahead of time for sm_90 (H100), with no GPU.
 
-For each configuration the real host launchers run on meta tensors with `launch` replaced by a
-recorder, so what is compiled is exactly what they would launch (kernel, argument types, the
-int specialisations Triton's JIT makes, constexprs, warps, stages). Each kernel is compiled
-with triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)). Spills come from the
-log of the ptxas run triton itself makes (TRITON_DUMP_PTXAS_LOG; the cache is bypassed so ptxas
-always runs); registers, local memory and shared memory from the cuobjdump bundled with triton
-on the cubin; its SASS says whether tensor cores are used (HGMMA = Hopper wgmma, HMMA =
-mma.sync). Local memory without spills is libdevice's sinf/cosf slow-path array (the
-Box-Muller of tl.randn), never reached for its arguments in [0, 2 pi).
+A registry (`registry()`) holds configurations of every kernel family at the shapes of the main
+workloads (GPT-2 small: d = 768, p = 768 / 3072 / 50257, T = 256, B = 32; ResNet18's convs at 32x32;
+an embedding of V = 50257), each run in bf16, fp16, fp32 (IEEE) and, where the family's tl.dot follows
+torch's float32 matmul precision, TF32. For each, the real host launchers run on meta tensors with
+`launch` replaced by a recorder, so what is compiled is exactly what they would launch (kernel,
+argument types, the int specialisations Triton's JIT makes, constexprs, warps, stages). Identical
+specialisations are compiled once, listed under the first configuration that launches them.
 
-    python bench/aot_compile.py                  # markdown table on stdout
-    python bench/aot_compile.py --json out.json  # also the rows as JSON
-    python bench/aot_compile.py --quick          # one shape per op (the test's set)
+Each kernel is compiled with triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)).
+Spills come from the log of the ptxas run triton itself makes (TRITON_DUMP_PTXAS_LOG; the cache
+is bypassed so ptxas always runs); registers, local memory and static shared memory from the
+cuobjdump bundled with triton on the cubin, plus triton's dynamic shared memory; its SASS says
+whether tensor cores are used (HGMMA = Hopper wgmma, HMMA = mma.sync). Local memory without
+spills is libdevice's sinf/cosf slow-path array (the Box-Muller of tl.randn), never reached for
+its arguments in [0, 2 pi).
 
-TRITON_INTERPRET must be unset (the interpreter has no compiler); this script unsets it,
-so run it as its own process.
+Exits 1 if a kernel does not compile, spills, needs more shared memory than an H100 block can have
+(227 KiB), or its tensor-core use differs from `expected_mma` (16-bit and TF32 dots on tensor cores:
+wgmma for tiles of >= 64 rows, mma.sync below; IEEE float32 on FMA units), or a kernel of the package
+is launched by no configuration; the report lists each problem.
+
+    python -m bench.aot_compile                    # the full registry, markdown table on stdout
+    python -m bench.aot_compile --quick            # one main configuration per family, bf16 (CI)
+    python -m bench.aot_compile --out FILE.md      # also the report (versions, command) as markdown
+    python -m bench.aot_compile --json FILE.json   # also the rows as JSON
+    python -m bench.aot_compile --recheck FILE.json  # re-check saved rows, compile nothing
+
+TRITON_INTERPRET must be unset (the interpreter has no compiler); this module unsets it before
+triton is imported, so run it as its own process.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib
 import io
 import json
 import os
 import pkgutil
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas and its log
@@ -45,35 +62,41 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from dpkernels.ops.triton._common import TL_DTYPES  # noqa: E402
+from dpkernels.ops.triton import _common  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+H100_SMEM = 227 * 1024  # the most shared memory one block can have on sm_90 (opt-in dynamic)
+MAX_REGS = 255
+PTR_TYPES = {**_common.TL_DTYPES, torch.int32: "i32", torch.int64: "i64"}  # + the embedding ids
+META = torch.device("meta")
+
+# input dtype name -> (torch float32 matmul precision, dtype of the meta inputs)
+PRECISIONS = {
+    "bf16": ("highest", torch.bfloat16),
+    "fp16": ("highest", torch.float16),
+    "fp32": ("highest", torch.float32),  # IEEE dots: FMA units
+    "tf32": ("high", torch.float32),  # float32 inputs, TF32 dots where the kernel follows torch
+    "fp64": ("highest", torch.float64),  # on request only (tests, CPU reference work)
+}
+DEFAULT_DTYPES = ("bf16", "fp16", "fp32", "tf32")
+
+
+# ----------------------------------------------------------------------------- recording launches
 
 
 @dataclass
 class Launch:
-    kernel: object
+    kernel: Any
     num_warps: int
     num_stages: int
     signature: dict
     constexprs: dict
     attrs: dict
-    label: str
-
-
-@dataclass
-class Row:
-    kernel: str
-    config: str
-    warps: int
-    stages: int
-    regs: int
-    local_bytes: int
-    spill_bytes: int  # ptxas: spill stores + spill loads
-    smem_bytes: int
-    tensor_cores: str
-    compile_s: float
+    meta: dict  # the launcher's constexpr keywords (the others in constexprs are ints equal to 1)
+    family: str
+    workload: str
+    dtype: str
 
 
 def _specialize(kernel, args, meta) -> tuple[dict, dict, dict]:
@@ -88,7 +111,7 @@ def _specialize(kernel, args, meta) -> tuple[dict, dict, dict]:
             continue
         value = positional[name]
         if isinstance(value, torch.Tensor):
-            ty, spec = "*" + TL_DTYPES[value.dtype], "D"  # torch's allocations are 16-byte aligned
+            ty, spec = "*" + PTR_TYPES[value.dtype], "D"  # torch's allocations are 16-byte aligned
         else:
             ty, spec = triton._C.libtriton.native_specialize_impl(CUDABackend, value, False, True, True)
         signature[name] = ty
@@ -99,111 +122,370 @@ def _specialize(kernel, args, meta) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
-@contextlib.contextmanager
-def recording(out: list[Launch], label: str):
-    """Replace `launch` in every op module (each imports it from _common) by a recorder for the duration."""
+def _op_modules() -> list:
     pkg = importlib.import_module("dpkernels.ops.triton")
-    names = [m.name for m in pkgutil.iter_modules(pkg.__path__)]
-    mods = [mod for n in names if hasattr(mod := importlib.import_module(f"{pkg.__name__}.{n}"), "launch")]
+    return [importlib.import_module(f"{pkg.__name__}.{m.name}") for m in pkgutil.iter_modules(pkg.__path__)]
+
+
+def all_kernels() -> set[str]:
+    """Every @triton.jit function of dpkernels.ops.triton named *_kernel (the others are device helpers)."""
+    return {
+        name
+        for mod in _op_modules()
+        for name, obj in vars(mod).items()
+        if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel")
+    }
+
+
+@contextlib.contextmanager
+def recording(out: list[Launch], family: str, workload: str, dtype: str) -> Iterator[None]:
+    """Replace `launch` in every op module (each imports it from _common) by a recorder for the duration."""
+    mods = [m for m in _op_modules() if hasattr(m, "launch")]
     saved = [m.launch for m in mods]
 
     def record(kernel, grid, *args, num_warps=4, num_stages=2, **meta):
         sig, const, attrs = _specialize(kernel, args, meta)
-        out.append(Launch(kernel, num_warps, num_stages, sig, const, attrs, label))
+        out.append(Launch(kernel, num_warps, num_stages, sig, const, attrs, dict(meta), family, workload, dtype))
 
     for m in mods:
         m.launch = record
     try:
         yield
     finally:
-        for m, f in zip(mods, saved, strict=False):
+        for m, f in zip(mods, saved, strict=True):
             m.launch = f
 
 
-PRECISIONS = {  # name -> (torch float32 matmul precision, input dtype)
-    "fp32": ("highest", torch.float32),
-    "fp32+tf32": ("high", torch.float32),
-    "bf16": ("highest", torch.bfloat16),
-    "fp16": ("highest", torch.float16),
-    "fp64": ("highest", torch.float64),
-}
-DEFAULT = ["fp32", "fp32+tf32", "bf16", "fp16"]  # fp64 (tests, CPU reference work) on request
+@contextlib.contextmanager
+def matmul_precision(prec: str) -> Iterator[None]:
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(prec)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
-def configurations(quick: bool, names: list[str]) -> list[Launch]:
-    """The launches of the main configurations: GPT-2-small-like layers in each input dtype."""
-    from dpkernels.ops.triton.add_noise import finish
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Config:
+    family: str
+    workload: str
+    run: Callable[[torch.dtype], object] = field(repr=False)  # calls the launchers on meta inputs of a dtype
+    main: bool = False  # the family's main configuration: the --quick (CI) subset, in bf16
+    tf32: bool = False  # the family's tl.dot follows torch's float32 matmul precision: a TF32 row
+
+    def dtypes(self) -> tuple[str, ...]:
+        return DEFAULT_DTYPES if self.tf32 else tuple(d for d in DEFAULT_DTYPES if d != "tf32")
+
+
+def _t(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(shape, device=META, dtype=dtype)
+
+
+NOISE = dict(noise_std=1.0, scale=0.5, seed_w=1 << 40, seed_b=1 << 41)
+NO_NOISE = dict(noise_std=0.0, scale=0.5, seed_w=0, seed_b=0)
+
+# (workload, B, T, d, p): GPT-2 small's Linear layers, and a T = 1 classifier head (16-row tiles)
+LINEAR = [
+    ("GPT-2 attn proj", 32, 256, 768, 768),
+    ("GPT-2 MLP up", 32, 256, 768, 3072),
+    ("GPT-2 MLP down", 32, 256, 3072, 768),
+    ("GPT-2 LM head", 32, 256, 768, 50257),
+    ("classifier head", 32, 1, 768, 10),
+]
+# (workload, B, C_in, C_out, spatial, kernel, stride, padding, groups): ResNet18 on 32x32 (CIFAR) inputs,
+# a depthwise conv, a conv1d and a conv3d; bias=True everywhere (the kernels' largest variant)
+CONV = [
+    ("ResNet18 layer1 3x3", 32, 64, 64, (32, 32), 3, 1, 1, 1),
+    ("ResNet18 stem 3x3", 32, 3, 64, (32, 32), 3, 1, 1, 1),
+    ("ResNet18 layer2 3x3 s2", 32, 64, 128, (32, 32), 3, 2, 1, 1),
+    ("ResNet18 downsample 1x1 s2", 32, 64, 128, (32, 32), 1, 2, 0, 1),
+    ("ResNet18 layer4 3x3", 32, 512, 512, (4, 4), 3, 1, 1, 1),
+    ("depthwise 3x3", 32, 64, 64, (32, 32), 3, 1, 1, 64),
+    ("conv1d k=5", 32, 128, 256, (1000,), 5, 1, 2, 1),
+    ("conv3d 3x3x3", 8, 16, 32, (16, 16, 16), 3, 1, 1, 1),
+]
+
+
+def _linear_configs() -> list[Config]:
     from dpkernels.ops.triton.linear_clipped_sum import launch_clipped_sum
     from dpkernels.ops.triton.linear_norms import launch_bias_norms, launch_ghost, launch_inst
 
-    meta = torch.device("meta")
-    shapes = [(32, 256, 768, 768)] if quick else [(32, 256, 768, 768), (8, 1024, 768, 3072), (64, 1, 64, 10)]
-    out: list[Launch] = []
-    for name in names:
-        prec, dt = PRECISIONS[name]
-        torch.set_float32_matmul_precision(prec)
-        for B, T, d, p in shapes:
-            a = torch.empty(B, T, d, device=meta, dtype=dt)
-            g = torch.empty(B, T, p, device=meta, dtype=dt)
-            c = torch.empty(B, device=meta)
-            prev_w = torch.empty(p, d, device=meta)
-            prev_b = torch.empty(p, device=meta)
-            label = f"{name} B={B} T={T} d={d} p={p}"
-            with recording(out, label):
-                launch_ghost(a, g, True)
-                launch_inst(a, g, True)
-                # the planner's choice (split-K here), and the fused epilogue with and without noise
-                for splits, noise in ((None, 1.0), (1, 1.0), (1, 0.0)):
-                    launch_clipped_sum(
-                        a,
-                        g,
-                        c,
-                        bias=True,
-                        noise_std=noise,
-                        scale=0.5,
-                        seed_w=1 << 40,
-                        seed_b=1 << 41,
-                        prev_w=prev_w,
-                        prev_b=prev_b,
-                        splits=splits,
-                    )
-                if name != "fp32+tf32":  # no dot: the same kernels as fp32
-                    launch_bias_norms(g)
-                    launch_clipped_sum(
-                        None,
-                        g,
-                        c,
-                        bias=True,
-                        noise_std=1.0,
-                        scale=0.5,
-                        seed_w=0,
-                        seed_b=1 << 41,
-                        prev_w=None,
-                        prev_b=prev_b,
-                    )
-    torch.set_float32_matmul_precision("highest")
-    with recording(out, "add_noise fp32"):
-        finish(
-            None,
-            torch.empty(768, 768, device=meta),
-            torch.empty(768, 768, device=meta),
-            noise_std=1.0,
-            scale=0.5,
-            seed=1 << 40,
-        )
+    out = []
+    for i, (name, B, T, d, p) in enumerate(LINEAR):
+        label = f"{name} B={B} T={T} d={d} p={p}"
+
+        def inputs(dt, B=B, T=T, d=d, p=p):
+            return _t(B, T, d, dtype=dt), _t(B, T, p, dtype=dt)
+
+        def ghost(dt, inputs=inputs):
+            launch_ghost(*inputs(dt), True)
+
+        def inst(dt, inputs=inputs):
+            launch_inst(*inputs(dt), True)
+
+        def csum(dt, inputs=inputs, B=B, d=d, p=p):
+            a, g = inputs(dt)
+            prev = dict(prev_w=_t(p, d), prev_b=_t(p))
+            for splits in (4, 1):  # split-K (+ the finish kernel), and the fused epilogue
+                launch_clipped_sum(a, g, _t(B), bias=True, splits=splits, **NOISE, **prev)
+            launch_clipped_sum(a, g, _t(B), bias=True, splits=1, prev_w=None, prev_b=None, **NO_NOISE)
+
+        def bias_norms(dt, inputs=inputs):
+            launch_bias_norms(inputs(dt)[1])
+
+        def bias_sum(dt, inputs=inputs, B=B, p=p):
+            g = inputs(dt)[1]
+            for splits in (4, 1):
+                launch_clipped_sum(None, g, _t(B), bias=True, splits=splits, prev_w=None, prev_b=_t(p), **NOISE)
+
+        main = i == 0
+        out += [
+            Config("linear ghost norms", label, ghost, main, tf32=True),
+            Config("linear inst norms", label, inst, main, tf32=True),
+            Config("linear clipped sum", label, csum, main, tf32=True),
+            Config("bias norms", label, bias_norms, main),
+            Config("bias clipped sum", label, bias_sum, main),
+        ]
+
+    def wide(dt, B=1, T=256, d=8192, p=262144):  # p * d = 2**31: int64 offsets in the epilogue
+        a, g = _t(B, T, d, dtype=dt), _t(B, T, p, dtype=dt)
+        for splits in (4, 1):
+            launch_clipped_sum(a, g, _t(B), bias=False, splits=splits, prev_w=_t(p, d), prev_b=None, **NOISE)
+
+    label = "LM head of 2**31 weights B=1 T=256 d=8192 p=262144 (int64 offsets)"
+    out.append(Config("linear clipped sum", label, wide, tf32=True))
     return out
+
+
+def _add_noise_configs() -> list[Config]:
+    from dpkernels.ops.triton.add_noise import finish
+
+    def noise(shape, prev):
+        def run(dt):  # the add_noise op: finish with no parts, output in the parameter's dtype
+            finish(None, _t(*shape, dtype=dt) if prev else None, _t(*shape, dtype=dt), noise_std=1.0, scale=0.5, seed=3)
+
+        return run
+
+    return [
+        Config("add_noise", "GPT-2 attn proj weight 768x768, prev", noise((768, 768), True), main=True),
+        Config("add_noise", "GPT-2 LM head weight 50257x768", noise((50257, 768), False)),
+        Config("add_noise", "2**31 elements (int64 offsets), prev", noise((1 << 16, 1 << 15), True)),
+    ]
+
+
+def _embedding_configs() -> list[Config]:
+    from dpkernels.ops.triton import embedding as E
+
+    V, D = 50257, 768
+
+    def norms(B, T, method, ids_dtype=torch.int64, pad=None):
+        def run(dt):
+            E.launch_norms(_t(B, T, dtype=ids_dtype), _t(B, T, D, dtype=dt), V, pad, method)
+
+        return run
+
+    def csum(B, T, V, D):
+        def run(dt):
+            ids, g = _t(B, T, dtype=torch.int64), _t(B, T, D, dtype=dt)
+            E.launch_clipped_sum(ids, g, _t(B), V, None, 1.0, 0.5, 1 << 40, _t(V, D))
+            E.launch_clipped_sum(ids, g, _t(B), V, 0, 0.0, 0.5, 0, None)
+
+        return run
+
+    def cross(B, T, pad=None):
+        def run(dt):
+            ids = _t(B, T, dtype=torch.int64)
+            E.launch_cross(ids, _t(B, T, D, dtype=dt), _t(B, T, D, dtype=dt), _t(B, T, V, dtype=dt), pad)
+
+        return run
+
+    wte = f"GPT-2 wte V={V} D={D} B=32"
+    return [
+        Config("embedding norms (gram)", f"{wte} T=64", norms(32, 64, "gram"), main=True),
+        Config("embedding norms (gram)", f"{wte} T=16, padding_idx", norms(32, 16, "gram", pad=0)),
+        Config("embedding norms (scan)", f"{wte} T=256", norms(32, 256, "scan"), main=True),
+        Config(
+            "embedding norms (scan)", f"{wte} T=256, int32 ids, padding_idx", norms(32, 256, "scan", torch.int32, 0)
+        ),
+        Config("embedding clipped sum", f"{wte} T=256", csum(32, 256, V, D), main=True),
+        Config("embedding clipped sum", "V=1048576 D=2048 B=32 T=256 (int64 offsets)", csum(32, 256, 1 << 20, 2048)),
+        Config("embedding cross (tied head)", f"{wte} T=256", cross(32, 256), main=True, tf32=True),
+        Config("embedding cross (tied head)", f"{wte} T=64, padding_idx", cross(32, 64, 0), tf32=True),
+    ]
+
+
+def _affine_configs() -> list[Config]:
+    from dpkernels.ops.triton import affine as A
+
+    def rows(B, T, C, channels_first, dt):
+        if channels_first:  # GroupNorm's (B, C, H*W) seen as (B, T, C): channel stride T
+            return _t(B, C, T, dtype=dt).transpose(1, 2)
+        return _t(B, T, C, dtype=dt)
+
+    def norms(B, T, C, channels_first=False, bias=True):
+        def run(dt):
+            x = rows(B, T, C, channels_first, dt)
+            A.launch_norms(x, x, True, bias)
+
+        return run
+
+    def csum(B, T, C, channels_first=False, bias=True):
+        def run(dt):
+            x = rows(B, T, C, channels_first, dt)
+            prev = dict(prev_w=_t(C), prev_b=_t(C) if bias else None)
+            for splits in (4, 1):  # the row split (+ the finish kernel), and the fused epilogue
+                A.launch_clipped_sum(x, x, _t(B), weight=True, bias=bias, splits=splits, **NOISE, **prev)
+            A.launch_clipped_sum(x, x, _t(B), weight=True, bias=bias, splits=1, prev_w=None, prev_b=None, **NO_NOISE)
+
+        return run
+
+    cases = [
+        ("GPT-2 LayerNorm B=32 T=256 C=768", (32, 256, 768), {}),
+        ("ResNet18 GroupNorm layer1 B=32 C=64 32x32 (channels first)", (32, 1024, 64), dict(channels_first=True)),
+        ("RMSNorm B=32 T=256 C=768 (no bias)", (32, 256, 768), dict(bias=False)),
+    ]
+    out = []
+    for i, (label, shape, kw) in enumerate(cases):
+        out.append(Config("affine norms", label, norms(*shape, **kw), main=i == 0))
+        out.append(Config("affine clipped sum", label, csum(*shape, **kw), main=i == 0))
+    return out
+
+
+def _conv_configs() -> list[Config]:
+    from dpkernels.ops.triton import conv as C
+
+    out = []
+    for i, (name, B, ci, co, S, k, s, p, gr) in enumerate(CONV):
+        n = len(S)
+        So = tuple((v + 2 * p - k) // s + 1 for v in S)
+        label = f"{name} B={B} {ci}->{co}" + (f" groups={gr}" if gr > 1 else "") + f" {'x'.join(map(str, S))}"
+        geo = ([k] * n, [s] * n, [p] * n, [1] * n, gr)
+
+        def inputs(dt, B=B, ci=ci, co=co, S=S, So=So):
+            return _t(B, ci, *S, dtype=dt), _t(B, co, *So, dtype=dt)
+
+        def ghost(dt, inputs=inputs, geo=geo):
+            C.launch_ghost(*inputs(dt), *geo, True)
+
+        def inst(dt, inputs=inputs, geo=geo):
+            C.launch_inst(*inputs(dt), *geo, True)
+
+        def csum(dt, inputs=inputs, B=B, ci=ci, co=co, k=k, s=s, p=p, gr=gr, n=n):
+            x, g = inputs(dt)
+            ws = (co, ci // gr, *[k] * n)
+            kw = dict(weight_shape=ws, stride=s, padding=p, dilation=1, groups=gr, bias=True)
+            prev = dict(prev_w=_t(*ws), prev_b=_t(co))
+            for splits in (4, 1):  # split-K (+ the finish kernel), and the fused epilogue
+                C.launch_clipped_sum(x, g, _t(B), splits=splits, **kw, **NOISE, **prev)
+            C.launch_clipped_sum(x, g, _t(B), splits=1, prev_w=None, prev_b=None, **kw, **NO_NOISE)
+
+        main = i == 0
+        out += [
+            Config("conv ghost norms", label, ghost, main, tf32=True),
+            Config("conv inst norms", label, inst, main, tf32=True),
+            Config("conv clipped sum", label, csum, main, tf32=True),
+        ]
+    return out
+
+
+def registry() -> list[Config]:
+    """Every configuration, grouped by family, the family's main configuration first."""
+    configs = _linear_configs() + _add_noise_configs() + _embedding_configs() + _affine_configs() + _conv_configs()
+    order = list(dict.fromkeys(c.family for c in configs))
+    return sorted(configs, key=lambda c: order.index(c.family))  # stable: each family's own order kept
+
+
+def launches(configs: list[Config], dtypes: list[str] | None) -> list[Launch]:
+    """The distinct launches of ``configs`` in their dtypes (``dtypes`` None: each config's own)."""
+    out: list[Launch] = []
+    for cfg in configs:
+        for name in dtypes if dtypes is not None else cfg.dtypes():
+            if name == "tf32" and not cfg.tf32:
+                continue  # no tl.dot that follows torch's precision: the fp32 kernels
+            prec, dt = PRECISIONS[name]
+            with matmul_precision(prec), recording(out, cfg.family, cfg.workload, name):
+                cfg.run(dt)
+    seen, unique = set(), []
+    for x in out:
+        if _key(x) not in seen:
+            seen.add(_key(x))
+            unique.append(x)
+    return unique
 
 
 def _key(x: Launch):
     const = tuple(sorted((k, str(v)) for k, v in x.constexprs.items()))
-    return (x.kernel.__name__, tuple(x.signature.items()), const, x.num_warps, x.num_stages)
+    attrs = tuple(sorted((k, str(v)) for k, v in x.attrs.items()))
+    return (x.kernel.__name__, tuple(x.signature.items()), const, attrs, x.num_warps, x.num_stages)
+
+
+# ----------------------------------------------------------------------------- expectations
+
+# kernel -> the constexpr that is the row count (M) of its tl.dot's tile; kernels not named have no tl.dot
+DOT_ROWS = {
+    "_ghost_kernel": "BLOCK_T",
+    "_inst_kernel": "BLOCK_P",
+    "_clipped_sum_kernel": "BLOCK_P",
+    "_conv_ghost_kernel": "BLOCK_T",
+    "_conv_inst_kernel": "BLOCK_P",
+    "_conv_clipped_sum_kernel": "BLOCK_P",
+    "_embedding_gram_kernel": "BLOCK_T",
+    "_embedding_scan_kernel": "BLOCK_T",
+    "_embedding_cross_kernel": "BLOCK_S",
+    "_embedding_clipped_sum_kernel": "BLOCK_V",
+}
+
+
+def expected_mma(x: Launch) -> str:
+    """The tensor-core instruction a kernel should compile to: a tl.dot of 16-bit operands, or of float32
+    ones with input_precision "tf32", runs on tensor cores, as wgmma (HGMMA) when its tile has >= 64 rows
+    on a multiple of 4 warps (one warpgroup per 64 rows) and as mma.sync (HMMA) below; IEEE float32 dots
+    (those with no PRECISION constexpr are IEEE: the embedding norms and the one-hot sum) run on FMA units."""
+    rows = DOT_ROWS.get(x.kernel.__name__)
+    if rows is None or x.meta.get("HAS_WEIGHT", True) is False:  # the bias-only clipped sum has no dot
+        return "none"
+    dot = str(x.meta.get("DOT", x.meta.get("ACC")))  # str(tl.bfloat16) == "bf16"
+    tc = dot in ("fp16", "bf16") or (dot == "fp32" and x.meta.get("PRECISION") == "tf32")
+    if not tc:
+        return "none"
+    return "HGMMA" if x.meta[rows] >= 64 and x.num_warps % 4 == 0 else "HMMA"
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+@dataclass
+class Row:
+    family: str
+    kernel: str
+    workload: str
+    config: str  # the launcher's constexprs
+    dtype: str
+    warps: int
+    stages: int
+    regs: int
+    local_bytes: int
+    spill_bytes: int  # ptxas: spill stores + spill loads
+    smem_bytes: int
+    tensor_cores: str  # HGMMA, HMMA, both or none, from the SASS
+    expected_tensor_cores: str
+    compile_s: float
 
 
 def _describe(x: Launch) -> str:
-    shown = ["ACC", "DOT", "PRECISION", "BLOCK_T", "BLOCK_K", "BLOCK_P", "BLOCK_D", "SPLIT", "HAS_WEIGHT", "HAS_NOISE"]
-    parts = [f"{k}={str(x.constexprs[k]).replace('triton.language.', '')}" for k in shown if k in x.constexprs]
-    dts = sorted({t for t in x.signature.values() if t.startswith("*")})
-    return f"{x.label}: {' '.join(parts)} ptrs={','.join(dts)}"
+    """The block sizes, warps-independent shape constexprs and the flags that are set."""
+    parts = []
+    for k, v in x.meta.items():
+        if isinstance(v, bool):
+            if v:
+                parts.append(k)
+        elif isinstance(v, int) or k in ("DOT", "PRECISION") or (k == "ACC" and str(v) == "fp64"):
+            parts.append(f"{k}={v}")
+    return " ".join(parts)
 
 
 def compile_one(x: Launch, workdir: Path) -> Row:
@@ -227,8 +509,11 @@ def compile_one(x: Launch, workdir: Path) -> Row:
     regs, stack, shared, local = (int(v) for v in m.groups())
     mma = [k for k in ("HGMMA", "HMMA") if re.search(rf"\b{k}\b", sass)]
     return Row(
+        family=x.family,
         kernel=x.kernel.__name__,
+        workload=x.workload,
         config=_describe(x),
+        dtype=x.dtype,
         warps=x.num_warps,
         stages=x.num_stages,
         regs=regs,
@@ -236,42 +521,171 @@ def compile_one(x: Launch, workdir: Path) -> Row:
         spill_bytes=spill,
         smem_bytes=shared + int(ck.metadata.shared),
         tensor_cores="/".join(mma) or "none",
+        expected_tensor_cores=expected_mma(x),
         compile_s=round(dt, 2),
     )
 
 
-def markdown(rows: list[Row]) -> str:
-    head = "| kernel | configuration | warps | stages | regs | local B | spill B | smem B | tensor cores |"
-    lines = [head, "|" + "---|" * 9]
+def problems(rows: list[dict], smem_limit: int = H100_SMEM) -> list[str]:
+    """What is wrong with compiled kernels: spills, registers or shared memory past sm_90's limits, or
+    tensor-core use other than expected."""
+    out = []
     for r in rows:
+        where = f"{r['kernel']} [{r['family']}: {r['workload']}, {r['dtype']}, {r['config']}]"
+        if r["spill_bytes"]:
+            out.append(f"{where} spills {r['spill_bytes']} bytes")
+        if r["regs"] > MAX_REGS:
+            out.append(f"{where} uses {r['regs']} registers a thread (> {MAX_REGS})")
+        if r["smem_bytes"] > smem_limit:
+            out.append(f"{where} needs {r['smem_bytes']} B of shared memory (> {smem_limit} B a block)")
+        if r["tensor_cores"] != r["expected_tensor_cores"]:
+            out.append(f"{where} compiles to tensor cores {r['tensor_cores']}, expected {r['expected_tensor_cores']}")
+    return out
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = ["family", "kernel", "configuration", "dtype", "warps", "stages", "regs", "spill B", "smem B", "local B"]
+    lines = ["| " + " | ".join([*cols, "tensor cores"]) + " |", "|" + "---|" * (len(cols) + 1)]
+    for r in rows:
+        tc = r["tensor_cores"]
+        if tc != r["expected_tensor_cores"]:
+            tc += f" (expected {r['expected_tensor_cores']})"
         lines.append(
-            f"| {r.kernel} | {r.config} | {r.warps} | {r.stages} | {r.regs} | {r.local_bytes} | "
-            f"{r.spill_bytes} | {r.smem_bytes} | {r.tensor_cores} |"
+            f"| {r['family']} | {r['kernel']} | {r['workload']}: {r['config']} | {r['dtype']} | {r['warps']} | "
+            f"{r['stages']} | {r['regs']} | {r['spill_bytes']} | {r['smem_bytes']} | {r['local_bytes']} | {tc} |"
         )
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """One line a family: the workloads its rows are listed under (a specialisation is listed once), its
+    dtypes, kernels, and the worst of each measure."""
+    cols = ["family", "workloads listed", "dtypes", "kernels compiled", "max regs", "max smem B", "spilling"]
+    lines = ["| " + " | ".join([*cols, "tensor cores"]) + " |", "|" + "---|" * (len(cols) + 1)]
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        rs = [r for r in rows if r["family"] == fam]
+        dts = [d for d in PRECISIONS if any(r["dtype"] == d for r in rs)]
+        tcs = sorted({r["tensor_cores"] for r in rs})
+        lines.append(
+            f"| {fam} | {len({r['workload'] for r in rs})} | {', '.join(dts)} | {len(rs)} | "
+            f"{max(r['regs'] for r in rs)} | {max(r['smem_bytes'] for r in rs)} | "
+            f"{sum(r['spill_bytes'] > 0 for r in rs)} | {', '.join(tcs)} |"
+        )
+    return "\n".join(lines)
+
+
+def sources_digest() -> str:
+    """A short sha256 of the Triton backend's sources: which code a saved report describes."""
+    h = hashlib.sha256()
+    for f in sorted(Path(_common.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _ptxas_version() -> str:
+    out = subprocess.run([BIN / "ptxas", "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\S+?),", out)
+    return m.group(1) if m else "unknown"
+
+
+def report(rows: list[dict], issues: list[str], command: str, seconds: float, sources: str) -> str:
+    n_tc = sum(r["tensor_cores"] != "none" for r in rows)
+    result = f"**{len(issues)} problems** (listed below the summary)" if issues else "every kernel within the limits"
+    lines = [
+        "# Ahead-of-time sm_90 (H100) compile report of the Triton kernels",
+        "",
+        "**A compile-time report: no kernel was run and no GPU was used.** The Triton host launchers of",
+        "`dpkernels/ops/triton/` ran on meta tensors for the configurations of `bench/aot_compile.py`'s registry",
+        "(GPT-2 small's Linear, LayerNorm and embedding layers, ResNet18's convs at 32x32, and a few more), and",
+        "every kernel they launch was compiled by `triton.compile` for `GPUTarget('cuda', 90, 32)`. Registers and",
+        "shared memory are the cubin's (cuobjdump), spills what ptxas reports, tensor cores what the SASS holds.",
+        "Run times, occupancy on a real H100 and numerical results are not measured here.",
+        "",
+        f"- command: `{command}`",
+        f"- versions: triton {triton.__version__}, torch {torch.__version__}, ptxas {_ptxas_version()} (triton's own)",
+        f"- sources: `{sources}`, the first 12 hex digits of `sources_digest()` (sha256 of dpkernels/ops/triton/*.py)",
+        f"- {len(rows)} distinct kernel specialisations, compiled in {seconds:.0f} s on a CPU; a specialisation that",
+        "  several configurations launch is compiled once and listed under the first of them",
+        f"- checked: no spills; <= {MAX_REGS} registers a thread; shared memory <= {H100_SMEM} B (227 KiB, an H100",
+        "  block's maximum); tensor cores as expected: 16-bit and TF32 dots on wgmma (HGMMA) for tiles of >= 64",
+        "  rows and mma.sync (HMMA) below, IEEE float32 dots and kernels without tl.dot on none",
+        f"- result: {result}; {n_tc} kernels on tensor cores; at most "
+        f"{max((r['regs'] for r in rows), default=0)} registers a thread and "
+        f"{max((r['smem_bytes'] for r in rows), default=0)} B of shared memory",
+        "- dtype: the layer inputs' dtype (accumulation is float32); tf32: float32 inputs under",
+        "  `torch.set_float32_matmul_precision('high')`, listed for the kernels whose tl.dot follows it",
+        "- local B: local memory without spills is libdevice's sinf/cosf slow-path array in the Box-Muller of",
+        "  tl.randn (the noise epilogues), never reached for its arguments in [0, 2 pi)",
+        "",
+    ]
+    if issues:
+        lines += [f"- problem: {p}" for p in issues] + [""]
+    return "\n".join([*lines, "## By family", "", summary(rows), "", "## Every kernel", "", markdown(rows), ""])
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    ap.add_argument("--quick", action="store_true", help="one shape per op and dtype")
-    ap.add_argument("--dtypes", default=",".join(DEFAULT), help=f"a comma list of {list(PRECISIONS)}")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.aot_compile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="the main configuration of each family, in bf16")
+    ap.add_argument("--dtypes", help=f"a comma list of {list(PRECISIONS)} (default: bf16 with --quick, else all)")
+    ap.add_argument("--only", help="only the families whose name contains this")
+    ap.add_argument("--out", type=Path, help="also write the markdown report here")
+    ap.add_argument("--json", type=Path, help="also write the rows (and the registry's families) as JSON here")
+    ap.add_argument("--smem-limit", type=int, default=H100_SMEM, help="bytes of shared memory a block may have")
+    ap.add_argument("--recheck", type=Path, help="check the rows of a --json file again; compile nothing")
     args = ap.parse_args(argv)
-    names = args.dtypes.split(",")
-    if unknown := set(names) - set(PRECISIONS):
+
+    if args.recheck:
+        issues = problems(json.loads(args.recheck.read_text())["rows"], args.smem_limit)
+        print("\n".join(issues) or "no problems", file=sys.stderr if issues else sys.stdout)
+        return 1 if issues else 0
+
+    dtypes = args.dtypes.split(",") if args.dtypes else (["bf16"] if args.quick else None)
+    if dtypes and (unknown := set(dtypes) - set(PRECISIONS)):
         ap.error(f"unknown --dtypes {sorted(unknown)}; choose from {list(PRECISIONS)}")
-    launches, seen = [], set()
-    for x in configurations(args.quick, names):
-        if _key(x) not in seen:
-            seen.add(_key(x))
-            launches.append(x)
+    configs = [c for c in registry() if (c.main or not args.quick) and (args.only or "") in c.family]
+    if not configs:
+        ap.error(f"no family matches --only {args.only!r}")
+    t0 = time.perf_counter()
+    sources = sources_digest()  # before the launchers run: the code they compile
+    todo = launches(configs, dtypes)
+    rows, issues = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [compile_one(x, Path(tmp)) for x in launches]
-    print(f"Triton {triton.__version__}, target sm_{TARGET.arch} (no GPU needed), {len(rows)} kernels\n")
-    print(markdown(rows))
+        for i, x in enumerate(todo):
+            print(f"[{i + 1}/{len(todo)}] {x.kernel.__name__} {x.family}: {x.workload} {x.dtype}", file=sys.stderr)
+            try:
+                rows.append(asdict(compile_one(x, Path(tmp))))
+            except Exception as e:  # a kernel that does not compile is a finding: report it, go on
+                root: BaseException = e
+                while root.__cause__ is not None or root.__context__ is not None:  # triton chains the cause
+                    root = root.__cause__ or root.__context__  # type: ignore[assignment]
+                at = str(e).split("\n", 1)[0]  # "at line:col:" of the kernel's source
+                why = f"{at} {type(root).__name__}: {str(root).strip()}"
+                where = f"{x.kernel.__name__} [{x.family}: {x.workload}, {x.dtype}, {_describe(x)}]"
+                issues.append(f"{where} does not compile for sm_90: {why}")
+    seconds = time.perf_counter() - t0
+    issues += problems(rows, args.smem_limit)
+    uncovered = set() if args.only else all_kernels() - {x.kernel.__name__ for x in todo}
+    issues += [f"{k} is not compiled by any configuration; add one to bench/aot_compile.py" for k in sorted(uncovered)]
+    command = "python -m bench.aot_compile" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
+    text = report(rows, issues, command, seconds, sources)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    return 0
+        families = sorted({c.family for c in configs})
+        payload = dict(triton=triton.__version__, torch=torch.__version__, families=families, rows=rows)
+        payload["kernels"] = sorted(all_kernels())
+        payload["sources"] = sources
+        payload["problems"] = issues
+        args.json.write_text(json.dumps(payload, indent=1))
+    for p in issues:
+        print(f"aot_compile: {p}", file=sys.stderr)
+    return 1 if issues else 0
 
 
 if __name__ == "__main__":

@@ -10,12 +10,7 @@ kernels' blocks: T = 81 > 64 gives two Gram tiles (the off-diagonal pair counted
 from __future__ import annotations
 
 import importlib
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -361,65 +356,3 @@ def test_make_private_step_matches_reference():
     assert all(g.abs().sum() > 0 for g in g_ref)  # a real step, not all-zero gradients
     for a, b in zip(g_tri + p_tri, g_ref + p_ref):
         torch.testing.assert_close(a, b, **FP64)
-
-
-# ----------------------------------------------------------------------------- ahead of time, sm_90
-
-_AOT = """
-import json, sys, tempfile
-from pathlib import Path
-import bench.aot_compile as A  # unsets TRITON_INTERPRET before triton is imported
-import torch
-from dpkernels.ops.triton import conv as tc
-
-meta, out = torch.device("meta"), []
-shapes = [  # (C_in, C_out, spatial, kernel, stride, padding, groups): ResNet 3x3, a long conv1d, a 3-d conv
-    (64, 64, (56, 56), 3, 1, 1, 1), (128, 256, (1000,), 5, 1, 2, 1), (16, 32, (16, 16, 16), 3, 1, 1, 1)]
-for name in ("bf16", "fp32", "fp32+tf32"):
-    prec, dt = A.PRECISIONS[name]
-    torch.set_float32_matmul_precision(prec)
-    for ci, co, S, k, s, p, gr in shapes:
-        n = len(S)
-        x = torch.empty(8, ci, *S, device=meta, dtype=dt)
-        g = torch.empty(8, co, *[(v + 2 * p - k) // s + 1 for v in S], device=meta, dtype=dt)
-        ws = (co, ci // gr, *[k] * n)
-        geo = dict(stride=s, padding=p, dilation=1, groups=gr)
-        with A.recording(out, f"{name} conv{n}d"):
-            tc.launch_ghost(x, g, [k] * n, [s] * n, [p] * n, [1] * n, gr, True)
-            tc.launch_inst(x, g, [k] * n, [s] * n, [p] * n, [1] * n, gr, True)
-            for splits, noise in ((None, 1.0), (1, 1.0), (1, 0.0)):
-                tc.launch_clipped_sum(
-                    x, g, torch.empty(8, device=meta), weight_shape=ws, bias=True, noise_std=noise, scale=0.5,
-                    seed_w=1, seed_b=2, prev_w=torch.empty(ws, device=meta), prev_b=torch.empty(co, device=meta),
-                    splits=splits, **geo)
-seen, rows = set(), []
-with tempfile.TemporaryDirectory() as tmp:
-    for x in out:
-        if A._key(x) not in seen:
-            seen.add(A._key(x))
-            rows.append(A.asdict(A.compile_one(x, Path(tmp))))
-Path(sys.argv[1]).write_text(json.dumps(rows))
-"""
-
-
-@pytest.mark.slow
-def test_aot_sm90_no_spills_and_tensor_cores(tmp_path):
-    """The conv kernels compile for sm_90 with no GPU (bench/aot_compile.py's recorder and compiler, in
-    a process without TRITON_INTERPRET): no register spills, shared memory within an H100's 227 KiB per
-    block, and tensor cores in every bf16 and TF32 matmul kernel (wgmma, or mma.sync for tiles of fewer
-    than 64 rows). IEEE float32 runs its dots on FMA units by design. ~3 minutes on two cores."""
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "aot.json"
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT, str(out)], env=env, cwd=root, capture_output=True, text=True, timeout=1800
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(out.read_text())
-    assert {r["kernel"] for r in rows} >= {"_conv_ghost_kernel", "_conv_inst_kernel", "_conv_clipped_sum_kernel"}
-    for r in rows:
-        where = f"{r['kernel']} [{r['config']}]"
-        assert r["spill_bytes"] == 0, f"{where} spills {r['spill_bytes']} bytes"
-        assert r["smem_bytes"] <= 227 * 1024, where
-        if r["kernel"].startswith("_conv") and r["config"].split()[0] in ("bf16", "fp32+tf32"):
-            assert r["tensor_cores"] != "none", f"{where} does not use tensor cores"

@@ -1,4 +1,5 @@
-"""What every Triton op shares: the op namespace, input checks, block sizes and the one launch point.
+"""What every Triton op shares: the op namespace and registration, input checks, launch configurations,
+the one launch point, and the device function that loads clipped gradient rows.
 
 Every kernel is launched through `launch`, so that ``bench/aot_compile.py`` can record
 exactly what a launcher would run (kernel, argument types, constexprs, warps, stages)
@@ -7,10 +8,12 @@ by replacing it, and compile that ahead of time for sm_90 with no GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 from ..reference._common import acc_dtype  # noqa: F401  (re-exported: the ops accumulate as the reference)
@@ -18,6 +21,48 @@ from ..reference._common import acc_dtype  # noqa: F401  (re-exported: the ops a
 NS = "dpkernels"  # the one torch.library namespace of every dpkernels op
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SEED_MASK = (1 << 63) - 1  # seeds are 63-bit, as in the reference's `gaussian`
+
+# ----------------------------------------------------------------------------- ops
+
+
+def register_op(name: str, fake: Callable) -> Callable:
+    """A decorator: register a function as the `torch.library.custom_op` ``dpkernels::triton_<name>``,
+    its annotations the schema, with ``fake`` as its fake impl. Applied to a launcher whose signature is
+    the op's, or to a wrapper that drops a launcher's test-only arguments. The prefix keeps the csrc
+    backend free to register its own ops in the namespace."""
+
+    def register(fn: Callable):
+        op = torch.library.custom_op(f"{NS}::triton_{name}", mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+
+    return register
+
+
+def output(like: Tensor, shape: tuple[int, ...], dtype: torch.dtype, wanted: bool = True) -> Tensor:
+    """An uninitialised tensor on ``like``'s device, or (0,) for an output not asked for (a custom op
+    returns a tensor always). For the launchers and the fake impls alike."""
+    return like.new_empty(shape if wanted else (0,), dtype=dtype)
+
+
+def per_sample(parts: Tensor) -> Tensor:
+    """(B, n) partial sums, one per program, summed per sample in a fixed order: deterministic, no
+    atomics. An output not asked for, (0,), stays as it is."""
+    return parts.sum(1) if parts.dim() == 2 else parts
+
+
+def epilogue_args(noise_std: float, scale: float, *seeds: int) -> tuple:
+    """The epilogue's runtime arguments in the kernels' (and the ops' schemas') order: noise_std, scale,
+    then one 63-bit seed per output."""
+    return (float(noise_std), float(scale), *(int(s) & SEED_MASK for s in seeds))
+
+
+def given_or(t: Tensor | None, stand_in: Tensor) -> Tensor:
+    """``t`` made contiguous, or ``stand_in`` for an absent tensor (its HAS_* constexpr False: never read)."""
+    return t.contiguous() if t is not None else stand_in
+
+
+# ----------------------------------------------------------------------------- launch
 
 
 def interpreting(kernel: Any) -> bool:
@@ -40,49 +85,9 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, num_warps: int = 4, n
     kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **meta)
 
 
-def common_input(op: str, *tensors: Tensor) -> torch.dtype:
-    """The one floating dtype the dot operands are cast to (tl.dot needs equal operand types)."""
-    for t in tensors:
-        if t.dtype not in FLOATS:
-            raise TypeError(f"{op}: inputs must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    dt = tensors[0].dtype
-    for t in tensors[1:]:
-        dt = torch.promote_types(dt, t.dtype)
-    return dt
-
-
-def check_rows(op: str, a: Tensor | None, g: Tensor, c: Tensor | None = None) -> None:
-    """a: (B, T, d), g: (B, T, p), c: (B,), all on one device; errors say which argument is wrong."""
-    if g.dim() != 3:
-        raise ValueError(f"{op}: g must be (B, T, p), got shape {tuple(g.shape)}; reshape with batch_rows first")
-    if a is not None:
-        if a.dim() != 3 or a.shape[:2] != g.shape[:2]:
-            raise ValueError(
-                f"{op}: a must be (B, T, d) with the (B, T) of g {tuple(g.shape[:2])}, got shape {tuple(a.shape)}"
-            )
-        if a.device != g.device:
-            raise ValueError(f"{op}: a is on {a.device} but g on {g.device}; move both to one device")
-    if c is not None:
-        if c.shape != (g.shape[0],):
-            raise ValueError(
-                f"{op}: c must hold one clip factor per sample, shape ({g.shape[0]},), got {tuple(c.shape)}"
-            )
-        if c.device != g.device:
-            raise ValueError(f"{op}: c is on {c.device} but g on {g.device}; move both to one device")
-
-
-def check_prev(op: str, name: str, prev: Tensor | None, shape: tuple[int, ...], device: torch.device) -> None:
-    if prev is None:
-        return
-    if tuple(prev.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have the output's shape {tuple(shape)}, got {tuple(prev.shape)}")
-    if prev.device != device:
-        raise ValueError(f"{op}: {name} is on {prev.device} but the inputs on {device}; move it to their device")
-
-
-def block(n: int, lo: int, hi: int) -> int:
-    """The power of two covering ``n``, clamped to [lo, hi] (tl.dot needs every dimension >= 16)."""
-    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+def acc_tl(dtype: torch.dtype):
+    """The kernels' ACC constexpr for an accumulation dtype (acc_dtype): float64 or float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -99,8 +104,6 @@ def dot_operand(kernel: Any, dtype: torch.dtype):
     whose tl.dot multiplies bf16 bit patterns as integers (triton 3.8 keeps bf16 as uint16 in numpy).
     There float32 stands in: a product of two bf16 values is exact in fp32, so an fp32-accumulated
     dot gives the tensor-core result up to summation order."""
-    import triton.language as tl
-
     if dtype == torch.bfloat16 and interpreting(kernel):
         return tl.float32
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}.get(dtype, tl.float64)
@@ -111,6 +114,127 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def block(n: int, lo: int, hi: int) -> int:
+    """The power of two covering ``n``, clamped to [lo, hi] (tl.dot needs every dimension >= 16)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def k_block(dtype: torch.dtype) -> int:
+    """A matmul's reduction chunk: 64 for 16-bit, 32 for 4-byte, 16 for 8-byte inputs, so that three
+    staged operand tiles fit shared memory and float64 tiles fit registers (AOT report)."""
+    return {2: 64, 4: 32}.get(dtype.itemsize, 16)
+
+
+def gram_tile_config(T: int, k: int, block_k: int) -> dict:
+    """64x64 Gram tiles (T x T) over a reduction of length ``k`` in chunks of up to ``block_k``: two
+    float32 accumulators of 64x64 on 4 warps take 64 registers a thread together, leaving room for the
+    staged operands."""
+    return dict(BLOCK_T=block(T, 16, 64), BLOCK_K=block(k, 16, block_k), num_warps=4, num_stages=3)
+
+
+def matmul_config(p: int, d: int, bk: int, *, k_name: str = "BLOCK_K", max_p: int = 128, gathered: bool = False):
+    """(p, d) output tiles up to max_p x 128, shrunk to small layers, over K chunks of ``bk`` (the
+    constexpr ``k_name``). 8 warps for a 128x128 accumulator, as for a plain matmul of that shape, or
+    for a gathered (implicit-GEMM) operand tile of >= 16x128 elements, which holds an address and a
+    mask per element; 4 otherwise."""
+    bp, bd = block(p, 16, max_p), block(d, 16, 128)
+    wide = bp * bd >= 128 * 128 or (gathered and bk * bd >= 16 * 128)
+    return {"BLOCK_P": bp, "BLOCK_D": bd, k_name: bk, "num_warps": 8 if wide else 4, "num_stages": 3}
+
+
+def ghost_pairs(op: str, T: int, block_t: int) -> tuple[int, int]:
+    """(T-tiles, pairs of T-tiles I <= J): the ghost kernels' programs per sample."""
+    n_tiles = triton.cdiv(T, block_t)
+    if n_tiles >= 23170:  # the kernels' pair index arithmetic is int32: (2 n_tiles + 1)^2 must fit
+        raise ValueError(f"{op}: T = {T} positions are too many for the ghost kernel; use method='inst'")
+    return n_tiles, n_tiles * (n_tiles + 1) // 2
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def common_input(op: str, *tensors: Tensor) -> torch.dtype:
+    """The one floating dtype the dot operands are cast to (tl.dot needs equal operand types)."""
+    for t in tensors:
+        if t.dtype not in FLOATS:
+            raise TypeError(f"{op}: inputs must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def cast_inputs(op: str, *tensors: Tensor) -> tuple[list[Tensor], torch.dtype]:
+    """The tensors in their common_input dtype, and the accumulation dtype (acc_dtype)."""
+    in_dt = common_input(op, *tensors)
+    return [t.to(in_dt) for t in tensors], acc_dtype(*tensors)
+
+
+def check_device(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} on {ref.device}; move both to one device")
+
+
+def check_clip(op: str, c: Tensor, ref: Tensor, ref_name: str = "g") -> None:
+    """c: (B,), one clip factor per sample of ``ref`` (B, ...), on its device."""
+    if c.shape != (ref.shape[0],):
+        raise ValueError(f"{op}: c must hold one clip factor per sample, shape ({ref.shape[0]},), got {tuple(c.shape)}")
+    check_device(op, "c", c, ref_name, ref)
+
+
+def check_rows(op: str, a: Tensor | None, g: Tensor, c: Tensor | None = None) -> None:
+    """a: (B, T, d), g: (B, T, p), c: (B,), all on one device; errors say which argument is wrong."""
+    if g.dim() != 3:
+        raise ValueError(f"{op}: g must be (B, T, p), got shape {tuple(g.shape)}; reshape with batch_rows first")
+    if a is not None:
+        if a.dim() != 3 or a.shape[:2] != g.shape[:2]:
+            raise ValueError(
+                f"{op}: a must be (B, T, d) with the (B, T) of g {tuple(g.shape[:2])}, got shape {tuple(a.shape)}"
+            )
+        check_device(op, "a", a, "g", g)
+    if c is not None:
+        check_clip(op, c, g)
+
+
+def check_prev(op: str, name: str, prev: Tensor | None, shape: tuple[int, ...], device: torch.device) -> None:
+    if prev is None:
+        return
+    if tuple(prev.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have the output's shape {tuple(shape)}, got {tuple(prev.shape)}")
+    if prev.device != device:
+        raise ValueError(f"{op}: {name} is on {prev.device} but the inputs on {device}; move it to their device")
+
+
+# ----------------------------------------------------------------------------- device functions
+
+
+@triton.jit
+def clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, cols, mask_c, s_gc, ACC: tl.constexpr):
+    """Rows (i, t) = divmod(rows, T) of g at columns ``cols``, each scaled by its sample's clip factor c_i
+    in ACC as it loads (no pass over g to scale it: DESIGN.md speed lever 1). Returns the (rows, cols)
+    tile c_i g_it and the rows' samples and positions."""
+    sample = rows // T
+    t = rows - sample * T
+    c = tl.load(c_ptr + sample, mask=mask_k, other=0.0).to(ACC)
+    g_rows = sample.to(tl.int64) * s_gb + t.to(tl.int64) * s_gt
+    g = tl.load(g_ptr + g_rows[:, None] + cols[None, :] * s_gc, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+    return g.to(ACC) * c[:, None], sample, t
+
+
+@triton.jit
+def tile_ranges(tile, n_tiles_c, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tile ``tile`` of a row-major grid of (BLOCK_R x BLOCK_C) tiles, ``n_tiles_c`` a row, over an (R, C)
+    matrix: its row indices and their mask, its column indices and their mask, and its column-tile index."""
+    tile_r = tile // n_tiles_c
+    tile_c = tile - tile_r * n_tiles_c
+    rows = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    return rows, rows < R, cols, cols < C, tile_c
 
 
 TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}

@@ -1,4 +1,4 @@
-"""The noise epilogue every clipped sum shares, and `add_noise` (the epilogue alone).
+"""The epilogue every clipped sum shares, its split-K finish, and `add_noise` (the epilogue alone).
 
     out = scale * (prev + sum_s part_s + noise_std * z),   z_j = randn(seed, j)
 
@@ -8,20 +8,27 @@ Box-Muller on two of the four output words). It is a function of (seed, shape) o
 whichever kernel writes it (the fused epilogue of a clipped sum, its split-K finish, or
 `add_noise`); it is NOT the reference's torch.Generator stream, so tests compare it by
 its statistics, not elementwise.
+
+A clipped sum reduces K = B*T rows into each output tile. When its tiles cannot fill the GPU the rows
+are split over programs (`RowSplit`): each writes its raw partial sum to a workspace, and the finish
+kernel sums the parts in a fixed order before the same epilogue, so results are deterministic either way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import NS, SEED_MASK, check_prev, launch
+from ._common import FLOATS, acc_tl, check_prev, epilogue_args, given_or, launch, num_sms, output, register_op
 
 WIDE_OFFSETS = 1 << 31  # outputs this large need int64 offsets (int32 ones would wrap and repeat the noise)
+
+# ----------------------------------------------------------------------------- device functions
 
 
 @triton.jit
@@ -44,6 +51,92 @@ def _epilogue(
         z = tl.randn(seed, offs.to(tl.int64)) if WIDE else tl.randn(seed, offs.to(tl.int32))
         x += z.to(x.dtype) * noise_std
     return x * scale
+
+
+@triton.jit
+def _tile_offsets(rows, cols, n_cols, WIDE: tl.constexpr):
+    """Flat offsets of the tile (rows x cols) of a row-major (*, n_cols) output; int64 when WIDE."""
+    if WIDE:
+        rows = rows.to(tl.int64)
+    return rows[:, None] * n_cols + cols[None, :]
+
+
+@triton.jit
+def _store_vector(
+    out_ptr,
+    x,
+    offs,
+    mask,
+    owner,  # whether this program writes the vector (one column of programs of a matmul does)
+    split,
+    n,
+    prev_ptr,
+    noise_std,
+    scale,
+    seed,
+    HAS_PREV: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """A program's slice x of an (n,) output: its raw part to row ``split`` of the (S, n) workspace, or
+    through the epilogue to the output."""
+    if SPLIT:
+        tl.store(out_ptr + split * n + offs, x, mask=mask & owner)
+    elif owner:
+        x = _epilogue(x, offs, mask, prev_ptr, noise_std, scale, seed, HAS_PREV, HAS_NOISE, False)
+        tl.store(out_ptr + offs, x, mask=mask)
+
+
+@triton.jit
+def _store_tile(
+    out_ptr,
+    acc,
+    row0,  # output row of the tile's local row q = 0 (a conv group's first channel; 0 for a Linear)
+    q0,  # the tile's first local row: it holds local rows q0 + r, those < n_q existing
+    n_q,
+    n_rows,  # rows of the output (the workspace holds S of them)
+    cols,
+    mask_c,
+    n_cols,
+    split,
+    prev_ptr,
+    noise_std,
+    scale,
+    seed,
+    HAS_PREV: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    EPI_ROWS: tl.constexpr,  # rows of the tile per slice of the noise epilogue
+):
+    """A program's (BLOCK_R, cols) accumulator of an (n_rows, n_cols) output: its raw part to the
+    ``split``-th workspace, or through the epilogue to the output."""
+    q = q0 + tl.arange(0, BLOCK_R)
+    offs = _tile_offsets(row0 + q, cols, n_cols, WIDE)
+    mask = (q < n_q)[:, None] & mask_c[None, :]
+    if SPLIT:
+        tl.store(out_ptr + split.to(tl.int64) * n_rows * n_cols + offs, acc, mask=mask)
+    elif HAS_NOISE:
+        # Philox over a whole 128x128 accumulator at once needs more registers than a thread
+        # has (ptxas for sm_90: 255 registers and ~900 B of spills). So the raw tile goes out
+        # and the epilogue runs over it in EPI_ROWS-row slices, re-read from L1/L2 where this
+        # program just wrote it (bar.sync makes the writes visible across its threads).
+        tl.store(out_ptr + offs, acc, mask=mask)
+        tl.debug_barrier()
+        for r0 in range(0, BLOCK_R, EPI_ROWS):  # new names: a loop variable may not change shape
+            qs = q0 + r0 + tl.arange(0, EPI_ROWS)
+            so = _tile_offsets(row0 + qs, cols, n_cols, WIDE)
+            sm = (qs < n_q)[:, None] & mask_c[None, :]
+            x = tl.load(out_ptr + so, mask=sm, other=0.0)
+            x = _epilogue(x, so, sm, prev_ptr, noise_std, scale, seed, HAS_PREV, True, WIDE)
+            tl.store(out_ptr + so, x, mask=sm)
+    else:
+        acc = _epilogue(acc, offs, mask, prev_ptr, noise_std, scale, seed, HAS_PREV, False, WIDE)
+        tl.store(out_ptr + offs, acc, mask=mask)
+
+
+# ----------------------------------------------------------------------------- finish
 
 
 @triton.jit
@@ -86,22 +179,18 @@ def finish(
     n = out.numel()
     if n == 0:
         return out
-    acc = tl.float64 if out.dtype == torch.float64 else tl.float32
-    dummy = out  # stands for an absent pointer; never read (HAS_PREV False, n_parts 0)
     launch(
         _finish_kernel,
         (triton.cdiv(n, _FINISH_BLOCK),),
-        parts if parts is not None else dummy,
-        prev.contiguous() if prev is not None else dummy,
+        given_or(parts, out),  # out stands for absent parts and prev: never read (n_parts 0, HAS_PREV False)
+        given_or(prev, out),
         out,
         n,
         0 if parts is None else parts.shape[0],
-        float(noise_std),
-        float(scale),
-        int(seed) & SEED_MASK,
+        *epilogue_args(noise_std, scale, seed),
         num_warps=4,
         num_stages=1,
-        ACC=acc,
+        ACC=acc_tl(out.dtype),
         BLOCK=_FINISH_BLOCK,
         HAS_PREV=prev is not None,
         HAS_NOISE=noise_std != 0.0,
@@ -110,7 +199,49 @@ def finish(
     return out
 
 
-@torch.library.custom_op(f"{NS}::triton_add_noise", mutates_args=())
+@dataclass(frozen=True)
+class RowSplit:
+    """A clipped sum's reduction over K rows split over ``n`` programs of ``k_per`` rows each."""
+
+    n: int
+    k_per: int  # a multiple of the kernel's row block
+
+    @staticmethod
+    def plan(tiles: int, K: int, block_k: int, device: torch.device, splits: int | None = None) -> RowSplit:
+        """Split only when the ``tiles`` output tiles cannot fill the GPU (two waves of programs), and
+        never below 8 row blocks per split, where the workspace pass and the finish kernel would cost
+        more than the parallelism gains. ``splits`` forces the factor (tests cover both paths with it)."""
+        k_tiles = triton.cdiv(max(K, 1), block_k)
+        if splits is None:
+            want = triton.cdiv(2 * num_sms(device), max(1, tiles))
+            s = max(1, min(want, triton.cdiv(K, block_k) // 8, 64))
+        else:
+            s = max(1, min(splits, k_tiles))
+        k_per = triton.cdiv(k_tiles, s) * block_k
+        return RowSplit(triton.cdiv(max(K, 1), k_per), k_per)
+
+    @property
+    def split(self) -> bool:
+        return self.n > 1
+
+    def target(self, out: Tensor, wanted: bool = True) -> Tensor:
+        """What the kernel writes for ``out``: ``out`` itself, or when split an (n, *out.shape) workspace."""
+        return output(out, (self.n, *out.shape), out.dtype) if self.split and wanted else out
+
+    def finish(self, target: Tensor, prev: Tensor | None, out: Tensor, *, noise_std: float, scale: float, seed: int):
+        """The epilogue over a workspace the kernel wrote (it wrote ``out`` itself otherwise)."""
+        if target is not out:
+            finish(target, prev, out, noise_std=noise_std, scale=scale, seed=seed)
+
+
+# ----------------------------------------------------------------------------- add_noise
+
+
+def _add_noise_fake(prev, shape, noise_std, scale, seed, device, dtype):
+    return torch.empty(tuple(shape), device=device, dtype=dtype)
+
+
+@register_op("add_noise", _add_noise_fake)
 def _add_noise_op(
     prev: Tensor | None,
     shape: Sequence[int],
@@ -124,20 +255,8 @@ def _add_noise_op(
     return finish(None, prev, out, noise_std=noise_std, scale=scale, seed=seed)
 
 
-@_add_noise_op.register_fake
-def _(prev, shape, noise_std, scale, seed, device, dtype):
-    return torch.empty(tuple(shape), device=device, dtype=dtype)
-
-
 def add_noise(
-    prev: Tensor | None,
-    shape,
-    *,
-    noise_std: float,
-    scale: float,
-    seed: int,
-    device,
-    dtype: torch.dtype = torch.float32,
+    prev: Tensor | None, shape, *, noise_std: float, scale: float, seed: int, device, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """scale * (prev + noise_std * z): the update of a parameter no sample touched this step.
 
@@ -145,7 +264,7 @@ def add_noise(
     """
     shape = tuple(int(s) for s in shape)
     device = torch.device(device)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if dtype not in FLOATS:
         raise TypeError(f"add_noise: dtype must be a floating type, got {dtype}")
     check_prev("add_noise", "prev", prev, shape, device)
-    return _add_noise_op(prev, list(shape), float(noise_std), float(scale), int(seed) & SEED_MASK, device, dtype)
+    return _add_noise_op(prev, list(shape), *epilogue_args(noise_std, scale, seed), device, dtype)

@@ -47,18 +47,30 @@ from torch import Tensor
 
 from ..reference import conv as ref_conv
 from ._common import (
-    NS,
-    SEED_MASK,
     acc_dtype,
+    acc_tl,
     block,
+    cast_inputs,
+    check_clip,
+    check_device,
     check_prev,
+    clipped_rows,
     common_input,
     dot_operand,
     dot_precision,
+    epilogue_args,
+    ghost_pairs,
+    given_or,
+    gram_tile_config,
     launch,
+    matmul_config,
+    output,
+    per_sample,
+    register_op,
+    tile_ranges,
 )
-from .add_noise import WIDE_OFFSETS, _epilogue, finish
-from .linear_clipped_sum import plan_splits
+from .add_noise import WIDE_OFFSETS, RowSplit, _store_tile, _store_vector
+from .linear_norms import _gram_tile, _inst_step, _store_ghost, _store_inst, _upper_pair
 
 IntOrSeq = int | Sequence[int]
 INT32 = 1 << 31
@@ -101,25 +113,7 @@ def _taps(col, KK, K_H, K_W, DIL_D, DIL_H, DIL_W, NDIM: tl.constexpr):
 
 
 @triton.jit
-def _gather(
-    wd,
-    wh,
-    ww,
-    mask_r,
-    ch,
-    kd,
-    kh,
-    kw,
-    mask_c,
-    S_D,
-    S_H,
-    S_W,
-    s_xc,
-    s_xd,
-    s_xh,
-    s_xw,
-    NDIM: tl.constexpr,
-):
+def _gather(wd, wh, ww, mask_r, ch, kd, kh, kw, mask_c, S_D, S_H, S_W, s_xc, s_xd, s_xh, s_xw, NDIM: tl.constexpr):
     """Offsets (from the sample-group's first channel) and mask of the unfold tile [rows, cols]:
     x[c, window + tap] per dim, masked where that lies in the zero padding."""
     iw = ww[:, None] + kw[None, :]
@@ -187,20 +181,9 @@ def _conv_ghost_kernel(
 ):
     pid = tl.program_id(0)
     sg = pid // n_pairs
-    k = pid - sg * n_pairs
     sample = sg // groups
     grp = sg - sample * groups
-    # (i, j), i <= j: the k-th cell of the row-major upper triangle, as in linear_norms._ghost_kernel
-    n2 = 2 * n_tiles + 1
-    i = ((n2 - tl.sqrt((n2 * n2 - 8 * k).to(tl.float64))) * 0.5).to(tl.int32)
-    i = tl.where(i * (n2 - i) // 2 > k, i - 1, i)
-    i = tl.where((i + 1) * (n2 - i - 1) // 2 <= k, i + 1, i)
-    j = i + k - i * (n2 - i) // 2
-
-    rows_i = i * BLOCK_T + tl.arange(0, BLOCK_T)
-    rows_j = j * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_i = rows_i < T
-    mask_j = rows_j < T
+    i, j, rows_i, rows_j, mask_i, mask_j = _upper_pair(pid - sg * n_pairs, n_tiles, T, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)
     # the windows of both row tiles, once: only the columns move in the reduction
     di, hi, wi = _window(rows_i, O_H, O_W, ST_D, ST_H, ST_W, PAD_D, PAD_H, PAD_W, NDIM)
@@ -219,22 +202,8 @@ def _conv_ghost_kernel(
         aa = tl.dot(x.to(DOT), tl.trans(y).to(DOT), aa, input_precision=PRECISION)
 
     g_base = g_ptr + sample.to(tl.int64) * s_gb + (grp * P).to(tl.int64) * s_gc
-    gg = tl.zeros((BLOCK_T, BLOCK_T), dtype=ACC)  # tile (I, J) of G G^T
-    for k0 in range(0, P, BLOCK_K):
-        cols = k0 + offs_k
-        mask_k = cols < P
-        x = tl.load(
-            g_base + rows_i[:, None] * s_gt + cols[None, :] * s_gc, mask=mask_i[:, None] & mask_k[None, :], other=0.0
-        )
-        y = tl.load(
-            g_base + cols[:, None] * s_gc + rows_j[None, :] * s_gt, mask=mask_k[:, None] & mask_j[None, :], other=0.0
-        )
-        gg = tl.dot(x.to(DOT), y.to(DOT), gg, input_precision=PRECISION)
-
-    weight = tl.where(i == j, 1.0, 2.0)  # an off-diagonal tile stands for itself and its transpose
-    tl.store(w_ptr + pid, tl.sum(aa * gg) * weight)
-    if HAS_BIAS:
-        tl.store(b_ptr + pid, tl.sum(gg) * weight)
+    gg = _gram_tile(g_base, rows_i, rows_j, mask_i, mask_j, P, s_gt, s_gc, ACC, PRECISION, DOT, BLOCK_T, BLOCK_K)
+    _store_ghost(w_ptr, b_ptr, pid, aa, gg, i, j, HAS_BIAS)
 
 
 @triton.jit
@@ -286,15 +255,9 @@ def _conv_inst_kernel(
 ):
     pid = tl.program_id(0)
     sg = pid // n_tiles
-    tile = pid - sg * n_tiles
     sample = sg // groups
     grp = sg - sample * groups
-    tile_p = tile // n_tiles_d
-    tile_d = tile - tile_p * n_tiles_d
-    offs_p = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_d = tile_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_p = offs_p < P
-    mask_d = offs_d < D
+    offs_p, mask_p, offs_d, mask_d, tile_d = tile_ranges(pid - sg * n_tiles, n_tiles_d, P, D, BLOCK_P, BLOCK_D)
     offs_t = tl.arange(0, BLOCK_T)
     ch, kd, kh, kw = _taps(offs_d, KK, K_H, K_W, DIL_D, DIL_H, DIL_W, NDIM)  # the columns stay: once
     x_base = x_ptr + sample.to(tl.int64) * s_xb + (grp * CIN_G).to(tl.int64) * s_xc
@@ -311,12 +274,8 @@ def _conv_inst_kernel(
         wd, wh, ww = _window(rows, O_H, O_W, ST_D, ST_H, ST_W, PAD_D, PAD_H, PAD_W, NDIM)
         oa, ma = _gather(wd, wh, ww, mask_t, ch, kd, kh, kw, mask_d, S_D, S_H, S_W, s_xc, s_xd, s_xh, s_xw, NDIM)
         a = tl.load(x_base + oa, mask=ma, other=0.0)
-        acc = tl.dot(tl.trans(g).to(DOT), a.to(DOT), acc, input_precision=PRECISION)
-        if HAS_BIAS and tile_d == 0:
-            bacc += tl.sum(g.to(ACC), axis=0)
-    tl.store(w_ptr + pid, tl.sum(acc * acc))
-    if HAS_BIAS:
-        tl.store(b_ptr + pid, tl.sum(bacc * bacc))  # zero unless tile_d == 0
+        acc, bacc = _inst_step(acc, bacc, g, a, tile_d, ACC, PRECISION, DOT, HAS_BIAS)
+    _store_inst(w_ptr, b_ptr, pid, acc, bacc, HAS_BIAS)
 
 
 @triton.jit
@@ -400,12 +359,7 @@ def _conv_clipped_sum_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
         mask_k = rows < k_hi
-        sample = rows // T
-        t = rows - sample * T
-        c = tl.load(c_ptr + sample, mask=mask_k, other=0.0).to(ACC)
-        g_rows = sample.to(tl.int64) * s_gb + t.to(tl.int64) * s_gt
-        g = tl.load(g_ptr + g_rows[:, None] + chan[None, :] * s_gc, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
-        gc = g.to(ACC) * c[:, None]  # the clip factor folded into G's rows, (BLOCK_K, BLOCK_P)
+        gc, sample, t = clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, chan, mask_p, s_gc, ACC)
         wd, wh, ww = _window(t, O_H, O_W, ST_D, ST_H, ST_W, PAD_D, PAD_H, PAD_W, NDIM)
         oa, ma = _gather(wd, wh, ww, mask_k, ch, kd, kh, kw, mask_d, S_D, S_H, S_W, s_xc, s_xd, s_xh, s_xw, NDIM)
         a = tl.load(x_grp + sample.to(tl.int64)[:, None] * s_xb + oa, mask=ma, other=0.0)
@@ -413,47 +367,55 @@ def _conv_clipped_sum_kernel(
         if HAS_BIAS and pid_d == 0:  # the first column of programs also sums the bias
             bacc += tl.sum(gc, axis=0)
 
-    out_offs = chan[:, None] * D + offs_d[None, :]
-    if WIDE:
-        out_offs = chan.to(tl.int64)[:, None] * D + offs_d[None, :]
-    out_mask = mask_p[:, None] & mask_d[None, :]
-    if SPLIT:
-        part = pid_s.to(tl.int64) * C_OUT * D
-        tl.store(w_ptr + part + out_offs, acc, mask=out_mask)
-        if HAS_BIAS:
-            tl.store(b_ptr + pid_s * C_OUT + chan, bacc, mask=mask_p & (pid_d == 0))
-    else:
-        if HAS_NOISE:
-            # as in linear_clipped_sum: Philox over a whole large accumulator exceeds the registers, so the
-            # raw tile goes out and the epilogue runs over it in EPI_ROWS-row slices re-read from L1/L2
-            tl.store(w_ptr + out_offs, acc, mask=out_mask)
-            tl.debug_barrier()
-            for r0 in range(0, BLOCK_P, EPI_ROWS):
-                q = tile_p * BLOCK_P + r0 + tl.arange(0, EPI_ROWS)
-                rows_o = grp * P + q
-                offs = rows_o[:, None] * D + offs_d[None, :]
-                if WIDE:
-                    offs = rows_o.to(tl.int64)[:, None] * D + offs_d[None, :]
-                mask = (q < P)[:, None] & mask_d[None, :]
-                x = tl.load(w_ptr + offs, mask=mask, other=0.0)
-                x = _epilogue(x, offs, mask, prev_w_ptr, noise_std, scale, seed_w, HAS_PREV_W, True, WIDE)
-                tl.store(w_ptr + offs, x, mask=mask)
-        else:
-            acc = _epilogue(acc, out_offs, out_mask, prev_w_ptr, noise_std, scale, seed_w, HAS_PREV_W, False, WIDE)
-            tl.store(w_ptr + out_offs, acc, mask=out_mask)
-        if HAS_BIAS and pid_d == 0:
-            bacc = _epilogue(bacc, chan, mask_p, prev_b_ptr, noise_std, scale, seed_b, HAS_PREV_B, HAS_NOISE, False)
-            tl.store(b_ptr + chan, bacc, mask=mask_p)
+    _store_tile(
+        w_ptr,
+        acc,
+        grp * P,
+        tile_p * BLOCK_P,
+        P,
+        C_OUT,
+        offs_d,
+        mask_d,
+        D,
+        pid_s,
+        prev_w_ptr,
+        noise_std,
+        scale,
+        seed_w,
+        HAS_PREV_W,
+        HAS_NOISE,
+        SPLIT,
+        WIDE,
+        BLOCK_P,
+        EPI_ROWS,
+    )
+    if HAS_BIAS:
+        _store_vector(
+            b_ptr,
+            bacc,
+            chan,
+            mask_p,
+            pid_d == 0,
+            pid_s,
+            C_OUT,
+            prev_b_ptr,
+            noise_std,
+            scale,
+            seed_b,
+            HAS_PREV_B,
+            HAS_NOISE,
+            SPLIT,
+        )
 
 
 # ----------------------------------------------------------------------------- configs
 
 
-def _k_block(dtype: torch.dtype) -> int:
-    """The reduction chunk: 32 rows of 16-bit inputs, 16 of 4- and 8-byte ones; half of linear_norms'
-    chunks. A gathered tile has no contiguity for the compiler to vectorise, so each element holds its
-    own 64-bit address and mask: with linear's chunks 128x128 tiles spill (ptxas for sm_90: 255
-    registers and 32-450 B of spills on conv1d k=5 and 1x1 convs); with these, none spills (<= 255 registers)."""
+def _gather_k_block(dtype: torch.dtype) -> int:
+    """The reduction chunk: 32 rows of 16-bit inputs, 16 of 4- and 8-byte ones, below _common.k_block's.
+    A gathered tile has no contiguity for the compiler to vectorise, so each element holds its own
+    64-bit address and mask: with linear's chunks 128x128 tiles spill (ptxas for sm_90: 255 registers
+    and 32-450 B of spills on conv1d k=5 and 1x1 convs); with these, none spills (<= 255 registers)."""
     return 32 if dtype.itemsize == 2 else 16
 
 
@@ -464,29 +426,22 @@ def _max_p(dtype: torch.dtype) -> int:
     return 64 if fma else 128
 
 
-def _warps(gather: int, out: int) -> int:
-    """8 warps for a gathered tile of >= 16x128 elements or a 128x128 accumulator, else 4: a 32x128
-    gather beside a 32x128 accumulator takes 254 registers on 4 warps, 162 on 8 (AOT report)."""
-    return 8 if gather >= 16 * 128 or out >= 128 * 128 else 4
-
-
 def ghost_config(T: int, d: int, p: int, dtype: torch.dtype) -> dict:
-    """64x64 Gram tiles on 4 warps, as linear_norms.ghost_config, with the conv reduction chunk:
-    two gathered tiles of 64 rows per step (16-bit: 90-245 registers, no spills)."""
-    return dict(BLOCK_T=block(T, 16, 64), BLOCK_K=block(max(d, p), 16, _k_block(dtype)), num_warps=4, num_stages=3)
+    """The Linear ghost kernel's 64x64 Gram tiles with the conv reduction chunk: two gathered tiles of
+    64 rows per step (16-bit: 90-245 registers, no spills)."""
+    return gram_tile_config(T, max(d, p), _gather_k_block(dtype))
 
 
 def inst_config(T: int, d: int, p: int, dtype: torch.dtype) -> dict:
     """Output tiles up to 128x128, as linear_norms.inst_config; conv layers often have a small
     p = C_out/groups, and the tile shrinks to it."""
-    bp, bd, bt = block(p, 16, _max_p(dtype)), block(d, 16, 128), block(T, 16, _k_block(dtype))
-    return dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_T=bt, num_warps=_warps(bt * bd, bp * bd), num_stages=3)
+    bt = block(T, 16, _gather_k_block(dtype))
+    return matmul_config(p, d, bt, k_name="BLOCK_T", max_p=_max_p(dtype), gathered=True)
 
 
 def clipped_sum_config(p: int, d: int, dtype: torch.dtype) -> dict:
     """Output tiles up to 128x128, as linear_clipped_sum.config, with the conv reduction chunk."""
-    bp, bd, bk = block(p, 16, _max_p(dtype)), block(d, 16, 128), _k_block(dtype)
-    return dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_K=bk, num_warps=_warps(bk * bd, bp * bd), num_stages=3)
+    return matmul_config(p, d, _gather_k_block(dtype), max_p=_max_p(dtype), gathered=True)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -553,8 +508,7 @@ def geometry(
             f"{op}: g must be the conv output's gradient (B, C_out, *out) with the B = {x.shape[0]} of x, "
             f"got shape {tuple(g.shape)}"
         )
-    if g.device != x.device:
-        raise ValueError(f"{op}: x is on {x.device} but g on {g.device}; move both to one device")
+    check_device(op, "x", x, "g", g)
     n = x.dim() - 2
     k = _ntuple(kernel_size, n, "kernel_size", op)
     s = _ntuple(stride, n, "stride", op)
@@ -609,38 +563,17 @@ def geometry(
     )
 
 
-def _cast(op: str, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
-    in_dt = common_input(op, x, g)
-    return x.to(in_dt), g.to(in_dt), acc_dtype(x, g)
-
-
-def _acc_tl(dt: torch.dtype):
-    return tl.float64 if dt == torch.float64 else tl.float32
-
-
 # ----------------------------------------------------------------------------- host side
 
 
-def launch_ghost(
-    x: Tensor, g: Tensor, kernel_size, stride, padding, dilation, groups: int, bias: bool
-) -> tuple[Tensor, Tensor]:
-    x, g, dt = _cast("conv_norms", x, g)
-    geo = geometry("conv_norms", x, g, kernel_size, stride, padding, dilation, groups)
+def _launch_norms(kernel, cfg: dict, x: Tensor, g: Tensor, dt: torch.dtype, geo: ConvGeometry, bias: bool, n, tiles):
+    """One program per (sample, group, one of its n tiles), each writing its partial norms."""
     gr = g.reshape(geo.B, geo.c_out, geo.T)
-    cfg = ghost_config(geo.T, geo.D, geo.P, x.dtype)
-    n_tiles = triton.cdiv(geo.T, cfg["BLOCK_T"])
-    if n_tiles >= 23170:  # the kernel's pair index arithmetic is int32
-        raise ValueError(
-            f"conv_norms: T = {geo.T} output positions is too many for the ghost kernel; use method='inst'"
-        )
-    n_pairs = n_tiles * (n_tiles + 1) // 2
-    n_prog = geo.B * groups * n_pairs
-    w = torch.zeros((geo.B, groups * n_pairs), device=x.device, dtype=dt)
-    b = torch.zeros((geo.B, groups * n_pairs) if bias else (0,), device=x.device, dtype=dt)
-    if n_prog > 0:
+    w, b = (output(x, (geo.B, geo.groups * n), dt), output(x, (geo.B, geo.groups * n), dt, bias))
+    if geo.B * geo.groups * n > 0:
         launch(
-            _conv_ghost_kernel,
-            (n_prog,),
+            kernel,
+            (geo.B * geo.groups * n,),
             x,
             gr,
             w,
@@ -648,66 +581,60 @@ def launch_ghost(
             geo.T,
             geo.D,
             geo.P,
-            geo.c_in // groups,
-            groups,
-            n_tiles,
-            n_pairs,
+            geo.c_in // geo.groups,
+            geo.groups,
+            *tiles,
             *geo.args,
             *gr.stride(),
-            ACC=_acc_tl(dt),
+            ACC=acc_tl(dt),
             PRECISION=dot_precision(x.dtype),
-            DOT=dot_operand(_conv_ghost_kernel, x.dtype),
+            DOT=dot_operand(kernel, x.dtype),
             HAS_BIAS=bias,
             NDIM=geo.ndim,
             **cfg,
         )
-    return w.sum(1), (b.sum(1) if bias else b)
+    return per_sample(w), per_sample(b)
+
+
+def launch_ghost(
+    x: Tensor,
+    g: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    bias: bool,
+) -> tuple[Tensor, Tensor]:
+    (x, g), dt = cast_inputs("conv_norms", x, g)
+    geo = geometry("conv_norms", x, g, kernel_size, stride, padding, dilation, groups)
+    cfg = ghost_config(geo.T, geo.D, geo.P, x.dtype)
+    n_tiles, n_pairs = ghost_pairs("conv_norms", geo.T, cfg["BLOCK_T"])
+    return _launch_norms(_conv_ghost_kernel, cfg, x, g, dt, geo, bias, n_pairs, (n_tiles, n_pairs))
 
 
 def launch_inst(
-    x: Tensor, g: Tensor, kernel_size, stride, padding, dilation, groups: int, bias: bool
+    x: Tensor,
+    g: Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    bias: bool,
 ) -> tuple[Tensor, Tensor]:
-    x, g, dt = _cast("conv_norms", x, g)
+    (x, g), dt = cast_inputs("conv_norms", x, g)
     geo = geometry("conv_norms", x, g, kernel_size, stride, padding, dilation, groups)
-    gr = g.reshape(geo.B, geo.c_out, geo.T)
     cfg = inst_config(geo.T, geo.D, geo.P, x.dtype)
     n_tiles_d = triton.cdiv(geo.D, cfg["BLOCK_D"])
     n_tiles = triton.cdiv(geo.P, cfg["BLOCK_P"]) * n_tiles_d
-    n_prog = geo.B * groups * n_tiles
-    w = torch.zeros((geo.B, groups * n_tiles), device=x.device, dtype=dt)
-    b = torch.zeros((geo.B, groups * n_tiles) if bias else (0,), device=x.device, dtype=dt)
-    if n_prog > 0:
-        launch(
-            _conv_inst_kernel,
-            (n_prog,),
-            x,
-            gr,
-            w,
-            b,
-            geo.T,
-            geo.D,
-            geo.P,
-            geo.c_in // groups,
-            groups,
-            n_tiles_d,
-            n_tiles,
-            *geo.args,
-            *gr.stride(),
-            ACC=_acc_tl(dt),
-            PRECISION=dot_precision(x.dtype),
-            DOT=dot_operand(_conv_inst_kernel, x.dtype),
-            HAS_BIAS=bias,
-            NDIM=geo.ndim,
-            **cfg,
-        )
-    return w.sum(1), (b.sum(1) if bias else b)
+    return _launch_norms(_conv_inst_kernel, cfg, x, g, dt, geo, bias, n_tiles, (n_tiles_d, n_tiles))
 
 
 def launch_clipped_sum(
     x: Tensor,
     g: Tensor,
     c: Tensor,
-    *,
     weight_shape: Sequence[int],
     stride: IntOrSeq,
     padding: IntOrSeq,
@@ -724,53 +651,43 @@ def launch_clipped_sum(
 ) -> tuple[Tensor, Tensor]:
     """The host side of conv_clipped_sum; ``splits`` forces the split-K factor (the tests cover
     both paths with it). Returns (weight, bias or an empty tensor)."""
-    x, g, dt = _cast("conv_clipped_sum", x, g)
-    kernel_size = tuple(weight_shape[2:])
-    geo = geometry("conv_clipped_sum", x, g, kernel_size, stride, padding, dilation, groups)
+    (x, g), dt = cast_inputs("conv_clipped_sum", x, g)
+    geo = geometry("conv_clipped_sum", x, g, tuple(weight_shape[2:]), stride, padding, dilation, groups)
     gr = g.reshape(geo.B, geo.c_out, geo.T)
-    w = torch.empty(tuple(weight_shape), device=x.device, dtype=dt)
-    b = torch.empty((geo.c_out,) if bias else (0,), device=x.device, dtype=dt)
+    w, b = output(x, tuple(weight_shape), dt), output(x, (geo.c_out,), dt, bias)
     cfg = clipped_sum_config(geo.P, geo.D, x.dtype)
     bp, bd, bk = cfg.pop("BLOCK_P"), cfg.pop("BLOCK_D"), cfg.pop("BLOCK_K")
     K = geo.B * geo.T
     n_tiles_p = triton.cdiv(geo.P, bp)
     grid_d = triton.cdiv(geo.D, bd)
-    tiles = groups * n_tiles_p * grid_d
-    s = plan_splits(tiles, K, bk, x.device) if splits is None else max(1, min(splits, triton.cdiv(max(K, 1), bk)))
-    k_per = triton.cdiv(triton.cdiv(max(K, 1), bk), s) * bk
-    s = triton.cdiv(max(K, 1), k_per)
-    split = s > 1
-    ws_w = torch.empty((s, geo.c_out, geo.D) if split else (0,), device=x.device, dtype=dt)
-    ws_b = torch.empty((s, geo.c_out) if split and bias else (0,), device=x.device, dtype=dt)
+    rs = RowSplit.plan(groups * n_tiles_p * grid_d, K, bk, x.device, splits)
+    ws_w, ws_b = rs.target(w), rs.target(b, bias)
     launch(
         _conv_clipped_sum_kernel,
-        (groups * n_tiles_p, grid_d, s),
+        (groups * n_tiles_p, grid_d, rs.n),
         x,
         gr,
         c.contiguous(),
-        ws_w if split else w,
-        ws_b if split and bias else b,
-        prev_w.contiguous() if prev_w is not None else w,
-        prev_b.contiguous() if prev_b is not None else b,
+        ws_w,
+        ws_b,
+        given_or(prev_w, w),
+        given_or(prev_b, b),
         geo.T,
         geo.D,
         geo.P,
         geo.c_in // groups,
         geo.c_out,
         K,
-        k_per,
+        rs.k_per,
         n_tiles_p,
         *geo.args,
         *gr.stride(),
-        float(noise_std),
-        float(scale),
-        int(seed_w) & SEED_MASK,
-        int(seed_b) & SEED_MASK,
-        ACC=_acc_tl(dt),
+        *epilogue_args(noise_std, scale, seed_w, seed_b),
+        ACC=acc_tl(dt),
         PRECISION=dot_precision(x.dtype),
         DOT=dot_operand(_conv_clipped_sum_kernel, x.dtype),
         HAS_BIAS=bias,
-        SPLIT=split,
+        SPLIT=rs.split,
         HAS_PREV_W=prev_w is not None,
         HAS_PREV_B=prev_b is not None,
         HAS_NOISE=noise_std != 0.0,
@@ -782,55 +699,29 @@ def launch_clipped_sum(
         EPI_ROWS=min(16, bp),
         **cfg,
     )
-    if split:
-        finish(ws_w, prev_w, w, noise_std=noise_std, scale=scale, seed=seed_w)
-        if bias:
-            finish(ws_b, prev_b, b, noise_std=noise_std, scale=scale, seed=seed_b)
+    rs.finish(ws_w, prev_w, w, noise_std=noise_std, scale=scale, seed=seed_w)
+    rs.finish(ws_b, prev_b, b, noise_std=noise_std, scale=scale, seed=seed_b)
     return w, b
 
 
 # ----------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op(f"{NS}::triton_conv_norms_ghost", mutates_args=())
-def _conv_norms_ghost_op(
-    x: Tensor,
-    g: Tensor,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    bias: bool,
-) -> tuple[Tensor, Tensor]:
-    return launch_ghost(x, g, kernel_size, stride, padding, dilation, groups, bias)
-
-
-@torch.library.custom_op(f"{NS}::triton_conv_norms_inst", mutates_args=())
-def _conv_norms_inst_op(
-    x: Tensor,
-    g: Tensor,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    bias: bool,
-) -> tuple[Tensor, Tensor]:
-    return launch_inst(x, g, kernel_size, stride, padding, dilation, groups, bias)
-
-
 def _norms_fake(x, g, kernel_size, stride, padding, dilation, groups, bias):
+    dt, B = acc_dtype(x, g), x.shape[0]
+    return output(x, (B,), dt), output(x, (B,), dt, bias)
+
+
+_conv_norms_ghost_op = register_op("conv_norms_ghost", _norms_fake)(launch_ghost)
+_conv_norms_inst_op = register_op("conv_norms_inst", _norms_fake)(launch_inst)
+
+
+def _clipped_sum_fake(x, g, c, weight_shape, stride, padding, dilation, groups, bias, *epilogue):
     dt = acc_dtype(x, g)
-    B = x.shape[0]
-    return x.new_empty((B,), dtype=dt), x.new_empty((B,) if bias else (0,), dtype=dt)
+    return output(x, tuple(weight_shape), dt), output(x, (g.shape[1],), dt, bias)
 
 
-_conv_norms_ghost_op.register_fake(_norms_fake)
-_conv_norms_inst_op.register_fake(_norms_fake)
-
-
-@torch.library.custom_op(f"{NS}::triton_conv_clipped_sum", mutates_args=())
+@register_op("conv_clipped_sum", _clipped_sum_fake)
 def _conv_clipped_sum_op(
     x: Tensor,
     g: Tensor,
@@ -849,28 +740,8 @@ def _conv_clipped_sum_op(
     prev_b: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     return launch_clipped_sum(
-        x,
-        g,
-        c,
-        weight_shape=weight_shape,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        bias=bias,
-        noise_std=noise_std,
-        scale=scale,
-        seed_w=seed_w,
-        seed_b=seed_b,
-        prev_w=prev_w,
-        prev_b=prev_b,
+        x, g, c, weight_shape, stride, padding, dilation, groups, bias, noise_std, scale, seed_w, seed_b, prev_w, prev_b
     )
-
-
-@_conv_clipped_sum_op.register_fake
-def _(x, g, c, weight_shape, stride, padding, dilation, groups, bias, noise_std, scale, seed_w, seed_b, prev_w, prev_b):
-    dt = acc_dtype(x, g)
-    return x.new_empty(tuple(weight_shape), dtype=dt), x.new_empty((g.shape[1],) if bias else (0,), dtype=dt)
 
 
 def _lists(x: Tensor, kernel_size, stride, padding, dilation) -> tuple[list[int], ...]:
@@ -905,21 +776,12 @@ def conv_norms(
     if method not in ("ghost", "inst"):
         raise ValueError(f"conv_norms: method must be 'ghost' or 'inst', got {method!r}")
     common_input("conv_norms", x, g)
-    geo = geometry("conv_norms", x, g, kernel_size, stride, padding, dilation, groups)
+    geom = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
+    geo = geometry("conv_norms", x, g, **geom, groups=groups)
     if geo.unsupported(x, g):
-        return ref_conv.conv_norms(
-            x,
-            g,
-            kernel_size=kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=bias,
-            method=method,
-        )
+        return ref_conv.conv_norms(x, g, **geom, groups=groups, bias=bias, method=method)
     op = _conv_norms_ghost_op if method == "ghost" else _conv_norms_inst_op
-    w, b = op(x, g, *_lists(x, kernel_size, stride, padding, dilation), groups, bias)
+    w, b = op(x, g, *_lists(x, **geom), groups, bias)
     return w, (b if bias else None)
 
 
@@ -959,16 +821,14 @@ def conv_clipped_sum(
             f"{op}: weight_shape must be (C_out, C_in/groups, *kernel_size) with {n} kernel dims for an input of "
             f"shape {tuple(x.shape)}, got {weight_shape}"
         )
-    geo = geometry(op, x, g, weight_shape[2:], stride, padding, dilation, groups)
+    geom = dict(stride=stride, padding=padding, dilation=dilation)
+    geo = geometry(op, x, g, weight_shape[2:], **geom, groups=groups)
     if weight_shape[:2] != (geo.c_out, geo.c_in // groups):
         raise ValueError(
             f"{op}: weight_shape {weight_shape} does not match C_out={geo.c_out} of g and C_in/groups="
             f"{geo.c_in // groups} of x"
         )
-    if c.shape != (geo.B,):
-        raise ValueError(f"{op}: c must hold one clip factor per sample, shape ({geo.B},), got {tuple(c.shape)}")
-    if c.device != x.device:
-        raise ValueError(f"{op}: c is on {c.device} but x on {x.device}; move both to one device")
+    check_clip(op, c, x, "x")
     check_prev(op, "prev_w", prev_w, weight_shape, x.device)
     check_prev(op, "prev_b", prev_b, (geo.c_out,), x.device)
     if geo.unsupported(x, g) or geo.B * geo.T >= INT32:
@@ -977,9 +837,7 @@ def conv_clipped_sum(
             g,
             c,
             weight_shape=weight_shape,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
+            **geom,
             groups=groups,
             bias=bias,
             noise_std=noise_std,
@@ -989,7 +847,7 @@ def conv_clipped_sum(
             prev_w=prev_w,
             prev_b=prev_b,
         )
-    _, s, p, d = _lists(x, weight_shape[2:], stride, padding, dilation)
+    _, s, p, d = _lists(x, weight_shape[2:], **geom)
     w, b = _conv_clipped_sum_op(
         x,
         g,
@@ -1000,10 +858,7 @@ def conv_clipped_sum(
         d,
         groups,
         bias,
-        float(noise_std),
-        float(scale),
-        int(seed_w) & SEED_MASK,
-        int(seed_b) & SEED_MASK,
+        *epilogue_args(noise_std, scale, seed_w, seed_b),
         prev_w,
         prev_b,
     )

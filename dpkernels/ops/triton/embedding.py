@@ -46,18 +46,28 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    NS,
-    SEED_MASK,
     acc_dtype,
+    acc_tl,
     block,
+    check_clip,
+    check_device,
     check_prev,
+    clipped_rows,
     common_input,
     dot_operand,
     dot_precision,
+    epilogue_args,
+    given_or,
+    gram_tile_config,
+    k_block,
     launch,
     num_sms,
+    output,
+    per_sample,
+    register_op,
+    tile_ranges,
 )
-from .add_noise import WIDE_OFFSETS, _epilogue
+from .add_noise import WIDE_OFFSETS, _epilogue, _tile_offsets
 
 GRAM_MAX_T = 64  # norms_method: the Gram kernel while one sample fits one (64 x 64) tile
 
@@ -214,18 +224,11 @@ def _embedding_clipped_sum_kernel(
         mask_k = ks < hi
         x = tl.load(sid_ptr + ks, mask=mask_k, other=-1)
         pos = tl.load(perm_ptr + ks, mask=mask_k, other=0)
-        sample = pos // T
-        t = pos - sample * T
-        c = tl.load(c_ptr + sample, mask=mask_k, other=0.0).to(ACC)
-        g_rows = sample.to(tl.int64) * s_gb + t.to(tl.int64) * s_gt
-        g = tl.load(g_ptr + g_rows[:, None] + cols[None, :] * s_gd, mask=mask_k[:, None] & mask_d[None, :], other=0.0)
-        gc = g.to(ACC) * c[:, None]
+        gc, _, _ = clipped_rows(g_ptr, c_ptr, pos, mask_k, T, s_gb, s_gt, cols, mask_d, s_gd, ACC)
         onehot = (rows[:, None] == x[None, :]).to(ACC)  # (BLOCK_V, BLOCK_K): scatter as a matmul
         # ieee: 1.0 * gc is exact, so the sum rounds like the reference's fp32 index_add (TF32 would not)
         acc = tl.dot(onehot, gc, acc, input_precision="ieee")
-    offs = rows[:, None] * D + cols[None, :]
-    if WIDE:
-        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    offs = _tile_offsets(rows, cols, D, WIDE)
     mask = (rows < V)[:, None] & mask_d[None, :]
     acc = _epilogue(acc, offs, mask, prev_ptr, noise_std, scale, seed, HAS_PREV, HAS_NOISE, WIDE)
     tl.store(out_ptr + offs, acc, mask=mask)
@@ -266,13 +269,7 @@ def _embedding_cross_kernel(
     """sum_{s in S-tile, t in T-tile} g_h[i, s, x_t] (a_s . g_e,t), padding tokens t excluded."""
     pid = tl.program_id(0)
     sample = pid // n_tiles
-    tile = pid - sample * n_tiles
-    tile_s = tile // n_tiles_t
-    tile_t = tile - tile_s * n_tiles_t
-    rows_s = tile_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    rows_t = tile_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_s = rows_s < Th
-    mask_t = rows_t < Te
+    rows_s, mask_s, rows_t, mask_t, _ = tile_ranges(pid - sample * n_tiles, n_tiles_t, Th, Te, BLOCK_S, BLOCK_T)
     x = tl.load(ids_ptr + sample.to(tl.int64) * s_ib + rows_t * s_it, mask=mask_t, other=0)
     keep = mask_t
     if HAS_PAD:
@@ -300,7 +297,7 @@ def _embedding_cross_kernel(
 
 
 # ----------------------------------------------------------------------------- configs
-# Register counts: ptxas for sm_90, from tests/ops/test_triton_embedding.py::test_aot_sm90 (slow).
+# Register counts: ptxas for sm_90, from bench/aot_compile.py (bench/results/aot_sm90.md).
 
 
 def norms_method(T: int) -> str:
@@ -336,22 +333,12 @@ def clipped_sum_config(V: int, D: int) -> dict:
 
 
 def cross_config(Te: int, Th: int, D: int, dtype: torch.dtype) -> dict:
-    """64 x 64 tiles of A G_e^T, as the Linear ghost kernel's Gram tiles, and the gathered P tile beside
-    them: 95 registers a thread and wgmma for bf16 on sm_90, 161 for ieee fp32."""
-    return dict(
-        BLOCK_S=block(Th, 16, 64),
-        BLOCK_T=block(Te, 16, 64),
-        BLOCK_K=block(D, 16, {2: 64, 4: 32}.get(dtype.itemsize, 16)),
-        num_warps=4,
-        num_stages=3,
-    )
+    """64 x 64 tiles of A G_e^T, the Linear ghost kernel's Gram tiles (Th rows by Te columns), and the
+    gathered P tile beside them: 95 registers a thread and wgmma for bf16 on sm_90, 161 for ieee fp32."""
+    return dict(BLOCK_S=block(Th, 16, 64), **gram_tile_config(Te, D, k_block(dtype)))
 
 
 # ----------------------------------------------------------------------------- host side
-
-
-def _acc_tl(dt: torch.dtype):
-    return tl.float64 if dt == torch.float64 else tl.float32
 
 
 def _pad_arg(padding_idx: int | None, num_embeddings: int) -> int:
@@ -370,63 +357,47 @@ def launch_norms(
     B, T = ids.shape
     D = g.shape[2]
     method = norms_method(T) if method is None else method
-    pad = _pad_arg(padding_idx, num_embeddings)
     if B * T * D == 0:
         return torch.zeros(B, device=g.device, dtype=dt)
     if method == "gram":
         if T > GRAM_MAX_T:
             raise ValueError(f"embedding_norms: the gram kernel holds T <= {GRAM_MAX_T} positions, got T = {T}")
-        cfg = gram_config(T, D, g.dtype)
+        kernel, cfg = _embedding_gram_kernel, gram_config(T, D, g.dtype)
         bk = cfg["BLOCK_K"]
         k_tiles = triton.cdiv(D, bk)
         # split D over programs until the batch fills two waves of the GPU
         want = max(1, min(k_tiles, triton.cdiv(2 * num_sms(g.device), B)))
         d_per = triton.cdiv(k_tiles, want) * bk
-        n_parts = triton.cdiv(D, d_per)
-        out = torch.empty((B, n_parts), device=g.device, dtype=dt)
-        launch(
-            _embedding_gram_kernel,
-            (B * n_parts,),
-            ids,
-            g,
-            out,
-            T,
-            D,
-            n_parts,
-            d_per,
-            pad,
-            *ids.stride(),
-            *g.stride(),
-            ACC=_acc_tl(dt),
-            DOT=dot_operand(_embedding_gram_kernel, g.dtype),
-            HAS_PAD=padding_idx is not None,
-            **cfg,
-        )
-        return out.sum(1)
-    if method != "scan":
+        n = triton.cdiv(D, d_per)
+        ids_args: tuple[Tensor, ...] = (ids,)
+        tiles: tuple[int, ...] = (n, d_per)
+        ids_strides: tuple[int, ...] = ids.stride()
+    elif method == "scan":
+        kernel, cfg = _embedding_scan_kernel, scan_config(T, D)
+        n = triton.cdiv(D, cfg["BLOCK_D"])
+        ids_args = tuple(torch.sort(ids, dim=1, stable=True))  # stable: a fixed summation order
+        tiles, ids_strides = (n,), ()  # the sorted ids and their positions are contiguous
+    else:
         raise ValueError(f"embedding_norms: method must be 'gram' or 'scan', got {method!r}")
-    sid, perm = torch.sort(ids, dim=1, stable=True)  # stable: a fixed summation order
-    cfg = scan_config(T, D)
-    n_dtiles = triton.cdiv(D, cfg["BLOCK_D"])
-    out = torch.empty((B, n_dtiles), device=g.device, dtype=dt)
+    out = output(g, (B, n), dt)
     launch(
-        _embedding_scan_kernel,
-        (B * n_dtiles,),
-        sid,
-        perm,
+        kernel,
+        (B * n,),
+        *ids_args,
         g,
         out,
         T,
         D,
-        n_dtiles,
-        pad,
+        *tiles,
+        _pad_arg(padding_idx, num_embeddings),
+        *ids_strides,
         *g.stride(),
-        ACC=_acc_tl(dt),
-        DOT=dot_operand(_embedding_scan_kernel, g.dtype),
+        ACC=acc_tl(dt),
+        DOT=dot_operand(kernel, g.dtype),
         HAS_PAD=padding_idx is not None,
         **cfg,
     )
-    return out.sum(1)
+    return per_sample(out)
 
 
 def launch_clipped_sum(
@@ -441,10 +412,9 @@ def launch_clipped_sum(
     prev: Tensor | None,
 ) -> Tensor:
     common_input("embedding_clipped_sum", g)
-    dt = acc_dtype(g)
     B, T = ids.shape
     V, D = num_embeddings, g.shape[2]
-    out = torch.empty((V, D), device=g.device, dtype=dt)
+    out = output(g, (V, D), acc_dtype(g))
     if V * D == 0:
         return out
     cfg = clipped_sum_config(V, D)
@@ -465,15 +435,13 @@ def launch_clipped_sum(
         g,
         c.contiguous(),
         out,
-        prev.contiguous() if prev is not None else out,  # out stands for an absent prev; never read
+        given_or(prev, out),
         V,
         D,
         max(T, 1),  # no token when T == 0; avoids a division by zero in the position split
         *g.stride(),
-        float(noise_std),
-        float(scale),
-        int(seed) & SEED_MASK,
-        ACC=_acc_tl(dt),
+        *epilogue_args(noise_std, scale, seed),
+        ACC=acc_tl(out.dtype),
         HAS_PREV=prev is not None,
         HAS_NOISE=noise_std != 0.0,
         WIDE=V * D >= WIDE_OFFSETS,
@@ -494,7 +462,7 @@ def launch_cross(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, padding_idx: 
     cfg = cross_config(Te, Th, D, in_dt)
     n_t = triton.cdiv(Te, cfg["BLOCK_T"])
     n_tiles = triton.cdiv(Th, cfg["BLOCK_S"]) * n_t
-    out = torch.empty((B, n_tiles), device=g_e.device, dtype=dt)
+    out = output(g_e, (B, n_tiles), dt)
     launch(
         _embedding_cross_kernel,
         (B * n_tiles,),
@@ -513,56 +481,35 @@ def launch_cross(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, padding_idx: 
         *g_e.stride(),
         *a.stride(),
         *g_h.stride(),
-        ACC=_acc_tl(dt),
+        ACC=acc_tl(dt),
         PRECISION=dot_precision(in_dt),
         DOT=dot_operand(_embedding_cross_kernel, in_dt),
         HAS_PAD=padding_idx is not None,
         **cfg,
     )
-    return out.sum(1)
+    return per_sample(out)
 
 
 # ----------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op(f"{NS}::triton_embedding_norms", mutates_args=())
+@register_op("embedding_norms", lambda ids, g, num_embeddings, padding_idx: output(g, (ids.shape[0],), acc_dtype(g)))
 def _embedding_norms_op(ids: Tensor, g: Tensor, num_embeddings: int, padding_idx: int | None) -> Tensor:
     return launch_norms(ids, g, num_embeddings, padding_idx)
 
 
-@_embedding_norms_op.register_fake
-def _(ids, g, num_embeddings, padding_idx):
-    return g.new_empty((ids.shape[0],), dtype=acc_dtype(g))
+def _clipped_sum_fake(ids, g, c, num_embeddings, *rest):
+    return output(g, (num_embeddings, g.shape[2]), acc_dtype(g))
 
 
-@torch.library.custom_op(f"{NS}::triton_embedding_clipped_sum", mutates_args=())
-def _embedding_clipped_sum_op(
-    ids: Tensor,
-    g: Tensor,
-    c: Tensor,
-    num_embeddings: int,
-    padding_idx: int | None,
-    noise_std: float,
-    scale: float,
-    seed: int,
-    prev: Tensor | None,
-) -> Tensor:
-    return launch_clipped_sum(ids, g, c, num_embeddings, padding_idx, noise_std, scale, seed, prev)
+_embedding_clipped_sum_op = register_op("embedding_clipped_sum", _clipped_sum_fake)(launch_clipped_sum)
 
 
-@_embedding_clipped_sum_op.register_fake
-def _(ids, g, c, num_embeddings, padding_idx, noise_std, scale, seed, prev):
-    return g.new_empty((num_embeddings, g.shape[2]), dtype=acc_dtype(g))
+def _cross_fake(ids, g_e, a, g_h, padding_idx):
+    return output(g_e, (ids.shape[0],), acc_dtype(g_e, a, g_h))
 
 
-@torch.library.custom_op(f"{NS}::triton_embedding_linear_cross", mutates_args=())
-def _embedding_linear_cross_op(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, padding_idx: int | None) -> Tensor:
-    return launch_cross(ids, g_e, a, g_h, padding_idx)
-
-
-@_embedding_linear_cross_op.register_fake
-def _(ids, g_e, a, g_h, padding_idx):
-    return g_e.new_empty((ids.shape[0],), dtype=acc_dtype(g_e, a, g_h))
+_embedding_linear_cross_op = register_op("embedding_linear_cross", _cross_fake)(launch_cross)
 
 
 def _check(op: str, ids: Tensor, g: Tensor, c: Tensor | None = None, g_name: str = "g") -> None:
@@ -576,15 +523,9 @@ def _check(op: str, ids: Tensor, g: Tensor, c: Tensor | None = None, g_name: str
         raise ValueError(
             f"{op}: {g_name} must be (B, T, D) with the (B, T) of ids {tuple(ids.shape)}, got {tuple(g.shape)}"
         )
-    if g.device != ids.device:
-        raise ValueError(f"{op}: ids are on {ids.device} but {g_name} on {g.device}; move both to one device")
+    check_device(op, g_name, g, "ids", ids)
     if c is not None:
-        if c.shape != (ids.shape[0],):
-            raise ValueError(
-                f"{op}: c must hold one clip factor per sample, shape ({ids.shape[0]},), got {tuple(c.shape)}"
-            )
-        if c.device != g.device:
-            raise ValueError(f"{op}: c is on {c.device} but g on {g.device}; move both to one device")
+        check_clip(op, c, g, g_name)
 
 
 def _check_pad(op: str, padding_idx: int | None, num_embeddings: int) -> None:
@@ -627,7 +568,7 @@ def embedding_clipped_sum(
     _check_pad("embedding_clipped_sum", padding_idx, num_embeddings)
     check_prev("embedding_clipped_sum", "prev", prev, (num_embeddings, g.shape[2]), g.device)
     return _embedding_clipped_sum_op(
-        ids, g, c, int(num_embeddings), padding_idx, float(noise_std), float(scale), int(seed) & SEED_MASK, prev
+        ids, g, c, int(num_embeddings), padding_idx, *epilogue_args(noise_std, scale, seed), prev
     )
 
 
@@ -648,7 +589,7 @@ def embedding_linear_cross(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, *, 
         raise ValueError(
             f"{op}: g_h must be (B, Th, V) with the (B, Th) of a {tuple(a.shape[:2])}, got {tuple(g_h.shape)}"
         )
-    if not a.device == g_h.device == ids.device:
-        raise ValueError(f"{op}: ids, a and g_h must be on one device, got {ids.device}, {a.device}, {g_h.device}")
+    check_device(op, "a", a, "ids", ids)
+    check_device(op, "g_h", g_h, "ids", ids)
     _check_pad(op, padding_idx, g_h.shape[2])
     return _embedding_linear_cross_op(ids, g_e, a, g_h, padding_idx)

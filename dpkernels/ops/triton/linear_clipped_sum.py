@@ -24,19 +24,24 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
-    NS,
-    SEED_MASK,
     acc_dtype,
+    acc_tl,
     block,
+    cast_inputs,
     check_prev,
     check_rows,
-    common_input,
+    clipped_rows,
     dot_operand,
     dot_precision,
+    epilogue_args,
+    given_or,
+    k_block,
     launch,
-    num_sms,
+    matmul_config,
+    output,
+    register_op,
 )
-from .add_noise import WIDE_OFFSETS, _epilogue, finish
+from .add_noise import WIDE_OFFSETS, RowSplit, _store_tile, _store_vector
 
 
 @triton.jit
@@ -93,12 +98,7 @@ def _clipped_sum_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
         mask_k = rows < k_hi
-        sample = rows // T
-        t = rows - sample * T
-        c = tl.load(c_ptr + sample, mask=mask_k, other=0.0).to(ACC)
-        g_rows = sample.to(tl.int64) * s_gb + t.to(tl.int64) * s_gt
-        g = tl.load(g_ptr + g_rows[:, None] + offs_p[None, :] * s_gp, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
-        gc = g.to(ACC) * c[:, None]  # the clip factor folded into G's rows, (BLOCK_K, BLOCK_P)
+        gc, sample, t = clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, offs_p, mask_p, s_gp, ACC)
         if HAS_WEIGHT:
             a_rows = sample.to(tl.int64) * s_ab + t.to(tl.int64) * s_at
             a = tl.load(
@@ -108,40 +108,46 @@ def _clipped_sum_kernel(
         if HAS_BIAS and pid_d == 0:  # the first column of programs also sums the bias
             bacc += tl.sum(gc, axis=0)
 
-    out_offs = offs_p[:, None] * D + offs_d[None, :]
-    if WIDE:
-        out_offs = offs_p.to(tl.int64)[:, None] * D + offs_d[None, :]
-    out_mask = mask_p[:, None] & mask_d[None, :]
-    if SPLIT:
-        if HAS_WEIGHT:
-            part = pid_s.to(tl.int64) * P * D
-            tl.store(w_ptr + part + out_offs, acc, mask=out_mask)
-        if HAS_BIAS:
-            tl.store(b_ptr + pid_s * P + offs_p, bacc, mask=mask_p & (pid_d == 0))
-    else:
-        if HAS_WEIGHT:
-            if HAS_NOISE:
-                # Philox over a whole 128x128 accumulator at once needs more registers than a thread
-                # has (ptxas for sm_90: 255 registers and ~900 B of spills). So the raw tile goes out
-                # and the epilogue runs over it in EPI_ROWS-row slices, re-read from L1/L2 where this
-                # program just wrote it (bar.sync makes the writes visible across its threads).
-                tl.store(w_ptr + out_offs, acc, mask=out_mask)
-                tl.debug_barrier()
-                for r0 in range(0, BLOCK_P, EPI_ROWS):
-                    rows = pid_p * BLOCK_P + r0 + tl.arange(0, EPI_ROWS)
-                    offs = rows[:, None] * D + offs_d[None, :]
-                    if WIDE:
-                        offs = rows.to(tl.int64)[:, None] * D + offs_d[None, :]
-                    mask = (rows < P)[:, None] & mask_d[None, :]
-                    x = tl.load(w_ptr + offs, mask=mask, other=0.0)
-                    x = _epilogue(x, offs, mask, prev_w_ptr, noise_std, scale, seed_w, HAS_PREV_W, True, WIDE)
-                    tl.store(w_ptr + offs, x, mask=mask)
-            else:
-                acc = _epilogue(acc, out_offs, out_mask, prev_w_ptr, noise_std, scale, seed_w, HAS_PREV_W, False, WIDE)
-                tl.store(w_ptr + out_offs, acc, mask=out_mask)
-        if HAS_BIAS and pid_d == 0:
-            bacc = _epilogue(bacc, offs_p, mask_p, prev_b_ptr, noise_std, scale, seed_b, HAS_PREV_B, HAS_NOISE, False)
-            tl.store(b_ptr + offs_p, bacc, mask=mask_p)
+    if HAS_WEIGHT:
+        _store_tile(
+            w_ptr,
+            acc,
+            0,
+            pid_p * BLOCK_P,
+            P,
+            P,
+            offs_d,
+            mask_d,
+            D,
+            pid_s,
+            prev_w_ptr,
+            noise_std,
+            scale,
+            seed_w,
+            HAS_PREV_W,
+            HAS_NOISE,
+            SPLIT,
+            WIDE,
+            BLOCK_P,
+            EPI_ROWS,
+        )
+    if HAS_BIAS:
+        _store_vector(
+            b_ptr,
+            bacc,
+            offs_p,
+            mask_p,
+            pid_d == 0,
+            pid_s,
+            P,
+            prev_b_ptr,
+            noise_std,
+            scale,
+            seed_b,
+            HAS_PREV_B,
+            HAS_NOISE,
+            SPLIT,
+        )
 
 
 def config(p: int, d: int, dtype: torch.dtype, weight: bool = True) -> dict:
@@ -151,30 +157,13 @@ def config(p: int, d: int, dtype: torch.dtype, weight: bool = True) -> dict:
     bench/aot_compile.py); small layers shrink the tiles to their size."""
     if not weight:  # bias alone: a (BLOCK_K x BLOCK_P) tile of G, 32 fp32 registers a thread on 4 warps
         return dict(BLOCK_P=block(p, 16, 128), BLOCK_D=16, BLOCK_K=32, num_warps=4, num_stages=2)
-    bp, bd = block(p, 16, 128), block(d, 16, 128)
-    return dict(
-        BLOCK_P=bp,
-        BLOCK_D=bd,
-        BLOCK_K={2: 64, 4: 32}.get(dtype.itemsize, 16),
-        num_warps=8 if bp * bd >= 128 * 128 else 4,
-        num_stages=3,
-    )
-
-
-def plan_splits(tiles: int, k: int, block_k: int, device: torch.device) -> int:
-    """Split the reduction only when the output tiles cannot fill the GPU (two waves of
-    programs), and never below 8 K-tiles per split, where the extra workspace pass and
-    the finish kernel would cost more than the parallelism gains."""
-    k_tiles = triton.cdiv(k, block_k)
-    want = triton.cdiv(2 * num_sms(device), max(1, tiles))
-    return max(1, min(want, k_tiles // 8, 64))
+    return matmul_config(p, d, k_block(dtype))
 
 
 def launch_clipped_sum(
     a: Tensor | None,
     g: Tensor,
     c: Tensor,
-    *,
     bias: bool,
     noise_std: float,
     scale: float,
@@ -186,58 +175,43 @@ def launch_clipped_sum(
 ) -> tuple[Tensor, Tensor]:
     """The host side of both ops; ``a`` None for the bias alone. ``splits`` forces the split-K
     factor (tests cover both paths with it). Returns (weight or empty, bias or empty)."""
+    weight = a is not None
+    xs, dt = cast_inputs("linear_clipped_sum", *([a, g] if a is not None else [g]))
+    a, g = (xs[0], xs[1]) if weight else (None, xs[0])
     B, T, p = g.shape
     d = a.shape[2] if a is not None else 0
-    dt = acc_dtype(*(x for x in (a, g) if x is not None))
-    in_dt = common_input("linear_clipped_sum", *(x for x in (a, g) if x is not None))
-    g = g.to(in_dt)
-    a = a.to(in_dt) if a is not None else None
-    weight = a is not None
-    w = torch.empty((p, d) if weight else (0,), device=g.device, dtype=dt)
-    b = torch.empty((p,) if bias else (0,), device=g.device, dtype=dt)
+    w, b = output(g, (p, d), dt, weight), output(g, (p,), dt, bias)
     if p == 0 or (weight and d == 0 and not bias):
         return w, b
-    cfg = config(p, d, in_dt, weight)
+    cfg = config(p, d, g.dtype, weight)
     bp, bd, bk = cfg.pop("BLOCK_P"), cfg.pop("BLOCK_D"), cfg.pop("BLOCK_K")
-    K = B * T
-    grid_d = triton.cdiv(d, bd) if weight else 1
-    grid_d = max(grid_d, 1)  # d == 0 with a bias: one column of programs for the bias
-    tiles = triton.cdiv(p, bp) * grid_d
-    s = plan_splits(tiles, K, bk, g.device) if splits is None else max(1, min(splits, triton.cdiv(max(K, 1), bk)))
-    k_per = triton.cdiv(triton.cdiv(max(K, 1), bk), s) * bk
-    s = triton.cdiv(max(K, 1), k_per)
-    split = s > 1
-    ws_w = torch.empty((s, p, d) if split and weight else (0,), device=g.device, dtype=dt)
-    ws_b = torch.empty((s, p) if split and bias else (0,), device=g.device, dtype=dt)
-    a_arg = a if a is not None else g  # stands for the absent input; never read (HAS_WEIGHT False)
-    sa = a.stride() if a is not None else (0, 0, 0)
+    grid_d = max(triton.cdiv(d, bd), 1)  # d == 0 with a bias (or no weight): one column of programs for the bias
+    rs = RowSplit.plan(triton.cdiv(p, bp) * grid_d, B * T, bk, g.device, splits)
+    ws_w, ws_b = rs.target(w, weight), rs.target(b, bias)
     launch(
         _clipped_sum_kernel,
-        (triton.cdiv(p, bp), grid_d, s),
-        a_arg,
+        (triton.cdiv(p, bp), grid_d, rs.n),
+        a if a is not None else g,  # g stands for the absent input; never read (HAS_WEIGHT False)
         g,
         c.contiguous(),
-        ws_w if split and weight else w,
-        ws_b if split and bias else b,
-        prev_w.contiguous() if prev_w is not None else w,
-        prev_b.contiguous() if prev_b is not None else b,
+        ws_w,
+        ws_b,
+        given_or(prev_w, w),
+        given_or(prev_b, b),
         T,
         d,
         p,
-        K,
-        k_per,
-        *sa,
+        B * T,
+        rs.k_per,
+        *(a.stride() if a is not None else (0, 0, 0)),
         *g.stride(),
-        float(noise_std),
-        float(scale),
-        int(seed_w) & SEED_MASK,
-        int(seed_b) & SEED_MASK,
-        ACC=tl.float64 if dt == torch.float64 else tl.float32,
-        PRECISION=dot_precision(in_dt),
-        DOT=dot_operand(_clipped_sum_kernel, in_dt),
+        *epilogue_args(noise_std, scale, seed_w, seed_b),
+        ACC=acc_tl(dt),
+        PRECISION=dot_precision(g.dtype),
+        DOT=dot_operand(_clipped_sum_kernel, g.dtype),
         HAS_WEIGHT=weight and d > 0,
         HAS_BIAS=bias,
-        SPLIT=split,
+        SPLIT=rs.split,
         HAS_PREV_W=prev_w is not None,
         HAS_PREV_B=prev_b is not None,
         HAS_NOISE=noise_std != 0.0,
@@ -248,15 +222,17 @@ def launch_clipped_sum(
         EPI_ROWS=min(16, bp),
         **cfg,
     )
-    if split:
-        if weight:
-            finish(ws_w, prev_w, w, noise_std=noise_std, scale=scale, seed=seed_w)
-        if bias:
-            finish(ws_b, prev_b, b, noise_std=noise_std, scale=scale, seed=seed_b)
+    rs.finish(ws_w, prev_w, w, noise_std=noise_std, scale=scale, seed=seed_w)
+    rs.finish(ws_b, prev_b, b, noise_std=noise_std, scale=scale, seed=seed_b)
     return w, b
 
 
-@torch.library.custom_op(f"{NS}::triton_linear_clipped_sum", mutates_args=())
+def _linear_fake(a, g, c, bias, *epilogue):
+    dt, p = acc_dtype(a, g), g.shape[2]
+    return output(g, (p, a.shape[2]), dt), output(g, (p,), dt, bias)
+
+
+@register_op("linear_clipped_sum", _linear_fake)
 def _linear_clipped_sum_op(
     a: Tensor,
     g: Tensor,
@@ -269,40 +245,14 @@ def _linear_clipped_sum_op(
     prev_w: Tensor | None,
     prev_b: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    return launch_clipped_sum(
-        a,
-        g,
-        c,
-        bias=bias,
-        noise_std=noise_std,
-        scale=scale,
-        seed_w=seed_w,
-        seed_b=seed_b,
-        prev_w=prev_w,
-        prev_b=prev_b,
-    )
+    return launch_clipped_sum(a, g, c, bias, noise_std, scale, seed_w, seed_b, prev_w, prev_b)
 
 
-@_linear_clipped_sum_op.register_fake
-def _(a, g, c, bias, noise_std, scale, seed_w, seed_b, prev_w, prev_b):
-    dt = acc_dtype(a, g)
-    p, d = g.shape[2], a.shape[2]
-    return g.new_empty((p, d), dtype=dt), g.new_empty((p,) if bias else (0,), dtype=dt)
-
-
-@torch.library.custom_op(f"{NS}::triton_bias_clipped_sum", mutates_args=())
+@register_op("bias_clipped_sum", lambda g, c, noise_std, scale, seed, prev: output(g, (g.shape[2],), acc_dtype(g)))
 def _bias_clipped_sum_op(
     g: Tensor, c: Tensor, noise_std: float, scale: float, seed: int, prev: Tensor | None
 ) -> Tensor:
-    _, b = launch_clipped_sum(
-        None, g, c, bias=True, noise_std=noise_std, scale=scale, seed_w=0, seed_b=seed, prev_w=None, prev_b=prev
-    )
-    return b
-
-
-@_bias_clipped_sum_op.register_fake
-def _(g, c, noise_std, scale, seed, prev):
-    return g.new_empty((g.shape[2],), dtype=acc_dtype(g))
+    return launch_clipped_sum(None, g, c, True, noise_std, scale, 0, seed, None, prev)[1]
 
 
 def linear_clipped_sum(
@@ -327,9 +277,7 @@ def linear_clipped_sum(
     check_rows("linear_clipped_sum", a, g, c)
     check_prev("linear_clipped_sum", "prev_w", prev_w, (g.shape[2], a.shape[2]), g.device)
     check_prev("linear_clipped_sum", "prev_b", prev_b, (g.shape[2],), g.device)
-    w, b = _linear_clipped_sum_op(
-        a, g, c, bias, float(noise_std), float(scale), int(seed_w) & SEED_MASK, int(seed_b) & SEED_MASK, prev_w, prev_b
-    )
+    w, b = _linear_clipped_sum_op(a, g, c, bias, *epilogue_args(noise_std, scale, seed_w, seed_b), prev_w, prev_b)
     return w, (b if bias else None)
 
 
@@ -339,4 +287,4 @@ def bias_clipped_sum(
     """scale * (prev + sum_i c_i sum_t g_it + noise_std * z), g: (B, T, p), c: (B,)."""
     check_rows("bias_clipped_sum", None, g, c)
     check_prev("bias_clipped_sum", "prev", prev, (g.shape[2],), g.device)
-    return _bias_clipped_sum_op(g, c, float(noise_std), float(scale), int(seed) & SEED_MASK, prev)
+    return _bias_clipped_sum_op(g, c, *epilogue_args(noise_std, scale, seed), prev)

@@ -17,8 +17,10 @@ inst: one program per (sample, p-tile, d-tile) forms that tile of G_i^T A_i (a T
 reduction) in registers, squares and sums it; the per-sample gradient is never written.
 The programs of the first d-tile also sum their G tiles over T for the bias norm.
 
-Each program writes one partial sum; the host sums a sample's partials in a fixed order,
-so results are deterministic (no atomics). Accumulation in float32, float64 for float64.
+The conv kernels (conv.py) are these with A gathered from the input: they share the device
+functions below. Each program writes one partial sum; the host sums a sample's partials in a
+fixed order, so results are deterministic (no atomics). Accumulation in float32, float64 for
+float64.
 """
 
 from __future__ import annotations
@@ -28,7 +30,105 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import NS, acc_dtype, block, check_rows, common_input, dot_operand, dot_precision, launch
+from ._common import (
+    acc_dtype,
+    acc_tl,
+    block,
+    cast_inputs,
+    check_rows,
+    common_input,
+    dot_operand,
+    dot_precision,
+    ghost_pairs,
+    gram_tile_config,
+    k_block,
+    launch,
+    matmul_config,
+    output,
+    per_sample,
+    register_op,
+    tile_ranges,
+)
+from .affine import _channel_sums
+
+# ----------------------------------------------------------------------------- device functions
+
+
+@triton.jit
+def _upper_pair(k, n_tiles, T, BLOCK_T: tl.constexpr):
+    """The pair of T-tiles (i, j), i <= j, that is the k-th cell of the row-major upper triangle of
+    n_tiles x n_tiles, and the two tiles' rows and masks. Row i starts at S(i) = i (2 n - i + 1) / 2, so
+    i = floor(((2n+1) - sqrt((2n+1)^2 - 8k)) / 2), computed in float64 and corrected by one step either
+    way against rounding (n_tiles < 23170: (2 n_tiles + 1)^2 fits int32)."""
+    n2 = 2 * n_tiles + 1
+    i = ((n2 - tl.sqrt((n2 * n2 - 8 * k).to(tl.float64))) * 0.5).to(tl.int32)
+    i = tl.where(i * (n2 - i) // 2 > k, i - 1, i)
+    i = tl.where((i + 1) * (n2 - i - 1) // 2 <= k, i + 1, i)
+    j = i + k - i * (n2 - i) // 2
+    rows_i = i * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows_j = j * BLOCK_T + tl.arange(0, BLOCK_T)
+    return i, j, rows_i, rows_j, rows_i < T, rows_j < T
+
+
+@triton.jit
+def _gram_tile(
+    base,
+    rows_i,
+    rows_j,
+    mask_i,
+    mask_j,
+    K,
+    s_t,
+    s_k,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Tile (I, J) of X X^T for a (T, K) matrix X at ``base`` with strides (s_t, s_k), K in BLOCK_K chunks."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + offs_k
+        mask_k = cols < K
+        x = tl.load(
+            base + rows_i[:, None] * s_t + cols[None, :] * s_k, mask=mask_i[:, None] & mask_k[None, :], other=0.0
+        )
+        y = tl.load(
+            base + cols[:, None] * s_k + rows_j[None, :] * s_t, mask=mask_k[:, None] & mask_j[None, :], other=0.0
+        )
+        acc = tl.dot(x.to(DOT), y.to(DOT), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _store_ghost(w_ptr, b_ptr, pid, aa, gg, i, j, HAS_BIAS: tl.constexpr):
+    """A pair's partial norms <AA^T, GG^T> and sum(GG^T) over its tile (I, J)."""
+    weight = tl.where(i == j, 1.0, 2.0)  # an off-diagonal tile stands for itself and its transpose
+    tl.store(w_ptr + pid, tl.sum(aa * gg) * weight)
+    if HAS_BIAS:
+        tl.store(b_ptr + pid, tl.sum(gg) * weight)
+
+
+@triton.jit
+def _inst_step(
+    acc, bacc, g, a, tile_d, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    """One T-chunk of the inst reduction over G's rows g (T-chunk, p-tile) and A's a (T-chunk, d-tile):
+    acc += g^T a, and on the first d-tile bacc += sum_t g."""
+    acc = tl.dot(tl.trans(g).to(DOT), a.to(DOT), acc, input_precision=PRECISION)
+    if HAS_BIAS and tile_d == 0:
+        bacc += tl.sum(g.to(ACC), axis=0)
+    return acc, bacc
+
+
+@triton.jit
+def _store_inst(w_ptr, b_ptr, pid, acc, bacc, HAS_BIAS: tl.constexpr):
+    tl.store(w_ptr + pid, tl.sum(acc * acc))
+    if HAS_BIAS:
+        tl.store(b_ptr + pid, tl.sum(bacc * bacc))  # zero unless tile_d == 0
+
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -59,52 +159,12 @@ def _ghost_kernel(
 ):
     pid = tl.program_id(0)
     sample = pid // n_pairs
-    k = pid - sample * n_pairs
-    # (i, j), i <= j: the k-th cell of the row-major upper triangle; row i starts at
-    # S(i) = i (2 n - i + 1) / 2, so i = floor(((2n+1) - sqrt((2n+1)^2 - 8k)) / 2),
-    # computed in float64 and corrected by one step either way against rounding.
-    n2 = 2 * n_tiles + 1
-    i = ((n2 - tl.sqrt((n2 * n2 - 8 * k).to(tl.float64))) * 0.5).to(tl.int32)
-    i = tl.where(i * (n2 - i) // 2 > k, i - 1, i)
-    i = tl.where((i + 1) * (n2 - i - 1) // 2 <= k, i + 1, i)
-    j = i + k - i * (n2 - i) // 2
-
-    rows_i = i * BLOCK_T + tl.arange(0, BLOCK_T)
-    rows_j = j * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_i = rows_i < T
-    mask_j = rows_j < T
-    offs_k = tl.arange(0, BLOCK_K)
-
+    i, j, rows_i, rows_j, mask_i, mask_j = _upper_pair(pid - sample * n_pairs, n_tiles, T, BLOCK_T)
     a_base = a_ptr + sample.to(tl.int64) * s_ab
-    aa = tl.zeros((BLOCK_T, BLOCK_T), dtype=ACC)  # tile (I, J) of A_i A_i^T
-    for k0 in range(0, D, BLOCK_K):
-        cols = k0 + offs_k
-        mask_k = cols < D
-        x = tl.load(
-            a_base + rows_i[:, None] * s_at + cols[None, :] * s_ad, mask=mask_i[:, None] & mask_k[None, :], other=0.0
-        )
-        y = tl.load(
-            a_base + cols[:, None] * s_ad + rows_j[None, :] * s_at, mask=mask_k[:, None] & mask_j[None, :], other=0.0
-        )
-        aa = tl.dot(x.to(DOT), y.to(DOT), aa, input_precision=PRECISION)
-
+    aa = _gram_tile(a_base, rows_i, rows_j, mask_i, mask_j, D, s_at, s_ad, ACC, PRECISION, DOT, BLOCK_T, BLOCK_K)
     g_base = g_ptr + sample.to(tl.int64) * s_gb
-    gg = tl.zeros((BLOCK_T, BLOCK_T), dtype=ACC)  # tile (I, J) of G_i G_i^T
-    for k0 in range(0, P, BLOCK_K):
-        cols = k0 + offs_k
-        mask_k = cols < P
-        x = tl.load(
-            g_base + rows_i[:, None] * s_gt + cols[None, :] * s_gp, mask=mask_i[:, None] & mask_k[None, :], other=0.0
-        )
-        y = tl.load(
-            g_base + cols[:, None] * s_gp + rows_j[None, :] * s_gt, mask=mask_k[:, None] & mask_j[None, :], other=0.0
-        )
-        gg = tl.dot(x.to(DOT), y.to(DOT), gg, input_precision=PRECISION)
-
-    weight = tl.where(i == j, 1.0, 2.0)  # an off-diagonal tile stands for itself and its transpose
-    tl.store(w_ptr + pid, tl.sum(aa * gg) * weight)
-    if HAS_BIAS:
-        tl.store(b_ptr + pid, tl.sum(gg) * weight)
+    gg = _gram_tile(g_base, rows_i, rows_j, mask_i, mask_j, P, s_gt, s_gp, ACC, PRECISION, DOT, BLOCK_T, BLOCK_K)
+    _store_ghost(w_ptr, b_ptr, pid, aa, gg, i, j, HAS_BIAS)
 
 
 @triton.jit
@@ -134,13 +194,7 @@ def _inst_kernel(
 ):
     pid = tl.program_id(0)
     sample = pid // n_tiles
-    tile = pid - sample * n_tiles
-    tile_p = tile // n_tiles_d
-    tile_d = tile - tile_p * n_tiles_d
-    offs_p = tile_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_d = tile_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_p = offs_p < P
-    mask_d = offs_d < D
+    offs_p, mask_p, offs_d, mask_d, tile_d = tile_ranges(pid - sample * n_tiles, n_tiles_d, P, D, BLOCK_P, BLOCK_D)
     offs_t = tl.arange(0, BLOCK_T)
     a_base = a_ptr + sample.to(tl.int64) * s_ab
     g_base = g_ptr + sample.to(tl.int64) * s_gb
@@ -156,12 +210,8 @@ def _inst_kernel(
         a = tl.load(
             a_base + rows[:, None] * s_at + offs_d[None, :] * s_ad, mask=mask_t[:, None] & mask_d[None, :], other=0.0
         )
-        acc = tl.dot(tl.trans(g).to(DOT), a.to(DOT), acc, input_precision=PRECISION)
-        if HAS_BIAS and tile_d == 0:
-            bacc += tl.sum(g.to(ACC), axis=0)
-    tl.store(w_ptr + pid, tl.sum(acc * acc))
-    if HAS_BIAS:
-        tl.store(b_ptr + pid, tl.sum(bacc * bacc))  # zero unless tile_d == 0
+        acc, bacc = _inst_step(acc, bacc, g, a, tile_d, ACC, PRECISION, DOT, HAS_BIAS)
+    _store_inst(w_ptr, b_ptr, pid, acc, bacc, HAS_BIAS)
 
 
 @triton.jit
@@ -178,52 +228,26 @@ def _bias_norms_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """||sum_t g_t||^2, one program per (sample, p-tile)."""
+    """||sum_t g_t||^2, one program per (sample, p-tile): the affine bias norm (affine._channel_sums)."""
     pid = tl.program_id(0)
     sample = pid // n_tiles
-    offs_p = (pid - sample * n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < P
-    offs_t = tl.arange(0, BLOCK_T)
+    cols = (pid - sample * n_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     g_base = g_ptr + sample.to(tl.int64) * s_gb
-    acc = tl.zeros((BLOCK_T, BLOCK_P), dtype=ACC)  # reduced over rows once, after the loop
-    for t0 in range(0, T, BLOCK_T):
-        rows = t0 + offs_t
-        mask = (rows < T)[:, None] & mask_p[None, :]
-        acc += tl.load(g_base + rows[:, None] * s_gt + offs_p[None, :] * s_gp, mask=mask, other=0.0).to(ACC)
-    s = tl.sum(acc, axis=0)
+    _, s = _channel_sums(g_base, g_base, T, cols, cols < P, s_gt, s_gp, s_gt, s_gp, ACC, False, True, BLOCK_T, BLOCK_P)
     tl.store(out_ptr + pid, tl.sum(s * s))
 
 
 # ----------------------------------------------------------------------------- configs
 
 
-def _k_block(dtype: torch.dtype) -> int:
-    """The reduction chunk: 64 for 16-bit, 32 for 4-byte, 16 for 8-byte inputs, so that three
-    staged operand tiles fit shared memory and float64 Gram tiles fit registers (AOT report)."""
-    return {2: 64, 4: 32}.get(dtype.itemsize, 16)
-
-
 def ghost_config(T: int, d: int, p: int, dtype: torch.dtype) -> dict:
-    """64x64 Gram tiles: two float32 accumulators of 64x64 on 4 warps take 64 registers a thread
-    together, leaving room for the staged operands."""
-    return dict(
-        BLOCK_T=block(T, 16, 64),
-        BLOCK_K=block(max(d, p), 16, _k_block(dtype)),
-        num_warps=4,
-        num_stages=3,
-    )
+    """64x64 Gram tiles over d (and p) in matmul-sized chunks (_common.gram_tile_config, k_block)."""
+    return gram_tile_config(T, max(d, p), k_block(dtype))
 
 
 def inst_config(T: int, d: int, p: int, dtype: torch.dtype) -> dict:
     """128x128 output tiles on 8 warps, as for a plain matmul of the same shape."""
-    bp, bd = block(p, 16, 128), block(d, 16, 128)
-    return dict(
-        BLOCK_P=bp,
-        BLOCK_D=bd,
-        BLOCK_T=block(T, 16, _k_block(dtype)),
-        num_warps=8 if bp * bd >= 128 * 128 else 4,
-        num_stages=3,
-    )
+    return matmul_config(p, d, block(T, 16, k_block(dtype)), k_name="BLOCK_T")
 
 
 def bias_config(T: int, p: int) -> dict:
@@ -233,77 +257,48 @@ def bias_config(T: int, p: int) -> dict:
 # ----------------------------------------------------------------------------- host side
 
 
-def _cast(op: str, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
-    in_dt = common_input(op, a, g)
-    return a.to(in_dt), g.to(in_dt), acc_dtype(a, g)
+def _launch_norms(kernel, cfg: dict, a: Tensor, g: Tensor, dt: torch.dtype, bias: bool, n: int, tiles: tuple):
+    """One program per (sample, one of its n tiles), each writing its partial norms."""
+    B, T, d = a.shape
+    w, b = output(a, (B, n), dt), output(a, (B, n), dt, bias)
+    if B * n > 0:
+        launch(
+            kernel,
+            (B * n,),
+            a,
+            g,
+            w,
+            b,
+            T,
+            d,
+            g.shape[2],
+            *tiles,
+            *a.stride(),
+            *g.stride(),
+            ACC=acc_tl(dt),
+            PRECISION=dot_precision(a.dtype),
+            DOT=dot_operand(kernel, a.dtype),
+            HAS_BIAS=bias,
+            **cfg,
+        )
+    return per_sample(w), per_sample(b)
 
 
 def launch_ghost(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
-    a, g, dt = _cast("linear_norms", a, g)
-    B, T, d = a.shape
-    p = g.shape[2]
+    (a, g), dt = cast_inputs("linear_norms", a, g)
+    T, d, p = a.shape[1], a.shape[2], g.shape[2]
     cfg = ghost_config(T, d, p, a.dtype)
-    n_tiles = triton.cdiv(T, cfg["BLOCK_T"])
-    if n_tiles >= 23170:  # the kernel's pair index arithmetic is int32
-        raise ValueError(f"linear_norms: T = {T} is too long for the ghost kernel; use method='inst'")
-    n_pairs = n_tiles * (n_tiles + 1) // 2
-    w = torch.zeros((B, n_pairs), device=a.device, dtype=dt)
-    b = torch.zeros((B, n_pairs) if bias else (0,), device=a.device, dtype=dt)
-    if B * n_pairs > 0:
-        launch(
-            _ghost_kernel,
-            (B * n_pairs,),
-            a,
-            g,
-            w,
-            b,
-            T,
-            d,
-            p,
-            n_tiles,
-            n_pairs,
-            *a.stride(),
-            *g.stride(),
-            ACC=tl.float64 if dt == torch.float64 else tl.float32,
-            PRECISION=dot_precision(a.dtype),
-            DOT=dot_operand(_ghost_kernel, a.dtype),
-            HAS_BIAS=bias,
-            **cfg,
-        )
-    return w.sum(1), (b.sum(1) if bias else b)
+    n_tiles, n_pairs = ghost_pairs("linear_norms", T, cfg["BLOCK_T"])
+    return _launch_norms(_ghost_kernel, cfg, a, g, dt, bias, n_pairs, (n_tiles, n_pairs))
 
 
 def launch_inst(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
-    a, g, dt = _cast("linear_norms", a, g)
-    B, T, d = a.shape
-    p = g.shape[2]
+    (a, g), dt = cast_inputs("linear_norms", a, g)
+    T, d, p = a.shape[1], a.shape[2], g.shape[2]
     cfg = inst_config(T, d, p, a.dtype)
     n_tiles_d = max(1, triton.cdiv(d, cfg["BLOCK_D"]))  # d == 0: one column for the bias
     n_tiles = triton.cdiv(p, cfg["BLOCK_P"]) * n_tiles_d
-    w = torch.zeros((B, n_tiles), device=a.device, dtype=dt)
-    b = torch.zeros((B, n_tiles) if bias else (0,), device=a.device, dtype=dt)
-    if B * n_tiles > 0:
-        launch(
-            _inst_kernel,
-            (B * n_tiles,),
-            a,
-            g,
-            w,
-            b,
-            T,
-            d,
-            p,
-            n_tiles_d,
-            n_tiles,
-            *a.stride(),
-            *g.stride(),
-            ACC=tl.float64 if dt == torch.float64 else tl.float32,
-            PRECISION=dot_precision(a.dtype),
-            DOT=dot_operand(_inst_kernel, a.dtype),
-            HAS_BIAS=bias,
-            **cfg,
-        )
-    return w.sum(1), (b.sum(1) if bias else b)
+    return _launch_norms(_inst_kernel, cfg, a, g, dt, bias, n_tiles, (n_tiles_d, n_tiles))
 
 
 def launch_bias_norms(g: Tensor) -> Tensor:
@@ -312,54 +307,23 @@ def launch_bias_norms(g: Tensor) -> Tensor:
     B, T, p = g.shape
     cfg = bias_config(T, p)
     n_tiles = triton.cdiv(p, cfg["BLOCK_P"])
-    out = torch.zeros((B, n_tiles), device=g.device, dtype=dt)
+    out = output(g, (B, n_tiles), dt)
     if B * n_tiles > 0:
-        launch(
-            _bias_norms_kernel,
-            (B * n_tiles,),
-            g,
-            out,
-            T,
-            p,
-            n_tiles,
-            *g.stride(),
-            ACC=tl.float64 if dt == torch.float64 else tl.float32,
-            **cfg,
-        )
-    return out.sum(1)
+        launch(_bias_norms_kernel, (B * n_tiles,), g, out, T, p, n_tiles, *g.stride(), ACC=acc_tl(dt), **cfg)
+    return per_sample(out)
 
 
 # ----------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op(f"{NS}::triton_linear_norms_ghost", mutates_args=())
-def _linear_norms_ghost_op(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
-    return launch_ghost(a, g, bias)
-
-
-@torch.library.custom_op(f"{NS}::triton_linear_norms_inst", mutates_args=())
-def _linear_norms_inst_op(a: Tensor, g: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
-    return launch_inst(a, g, bias)
-
-
 def _norms_fake(a, g, bias):
-    dt = acc_dtype(a, g)
-    B = a.shape[0]
-    return a.new_empty((B,), dtype=dt), a.new_empty((B,) if bias else (0,), dtype=dt)
+    dt, B = acc_dtype(a, g), a.shape[0]
+    return output(a, (B,), dt), output(a, (B,), dt, bias)
 
 
-_linear_norms_ghost_op.register_fake(_norms_fake)
-_linear_norms_inst_op.register_fake(_norms_fake)
-
-
-@torch.library.custom_op(f"{NS}::triton_bias_norms", mutates_args=())
-def _bias_norms_op(g: Tensor) -> Tensor:
-    return launch_bias_norms(g)
-
-
-@_bias_norms_op.register_fake
-def _(g):
-    return g.new_empty((g.shape[0],), dtype=acc_dtype(g))
+_linear_norms_ghost_op = register_op("linear_norms_ghost", _norms_fake)(launch_ghost)
+_linear_norms_inst_op = register_op("linear_norms_inst", _norms_fake)(launch_inst)
+_bias_norms_op = register_op("bias_norms", lambda g: output(g, (g.shape[0],), acc_dtype(g)))(launch_bias_norms)
 
 
 def linear_norms(a: Tensor, g: Tensor, *, bias: bool, method: str) -> tuple[Tensor, Tensor | None]:
