@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from _layer_oracle import DT, EBS, clipped_update, per_sample_grads, per_sample_loss, sq_norms
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -21,48 +22,7 @@ from torch import nn
 import dpkernels
 from dpkernels.nn import DPEmbedding
 
-DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)
-EBS = 2.5  # != any realised batch, so dividing by the realised size fails
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: on the shared 2-core machine torch's intra-op threads spin (ms per op under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def per_sample_loss(model, x, y):
-    return (model(x) - y).square().flatten(1).sum(1)
-
-
-def per_sample_grads(ref, x, y):
-    """{name: (B, *shape)} gradients of each sample's loss, one sample at a time with torch's autograd."""
-    params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
-    per: dict[str, list[torch.Tensor]] = {n: [] for n in params}
-    for i in range(x.shape[0]):
-        ref.zero_grad(set_to_none=True)
-        per_sample_loss(ref, x[i : i + 1], y[i : i + 1]).sum().backward()
-        for n, p in params.items():
-            per[n].append(p.grad.clone() if p.grad is not None else torch.zeros_like(p))
-    return {n: torch.stack(v) if v else torch.zeros(0, *params[n].shape, dtype=DT) for n, v in per.items()}
-
-
-def sq_norms(grads, names):
-    return sum(grads[n].flatten(1).square().sum(1) for n in names)
-
-
-def clipped_update(grads, groups, bounds, red):
-    """Each group clipped (abadi) at its bound independently of dpkernels.clipping, summed, / EBS for mean."""
-    out = {}
-    for names, R in zip(groups, bounds, strict=True):
-        c = (R / (sq_norms(grads, names).sqrt() + 1e-6)).clamp(max=1.0)
-        for n in names:
-            out[n] = torch.einsum("b,b...->...", c, grads[n]) / (EBS if red == "mean" else 1.0)
-    return out
 
 
 def check_step(model, x, y, red, **kw):
