@@ -144,6 +144,11 @@ class Engine:
         ]
         self._acc: dict[int, Tensor] = {}  # raw clipped sums of earlier micro-batches
         self._noised: set[int] = set()
+        # With several groups one can finish (and be summed) before a later layer's norms are checked;
+        # its results wait here until the pass ends, so a FloatingPointError leaves .grad and the
+        # accumulation untouched. A single group is summed only after every norm is checked.
+        self._stage = len(groups) > 1
+        self._staged: list[tuple[nn.Parameter, Tensor, bool]] = []
         self._micro = 0
         self._phase: str | None = None  # two-pass: "norms" or "apply"
         self._factors: list[Tensor | None] = [None] * len(groups)
@@ -162,6 +167,8 @@ class Engine:
 
     def on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on the model: remember the batch size of its first tensor input."""
+        if self._in_backward:  # the last backward failed outside any DP layer: drop what it left
+            self._abort()
         for x in list(args) + list(kwargs.values()):
             if isinstance(x, Tensor) and x.dim() > 0:
                 self.batch_size = x.shape[0]
@@ -220,6 +227,7 @@ class Engine:
     def _abort(self) -> None:
         """Forget the pass in progress after an error in backward (its end-of-pass callback will not
         run), so that the next forward/backward starts clean instead of mixing with stale uses."""
+        self._staged.clear()
         for tie in self.ties:
             tie.expected = 0
             tie.arrived = 0
@@ -299,10 +307,23 @@ class Engine:
             seed=self.param_seed(p),
         )
 
+    def _prev(self, p: nn.Parameter) -> Tensor | None:
+        """The raw sum of earlier micro-batches; kept until the commit when results are staged."""
+        return self._acc.get(id(p)) if self._stage else self._acc.pop(id(p), None)
+
     def _store(self, p: nn.Parameter, result: Tensor, last: bool) -> None:
         if last:
-            p.grad = result.to(p.dtype)
+            result = result.to(p.dtype)
+        if self._stage:
+            self._staged.append((p, result, last))
+        else:
+            self._commit(p, result, last)
+
+    def _commit(self, p: nn.Parameter, result: Tensor, last: bool) -> None:
+        if last:
+            p.grad = result
             self._noised.add(id(p))
+            self._acc.pop(id(p), None)
         else:
             self._acc[id(p)] = result
 
@@ -322,14 +343,14 @@ class Engine:
             if len(owners) == 1:
                 by_module.setdefault(owners[0], []).append(p)
                 continue
-            result = self._acc.pop(id(p), None)
+            result = self._prev(p)
             for k, m in enumerate(owners):
                 spec = self._spec(p, last and k == len(owners) - 1, result)
                 result = dp_function(m).clipped_sum(m, tie.uses[m], {id(p): spec})[id(p)]
             assert result is not None
             self._store(p, result, last)
         for m, ps in by_module.items():
-            specs = {id(p): self._spec(p, last, self._acc.pop(id(p), None)) for p in ps}
+            specs = {id(p): self._spec(p, last, self._prev(p)) for p in ps}
             out = dp_function(m).clipped_sum(m, tie.uses[m], specs)
             for p in ps:
                 self._store(p, out[id(p)], last)
@@ -349,6 +370,9 @@ class Engine:
         if self._phase != "apply":
             for gi in range(len(self.groups)):
                 self._group_done(gi)
+        for p, result, last in self._staged:
+            self._commit(p, result, last)
+        self._staged.clear()
         for tie in self.ties:
             if self._phase != "norms":
                 tie.expected = 0

@@ -4,7 +4,8 @@
 - noise: N(0, (sigma R_total / expected_batch_size)^2) on every coordinate of every parameter, embedding
   rows the batch never touched included; fresh per step and per parameter, reproducible from the seed;
 - an empty batch is a valid step (noise only);
-- a non-finite per-sample loss raises FloatingPointError and leaves the gradients as they were.
+- a non-finite per-sample gradient (from the loss or from any layer) raises FloatingPointError and leaves
+  the gradients and the accumulated micro-batches as they were; so does any error in backward.
 
 Statistical thresholds: every check of a random quantity uses a two-sided test at level ALPHA = 1e-6.
 The noise comes from fixed seeds, so each test is deterministic; the level bounds the chance that a
@@ -263,3 +264,77 @@ def test_non_finite_sample_raises_and_leaves_gradients_untouched(case, bad, grou
     fresh = _step(case, model2, opt2, x, y, strategy=strategy)
     for n in after:
         torch.testing.assert_close(after[n], fresh[n], rtol=0, atol=0)  # same computation, same seed and step
+
+
+class _Poison(torch.autograd.Function):
+    """Identity forward; backward poisons sample 2's gradient, or raises, from here down the network."""
+
+    @staticmethod
+    def forward(ctx, x, mode):
+        ctx.mode = mode
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.mode == "raise":
+            raise RuntimeError("a non-DP layer failed in backward")
+        g = g.clone()
+        g[2] = float("nan")
+        return g, None
+
+
+class _PoisonedMLP(nn.Module):
+    """Linear -> Tanh -> poison -> Linear: the last layer's norms are finite, the first layer's are not."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.mode: str | None = None
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(_Poison.apply(h, self.mode) if self.mode else h)
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+@pytest.mark.parametrize("mode", ["nan", "raise"])
+@pytest.mark.parametrize("groups", ["layer-wise", "param-wise"])
+def test_failure_in_a_lower_layer_writes_nothing(groups, mode, accumulation_steps):
+    """With several groups the last layer's group is finished (clipped, summed, noised) before the first
+    layer's norms exist. A NaN there (FloatingPointError) or an error in a non-DP layer's backward must
+    leave .grad and the accumulated micro-batches as they were, and the next step must equal a fresh one."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+
+    def make():
+        torch.manual_seed(1)
+        model = _PoisonedMLP()
+        kw = dict(noise_multiplier=0.5, max_grad_norm=1.0, groups=groups, seed=3, expected_batch_size=4.0)
+        return dpkernels.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.0), **kw, accumulation_steps=accumulation_steps
+        )
+
+    def step(model, opt, fail: bool):
+        opt.zero_grad()
+        for k in range(accumulation_steps):
+            if fail and k == accumulation_steps - 1:
+                model.mode = mode
+                sentinel = {n: torch.full_like(p, 7.0) for n, p in model.named_parameters()}
+                for n, p in model.named_parameters():
+                    p.grad = sentinel[n].clone()
+                err = FloatingPointError if mode == "nan" else RuntimeError
+                with pytest.raises(err, match=r"sample\(s\) \[2\]" if mode == "nan" else "non-DP layer"):
+                    nn.functional.cross_entropy(model(x), y).backward()
+                for n, p in model.named_parameters():
+                    assert torch.equal(p.grad, sentinel[n]), f"{n}: gradient changed by a failed backward"
+                model.mode = None
+                for p in model.parameters():
+                    p.grad = None
+            nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    failed = step(*make(), fail=True)
+    fresh = step(*make(), fail=False)
+    for n in fresh:
+        torch.testing.assert_close(failed[n], fresh[n], rtol=0, atol=0)  # same computation, seed and step
