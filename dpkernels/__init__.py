@@ -1,6 +1,6 @@
 """dpkernels: differentially private training at the cost of ordinary training.
 
-Public API: `make_private`, the DP layers (`DPLinear`, ...), `set_backend`, accounting.
+Public API: `make_private`, the DP layers (`DPLinear`, ...), `set_backend` / `use_backend`, accounting.
 """
 
 from . import api as api  # functional API for other libraries: api.per_sample_norms, api.clipped_sum
@@ -11,7 +11,7 @@ from .engine import DPOptimizer, Engine
 from .nn import DP_LAYERS, DPConv1d, DPConv2d, DPConv3d, DPEmbedding, DPGroupNorm, DPLayerNorm, DPLinear, DPRMSNorm
 from .nn.mha import DPMultiheadAttention
 from .nn.tap import tap_parameters  # opt-in for raw (1, ...) parameters broadcast over the batch
-from .ops import available_backends, get_backend, set_backend
+from .ops import available_backends, get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
 
@@ -36,4 +36,5 @@ __all__ = [
     "make_private",
     "set_backend",
     "tap_parameters",
+    "use_backend",
 ]

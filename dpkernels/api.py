@@ -30,16 +30,14 @@ wanted (Opacus's hooks do this; see dpkernels.opacus_backend).
 
 Backends: ``backend=`` picks the ops' backend ("reference", "triton", "cuda"; None keeps the current
 choice, see `dpkernels.set_backend`) for this call; ops a backend lacks run on the reference. The
-choice is switched globally for the duration of the call, so do not call these functions concurrently
-with different backends from several threads.
+choice holds for this call only (`dpkernels.ops.use_backend`): other threads keep their own.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -102,19 +100,6 @@ class _View:
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.__dict__[name] = value
-
-
-@contextmanager
-def _backend(name: str | None) -> Iterator[None]:
-    if name is None:
-        yield
-        return
-    before = ops.get_backend()
-    ops.set_backend(name)
-    try:
-        yield
-    finally:
-        ops.set_backend(before)
 
 
 def _first(activations: Tensor | Sequence[Tensor], what: str) -> Tensor:
@@ -204,7 +189,7 @@ def per_sample_norms(
         return {}
     if grad_output.shape[0] == 0:  # an empty (Poisson) batch: no per-sample work, as in the engine
         return {p: grad_output.new_zeros(0, dtype=ops.acc_dtype(grad_output)) for p in params}
-    with _backend(backend):
+    with ops.use_backend(backend):
         out = fn.norms(_View(module), uses)
     return {p: out[id(p)] for p in params}
 
@@ -246,7 +231,7 @@ def clipped_sum(
         id(p): SumSpec(c=clip_factors, noise_std=float(noise_std), scale=float(scale), seed=_mix64(seed, k))
         for k, p in enumerate(params)
     }
-    with _backend(backend):
+    with ops.use_backend(backend):
         if B == 0:  # an empty (Poisson) batch: the sum is empty, the result noise only
             dt = ops.acc_dtype(grad_output)
             return {

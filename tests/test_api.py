@@ -8,6 +8,8 @@ gradients carry the 1/B factor for "mean" as well.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -246,6 +248,38 @@ def test_reference_backend_forced_and_restored():
     with pytest.raises(ValueError, match="unknown backend"):
         api.per_sample_norms(m, x, g, backend="nope")
     assert dpkernels.get_backend() == "reference"
+
+
+def test_backend_choice_is_per_thread():
+    """use_backend (what api's backend= uses) holds for its own thread only; set_backend for all."""
+    if "triton" not in dpkernels.available_backends():
+        pytest.skip("triton backend not available here")
+    x = torch.zeros(1)
+    entered, checked = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def worker():
+        with dpkernels.use_backend("triton"):
+            seen["inside"] = (dpkernels.get_backend(), ops.resolve("linear_norms", x).__module__)
+            entered.set()
+            checked.wait(timeout=30)
+        seen["after"] = dpkernels.get_backend()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert entered.wait(timeout=30)
+    main = (dpkernels.get_backend(), ops.resolve("linear_norms", x).__module__)  # while the worker is inside
+    checked.set()
+    t.join(timeout=30)
+    assert seen["inside"][0] == "triton" and seen["inside"][1].startswith("dpkernels.ops.triton")
+    assert main[0] == "auto" and main[1].startswith("dpkernels.ops.reference")  # CPU tensor: reference
+    assert seen["after"] == "auto"
+    dpkernels.set_backend("reference")
+    with dpkernels.use_backend("auto"):  # a block may ask for the automatic choice under a forced one
+        assert dpkernels.get_backend() == "auto"
+    assert dpkernels.get_backend() == "reference"
+    with pytest.raises(ValueError, match="unknown backend"), dpkernels.use_backend("nope"):
+        pass
 
 
 # ----------------------------------------------------------------------------- errors

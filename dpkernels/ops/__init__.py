@@ -3,13 +3,17 @@
 Backends: ``reference`` (plain PyTorch, any device, the ground truth), ``triton``
 (CUDA tensors, or the CPU under TRITON_INTERPRET=1) and ``cuda`` (the csrc
 extension). ``auto`` picks per call by device and availability; `set_backend`
-forces one. An op a backend lacks falls back to the reference; `last_backend`
-says which backend served each op most recently, so the choice is visible.
+forces one process-wide, `use_backend` for the calls of one thread (or asyncio task)
+inside a ``with`` block. An op a backend lacks falls back to the reference;
+`last_backend` says which backend served each op most recently, so the choice is visible.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
+from collections.abc import Iterator
 from types import ModuleType
 
 from torch import Tensor
@@ -18,26 +22,48 @@ from . import reference
 
 BACKENDS = ("reference", "triton", "cuda")
 _forced: str | None = None
+_local: contextvars.ContextVar[str | None] = contextvars.ContextVar("dpkernels_backend", default=None)
 _loaded: dict[str, ModuleType | None] = {"reference": reference}
 last_backend: dict[str, str] = {}
 
 
-def set_backend(name: str | None) -> None:
-    """Force a backend for every op ("reference", "triton", "cuda"), or None / "auto" for automatic."""
-    global _forced
+def _check(name: str | None) -> str | None:
+    """``name`` as a forced backend (None for automatic), after checking that it exists and loads."""
     if name in (None, "auto"):
-        _forced = None
-        return
+        return None
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'")
     if _load(name) is None:
         raise RuntimeError(f"backend {name!r} is not available here: {_errors.get(name, 'not built')}")
-    _forced = name
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every op ("reference", "triton", "cuda"), or None / "auto" for automatic.
+
+    Process-wide, so it also reaches the DP layers' backward, which autograd may run on its own threads."""
+    global _forced
+    _forced = _check(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force a backend for the ops this thread (or asyncio task) calls inside the block; None keeps
+    the current choice. Unlike `set_backend` it does not reach autograd's worker threads."""
+    if name is None:
+        yield
+        return
+    token = _local.set(_check(name) or "auto")
+    try:
+        yield
+    finally:
+        _local.reset(token)
 
 
 def get_backend() -> str:
-    """The forced backend, or "auto"."""
-    return _forced or "auto"
+    """The backend forced for this thread's calls (`use_backend`, else `set_backend`), or "auto"."""
+    local = _local.get()
+    return local if local is not None else _forced or "auto"
 
 
 _errors: dict[str, str] = {}
@@ -65,7 +91,8 @@ def _auto(device_type: str) -> list[str]:
 
 def resolve(op: str, tensor: Tensor, backend: str | None = None):
     """The callable that serves ``op`` for ``tensor``'s device, and its backend's name."""
-    chosen = backend or _forced
+    local = _local.get()
+    chosen = backend or (_forced if local is None else None if local == "auto" else local)
     order = [chosen] if chosen else _auto(tensor.device.type)
     for name in order + ["reference"]:
         mod = _load(name)
