@@ -97,6 +97,7 @@ class Launch:
     family: str
     workload: str
     dtype: str
+    maxnreg: int | None = None  # the launcher's register budget (PTX .maxnreg), None for ptxas's choice
 
 
 def _specialize(kernel, args, meta) -> tuple[dict, dict, dict]:
@@ -143,9 +144,10 @@ def recording(out: list[Launch], family: str, workload: str, dtype: str) -> Iter
     mods = [m for m in _op_modules() if hasattr(m, "launch")]
     saved = [m.launch for m in mods]
 
-    def record(kernel, grid, *args, num_warps=4, num_stages=2, **meta):
+    def record(kernel, grid, *args, num_warps=4, num_stages=2, maxnreg=None, **meta):
         sig, const, attrs = _specialize(kernel, args, meta)
-        out.append(Launch(kernel, num_warps, num_stages, sig, const, attrs, dict(meta), family, workload, dtype))
+        launch = Launch(kernel, num_warps, num_stages, sig, const, attrs, dict(meta), family, workload, dtype, maxnreg)
+        out.append(launch)
 
     for m in mods:
         m.launch = record
@@ -420,7 +422,7 @@ def launches(configs: list[Config], dtypes: list[str] | None) -> list[Launch]:
 def _key(x: Launch):
     const = tuple(sorted((k, str(v)) for k, v in x.constexprs.items()))
     attrs = tuple(sorted((k, str(v)) for k, v in x.attrs.items()))
-    return (x.kernel.__name__, tuple(x.signature.items()), const, attrs, x.num_warps, x.num_stages)
+    return (x.kernel.__name__, tuple(x.signature.items()), const, attrs, x.num_warps, x.num_stages, x.maxnreg)
 
 
 # ----------------------------------------------------------------------------- expectations
@@ -477,7 +479,7 @@ class Row:
 
 
 def _describe(x: Launch) -> str:
-    """The block sizes, warps-independent shape constexprs and the flags that are set."""
+    """The block sizes, warps-independent shape constexprs, the flags that are set and a register budget."""
     parts = []
     for k, v in x.meta.items():
         if isinstance(v, bool):
@@ -485,6 +487,8 @@ def _describe(x: Launch) -> str:
                 parts.append(k)
         elif isinstance(v, int) or k in ("DOT", "PRECISION") or (k == "ACC" and str(v) == "fp64"):
             parts.append(f"{k}={v}")
+    if x.maxnreg is not None:
+        parts.append(f"maxnreg={x.maxnreg}")
     return " ".join(parts)
 
 
@@ -493,7 +497,10 @@ def compile_one(x: Launch, workdir: Path) -> Row:
     src = ASTSource(x.kernel, x.signature, x.constexprs, x.attrs)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        ck = triton.compile(src, target=TARGET, options={"num_warps": x.num_warps, "num_stages": x.num_stages})
+        options = {"num_warps": x.num_warps, "num_stages": x.num_stages}
+        if x.maxnreg is not None:
+            options["maxnreg"] = x.maxnreg
+        ck = triton.compile(src, target=TARGET, options=options)
     dt = time.perf_counter() - t0
     found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
     if not found:

@@ -72,8 +72,17 @@ def interpreting(kernel: Any) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
-def launch(kernel: Any, grid: tuple[int, ...], *args: Any, num_warps: int = 4, num_stages: int = 2, **meta: Any):
-    """``kernel[grid](*args, **meta)``, after checking that the tensors can reach the kernel."""
+def launch(
+    kernel: Any,
+    grid: tuple[int, ...],
+    *args: Any,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    maxnreg: int | None = None,
+    **meta: Any,
+):
+    """``kernel[grid](*args, **meta)``, after checking that the tensors can reach the kernel. ``maxnreg``
+    caps the registers a thread (PTX .maxnreg); None leaves the choice to ptxas."""
     if not interpreting(kernel):
         for x in args:
             if isinstance(x, Tensor) and x.device.type != "cuda":
@@ -82,6 +91,8 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, num_warps: int = 4, n
                     "CUDA tensors (or on the CPU with TRITON_INTERPRET=1 set before triton is imported). "
                     "Use dpkernels.set_backend('reference') for CPU tensors."
                 )
+    if maxnreg is not None:  # the interpreter ignores it
+        meta["maxnreg"] = maxnreg
     kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **meta)
 
 
@@ -130,21 +141,43 @@ def k_block(dtype: torch.dtype) -> int:
     return {2: 64, 4: 32}.get(dtype.itemsize, 16)
 
 
-def gram_tile_config(T: int, k: int, block_k: int) -> dict:
+def fma_dot(dtype: torch.dtype) -> bool:
+    """Whether tl.dot on inputs of ``dtype`` runs on FMA units (IEEE float32, float64) rather than on
+    tensor cores: its operands and accumulator then live in registers, not in shared memory / wgmma."""
+    return dtype == torch.float64 or (dtype == torch.float32 and dot_precision(dtype) == "ieee")
+
+
+def fma_warps(fma: bool, wide: bool) -> dict:
+    """num_warps, num_stages (and maxnreg) of a matmul-like kernel: 8 warps for a wide tile, 4 otherwise,
+    3 stages. A wide FMA tile gets 8 warps, a budget of 128 registers a thread (two blocks an SM) and
+    one stage: its operands go through registers, not wgmma, and the staged copies' addresses cost
+    registers. Left to itself ptxas for sm_90 picks a lower register target for these kernels and
+    spills 8-136 B to reach it; with the budget and one stage none spills (AOT report)."""
+    if fma and wide:
+        return {"num_warps": 8, "maxnreg": 128, "num_stages": 1}
+    return {"num_warps": 8 if wide else 4, "num_stages": 3}
+
+
+def gram_tile_config(T: int, k: int, block_k: int, dtype: torch.dtype) -> dict:
     """64x64 Gram tiles (T x T) over a reduction of length ``k`` in chunks of up to ``block_k``: two
     float32 accumulators of 64x64 on 4 warps take 64 registers a thread together, leaving room for the
-    staged operands."""
-    return dict(BLOCK_T=block(T, 16, 64), BLOCK_K=block(k, 16, block_k), num_warps=4, num_stages=3)
+    staged operands. FMA dots hold their operands in registers too and take 8 warps (`fma_warps`)."""
+    bt = block(T, 16, 64)
+    fma = fma_dot(dtype)
+    return dict(BLOCK_T=bt, BLOCK_K=block(k, 16, block_k), **fma_warps(fma, fma and bt >= 64))
 
 
-def matmul_config(p: int, d: int, bk: int, *, k_name: str = "BLOCK_K", max_p: int = 128, gathered: bool = False):
-    """(p, d) output tiles up to max_p x 128, shrunk to small layers, over K chunks of ``bk`` (the
+def matmul_config(p: int, d: int, bk: int, dtype: torch.dtype, *, k_name: str = "BLOCK_K", gathered: bool = False):
+    """(p, d) output tiles up to 128 x 128, shrunk to small layers, over K chunks of ``bk`` (the
     constexpr ``k_name``). 8 warps for a 128x128 accumulator, as for a plain matmul of that shape, or
     for a gathered (implicit-GEMM) operand tile of >= 16x128 elements, which holds an address and a
-    mask per element; 4 otherwise."""
-    bp, bd = block(p, 16, max_p), block(d, 16, 128)
-    wide = bp * bd >= 128 * 128 or (gathered and bk * bd >= 16 * 128)
-    return {"BLOCK_P": bp, "BLOCK_D": bd, k_name: bk, "num_warps": 8 if wide else 4, "num_stages": 3}
+    mask per element; 4 otherwise. FMA dots (`fma_dot`) keep accumulator and operands in registers:
+    their tiles stop at 64 x 128 (64 x 64 gathered) and are wide from 64 x 32 (`fma_warps`; AOT report
+    for sm_90: 8-48 B of spills at 128 x 128, and on 4 warps at 64 x 32 to 64 x 64)."""
+    fma = fma_dot(dtype)
+    bp, bd = block(p, 16, 64 if fma else 128), block(d, 16, 64 if fma and gathered else 128)
+    wide = bp * bd >= 128 * 128 or (gathered and bk * bd >= 16 * 128) or (fma and bp * bd >= 64 * 32)
+    return {"BLOCK_P": bp, "BLOCK_D": bd, k_name: bk, **fma_warps(fma, wide)}
 
 
 def ghost_pairs(op: str, T: int, block_t: int) -> tuple[int, int]:

@@ -179,6 +179,8 @@ def finish(
     n = out.numel()
     if n == 0:
         return out
+    # int64 offsets: 4 elements a thread, not 8 (sm_90, 16-bit outputs: 8 B of spills at 8 a thread)
+    wide = n >= WIDE_OFFSETS
     launch(
         _finish_kernel,
         (triton.cdiv(n, _FINISH_BLOCK),),
@@ -188,13 +190,13 @@ def finish(
         n,
         0 if parts is None else parts.shape[0],
         *epilogue_args(noise_std, scale, seed),
-        num_warps=4,
+        num_warps=8 if wide else 4,
         num_stages=1,
         ACC=acc_tl(out.dtype),
         BLOCK=_FINISH_BLOCK,
         HAS_PREV=prev is not None,
         HAS_NOISE=noise_std != 0.0,
-        WIDE=n >= WIDE_OFFSETS,
+        WIDE=wide,
     )
     return out
 

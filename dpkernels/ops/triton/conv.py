@@ -419,29 +419,23 @@ def _gather_k_block(dtype: torch.dtype) -> int:
     return 32 if dtype.itemsize == 2 else 16
 
 
-def _max_p(dtype: torch.dtype) -> int:
-    """The largest p-tile: 128, but 64 where tl.dot runs on FMA units (IEEE float32, float64), whose
-    128x128 accumulators spill with the gather's addresses beside them (AOT report: 16-384 B)."""
-    fma = dtype == torch.float64 or (dtype == torch.float32 and dot_precision(dtype) == "ieee")
-    return 64 if fma else 128
-
-
 def ghost_config(T: int, d: int, p: int, dtype: torch.dtype) -> dict:
     """The Linear ghost kernel's 64x64 Gram tiles with the conv reduction chunk: two gathered tiles of
     64 rows per step (16-bit: 90-245 registers, no spills)."""
-    return gram_tile_config(T, max(d, p), _gather_k_block(dtype))
+    return gram_tile_config(T, max(d, p), _gather_k_block(dtype), dtype)
 
 
 def inst_config(T: int, d: int, p: int, dtype: torch.dtype) -> dict:
-    """Output tiles up to 128x128, as linear_norms.inst_config; conv layers often have a small
-    p = C_out/groups, and the tile shrinks to it."""
+    """Output tiles up to 128x128 (FMA dots: 64x64), as linear_norms.inst_config; conv layers often
+    have a small p = C_out/groups, and the tile shrinks to it."""
     bt = block(T, 16, _gather_k_block(dtype))
-    return matmul_config(p, d, bt, k_name="BLOCK_T", max_p=_max_p(dtype), gathered=True)
+    return matmul_config(p, d, bt, dtype, k_name="BLOCK_T", gathered=True)
 
 
 def clipped_sum_config(p: int, d: int, dtype: torch.dtype) -> dict:
-    """Output tiles up to 128x128, as linear_clipped_sum.config, with the conv reduction chunk."""
-    return matmul_config(p, d, _gather_k_block(dtype), max_p=_max_p(dtype), gathered=True)
+    """Output tiles up to 128x128 (FMA dots: 64x64), as linear_clipped_sum.config, with the conv
+    reduction chunk."""
+    return matmul_config(p, d, _gather_k_block(dtype), dtype, gathered=True)
 
 
 # ----------------------------------------------------------------------------- geometry

@@ -334,8 +334,9 @@ def clipped_sum_config(V: int, D: int) -> dict:
 
 def cross_config(Te: int, Th: int, D: int, dtype: torch.dtype) -> dict:
     """64 x 64 tiles of A G_e^T, the Linear ghost kernel's Gram tiles (Th rows by Te columns), and the
-    gathered P tile beside them: 95 registers a thread and wgmma for bf16 on sm_90, 161 for ieee fp32."""
-    return dict(BLOCK_S=block(Th, 16, 64), **gram_tile_config(Te, D, k_block(dtype)))
+    gathered P tile beside them: 95 registers a thread and wgmma for bf16 on sm_90; ieee fp32 on FMA
+    units within _common.fma_warps's budget."""
+    return dict(BLOCK_S=block(Th, 16, 64), **gram_tile_config(Te, D, k_block(dtype), dtype))
 
 
 # ----------------------------------------------------------------------------- host side

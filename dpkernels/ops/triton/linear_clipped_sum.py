@@ -154,10 +154,11 @@ def config(p: int, d: int, dtype: torch.dtype, weight: bool = True) -> dict:
     """Block sizes and warps for a (p, d) output. 128x128 output tiles with 8 warps keep
     an H100's wgmma busy on 16-bit inputs; K tiles of 64 rows of 16-bit inputs, 32 of 4-byte
     and 16 of 8-byte ones keep three stages of operand tiles within shared memory (AOT report:
-    bench/aot_compile.py); small layers shrink the tiles to their size."""
+    bench/aot_compile.py); small layers shrink the tiles to their size, FMA dots take 64-row tiles
+    (_common.matmul_config)."""
     if not weight:  # bias alone: a (BLOCK_K x BLOCK_P) tile of G, 32 fp32 registers a thread on 4 warps
         return dict(BLOCK_P=block(p, 16, 128), BLOCK_D=16, BLOCK_K=32, num_warps=4, num_stages=2)
-    return matmul_config(p, d, k_block(dtype))
+    return matmul_config(p, d, k_block(dtype), dtype)
 
 
 def launch_clipped_sum(

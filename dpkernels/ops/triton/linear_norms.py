@@ -242,12 +242,13 @@ def _bias_norms_kernel(
 
 def ghost_config(T: int, d: int, p: int, dtype: torch.dtype) -> dict:
     """64x64 Gram tiles over d (and p) in matmul-sized chunks (_common.gram_tile_config, k_block)."""
-    return gram_tile_config(T, max(d, p), k_block(dtype))
+    return gram_tile_config(T, max(d, p), k_block(dtype), dtype)
 
 
 def inst_config(T: int, d: int, p: int, dtype: torch.dtype) -> dict:
-    """128x128 output tiles on 8 warps, as for a plain matmul of the same shape."""
-    return matmul_config(p, d, block(T, 16, k_block(dtype)), k_name="BLOCK_T")
+    """128x128 output tiles on 8 warps, as for a plain matmul of the same shape (64x128 for FMA dots,
+    see _common.matmul_config)."""
+    return matmul_config(p, d, block(T, 16, k_block(dtype)), dtype, k_name="BLOCK_T")
 
 
 def bias_config(T: int, p: int) -> dict:
