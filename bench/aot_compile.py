@@ -140,22 +140,15 @@ def all_kernels() -> set[str]:
 
 @contextlib.contextmanager
 def recording(out: list[Launch], family: str, workload: str, dtype: str) -> Iterator[None]:
-    """Replace `launch` in every op module (each imports it from _common) by a recorder for the duration."""
-    mods = [m for m in _op_modules() if hasattr(m, "launch")]
-    saved = [m.launch for m in mods]
-
-    def record(kernel, grid, *args, num_warps=4, num_stages=2, maxnreg=None, **meta):
-        sig, const, attrs = _specialize(kernel, args, meta)
-        launch = Launch(kernel, num_warps, num_stages, sig, const, attrs, dict(meta), family, workload, dtype, maxnreg)
-        out.append(launch)
-
-    for m in mods:
-        m.launch = record
-    try:
+    """Record the launches the host launchers make in the block, without launching (meta tensors)."""
+    with _common.observe_launches(run=False) as seen:
         yield
-    finally:
-        for m, f in zip(mods, saved, strict=True):
-            m.launch = f
+    for x in seen:
+        sig, const, attrs = _specialize(x.kernel, x.args, x.meta)
+        meta = dict(x.meta)
+        out.append(
+            Launch(x.kernel, x.num_warps, x.num_stages, sig, const, attrs, meta, family, workload, dtype, x.maxnreg)
+        )
 
 
 @contextlib.contextmanager

@@ -9,12 +9,14 @@ does less work than counted, so its figure is "effective" TFLOP/s).
 On CUDA every available backend is timed with ``triton.testing.do_bench`` and reported as ms,
 achieved TFLOP/s and GB/s, and the fraction of an H100's ~790 TFLOP/s (bf16/fp16 dense) and
 ~3 TB/s (HBM3). On the CPU the reference is timed with torch.utils.benchmark (the same table,
-without peaks). Rows are appended to bench/results/<device>/ops.csv with device, time and versions.
+without peaks). Rows are appended to bench/results/<device>/ops.csv with device, time and versions,
+and with the Triton kernels each call launched: grid, warps, stages, register budget and block sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import importlib.metadata as md
@@ -46,6 +48,15 @@ def served_by(op: str) -> str:
     return ops.last_backend.get(op, "?")
 
 
+def launches(backend: str) -> contextlib.AbstractContextManager[list]:
+    """Records the Triton kernels launched in the block (dpkernels.ops.triton's observe_launches)."""
+    if backend != "triton":
+        return contextlib.nullcontext([])
+    from dpkernels.ops.triton._common import observe_launches
+
+    return observe_launches()
+
+
 def time_ms(fn: Any, device: str) -> float:
     """Median milliseconds of fn(): triton.testing.do_bench on CUDA, torch.utils.benchmark on the CPU."""
     if device == "cuda":
@@ -60,10 +71,12 @@ def time_ms(fn: Any, device: str) -> float:
 def measure(mod: ModuleType, case: dict[str, Any], dtype: torch.dtype, device: str, backend: str) -> dict[str, Any]:
     """One row: time, achieved TFLOP/s and GB/s of ``mod.OP`` on ``case`` with ``backend``."""
     args, kwargs = mod.make(case, dtype, device)
-    call(mod.OP, args, kwargs, backend)  # compile / warm up, and learn which backend serves it
+    with launches(backend) as seen:
+        call(mod.OP, args, kwargs, backend)  # compile / warm up, and learn which backend serves it
     row: dict[str, Any] = {"op": mod.OP, "case": case["name"], "dtype": str(dtype).replace("torch.", "")}
     row["backend"] = backend
     row["served_by"] = served_by(mod.OP)
+    row["kernels"] = "; ".join(x.describe() for x in seen)
     ms = time_ms(lambda: call(mod.OP, args, kwargs, backend), device)
     f, b = mod.flops(case), mod.nbytes(case, torch.empty(0, dtype=dtype).element_size())
     row.update(ms=ms, gflop=f / 1e9, mbyte=b / 1e6, tflops=f / ms / 1e9, gbps=b / ms / 1e6)
@@ -99,7 +112,7 @@ def append_csv(path: Path, rows: list[dict[str, Any]], device: str) -> None:
         "dpkernels": ver("dpkernels"),
     }
     fields = [*stamp, "op", "case", "dtype", "backend", "served_by", "ms", "gflop", "mbyte", "tflops", "gbps",
-              "pct_peak_flops", "pct_peak_bw"]  # fmt: skip
+              "pct_peak_flops", "pct_peak_bw", "kernels"]  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with open(path, "a", newline="") as f:
@@ -123,6 +136,10 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {f(gflops, '.1f')} | {f(r['gbps'], '.1f')} | {f(r.get('pct_peak_flops'), '.1f')} "
             f"| {f(r.get('pct_peak_bw'), '.1f')} |"
         )
+    configs = [r for r in rows if r.get("kernels")]
+    if configs:
+        out += ["", "Kernel launches (grid, warps, stages, register budget, block sizes):", ""]
+        out += [f"- {r['op']} {r['case']} {r['dtype']}: {r['kernels']}" for r in configs]
     return "\n".join(out)
 
 

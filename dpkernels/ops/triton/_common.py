@@ -8,7 +8,10 @@ by replacing it, and compile that ahead of time for sm_90 with no GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -72,6 +75,44 @@ def interpreting(kernel: Any) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+@dataclass
+class Launch:
+    """One kernel launch as the host launcher made it: what `observe_launches` records."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None
+    meta: dict = field(default_factory=dict)  # the constexpr keywords (block sizes, flags)
+
+    def describe(self) -> str:
+        """``name[grid] warps/stages`` and the int constexprs, e.g. for a benchmark's table."""
+        blocks = " ".join(f"{k}={v}" for k, v in self.meta.items() if isinstance(v, int) and not isinstance(v, bool))
+        reg = f" maxnreg={self.maxnreg}" if self.maxnreg is not None else ""
+        grid = "x".join(str(g) for g in self.grid)
+        return f"{self.kernel.__name__}[{grid}] warps={self.num_warps} stages={self.num_stages}{reg} {blocks}".rstrip()
+
+
+_observer: contextvars.ContextVar[tuple[list[Launch], bool] | None] = contextvars.ContextVar(
+    "dpkernels_launch_observer", default=None
+)
+
+
+@contextlib.contextmanager
+def observe_launches(*, run: bool = True) -> Iterator[list[Launch]]:
+    """Record every kernel launch this thread's ops make inside the block (what a benchmark reports as
+    the configuration each kernel ran with). ``run=False`` records without launching: the host
+    launchers then accept tensors on any device, meta tensors included (bench/aot_compile.py)."""
+    out: list[Launch] = []
+    token = _observer.set((out, run))
+    try:
+        yield out
+    finally:
+        _observer.reset(token)
+
+
 def launch(
     kernel: Any,
     grid: tuple[int, ...],
@@ -83,6 +124,11 @@ def launch(
 ):
     """``kernel[grid](*args, **meta)``, after checking that the tensors can reach the kernel. ``maxnreg``
     caps the registers a thread (PTX .maxnreg); None leaves the choice to ptxas."""
+    observer = _observer.get()
+    if observer is not None:
+        observer[0].append(Launch(kernel, tuple(grid), args, num_warps, num_stages, maxnreg, dict(meta)))
+        if not observer[1]:
+            return
     if not interpreting(kernel):
         for x in args:
             if isinstance(x, Tensor) and x.device.type != "cuda":
