@@ -254,7 +254,7 @@ def test_backend_choice_is_per_thread():
     """use_backend (what api's backend= uses) holds for its own thread only; set_backend for all."""
     if "triton" not in dpkernels.available_backends():
         pytest.skip("triton backend not available here")
-    x = torch.zeros(1)
+    x = torch.zeros(1, device="cpu")  # auto picks the reference for CPU tensors
     entered, checked = threading.Event(), threading.Event()
     seen: dict[str, object] = {}
 

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from _device import DEVICE
 
 import dpkernels
 from dpkernels import ops
@@ -29,9 +30,9 @@ FLAGS = [(True, True), (True, False), (False, True)]
 
 def _case(B, T, C, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, T, C, generator=gen, dtype=torch.float64).to(dtype)
-    g = torch.randn(B, T, C, generator=gen, dtype=torch.float64).to(dtype)
-    c = torch.rand(B, generator=gen, dtype=torch.float64).to(dtype)
+    x = torch.randn(B, T, C, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE, dtype)
+    g = torch.randn(B, T, C, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE, dtype)
+    c = torch.rand(B, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE, dtype)
     return x, g, c
 
 
@@ -157,7 +158,7 @@ def test_noise(splits):
     cw, cb = taff.launch_clipped_sum(x, g, c, noise_std=0.0, seed_w=0, seed_b=0, **kw)
     nw, nb = taff.launch_clipped_sum(x, g, c, noise_std=3.0, seed_w=11, seed_b=12, **kw)
     for clean, noisy, seed in ((cw, nw, 11), (cb, nb, 12)):
-        z = tt.add_noise(None, (C,), noise_std=3.0, scale=0.5, seed=seed, device="cpu")
+        z = tt.add_noise(None, (C,), noise_std=3.0, scale=0.5, seed=seed, device=DEVICE)
         # fp32: two roundings of O(1) values apart from the fused result
         torch.testing.assert_close(noisy, clean + z, rtol=1e-5, atol=1e-5)
         noise = (noisy - clean).double()
@@ -175,7 +176,7 @@ def test_noise_deterministic_and_empty_batch():
     assert not torch.equal(a[0], tt.affine_clipped_sum(x, g, c, **{**kw, "seed_w": 7})[0])
     prev = torch.randn(9)
     w, _ = tt.affine_clipped_sum(x[:0], g[:0], c[:0], **kw, prev_w=prev)  # B = 0: prev plus noise only
-    torch.testing.assert_close(w, tt.add_noise(prev, (9,), noise_std=1.0, scale=1.0, seed=5, device="cpu"))
+    torch.testing.assert_close(w, tt.add_noise(prev, (9,), noise_std=1.0, scale=1.0, seed=5, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------- dispatch, errors, library

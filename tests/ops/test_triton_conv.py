@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _device import DEVICE
 from scipy import stats
 
 import dpkernels
@@ -55,9 +56,9 @@ def _make(name, dtype=torch.float64, seed=0):
     """x, g, c and the geometry of CASES[name], drawn in float64 and rounded to ``dtype``."""
     B, cin, cout, groups, k, s, p, d, S, bias = CASES[name]
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, cin, *S, generator=gen, dtype=torch.float64).to(dtype)
-    g = torch.randn(B, cout, *_out(S, k, s, p, d), generator=gen, dtype=torch.float64).to(dtype)
-    c = torch.rand(B, generator=gen, dtype=torch.float64).to(dtype)
+    x = torch.randn(B, cin, *S, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE, dtype)
+    g = torch.randn(B, cout, *_out(S, k, s, p, d), generator=gen, dtype=torch.float64, device="cpu").to(DEVICE, dtype)
+    c = torch.rand(B, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE, dtype)
     geom = dict(stride=s, padding=p, dilation=d, groups=groups)
     return x, g, c, geom, (cout, cin // groups, *k), bias
 
@@ -117,8 +118,8 @@ def test_fp64_match_naive(name):
             assert nb is None
 
     gen = torch.Generator().manual_seed(1)
-    prev_w = torch.randn(ws, generator=gen, dtype=torch.float64)
-    prev_b = torch.randn(ws[0], generator=gen, dtype=torch.float64)
+    prev_w = torch.randn(ws, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE)
+    prev_b = torch.randn(ws[0], generator=gen, dtype=torch.float64, device="cpu").to(DEVICE)
     w, b = tt.conv_clipped_sum(
         x, g, c, weight_shape=ws, bias=bias, scale=0.25, seed_w=3, seed_b=4, prev_w=prev_w, prev_b=prev_b, **geom
     )
@@ -214,9 +215,9 @@ def test_noise_is_add_noise_and_standard_normal():
     assert abs(z.mean().item()) < Z / math.sqrt(N)
     assert abs(z.var().item() - 1) < Z * math.sqrt(2 / N)  # var of a normal sample variance: 2/N
     # alpha = 1e-3 with the seed fixed: deterministic; a uniform or mis-scaled stream has p < 1e-30 here
-    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3
-    torch.testing.assert_close(w, tt.add_noise(None, NOISE_WS, noise_std=1.0, scale=1.0, seed=99, device="cpu"))
-    torch.testing.assert_close(b, tt.add_noise(None, (NOISE_WS[0],), noise_std=1.0, scale=1.0, seed=98, device="cpu"))
+    assert stats.kstest(z.cpu().numpy(), "norm").pvalue > 1e-3
+    torch.testing.assert_close(w, tt.add_noise(None, NOISE_WS, noise_std=1.0, scale=1.0, seed=99, device=DEVICE))
+    torch.testing.assert_close(b, tt.add_noise(None, (NOISE_WS[0],), noise_std=1.0, scale=1.0, seed=98, device=DEVICE))
     # the std scales with noise_std * scale (exactly: the same draws)
     w2, _ = tt.conv_clipped_sum(x, g, c, noise_std=0.5, scale=0.25, seed_w=99, seed_b=98, **kw)
     torch.testing.assert_close(w2, 0.125 * w, rtol=0, atol=0)  # scaled by powers of two: exact
@@ -235,8 +236,8 @@ def test_noise_deterministic_seeded_and_on_every_path():
     assert not torch.equal(w1, w2)
     w3, b3 = tconv.launch_clipped_sum(x, g, c, noise_std=0.5, seed_w=21, seed_b=22, splits=2, **kw)
     clean, cleanb = tt.conv_clipped_sum(x, g, c, noise_std=0.0, **kw)
-    zw = tt.add_noise(None, ws, noise_std=0.5, scale=2.0, seed=21, device="cpu")
-    zb = tt.add_noise(None, (ws[0],), noise_std=0.5, scale=2.0, seed=22, device="cpu")
+    zw = tt.add_noise(None, ws, noise_std=0.5, scale=2.0, seed=21, device=DEVICE)
+    zb = tt.add_noise(None, (ws[0],), noise_std=0.5, scale=2.0, seed=22, device=DEVICE)
     for noisy, nb in ((w1, b1), (w3, b3)):
         # |entries| <~ 30: atol 1e-4 is ~10 fp32 ulp of the sum
         torch.testing.assert_close(noisy - clean, zw, rtol=0, atol=1e-4)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _device import DEVICE
 
 import dpkernels
 from dpkernels import ops
@@ -40,11 +41,11 @@ def _methods(T):
 
 def _case(B, T, V, D, dtype=torch.float64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, V, (B, T), generator=gen)
+    ids = torch.randint(0, V, (B, T), generator=gen, device="cpu").to(DEVICE)
     if T > 1:
         ids[:, -1] = ids[:, 0]  # at least one repeated token per sample
-    g = torch.randn(B, T, D, generator=gen, dtype=torch.float64).to(dtype)
-    c = torch.rand(B, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(B, T, D, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE, dtype)
+    c = torch.rand(B, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE, dtype)
     return ids, g, c
 
 
@@ -165,7 +166,7 @@ def test_noise_dense_over_the_table():
     kw = dict(num_embeddings=V, padding_idx=pad)
     clean = tt.embedding_clipped_sum(ids, g, c, **kw, scale=0.5)
     noisy = tt.embedding_clipped_sum(ids, g, c, **kw, noise_std=3.0, scale=0.5, seed=1234)
-    z = tt.add_noise(None, (V, D), noise_std=3.0, scale=0.5, seed=1234, device="cpu")
+    z = tt.add_noise(None, (V, D), noise_std=3.0, scale=0.5, seed=1234, device=DEVICE)
     # fp32: clean + z differs from the fused result by two roundings of O(1) values
     torch.testing.assert_close(noisy, clean + z, rtol=1e-5, atol=1e-5)
     untouched = torch.ones(V, dtype=torch.bool)
@@ -186,7 +187,7 @@ def test_noise_deterministic_and_seeded():
     torch.testing.assert_close(a, tt.embedding_clipped_sum(ids, g, c, **kw, seed=5), rtol=0, atol=0)
     assert not torch.equal(a, tt.embedding_clipped_sum(ids, g, c, **kw, seed=6))
     empty = tt.embedding_clipped_sum(ids[:0], g[:0], c[:0], **kw, seed=5)  # B = 0: noise only
-    torch.testing.assert_close(empty, tt.add_noise(None, (20, 16), noise_std=1.0, scale=1.0, seed=5, device="cpu"))
+    torch.testing.assert_close(empty, tt.add_noise(None, (20, 16), noise_std=1.0, scale=1.0, seed=5, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------- cross term
@@ -198,8 +199,8 @@ def test_noise_deterministic_and_seeded():
 def test_cross_fp64_matches_naive(B, Te, Th, V, D, pad):
     ids, ge, _ = _case(B, Te, V, D)
     gen = torch.Generator().manual_seed(1)
-    a = torch.randn(B, Th, D, generator=gen, dtype=torch.float64)
-    gh = torch.randn(B, Th, V, generator=gen, dtype=torch.float64)
+    a = torch.randn(B, Th, D, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE)
+    gh = torch.randn(B, Th, V, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE)
     dE = _naive(ids, ge, V, pad)
     dH = torch.einsum("bsv,bsd->bvd", gh, a)  # the head's per-sample weight gradient G_i^T A_i
     expected = (dE * dH).sum(dim=(1, 2))

@@ -7,13 +7,14 @@ import importlib
 
 import pytest
 import torch
+from _device import DEVICE
 
 from dpkernels.ops.triton._common import observe_launches
 
 lcs = importlib.import_module("dpkernels.ops.triton.linear_clipped_sum")
 
 
-def _inputs(B, T, d, p, device="cpu"):
+def _inputs(B, T, d, p, device=DEVICE):
     torch.manual_seed(0)
     a = torch.randn(B, T, d, device=device)
     g = torch.randn(B, T, p, device=device)
@@ -68,7 +69,7 @@ def test_op_benchmark_rows_name_the_kernels():
     from bench.ops import bench_linear_norms as mod
 
     case = mod.CPU_CASES[-1]
-    rows = {be: bo.measure(mod, case, torch.float32, "cpu", be) for be in ("triton", "reference")}
+    rows = {be: bo.measure(mod, case, torch.float32, DEVICE.type, be) for be in ("triton", "reference")}
     assert rows["triton"]["served_by"] == "triton" and "_kernel[" in rows["triton"]["kernels"]
     assert rows["reference"]["kernels"] == ""
     assert "Kernel launches" in bo.table(list(rows.values()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from _device import DEVICE
 
 import dpkernels
 from dpkernels import ops
@@ -35,9 +36,9 @@ def _ieee_fp32():
 
 def _inputs(B, T, d, p, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(B, T, d, generator=gen, dtype=torch.float64).to(dtype)
-    g = torch.randn(B, T, p, generator=gen, dtype=torch.float64).to(dtype)
-    c = torch.rand(B, generator=gen, dtype=torch.float64).to(dtype)
+    a = torch.randn(B, T, d, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE, dtype)
+    g = torch.randn(B, T, p, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE, dtype)
+    c = torch.rand(B, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE, dtype)
     return a, g, c
 
 
@@ -231,7 +232,7 @@ def _op_cases():
         (d.triton_bias_norms.default, (g,)),
         (d.triton_linear_clipped_sum.default, (a, g, c, True, 0.5, 0.25, 3, 4, pw, pb)),
         (d.triton_bias_clipped_sum.default, (g, c, 0.5, 0.25, 5, pb)),
-        (d.triton_add_noise.default, (None, [3, 4], 1.0, 1.0, 7, torch.device("cpu"), torch.float64)),
+        (d.triton_add_noise.default, (None, [3, 4], 1.0, 1.0, 7, DEVICE, torch.float64)),
     ]
 
 

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from _device import DEVICE
 from scipy import stats
 
 tt = pytest.importorskip("dpkernels.ops.triton")
@@ -29,7 +30,7 @@ Z = 4.5
 
 
 def _noise(seed, shape=SHAPE, noise_std=1.0, scale=1.0, dtype=torch.float32):
-    return tt.add_noise(None, shape, noise_std=noise_std, scale=scale, seed=seed, device="cpu", dtype=dtype)
+    return tt.add_noise(None, shape, noise_std=noise_std, scale=scale, seed=seed, device=DEVICE, dtype=dtype)
 
 
 @pytest.mark.parametrize("seed", [0, 12345, (1 << 63) - 1])
@@ -40,7 +41,7 @@ def test_standard_normal(seed):
     # KS against N(0, 1). alpha = 1e-3: with the seeds fixed the test is deterministic, and a correct
     # generator fails a given seed with probability 1e-3; at N = 16384 a uniform or a Box-Muller with a
     # wrong radius has a KS distance > 0.05, i.e. p < 1e-30.
-    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+    assert stats.kstest(z.cpu().numpy(), "norm").pvalue > 1e-3
 
 
 def test_deterministic_and_seed_dependent():
@@ -71,7 +72,7 @@ def test_std_scale_and_prev():
     """scale * (prev + noise_std * z) exactly, for a given z."""
     z = _noise(3)
     prev = torch.randn(SHAPE)
-    out = tt.add_noise(prev, SHAPE, noise_std=0.7, scale=0.25, seed=3, device="cpu")
+    out = tt.add_noise(prev, SHAPE, noise_std=0.7, scale=0.25, seed=3, device=DEVICE)
     # fp32: two roundings of values of size ~1 in the same order of operations as the expected
     torch.testing.assert_close(out, 0.25 * (prev + 0.7 * z), rtol=1e-6, atol=1e-6)
     assert abs(out.sub(0.25 * prev).std().item() / (0.25 * 0.7) - 1) < Z * math.sqrt(1 / (2 * N))
@@ -91,8 +92,8 @@ def test_every_path_draws_the_same_noise():
     kw = dict(noise_std=0.5, scale=2.0, seed_w=21, seed_b=22, prev_w=None, prev_b=None)
     w1, b1 = launch_clipped_sum(a, g, zero, bias=True, splits=1, **kw)
     w3, b3 = launch_clipped_sum(a, g, zero, bias=True, splits=3, **kw)
-    zw = tt.add_noise(None, (p, d), noise_std=0.5, scale=2.0, seed=21, device="cpu")
-    zb = tt.add_noise(None, (p,), noise_std=0.5, scale=2.0, seed=22, device="cpu")
+    zw = tt.add_noise(None, (p, d), noise_std=0.5, scale=2.0, seed=21, device=DEVICE)
+    zb = tt.add_noise(None, (p,), noise_std=0.5, scale=2.0, seed=22, device=DEVICE)
     for x, y in ((w1, zw), (w3, zw), (b1, zb), (b3, zb)):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     torch.testing.assert_close(tt.bias_clipped_sum(g, zero, noise_std=0.5, scale=2.0, seed=22), zb, rtol=0, atol=0)
@@ -111,7 +112,7 @@ def test_clipped_sum_noise_is_standard_normal():
     z = w.double().flatten()
     assert abs(z.mean().item()) < Z / math.sqrt(z.numel())
     assert abs(z.var().item() - 1) < Z * math.sqrt(2 / z.numel())
-    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3  # alpha as in test_standard_normal
+    assert stats.kstest(z.cpu().numpy(), "norm").pvalue > 1e-3  # alpha as in test_standard_normal
 
 
 def test_wide_counters(monkeypatch):
