@@ -144,13 +144,18 @@ class Engine:
         ]
         self._acc: dict[int, Tensor] = {}  # raw clipped sums of earlier micro-batches
         self._noised: set[int] = set()
-        # With several groups one can finish (and be summed) before a later layer's norms are checked;
-        # its results wait here until the pass ends, so a FloatingPointError leaves .grad and the
-        # accumulation untouched. A single group is summed only after every norm is checked.
+        # A pass's results wait in _staged until it ends, so that an error in backward (a NaN norm in a
+        # lower layer, a layer reporting late) leaves .grad untouched. The sums carried between
+        # micro-batches wait too with several groups, where one can be summed before a later layer's
+        # norms are checked; a single group is summed after every norm is checked, and there they are
+        # replaced at once (no second copy): an error after that loses them, and the step says so.
         self._stage = len(groups) > 1
         self._staged: list[tuple[nn.Parameter, Tensor, bool]] = []
+        self._acc_touched = False  # this pass replaced sums in _acc in place of staging them
+        self._acc_lost: str | None = None  # why the accumulated micro-batches were lost, until step()
         self._micro = 0
         self._phase: str | None = None  # two-pass: "norms" or "apply"
+        self._normed: set[int] = set()  # two-pass: the ties whose norms the norms pass took
         self._factors: list[Tensor | None] = [None] * len(groups)
         self._reset_pass()
 
@@ -167,7 +172,10 @@ class Engine:
 
     def on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook on the model: remember the batch size of its first tensor input."""
-        if self._in_backward:  # the last backward failed outside any DP layer: drop what it left
+        # In a backward pass that failed outside the DP layers, neither on_backward nor the end-of-pass
+        # callback saw the error: drop what it left. A forward inside a backward (activation
+        # checkpointing recomputes) is not that: autograd's graph task id is -1 outside backward only.
+        if self._in_backward and torch._C._current_graph_task_id() == -1:
             self._abort()
         for x in list(args) + list(kwargs.values()):
             if isinstance(x, Tensor) and x.dim() > 0:
@@ -228,6 +236,10 @@ class Engine:
         """Forget the pass in progress after an error in backward (its end-of-pass callback will not
         run), so that the next forward/backward starts clean instead of mixing with stale uses."""
         self._staged.clear()
+        if self._acc_touched:
+            self._acc.clear()
+            self._acc_lost = "an error in a backward pass after part of the accumulated sums had been replaced"
+            self._acc_touched = False
         for tie in self.ties:
             tie.expected = 0
             tie.arrived = 0
@@ -241,6 +253,18 @@ class Engine:
             self._begin_backward()
         self._check_batch(module, g.shape[0])
         tie = self._tie_of[module]
+        if self._phase == "apply":  # the norms pass must have seen it (autograd.grad skips a reentrant checkpoint)
+            late = id(tie) not in self._normed and g.shape[0] > 0
+        else:
+            late = tie.reported or any(self._done[self._group_of[id(p)]] for p in tie.params)
+        if late:
+            name = self._name_of.get(module, type(module).__name__)
+            raise RuntimeError(
+                f"DP layer {name!r} sent its output gradient after its clipping group had been clipped, so its "
+                f"per-sample norm would be left out: its forward ran inside the backward pass, as "
+                f"torch.utils.checkpoint(..., use_reentrant=True) does. Use use_reentrant=False (Hugging Face: "
+                f"model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{'use_reentrant': False}}))"
+            )
         if g.shape[0] > 0:  # an empty (Poisson) batch has no per-sample work: its step is noise only
             tie.uses.setdefault(module, []).append((saved, g))
         tie.arrived += 1
@@ -256,6 +280,8 @@ class Engine:
             tie.uses.clear()
             return
         norms = tie_norms(tie) if tie.uses else {}
+        if self._phase == "norms" and tie.uses:
+            self._normed.add(id(tie))
         s2 = self.loss_scale() ** 2
         for gi in {self._group_of[id(p)] for p in tie.params}:
             for p in tie.params:
@@ -309,15 +335,19 @@ class Engine:
 
     def _prev(self, p: nn.Parameter) -> Tensor | None:
         """The raw sum of earlier micro-batches; kept until the commit when results are staged."""
-        return self._acc.get(id(p)) if self._stage else self._acc.pop(id(p), None)
+        if self._stage or id(p) not in self._acc:
+            return self._acc.get(id(p))
+        self._acc_touched = True
+        return self._acc.pop(id(p))
 
     def _store(self, p: nn.Parameter, result: Tensor, last: bool) -> None:
         if last:
-            result = result.to(p.dtype)
-        if self._stage:
-            self._staged.append((p, result, last))
+            self._staged.append((p, result.to(p.dtype), True))
+        elif self._stage:
+            self._staged.append((p, result, False))
         else:
-            self._commit(p, result, last)
+            self._acc_touched = True
+            self._commit(p, result, False)
 
     def _commit(self, p: nn.Parameter, result: Tensor, last: bool) -> None:
         if last:
@@ -373,6 +403,7 @@ class Engine:
         for p, result, last in self._staged:
             self._commit(p, result, last)
         self._staged.clear()
+        self._acc_touched = False
         for tie in self.ties:
             if self._phase != "norms":
                 tie.expected = 0
@@ -391,6 +422,7 @@ class Engine:
             return
         try:
             self._phase = "norms"
+            self._normed.clear()
             # autograd.grad, not backward: the norms pass must not accumulate into any leaf's .grad
             # (an input that requires grad would otherwise get its gradient twice). The DP parameters
             # as inputs make autograd run every DP layer's backward; they receive None.
@@ -414,6 +446,15 @@ class Engine:
 
     def finish_step(self) -> None:
         """Give every parameter not yet noised its noise (and scale); then start a new logical step."""
+        if self._acc_lost is not None:
+            why, self._acc_lost = self._acc_lost, None
+            self._acc.clear()
+            self._noised.clear()
+            self._micro = 0
+            raise RuntimeError(
+                f"no step was taken: the micro-batches accumulated for it were lost ({why}); "
+                f"call optimizer.zero_grad() and run the step's micro-batches again"
+            )
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         for p in self._params:
             if id(p) in self._noised:
