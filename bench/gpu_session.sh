@@ -45,7 +45,7 @@ setup() {  # on the device: the carried wheels onto the path, the checkout impor
     run python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 }
 
-tests() {  # tests/ops' Triton tests on the GPU (tests/ops/conftest.py), the reference op tests, the gpu-marked ones
+tests() {  # tests/ops' Triton tests on the GPU (tests/conftest.py), the reference op tests, the gpu-marked ones
     export DPKERNELS_GPU_TESTS=1  # tests/conftest.py then leaves TRITON_INTERPRET unset
     run python3 -m pytest -q -n 8 -p no:cacheprovider -m "gpu or not slow" \
         tests/ops tests/layers/test_norm_layers.py --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"

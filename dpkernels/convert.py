@@ -62,9 +62,15 @@ def dp_class(m: nn.Module) -> type[DPModule] | None:
 
 def convert_layers(model: nn.Module) -> nn.Module:
     """Replace every supported torch layer (exact type) by its DP twin, in place; returns the model.
+    A model that is itself such a layer becomes its twin in place (the same object, as from_module does
+    with a copy), so a reference the caller kept stays the converted model.
 
     Modules listed in nn.tap.TAPPED_PARAMETERS (the model itself included) keep their class's code but
     get exact per-sample gradients for their batch-broadcast raw parameters (see dpkernels.nn.tap)."""
+    root = dp_class(model)
+    if root is not None:
+        object.__setattr__(model, "__class__", root)
+        return model
     tap_known(model)
     for name, child in list(model.named_children()):
         dp_cls = dp_class(child)
@@ -101,6 +107,20 @@ def validate(model: nn.Module) -> dict[str, nn.Module]:  # values are DPModules
                 f"(p.requires_grad_(False)) or build the module from supported layers ({_SUPPORTED})."
             )
     return dp
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, covered: set[int], model: nn.Module) -> None:
+    """Every trainable parameter the optimizer steps must be one the engine makes private."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    for gi, group in enumerate(optimizer.param_groups):
+        for k, p in enumerate(group["params"]):
+            if p.requires_grad and id(p) not in covered:
+                what = repr(names[id(p)]) if id(p) in names else f"param_groups[{gi}]['params'][{k}] (not in the model)"
+                raise ValueError(
+                    f"the optimizer steps parameter {what} of shape {tuple(p.shape)}, which no DP layer of the model "
+                    f"covers, so its gradient would not be private. Remove it from the optimizer, freeze it "
+                    f"(p.requires_grad_(False)), or make it a parameter of the model's DP layers."
+                )
 
 
 def build_ties(modules: dict[str, nn.Module]) -> list[Tie]:
@@ -200,6 +220,7 @@ def make_private(
     ties = build_ties(modules)
     params = {n: _trainable(m) for n, m in modules.items()}
     clip_groups = resolve_groups(modules, params, groups)
+    check_optimizer(optimizer, {id(p) for ps in clip_groups for p in ps}, model)
     bounds = group_bounds(max_grad_norm, len(clip_groups))
     engine = Engine(
         modules,

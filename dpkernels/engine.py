@@ -436,6 +436,10 @@ class Engine:
             self._reset_pass()
 
     # ------------------------------------------------------------------ step
+    def covers(self, p: Tensor) -> bool:
+        """Whether ``p`` is one of the parameters this engine clips and noises."""
+        return id(p) in self._index
+
     def param_seed(self, p: nn.Parameter) -> int:
         return _mix64(self.seed, self.steps, self._index[id(p)])
 
@@ -530,11 +534,25 @@ class DPOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_params()
         self.engine.finish_step()
         self.original_optimizer.step()
         if self.accountant is not None and self.sample_rate is not None:
             self.accountant.step(noise_multiplier=self.engine.noise_multiplier, sample_rate=self.sample_rate)
         return loss
+
+    def _check_params(self) -> None:
+        """No parameter the engine does not cover may carry a gradient into the step (one added to the
+        optimizer after make_private, or a frozen one unfrozen since): it would not be private."""
+        for gi, group in enumerate(self.param_groups):
+            for k, p in enumerate(group["params"]):
+                if p.grad is not None and not self.engine.covers(p):
+                    raise RuntimeError(
+                        f"no step was taken: param_groups[{gi}]['params'][{k}] (shape {tuple(p.shape)}) has a "
+                        f"gradient but is not a parameter the DP engine makes private (added to the optimizer "
+                        f"after make_private, or unfrozen since?). Call make_private on a model and optimizer "
+                        f"that hold it from the start, or set its .grad to None."
+                    )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.original_optimizer.zero_grad(set_to_none=set_to_none)

@@ -1,7 +1,8 @@
 """Test configuration: Triton runs in its CPU interpreter when no GPU is present.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at the
-top of the first module pytest imports.
+top of the first module pytest imports. With DPKERNELS_GPU_TESTS=1 it is left unset and the
+Triton op tests (tests/ops/test_triton_*.py) run on the GPU instead (see tests/ops/_device.py).
 """
 
 import os
@@ -26,3 +27,18 @@ def _reset_backend():
     dpkernels.set_backend(None)
     yield
     dpkernels.set_backend(None)
+
+
+@pytest.fixture(autouse=True)
+def _triton_op_tests_on_the_gpu(request):
+    """With DPKERNELS_GPU_TESTS=1 each Triton op test runs with the GPU as torch's default device, so the
+    tensors and modules it makes land there (its seeded inputs are made on the CPU and moved, see
+    tests/ops/_device.py). Under the CPU interpreter nothing changes. (A fixture here, not in a
+    tests/ops/conftest.py: tests/models imports its own conftest by that plain module name.)"""
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    gpu = os.environ.get("DPKERNELS_GPU_TESTS")
+    if not gpu or not module.startswith("test_triton_") or module == "test_triton_compile":
+        yield
+        return
+    with torch.device("cuda"):  # the default device of torch's factory functions inside the test
+        yield

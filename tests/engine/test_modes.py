@@ -166,3 +166,25 @@ def test_frozen_parameters_get_no_grad_and_no_noise(strategy):
         else:
             assert p.grad is not None and torch.isfinite(p.grad).all(), n
     assert set(trainable(model)) == {n for n, _ in model.named_parameters()} - set(frozen)
+
+
+def test_a_model_that_is_one_layer_is_converted_in_place():
+    """make_private(nn.Linear(...)): the layer itself becomes its DP twin (the same object, so a kept
+    reference trains privately too) and steps like the same layer inside a Sequential."""
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 2)
+    seq = nn.Sequential(nn.Linear(5, 2))
+    seq[0].load_state_dict(lin.state_dict())
+    x = torch.randn(4, 3, 5)
+    grads = []
+    for m in (lin, seq):
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        got, opt = dpkernels.make_private(m, opt, noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=4.0)
+        assert got is m
+        opt.zero_grad()
+        m(x).square().sum().backward()
+        opt.step()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert type(lin) is dpkernels.DPLinear
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same computation

@@ -63,6 +63,30 @@ def test_frozen_uncovered_parameter_is_accepted():
     assert model.scale.grad is None
 
 
+def test_optimizer_parameter_outside_the_model_is_refused():
+    model = _mlp()
+    temp = nn.Parameter(torch.ones(()))
+    opt = torch.optim.SGD([*model.parameters(), temp], lr=0.1)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[\d+\] \(not in the model\) .*not be private"):
+        dpkernels.make_private(model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4.0)
+
+
+def test_parameter_added_to_the_optimizer_later_blocks_the_step():
+    """A parameter group added after make_private gets a plain autograd gradient: no step, nothing changed."""
+    model, opt = _private(_mlp())
+    case = BY_NAME["mlp"]
+    x, y = batch(case, 4)
+    extra = nn.Linear(y.shape[-1], y.shape[-1]).to(y.dtype)
+    opt.add_param_group({"params": list(extra.parameters())})
+    opt.zero_grad()
+    batch_loss(case, extra(model(x)), y, "mean").backward()
+    before = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+    with pytest.raises(RuntimeError, match=r"no step was taken: param_groups\[1\]\['params'\]\[0\]"):
+        opt.step()
+    after = [p.detach() for g in opt.param_groups for p in g["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
 class _MyLinear(nn.Linear):
     """A subclass may change forward: only exact torch types are converted."""
 
@@ -169,8 +193,9 @@ def test_bad_arguments_are_refused(kw, match):
     base = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4.0)
     base.update(kw)
     base = {k: v for k, v in base.items() if v is not None}
+    model = _mlp()
     with pytest.raises(ValueError, match=match):
-        dpkernels.make_private(_mlp(), torch.optim.SGD(_mlp().parameters(), lr=0.1), **base)
+        dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), **base)
 
 
 @pytest.mark.parametrize(
