@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -558,10 +559,44 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self):
-        return self.original_optimizer.state_dict()
+        """The wrapped optimizer's state, plus under "dpkernels" the steps taken and the accountant's
+        history: a run resumed from it keeps counting its privacy spend, and draws the noise of its
+        next step, not of its first (with a fixed seed the noise streams are functions of the step).
+        The noise seed itself is never saved: whoever holds it can subtract the noise."""
+        state = self.original_optimizer.state_dict()
+        acct = self.accountant
+        state["dpkernels"] = {
+            "steps": self.engine.steps,
+            "accountant": None if acct is None else {"mechanism": acct.mechanism, "history": list(acct.history)},
+        }
+        return state
 
     def load_state_dict(self, state_dict) -> None:
-        self.original_optimizer.load_state_dict(state_dict)
+        state = dict(state_dict)
+        dp = state.pop("dpkernels", None)
+        self.original_optimizer.load_state_dict(state)
+        if dp is None:
+            warnings.warn(
+                "this optimizer state has no dpkernels entry (steps taken, privacy spent): the accountant starts "
+                "from zero and, with a fixed seed, the next steps draw the noise of the first ones again",
+                stacklevel=2,
+            )
+            return
+        self.engine.steps = int(dp["steps"])
+        saved = dp.get("accountant")
+        if self.accountant is not None and saved is not None:
+            if saved["mechanism"] != self.accountant.mechanism:
+                raise ValueError(
+                    f"the saved privacy account uses {saved['mechanism']!r}, this optimizer's "
+                    f"{self.accountant.mechanism!r}: make_private(..., accountant={saved['mechanism']!r})"
+                )
+            self.accountant.history = [tuple(h) for h in saved["history"]]
+        elif self.accountant is not None or saved is not None:
+            warnings.warn(
+                "only one of the saved state and this optimizer has a privacy account (sample_rate or "
+                "dataset_size given to make_private): the account was not restored",
+                stacklevel=2,
+            )
 
     def __repr__(self) -> str:
         return (

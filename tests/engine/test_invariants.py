@@ -4,6 +4,7 @@
 - noise: N(0, (sigma R_total / expected_batch_size)^2) on every coordinate of every parameter, embedding
   rows the batch never touched included; fresh per step and per parameter, reproducible from the seed;
 - an empty batch is a valid step (noise only);
+- a run resumed from the optimizer's state_dict continues the noise streams and the privacy account;
 - a non-finite per-sample gradient (from the loss or from any layer) raises FloatingPointError and leaves
   the gradients and the accumulated micro-batches as they were; so does any error in backward.
 
@@ -228,6 +229,51 @@ def test_empty_batch_step_is_noise_only(name, strategy):
     )
     ok, msg = _chi2_ok(noise, 2.0 * 1.0 / 4.0)  # sigma R_total / expected_batch_size; >= 4 x 60 values
     assert ok, msg
+
+
+def test_resumed_run_continues_the_noise_streams_and_the_account():
+    """A run resumed from DPOptimizer.state_dict() (through torch.save) takes the step the uninterrupted
+    run would have taken, noise included: with a fixed seed the streams are functions of the step, and a
+    resumed run restarting at step 0 would repeat earlier noise, which subtracting two updates removes.
+    Its accountant has counted every step."""
+    import io
+
+    case = BY_NAME["mlp"]
+
+    def make():
+        model = case.build()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        kw = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4.0, sample_rate=0.01, seed=7)
+        return dpkernels.make_private(model, opt, **kw)
+
+    def step(model, opt, k):
+        x, y = batch(case, 4, seed=k)
+        opt.zero_grad()
+        batch_loss(case, model(x), y, "mean").backward()
+        opt.step()
+        return {n: p.grad.clone() for n, p in trainable(model).items()}
+
+    model, opt = make()
+    straight = [step(model, opt, k) for k in range(4)]
+    model, opt = make()
+    for k in range(3):
+        step(model, opt, k)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert "seed" not in str(saved["opt"]["dpkernels"])  # the noise seed is never written out
+    model2, opt2 = make()
+    model2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    resumed = step(model2, opt2, 3)
+    for n in resumed:
+        torch.testing.assert_close(resumed[n], straight[3][n], rtol=0, atol=0)  # the same step, same noise
+        assert not torch.allclose(resumed[n], straight[0][n])
+    assert opt2.accountant.steps == opt.accountant.steps + 1 == 4
+    model3, opt3 = make()
+    with pytest.warns(UserWarning, match="no dpkernels entry"):
+        opt3.load_state_dict(torch.optim.SGD(model3.parameters(), lr=0.05).state_dict())
 
 
 # --------------------------------------------------------------------------------------- non-finite
