@@ -88,6 +88,15 @@ def _trainable(m: nn.Module) -> list[nn.Parameter]:
 def validate(model: nn.Module) -> dict[str, nn.Module]:  # values are DPModules
     """The DP modules with trainable parameters, by name; raises on what cannot be made private."""
     for name, m in model.named_modules():
+        parallel = isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+        if parallel or type(m).__module__.startswith("torch.distributed.fsdp"):
+            raise ValueError(
+                f"module {name or '<model>'!r} is a {type(m).__name__}: data-parallel training is not supported. "
+                f"The engine writes each parameter's private gradient at the end of backward, outside the "
+                f"wrapper's gradient all-reduce, which would then overwrite or miss it (with one process "
+                f"DistributedDataParallel left every gradient zero). Call make_private on the unwrapped "
+                f"model and train on one device."
+            )
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             raise ValueError(
                 f"module {name!r} is a {type(m).__name__}: batch statistics mix samples, so per-sample "

@@ -178,6 +178,13 @@ class Engine:
         # checkpointing recomputes) is not that: autograd's graph task id is -1 outside backward only.
         if self._in_backward and torch._C._current_graph_task_id() == -1:
             self._abort()
+        ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+        if ddp is not None:
+            raise RuntimeError(
+                f"the DP model runs inside a {type(ddp).__name__}: data-parallel training is not supported. The "
+                f"engine writes each parameter's private gradient at the end of backward, outside the wrapper's "
+                f"all-reduce, which would then overwrite or miss it. Train the private model on one device."
+            )
         for x in list(args) + list(kwargs.values()):
             if isinstance(x, Tensor) and x.dim() > 0:
                 self.batch_size = x.shape[0]

@@ -87,6 +87,29 @@ def test_parameter_added_to_the_optimizer_later_blocks_the_step():
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+@pytest.fixture
+def _one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_data_parallel_is_refused(_one_process_group):
+    """DDP's all-reduce and the engine's own .grad writes cannot be combined (one process: every gradient
+    came out zero): refused when make_private gets a wrapped model, and at the forward of a private model
+    wrapped afterwards."""
+    wrapped = nn.parallel.DistributedDataParallel(_mlp())
+    with pytest.raises(ValueError, match=r"'<model>' is a DistributedDataParallel.*unwrapped model"):
+        _private(wrapped)
+    model, _ = _private(_mlp())
+    x, _ = batch(BY_NAME["mlp"], 4)
+    with pytest.raises(RuntimeError, match="inside a DistributedDataParallel"):
+        nn.parallel.DistributedDataParallel(model)(x)
+    assert model(x).shape[0] == 4  # the model itself still runs
+
+
 class _MyLinear(nn.Linear):
     """A subclass may change forward: only exact torch types are converted."""
 
