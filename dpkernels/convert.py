@@ -219,6 +219,11 @@ def make_private(
             steps = math.ceil(epochs / sample_rate)
         noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, sample_rate, steps, accountant)
     assert noise_multiplier is not None
+    if isinstance(optimizer, DPOptimizer):
+        raise ValueError(
+            "the optimizer is already a DPOptimizer: pass the optimizer it wraps (dp_optimizer.original_optimizer), "
+            "or two engines would each noise the same parameters"
+        )
     if backend is not None:
         ops.set_backend(backend)
 

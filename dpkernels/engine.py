@@ -261,6 +261,13 @@ class Engine:
             self._begin_backward()
         self._check_batch(module, g.shape[0])
         tie = self._tie_of[module]
+        if not all(p.requires_grad for p in tie.params):
+            name = self._name_of.get(module, type(module).__name__)
+            raise RuntimeError(
+                f"a parameter of DP layer {name!r} was frozen after make_private: the engine clips and noises the "
+                f"parameters it was given. Freeze parameters before make_private (call it again on the model "
+                f"when the set of trainable parameters changes)."
+            )
         if self._phase == "apply":  # the norms pass must have seen it (autograd.grad skips a reentrant checkpoint)
             late = id(tie) not in self._normed and g.shape[0] > 0
         else:
@@ -554,12 +561,19 @@ class DPOptimizer(torch.optim.Optimizer):
         optimizer after make_private, or a frozen one unfrozen since): it would not be private."""
         for gi, group in enumerate(self.param_groups):
             for k, p in enumerate(group["params"]):
-                if p.grad is not None and not self.engine.covers(p):
+                if self.engine.covers(p) and not p.requires_grad:
                     raise RuntimeError(
-                        f"no step was taken: param_groups[{gi}]['params'][{k}] (shape {tuple(p.shape)}) has a "
-                        f"gradient but is not a parameter the DP engine makes private (added to the optimizer "
-                        f"after make_private, or unfrozen since?). Call make_private on a model and optimizer "
-                        f"that hold it from the start, or set its .grad to None."
+                        f"no step was taken: param_groups[{gi}]['params'][{k}] (shape {tuple(p.shape)}) was frozen "
+                        f"after make_private, but the engine still clips and noises it with the others and the "
+                        f"optimizer would step it. Freeze parameters before make_private (a new model/optimizer pair "
+                        f"through make_private when the set of trainable parameters changes)."
+                    )
+                if (p.requires_grad or p.grad is not None) and not self.engine.covers(p):
+                    raise RuntimeError(
+                        f"no step was taken: param_groups[{gi}]['params'][{k}] (shape {tuple(p.shape)}) is trainable "
+                        f"or has a gradient, but the DP engine does not make it private (added to the optimizer "
+                        f"after make_private, or unfrozen since?). Call make_private again on the model (and an "
+                        f"optimizer) holding it, or freeze it and set its .grad to None."
                     )
 
     def zero_grad(self, set_to_none: bool = True) -> None:

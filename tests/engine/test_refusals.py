@@ -87,6 +87,43 @@ def test_parameter_added_to_the_optimizer_later_blocks_the_step():
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
+def test_changing_what_is_frozen_after_make_private_blocks_the_step():
+    """Frozen after make_private: the engine still noises it and SGD would move it. Unfrozen after: autograd
+    gives it a plain gradient. Either way no step; make_private again on the same model takes the new set."""
+    case = BY_NAME["mlp"]
+    x, y = batch(case, 4)
+    model, opt = _private(_mlp())
+    model[0].requires_grad_(False)  # the whole layer: it reports nothing, and the step refuses
+    opt.zero_grad()
+    batch_loss(case, model(x), y, "mean").backward()
+    with pytest.raises(RuntimeError, match="was frozen after make_private, but the engine still"):
+        opt.step()
+    for first, then in [(True, False), (False, True)]:
+        model = _mlp()
+        model[0].weight.requires_grad_(first)
+        model, opt = _private(model)
+        model[0].weight.requires_grad_(then)
+        w = model[0].weight.detach().clone()
+        opt.zero_grad()
+        if first:  # the engine sees it at the layer's backward
+            with pytest.raises(RuntimeError, match=r"DP layer '0' was frozen after make_private"):
+                batch_loss(case, model(x), y, "mean").backward()
+        else:
+            batch_loss(case, model(x), y, "mean").backward()
+            with pytest.raises(
+                RuntimeError, match="is trainable or has a gradient, but the DP engine does not make it private"
+            ):
+                opt.step()
+        assert torch.equal(model[0].weight, w)
+        with pytest.raises(ValueError, match="already a DPOptimizer.*original_optimizer"):
+            dpkernels.make_private(model, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4.0)
+        model, opt = _private(model)  # again, with the parameters as they are now
+        opt.zero_grad()
+        batch_loss(case, model(x), y, "mean").backward()
+        opt.step()
+        assert then == (not torch.equal(model[0].weight, w))  # trained exactly when trainable
+
+
 @pytest.fixture
 def _one_process_group(tmp_path):
     import torch.distributed as dist
