@@ -11,6 +11,7 @@ the expected batch size q * N, never by the realised one.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,7 +27,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
     """Batches of indices in [0, num_samples), each index included independently with probability q.
 
     ``steps`` batches per epoch (default round(1 / q), so an epoch sees each example once in
-    expectation); a batch may be empty. ``generator`` makes the draws reproducible.
+    expectation); a batch may be empty. ``generator`` makes the draws reproducible, and so predictable
+    to whoever knows its seed, which voids the amplification by sampling the accounting counts on: for a
+    release leave it None, and the draws come from a generator seeded from the operating system's
+    entropy (never from torch's global generator, which torch.manual_seed makes predictable).
     """
 
     def __init__(
@@ -43,7 +47,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.num_samples = num_samples
         self.sample_rate = float(sample_rate)
         self.steps = steps
-        self.generator = generator
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
 
     def __len__(self) -> int:
         return self.steps
@@ -95,7 +99,8 @@ def poisson_loader(
     """A DataLoader whose batches are Poisson samples of ``dataset`` with rate ``sample_rate``.
 
     Each batch holds each example independently with probability q = sample_rate
-    (expected size q * len(dataset)); ``steps`` batches per epoch, default round(1 / q).
+    (expected size q * len(dataset)); ``steps`` batches per epoch, default round(1 / q); ``generator``
+    as for `PoissonBatchSampler` (None: seeded from the operating system, not from torch.manual_seed).
     Empty batches come as zero-size tensors (see `EmptyBatchCollate`). Other keyword
     arguments go to DataLoader (num_workers, pin_memory, collate_fn, ...); batch_size,
     shuffle, sampler, batch_sampler and drop_last are refused, since they would change the

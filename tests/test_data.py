@@ -164,3 +164,15 @@ def test_loader_trains_dp_steps(q, empty):
         s = float(g.square().sum())
         assert stats.chi2.ppf(ALPHA / 2, g.numel()) <= s <= stats.chi2.isf(ALPHA / 2, g.numel())
         assert math.isfinite(s)
+
+
+def test_default_draws_ignore_torch_manual_seed():
+    """Without a generator the batches come from the operating system's entropy: torch.manual_seed (which
+    a training script may set for reproducibility) must not make them predictable."""
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        draws.append(list(PoissonBatchSampler(1000, 0.5, steps=2)))
+    assert draws[0] != draws[1]  # equal with probability 2**-2000 for independent draws
+    seeded = [list(PoissonBatchSampler(1000, 0.5, steps=2, generator=torch.Generator().manual_seed(3))) for _ in "ab"]
+    assert seeded[0] == seeded[1]
