@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -202,7 +203,7 @@ def clipped_sum(
     *,
     noise_std: float = 0.0,
     scale: float = 1.0,
-    seed: int = 0,
+    seed: int | None = None,
     backend: str | None = None,
 ) -> dict[nn.Parameter, Tensor]:
     """Clipped, summed and noised gradients of ``module``'s trainable parameters, shaped like each parameter:
@@ -212,7 +213,9 @@ def clipped_sum(
     c = clip_factors, shape (B,) (e.g. min(1, R / ||grad_i||)). z_p is drawn from a generator keyed by
     the parameter's own seed, splitmix64(seed, k) with k its position among the module's trainable
     parameters (module.parameters(recurse=False) order), so the weight's and bias's noise are
-    independent and a call is reproducible. The noise is dense: every coordinate of p gets it
+    independent and a call with a given seed is reproducible. ``seed`` None (the default) draws a fresh
+    one from the operating system for each call: a seed reused across steps repeats their noise, which
+    subtracting two updates then removes. The noise is dense: every coordinate of p gets it
     (embedding rows no sample used included). DP-SGD's usual call: noise_std = sigma * R,
     scale = 1 / expected batch size. Accumulates in float32 (float64 for float64 inputs).
     """
@@ -227,6 +230,8 @@ def clipped_sum(
         return {}
     if not (math.isfinite(noise_std) and noise_std >= 0):
         raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
+    if seed is None:
+        seed = secrets.randbits(63)
     specs = {
         id(p): SumSpec(c=clip_factors, noise_std=float(noise_std), scale=float(scale), seed=_mix64(seed, k))
         for k, p in enumerate(params)

@@ -304,3 +304,16 @@ def test_errors_name_the_layer():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     assert api.per_sample_norms(frozen, torch.randn(2, 2), torch.randn(2, 2)) == {}
     assert api.supported(nn.GroupNorm(1, 2)) and not api.supported(nn.ReLU())
+
+
+def test_noise_seed_defaults_to_fresh_per_call():
+    """Without a seed two calls draw independent noise (a constant default would repeat it every step,
+    and subtracting two updates would remove it); with one, a call is reproducible."""
+    m, x, g, _, _ = _setup("linear_3d", 3, "sum")
+    c = torch.ones(3, dtype=g.dtype)
+    a = api.clipped_sum(m, x, g, c, noise_std=1.0)
+    b = api.clipped_sum(m, x, g, c, noise_std=1.0)
+    assert all(not torch.equal(a[p], b[p]) for p in a)
+    s1 = api.clipped_sum(m, x, g, c, noise_std=1.0, seed=5)
+    s2 = api.clipped_sum(m, x, g, c, noise_std=1.0, seed=5)
+    assert all(torch.equal(s1[p], s2[p]) for p in s1)
