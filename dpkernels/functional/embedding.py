@@ -29,6 +29,12 @@ def unsupported_reason(module: Any) -> str | None:
         )
     if getattr(module, "sparse", False):
         return "sparse=True gives sparse gradients; the DP gradient is dense (noise on every row). Use sparse=False"
+    if getattr(module, "max_norm", None) is not None:
+        return (
+            f"max_norm={module.max_norm} renormalises in forward, in place and without noise, exactly the rows of "
+            f"the tokens a batch holds, so the weights after a step would show which tokens those were. Use "
+            f"max_norm=None"
+        )
     return None
 
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..functional.embedding import EmbeddingFunction, unsupported_reason
@@ -11,8 +10,8 @@ class DPEmbedding(DPModule, nn.Embedding):
     """nn.Embedding whose per-sample gradient norms are sum_v ||sum_{t: x_t = v} g_t||^2 (exact for
     repeated tokens) and whose clipped sum gets noise on every row of the table.
 
-    ``scale_grad_by_freq`` and ``sparse`` are refused (see `functional.embedding.unsupported_reason`);
-    ``max_norm`` renormalises the looked-up rows in forward exactly as torch does.
+    ``scale_grad_by_freq``, ``sparse`` and ``max_norm`` are refused (see
+    `functional.embedding.unsupported_reason`).
 
     Broadcast ids: Hugging Face passes position ids of shape (1, T) and adds the (1, T, D) result to a
     (B, T, D) tensor; autograd would then hand this layer the gradient summed over the batch. When the
@@ -44,10 +43,6 @@ class DPEmbedding(DPModule, nn.Embedding):
         batch = self._dp_engine.batch_size
         if batch is not None and input.dim() >= 2 and input.shape[0] == 1 < batch:
             input = input.expand(batch, *input.shape[1:])
-        if self.max_norm is not None:
-            input = input.contiguous()
-            with torch.no_grad():  # as F.embedding: rows renormalised in place, no gradient through it
-                torch.embedding_renorm_(self.weight, input, self.max_norm, self.norm_type)
         return EmbeddingFunction.apply(input, self.weight, self)
 
     def _dp_name(self) -> str:

@@ -72,17 +72,16 @@ class EmbNet(nn.Module):
     V=st.integers(1, 9),
     D=st.integers(1, 5),
     pad=st.sampled_from([None, 0, -1]),
-    max_norm=st.sampled_from([None, 1.0]),
     twice=st.booleans(),
     red=st.sampled_from(["mean", "sum"]),
     seed=st.integers(0, 2**31 - 1),
 )
-@example(B=0, T=3, V=5, D=2, pad=0, max_norm=None, twice=True, red="sum", seed=0)
-@example(B=1, T=1, V=1, D=1, pad=None, max_norm=None, twice=False, red="mean", seed=1)
-@example(B=3, T=6, V=2, D=3, pad=-1, max_norm=1.0, twice=True, red="mean", seed=2)
-def test_step_matches_naive(B, T, V, D, pad, max_norm, twice, red, seed):
+@example(B=0, T=3, V=5, D=2, pad=0, twice=True, red="sum", seed=0)
+@example(B=1, T=1, V=1, D=1, pad=None, twice=False, red="mean", seed=1)
+@example(B=3, T=6, V=2, D=3, pad=-1, twice=True, red="mean", seed=2)
+def test_step_matches_naive(B, T, V, D, pad, twice, red, seed):
     torch.manual_seed(seed)
-    model = EmbNet(nn.Embedding(V, D, padding_idx=pad, max_norm=max_norm), twice).to(DT)
+    model = EmbNet(nn.Embedding(V, D, padding_idx=pad), twice).to(DT)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, V, (B, T), generator=gen)  # V small: tokens repeat within a sample
     y = torch.randn(B, T, 3, generator=gen, dtype=DT)
@@ -169,10 +168,20 @@ def test_noise_is_dense_over_the_table():
     assert opt.engine.noise_std() == pytest.approx(std)
 
 
-@pytest.mark.parametrize("flag", ["scale_grad_by_freq", "sparse"])
-def test_refused_options(flag):
-    model = nn.Sequential(nn.Embedding(5, 3, **{flag: True}), nn.Linear(3, 2))
-    with pytest.raises(ValueError, match=f"{flag}=True.*{flag}=False"):
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"scale_grad_by_freq": True}, "scale_grad_by_freq=True.*scale_grad_by_freq=False"),
+        ({"sparse": True}, "sparse=True.*sparse=False"),
+        # torch renormalises the looked-up rows in place in forward, outside the noise: which rows changed
+        # would tell which tokens the batch held
+        ({"max_norm": 1.0}, "max_norm=1.0 renormalises.*which tokens.*max_norm=None"),
+    ],
+    ids=["scale_grad_by_freq", "sparse", "max_norm"],
+)
+def test_refused_options(kw, match):
+    model = nn.Sequential(nn.Embedding(5, 3, **kw), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=match):
         dpkernels.make_private(
             model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, expected_batch_size=2.0
         )
@@ -192,7 +201,7 @@ def test_flag_set_after_conversion_is_refused_in_forward():
 
 
 def test_forward_state_dict_and_from_module_match_torch():
-    for kw in ({}, {"padding_idx": 1}, {"max_norm": 0.5, "norm_type": 1.0}):
+    for kw in ({}, {"padding_idx": 1}):
         torch.manual_seed(0)
         layer = nn.Embedding(6, 3, **kw)
         twin = copy.deepcopy(layer)
