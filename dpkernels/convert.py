@@ -103,6 +103,12 @@ def validate(model: nn.Module) -> dict[str, nn.Module]:  # values are DPModules
                 f"gradients are not defined. Replace it with GroupNorm (e.g. nn.GroupNorm(32, channels), or "
                 f"torchvision's norm_layer=lambda c: nn.GroupNorm(32, c))."
             )
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            raise ValueError(
+                f"module {name!r} is a {type(m).__name__} with track_running_stats=True: its running mean and "
+                f"variance are averages of the training batches, updated without noise and kept in the model's "
+                f"state. Build it with track_running_stats=False (each sample is normalised by its own statistics)."
+            )
     dp: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if isinstance(m, DPModule) and _trainable(m)}
     covered = {id(p) for m in dp.values() for p in _trainable(m)}
     owner = {id(p): n for n, m in model.named_modules() for p in m.parameters(recurse=False)}

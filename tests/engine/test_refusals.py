@@ -38,6 +38,15 @@ def test_batchnorm2d_in_a_submodule_is_named():
         _private(model)
 
 
+def test_instancenorm_running_statistics_are_refused():
+    """Per-sample normalisation is fine; running statistics are noiseless averages of the batches, released
+    with the model."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), nn.Flatten())
+    with pytest.raises(ValueError, match=r"'1' is a InstanceNorm2d with track_running_stats=True"):
+        _private(model)
+    _private(nn.Sequential(nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4), nn.Flatten()))  # no running stats: fine
+
+
 class _Scaled(nn.Module):
     def __init__(self):
         super().__init__()
