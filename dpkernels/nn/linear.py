@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..functional._common import autocast_inputs
@@ -14,6 +15,13 @@ class DPLinear(DPModule, nn.Linear):
     dp_function = LinearFunction
 
     def forward(self, input: Tensor) -> Tensor:
+        eng = self._dp_engine
+        if input.dim() < 2 and eng is not None and eng.enabled and torch.is_grad_enabled():
+            name = getattr(eng, "_name_of", {}).get(self, "")
+            raise ValueError(
+                f"DPLinear {name!r} got an input of shape {tuple(input.shape)}: DP layers need the batch as the "
+                f"first dimension; pass (B, ..., {self.in_features})"
+            )
         if not self._dp_active():
             return super().forward(input)
         (x, w, b), ctx = autocast_inputs(input, self.weight, self.bias)

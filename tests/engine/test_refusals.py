@@ -281,3 +281,14 @@ def test_bad_arguments_are_refused(kw, match):
 def test_bad_group_specs_are_refused(groups, err, match):
     with pytest.raises(err, match=match):
         _private(_mlp(), groups=groups)
+
+
+def test_unbatched_input_to_a_linear_is_refused():
+    model, opt = _private(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match=r"DPLinear '0' got an input of shape \(4,\).*\(B, \.\.\., 4\)"):
+        model(torch.randn(4))
+    x = torch.randn(3, 4)  # the engine is not left half-way: a batched step still works
+    opt.zero_grad()
+    model(x).square().sum().backward()
+    opt.step()
+    assert all(p.grad is not None for p in model.parameters())
