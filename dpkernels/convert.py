@@ -263,4 +263,6 @@ def make_private(
     dp_opt = DPOptimizer(optimizer, engine, accountant=acct, sample_rate=sample_rate)
     if target_delta is not None:
         dp_opt.target_delta = target_delta  # type: ignore[attr-defined]
+    if target_epsilon is not None:
+        dp_opt.budget = (float(target_epsilon), int(steps or 0))
     return model, dp_opt

@@ -528,6 +528,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.engine = engine
         self.accountant = accountant
         self.sample_rate = sample_rate
+        self.budget: tuple[float, int] | None = None  # (target epsilon, steps sigma was calibrated for)
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
@@ -554,6 +555,14 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.step()
         if self.accountant is not None and self.sample_rate is not None:
             self.accountant.step(noise_multiplier=self.engine.noise_multiplier, sample_rate=self.sample_rate)
+            if self.budget is not None and self.accountant.steps == self.budget[1] + 1:
+                eps, planned = self.budget
+                warnings.warn(
+                    f"step {planned + 1} is past the {planned} steps the noise multiplier was calibrated for: "
+                    f"the privacy spent now exceeds target_epsilon={eps:g} (optimizer.accountant.get_epsilon(delta) "
+                    f"gives it)",
+                    stacklevel=2,
+                )
         return loss
 
     def _check_params(self) -> None:

@@ -115,6 +115,11 @@ def test_make_private_with_target_epsilon_reaches_it_after_the_planned_steps():
     assert opt.accountant.steps == 40
     eps = opt.accountant.get_epsilon(DELTA)
     assert target * (1 - 1e-4) <= eps <= target  # calibrated to 1e-6 in sigma, from below (as above)
+    opt.zero_grad()
+    model(x).square().sum(1).mean().backward()
+    with pytest.warns(UserWarning, match="step 41 is past the 40 steps.*exceeds target_epsilon=3"):
+        opt.step()  # the step is taken (and counted), with a warning
+    assert opt.accountant.steps == 41 and opt.accountant.get_epsilon(DELTA) > target
 
 
 def test_make_private_plans_steps_from_epochs():
