@@ -26,6 +26,7 @@ kept between the passes).
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import warnings
@@ -159,6 +160,12 @@ class Engine:
         self._normed: set[int] = set()  # two-pass: the ties whose norms the norms pass took
         self._factors: list[Tensor | None] = [None] * len(groups)
         self._reset_pass()
+        # The DP layers hand their parameters' gradients to the engine, never to autograd: a gradient
+        # autograd computes for one comes from a use outside them (x @ emb.weight.T), whose per-sample
+        # norm nobody takes. Its .grad would be replaced at the end of the pass, the use silently dropped.
+        pname = {id(q): f"{n}.{k}" for n, m in modules.items() for k, q in m.named_parameters(recurse=False)}
+        for q in self._params:
+            q.register_hook(functools.partial(self._raw_use, pname.get(id(q), "?")))
 
     # ------------------------------------------------------------------ forward
     def wants(self, module: nn.Module) -> bool:
@@ -239,6 +246,16 @@ class Engine:
         except BaseException:
             self._abort()
             raise
+
+    def _raw_use(self, name: str, grad: Tensor | None) -> None:
+        if grad is None or not self.enabled:  # None: a DP layer's backward (it returns no parameter grads)
+            return
+        self._abort()
+        raise RuntimeError(
+            f"parameter {name!r} is used outside its DP layers (e.g. x @ embedding.weight.T): autograd computed a "
+            f"gradient for it that has no per-sample norm. Route that use through a DP layer, e.g. an nn.Linear "
+            f"tied to it (head.weight = embedding.weight), which make_private computes exactly."
+        )
 
     def _abort(self) -> None:
         """Forget the pass in progress after an error in backward (its end-of-pass callback will not

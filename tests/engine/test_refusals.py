@@ -292,3 +292,35 @@ def test_unbatched_input_to_a_linear_is_refused():
     model(x).square().sum().backward()
     opt.step()
     assert all(p.grad is not None for p in model.parameters())
+
+
+class _RawHead(nn.Module):
+    """A language-model head written as a raw matmul with the embedding table: a use outside any DP layer."""
+
+    def __init__(self, raw: bool):
+        super().__init__()
+        self.emb, self.mix, self.raw = nn.Embedding(10, 4), nn.Linear(4, 4), raw
+
+    def forward(self, x):
+        h = torch.tanh(self.mix(self.emb(x)))
+        return h @ self.emb.weight.t() if self.raw else h
+
+
+def test_parameter_used_outside_its_dp_layers_is_an_error():
+    """Its gradient from that use would have no per-sample norm (and was silently dropped): an error naming
+    it, with .grad untouched and the engine ready for the next step."""
+    torch.manual_seed(0)
+    model, opt = _private(_RawHead(raw=True))
+    x = torch.randint(0, 10, (3, 5))
+    sentinel = {n: torch.full_like(p, 7.0) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = sentinel[n].clone()
+    with pytest.raises(RuntimeError, match=r"'emb\.weight' is used outside its DP layers"):
+        model(x).sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, sentinel[n]), n
+    model.raw = False
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()
+    assert all(p.grad is not None for p in model.parameters())
