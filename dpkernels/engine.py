@@ -232,7 +232,8 @@ class Engine:
             raise RuntimeError(
                 f"DP layer {name!r} saw a batch of {B} samples while the model's batch has {want}: an input "
                 f"broadcast across the batch (or a batch that is not the first dimension) loses the "
-                f"per-sample gradients. Expand that input to the batch (x.expand({want}, ...)) before the layer."
+                f"per-sample gradients. Expand that input to the batch (x.expand({want}, ...)) before the layer; "
+                f"an input flattened with the batch (x.view(-1, d)) must keep it as its own dimension ((B, T, d))."
             )
 
     def loss_scale(self) -> float:

@@ -324,3 +324,20 @@ def test_parameter_used_outside_its_dp_layers_is_an_error():
     model(x).sum().backward()
     opt.step()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_batch_flattened_into_rows_is_refused():
+    """(B, T, d) viewed as (B*T, d) before a Linear makes every row a 'sample': refused, saying to keep B."""
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h.reshape(-1, h.shape[-1]))
+
+    model, _ = _private(Flat())
+    with pytest.raises(RuntimeError, match=r"DP layer 'b' saw a batch of 12 samples.*has 3.*x\.view\(-1, d\)"):
+        model(torch.randn(3, 4, 5)).sum().backward()
