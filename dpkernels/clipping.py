@@ -109,14 +109,14 @@ def resolve_groups(
 def group_bounds(max_grad_norm: float | Sequence[float], n_groups: int) -> list[float]:
     """Per-group bounds: a float R gives R / sqrt(G) to each of G groups (so R_total = R)."""
     if isinstance(max_grad_norm, int | float):
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be positive and finite, got {max_grad_norm}")
         return [float(max_grad_norm) / math.sqrt(n_groups)] * n_groups
     bounds = [float(b) for b in max_grad_norm]
     if len(bounds) != n_groups:
         raise ValueError(f"max_grad_norm has {len(bounds)} bounds for {n_groups} clipping groups")
-    if any(not b > 0 for b in bounds):
-        raise ValueError(f"every bound in max_grad_norm must be positive, got {bounds}")
+    if any(not (b > 0 and math.isfinite(b)) for b in bounds):
+        raise ValueError(f"every bound in max_grad_norm must be positive and finite, got {bounds}")
     return bounds
 
 

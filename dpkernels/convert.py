@@ -208,6 +208,8 @@ def make_private(
     """
     if clipping not in CLIP_FUNCTIONS:
         raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
+    if not (gamma > 0 and math.isfinite(gamma)):  # c_i = R / (n_i + gamma) is bounded by R only for gamma > 0
+        raise ValueError(f"gamma must be a finite number > 0 (automatic clipping divides by n_i + gamma), got {gamma}")
     if sample_rate is None and dataset_size is not None and expected_batch_size is not None:
         sample_rate = expected_batch_size / dataset_size
     if expected_batch_size is None:

@@ -113,10 +113,10 @@ class Engine:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-        if not expected_batch_size > 0:
-            raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size}")
-        if noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if not (expected_batch_size > 0 and math.isfinite(expected_batch_size)):
+            raise ValueError(f"expected_batch_size must be a finite positive number, got {expected_batch_size}")
+        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):  # NaN fails both comparisons
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
         self.modules = modules

@@ -255,6 +255,12 @@ def test_the_same_model_with_the_input_expanded_is_accepted():
         (dict(max_grad_norm=[1.0, -1.0, 1.0], groups="layer-wise"), "positive"),
         (dict(expected_batch_size=None), "expected_batch_size"),
         (dict(noise_multiplier=-1.0), "noise_multiplier"),
+        (dict(noise_multiplier=float("nan")), "noise_multiplier must be a finite number"),
+        (dict(clipping="automatic", gamma=-0.5), "gamma must be a finite number > 0"),
+        (dict(clipping="automatic", gamma=0.0), "gamma must be a finite number > 0"),
+        (dict(max_grad_norm=float("inf")), "max_grad_norm must be positive and finite"),
+        (dict(max_grad_norm=[1.0, float("nan"), 1.0], groups="layer-wise"), "positive and finite"),
+        (dict(expected_batch_size=float("inf")), "expected_batch_size must be a finite"),
         (dict(accumulation_steps=0), "accumulation_steps"),
     ],
 )
