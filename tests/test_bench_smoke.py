@@ -213,3 +213,24 @@ def test_stock_hf_gpt2_runs_for_dpkernels_and_peer_failures_are_recorded(tmp_pat
     assert res["dpk-bk:reference"]["params_with_grad"] == res["dpk-bk:reference"]["params_trainable"] > 0
     assert res["opacus-hooks"]["status"] == "error" and "stack expects" in res["opacus-hooks"]["error"]
     assert res["opacus-ghost"]["status"] == "error" and "tying" in res["opacus-ghost"]["error"]
+
+
+def test_gpu_session_script_dry_run(tmp_path):
+    """bench/gpu_session.sh runs on a lent GPU only; here its dry run checks that it parses, refuses an
+    unknown stage, and runs each stage's command with what the device README asks for."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh"
+    env = dict(os.environ, DRY="1", OUT=str(tmp_path / "out"))
+    run = subprocess.run(["bash", str(script), "tests", "ops", "models"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert any("pytest" in x and "tests/ops" in x and "-m gpu\\ or\\ not\\ slow" in x for x in lines)
+    assert any("bench.ops --device cuda" in x for x in lines)
+    assert any("-m bench --models gpt2-small" in x and "--device cuda" in x for x in lines)
+    bad = subprocess.run(["bash", str(script), "nope"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown stage" in bad.stderr
