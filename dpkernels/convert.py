@@ -69,8 +69,7 @@ def convert_layers(model: nn.Module) -> nn.Module:
     get exact per-sample gradients for their batch-broadcast raw parameters (see dpkernels.nn.tap)."""
     root = dp_class(model)
     if root is not None:
-        object.__setattr__(model, "__class__", root)
-        return model
+        return root.from_module(model, in_place=True)
     tap_known(model)
     for name, child in list(model.named_children()):
         dp_cls = dp_class(child)

@@ -168,9 +168,13 @@ class Engine:
             q.register_hook(functools.partial(self._raw_use, pname.get(id(q), "?")))
 
     # ------------------------------------------------------------------ forward
+    def active(self) -> bool:
+        """Whether DP training is on here: the engine enabled and autograd recording."""
+        return self.enabled and torch.is_grad_enabled()
+
     def wants(self, module: nn.Module) -> bool:
         """Whether this forward call of ``module`` needs per-sample work (and so counts a use)."""
-        if not (self.enabled and torch.is_grad_enabled()):
+        if not self.active():
             return False
         tie = self._tie_of.get(module)
         if tie is None:

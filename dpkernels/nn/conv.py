@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -49,8 +48,7 @@ class _DPConvNd(DPModule):
 
     def forward(self, input: Tensor) -> Tensor:
         n = len(self.kernel_size)
-        eng = self._dp_engine
-        if input.dim() != n + 2 and eng is not None and eng.enabled and torch.is_grad_enabled():
+        if input.dim() != n + 2 and self._dp_training():
             raise ValueError(
                 f"{type(self).__name__} under DP training needs a batched input (B, C, {n} spatial dims) to have "
                 f"per-sample gradients, got shape {tuple(input.shape)}; add the batch dimension "

@@ -23,11 +23,11 @@ class DPEmbedding(DPModule, nn.Embedding):
     dp_function = EmbeddingFunction
 
     @classmethod
-    def from_module(cls, module: nn.Module):  # type: ignore[override]
+    def from_module(cls, module: nn.Module, *, in_place: bool = False):  # type: ignore[override]
         reason = unsupported_reason(module)
         if reason is not None:
             raise ValueError(f"{module!r} cannot be made private: {reason}.")
-        return super().from_module(module)
+        return super().from_module(module, in_place=in_place)
 
     def forward(self, input: Tensor) -> Tensor:
         if not self._dp_active():
@@ -44,7 +44,3 @@ class DPEmbedding(DPModule, nn.Embedding):
         if batch is not None and input.dim() >= 2 and input.shape[0] == 1 < batch:
             input = input.expand(batch, *input.shape[1:])
         return EmbeddingFunction.apply(input, self.weight, self)
-
-    def _dp_name(self) -> str:
-        names = getattr(self._dp_engine, "_name_of", {})
-        return f"DPEmbedding {names[self]!r}" if self in names else "DPEmbedding"

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..functional._common import autocast_inputs
@@ -15,11 +14,9 @@ class DPLinear(DPModule, nn.Linear):
     dp_function = LinearFunction
 
     def forward(self, input: Tensor) -> Tensor:
-        eng = self._dp_engine
-        if input.dim() < 2 and eng is not None and eng.enabled and torch.is_grad_enabled():
-            name = getattr(eng, "_name_of", {}).get(self, "")
+        if input.dim() < 2 and self._dp_training():
             raise ValueError(
-                f"DPLinear {name!r} got an input of shape {tuple(input.shape)}: DP layers need the batch as the "
+                f"{self._dp_name()} got an input of shape {tuple(input.shape)}: DP layers need the batch as the "
                 f"first dimension; pass (B, ..., {self.in_features})"
             )
         if not self._dp_active():

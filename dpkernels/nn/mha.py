@@ -21,7 +21,6 @@ needs the batch as dim 0): inputs (L, B, E) with ``batch_first=False`` are trans
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -33,7 +32,7 @@ from torch.autograd.function import once_differentiable
 from .. import ops
 from ..functional._common import autocast_inputs, batch_rows, trainable
 from ..functional.tap import TapFunction, raw_clipped_sum, raw_norms
-from ._base import DPModule
+from ._base import DPModule, make_twin
 from .linear import DPLinear
 
 # Rows of the packed in_proj_weight each projection tag covers, in units of embed_dim.
@@ -178,12 +177,7 @@ class MHAFunction(torch.autograd.Function):
 
 def _dp_linear(linear: nn.Linear) -> DPLinear:
     """A DPLinear sharing ``linear``'s parameters (out_proj is a Linear subclass: DPLinear.from_module refuses it)."""
-    new = copy.copy(linear)
-    new._parameters = dict(linear._parameters)
-    new._buffers = dict(linear._buffers)
-    new._modules = dict(linear._modules)
-    object.__setattr__(new, "__class__", DPLinear)
-    return new  # type: ignore[return-value]
+    return make_twin(linear, DPLinear)
 
 
 class DPMultiheadAttention(DPModule, nn.MultiheadAttention):
@@ -194,7 +188,7 @@ class DPMultiheadAttention(DPModule, nn.MultiheadAttention):
     dp_function = MHAFunction
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> DPMultiheadAttention:  # type: ignore[override]
+    def from_module(cls, module: nn.Module, *, in_place: bool = False) -> DPMultiheadAttention:  # type: ignore[override]
         out = module.out_proj
         if not isinstance(out, nn.Linear):
             # e.g. PEFT's LoRA on MultiheadAttention: it merges the adapters into in_proj_weight and
@@ -205,7 +199,7 @@ class DPMultiheadAttention(DPModule, nn.MultiheadAttention):
                 f"adapters into those weights, which per-sample clipping cannot follow). Put adapters on other "
                 f"layers, or train the attention's own weights"
             )
-        new = super().from_module(module)
+        new = super().from_module(module, in_place=in_place)
         if not isinstance(out, DPModule):
             new.out_proj = _dp_linear(out)  # type: ignore[assignment]
         return new
@@ -222,7 +216,7 @@ class DPMultiheadAttention(DPModule, nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         eng = self._dp_engine if self._dp_engine is not None else getattr(self.out_proj, "_dp_engine", None)
-        if eng is None or not eng.enabled or not torch.is_grad_enabled():
+        if eng is None or not eng.active():
             return super().forward(
                 query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
             )

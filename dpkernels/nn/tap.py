@@ -20,7 +20,6 @@ import functools
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..functional.tap import TapFunction
@@ -81,7 +80,7 @@ def _tapped_class(base: type[nn.Module]) -> type[nn.Module]:
     @functools.wraps(base.forward)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         for k, why in refused.items():
-            if kwargs.get(k) and self._dp_engine is not None and self._dp_engine.enabled and torch.is_grad_enabled():
+            if kwargs.get(k) and self._dp_engine is not None and self._dp_engine.active():
                 raise ValueError(f"{base.__name__}({k}=...) cannot give exact per-sample gradients under DP: {why}")
         d = self.__dict__
         d["_dp_tap_depth"] = d.get("_dp_tap_depth", 0) + 1

@@ -188,6 +188,12 @@ def test_a_model_that_is_one_layer_is_converted_in_place():
     assert type(lin) is dpkernels.DPLinear
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same computation
+    emb = nn.Embedding(5, 3, max_norm=1.0)  # the root goes through from_module's checks like any child
+    with pytest.raises(ValueError, match="max_norm=1.0 renormalises"):
+        dpkernels.make_private(
+            emb, torch.optim.SGD(emb.parameters(), lr=0.0), noise_multiplier=0.0, expected_batch_size=4.0
+        )
+    assert type(emb) is nn.Embedding
 
 
 @pytest.mark.parametrize("strategy", ["bk", "two-pass"])
