@@ -12,7 +12,7 @@ from torch import nn
 from . import ops
 from .accounting import Accountant, get_noise_multiplier
 from .clipping import CLIP_FUNCTIONS, GroupSpec, group_bounds, resolve_groups
-from .engine import DPOptimizer, Engine, Tie
+from .engine import DPOptimizer, Engine, Tie, optimizer_params
 from .nn import DP_LAYERS, DPModule
 from .nn.tap import tap_known
 
@@ -126,15 +126,14 @@ def validate(model: nn.Module) -> dict[str, nn.Module]:  # values are DPModules
 def check_optimizer(optimizer: torch.optim.Optimizer, covered: set[int], model: nn.Module) -> None:
     """Every trainable parameter the optimizer steps must be one the engine makes private."""
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    for gi, group in enumerate(optimizer.param_groups):
-        for k, p in enumerate(group["params"]):
-            if p.requires_grad and id(p) not in covered:
-                what = repr(names[id(p)]) if id(p) in names else f"param_groups[{gi}]['params'][{k}] (not in the model)"
-                raise ValueError(
-                    f"the optimizer steps parameter {what} of shape {tuple(p.shape)}, which no DP layer of the model "
-                    f"covers, so its gradient would not be private. Remove it from the optimizer, freeze it "
-                    f"(p.requires_grad_(False)), or make it a parameter of the model's DP layers."
-                )
+    for where, p in optimizer_params(optimizer):
+        if p.requires_grad and id(p) not in covered:
+            what = repr(names[id(p)]) if id(p) in names else f"{where} (not in the model)"
+            raise ValueError(
+                f"the optimizer steps parameter {what} of shape {tuple(p.shape)}, which no DP layer of the model "
+                f"covers, so its gradient would not be private. Remove it from the optimizer, freeze it "
+                f"(p.requires_grad_(False)), or make it a parameter of the model's DP layers."
+            )
 
 
 def build_ties(modules: dict[str, nn.Module]) -> list[Tie]:

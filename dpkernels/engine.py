@@ -30,7 +30,7 @@ import functools
 import math
 import secrets
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -526,6 +526,13 @@ class Engine:
         return "\n".join(rows)
 
 
+def optimizer_params(optimizer: Any) -> Iterator[tuple[str, Tensor]]:
+    """Each parameter an optimizer steps, with where it sits ("param_groups[g]['params'][k]")."""
+    for gi, group in enumerate(optimizer.param_groups):
+        for k, p in enumerate(group["params"]):
+            yield f"param_groups[{gi}]['params'][{k}]", p
+
+
 def tie_norms(tie: Tie) -> dict[int, Tensor]:
     """Per-sample squared norms of a tie's parameters (keyed by id), exact for shared parameters."""
     if len(tie.modules) == 1:
@@ -590,22 +597,21 @@ class DPOptimizer(torch.optim.Optimizer):
     def _check_params(self) -> None:
         """No parameter the engine does not cover may carry a gradient into the step (one added to the
         optimizer after make_private, or a frozen one unfrozen since): it would not be private."""
-        for gi, group in enumerate(self.param_groups):
-            for k, p in enumerate(group["params"]):
-                if self.engine.covers(p) and not p.requires_grad:
-                    raise RuntimeError(
-                        f"no step was taken: param_groups[{gi}]['params'][{k}] (shape {tuple(p.shape)}) was frozen "
-                        f"after make_private, but the engine still clips and noises it with the others and the "
-                        f"optimizer would step it. Freeze parameters before make_private (a new model/optimizer pair "
-                        f"through make_private when the set of trainable parameters changes)."
-                    )
-                if (p.requires_grad or p.grad is not None) and not self.engine.covers(p):
-                    raise RuntimeError(
-                        f"no step was taken: param_groups[{gi}]['params'][{k}] (shape {tuple(p.shape)}) is trainable "
-                        f"or has a gradient, but the DP engine does not make it private (added to the optimizer "
-                        f"after make_private, or unfrozen since?). Call make_private again on the model (and an "
-                        f"optimizer) holding it, or freeze it and set its .grad to None."
-                    )
+        for where, p in optimizer_params(self):
+            if self.engine.covers(p) and not p.requires_grad:
+                raise RuntimeError(
+                    f"no step was taken: {where} (shape {tuple(p.shape)}) was frozen after make_private, but the "
+                    f"engine still clips and noises it with the others and the optimizer would step it. Freeze "
+                    f"parameters before make_private (a new model/optimizer pair through make_private when the "
+                    f"set of trainable parameters changes)."
+                )
+            if (p.requires_grad or p.grad is not None) and not self.engine.covers(p):
+                raise RuntimeError(
+                    f"no step was taken: {where} (shape {tuple(p.shape)}) is trainable or has a gradient, but the "
+                    f"DP engine does not make it private (added to the optimizer after make_private, or unfrozen "
+                    f"since?). Call make_private again on the model (and an optimizer) holding it, or freeze it "
+                    f"and set its .grad to None."
+                )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
