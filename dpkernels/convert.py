@@ -94,7 +94,8 @@ def validate(model: nn.Module) -> dict[str, nn.Module]:  # values are DPModules
                 f"The engine writes each parameter's private gradient at the end of backward, outside the "
                 f"wrapper's gradient all-reduce, which would then overwrite or miss it (with one process "
                 f"DistributedDataParallel left every gradient zero). Call make_private on the unwrapped "
-                f"model and train on one device."
+                f"model, with distributed=True for data-parallel training on torch.distributed "
+                f"(one process per device: DataParallel's threads are not supported)."
             )
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             raise ValueError(
@@ -194,6 +195,7 @@ def make_private(
     accountant: str = "rdp",
     seed: int | None = None,
     backend: str | None = None,
+    distributed: bool | object = False,
 ) -> tuple[nn.Module, DPOptimizer]:
     """Make ``model`` and ``optimizer`` train with DP-SGD.
 
@@ -203,6 +205,11 @@ def make_private(
     Give either ``noise_multiplier`` or ``target_epsilon`` (with ``target_delta`` and the number
     of ``steps`` or ``epochs``). The sampling rate is ``sample_rate``, or
     expected_batch_size / dataset_size; without it no privacy is accounted.
+
+    ``distributed``: True (the default process group) or a process group trains data-parallel on
+    torch.distributed: call make_private with the same arguments on every rank, with the *global*
+    expected batch size / sample rate / dataset size; each rank clips its own samples, the noised
+    sums are all-reduced at ``step()`` and the noise is added once (see dpkernels.distributed).
     """
     if clipping not in CLIP_FUNCTIONS:
         raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
@@ -256,11 +263,33 @@ def make_private(
         accumulation_steps=accumulation_steps,
         seed=seed,
     )
+    parallel = None
+    if distributed is not False:
+        from .distributed import DataParallelState, resolve_group
+
+        parallel = DataParallelState(resolve_group(distributed))
+        parallel.agree(
+            {
+                "noise_multiplier": noise_multiplier,
+                "expected_batch_size": expected_batch_size,
+                "sample_rate": sample_rate,
+                "bounds": bounds,
+                "clipping": (clipping, gamma),
+                "groups": [[tuple(p.shape) for p in ps] for ps in clip_groups],
+                "strategy": strategy,
+                "loss_reduction": loss_reduction,
+                "accumulation_steps": accumulation_steps,
+                "accountant": accountant,
+            }
+        )
+        parallel.broadcast_model(model)
+        engine.world_size, engine.rank = parallel.world_size, parallel.rank
     for m in modules.values():
         m._dp_engine = engine  # type: ignore[assignment]
     model.register_forward_pre_hook(engine.on_model_forward, with_kwargs=True)
     acct = Accountant(accountant) if sample_rate is not None else None
     dp_opt = DPOptimizer(optimizer, engine, accountant=acct, sample_rate=sample_rate)
+    dp_opt.parallel = parallel
     if target_delta is not None:
         dp_opt.target_delta = target_delta  # type: ignore[attr-defined]
     if target_epsilon is not None:

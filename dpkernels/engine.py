@@ -131,6 +131,8 @@ class Engine:
         self.loss_reduction = loss_reduction
         self.accumulation_steps = accumulation_steps
         self.seed = secrets.randbits(63) if seed is None else int(seed)
+        self.world_size = 1  # data-parallel ranks summing their clipped sums (set by dpkernels.distributed)
+        self.rank = 0
         self.enabled = True
         self.batch_size: int | None = None  # the model's batch, read by a forward pre-hook
         self.steps = 0
@@ -164,6 +166,11 @@ class Engine:
         # autograd computes for one comes from a use outside them (x @ emb.weight.T), whose per-sample
         # norm nobody takes. Its .grad would be replaced at the end of the pass, the use silently dropped.
         pname = {id(q): f"{n}.{k}" for n, m in modules.items() for k, q in m.named_parameters(recurse=False)}
+        # (module, attribute, parameter) of each engine parameter: a wrapper that swaps a module's parameters
+        # for new objects (FSDP's fully_shard, a re-assigned weight) would leave the engine noising stale ones.
+        self._owned = [
+            (m, k, q) for m in modules.values() for k, q in m.named_parameters(recurse=False) if id(q) in self._index
+        ]
         for q in self._params:
             q.register_hook(functools.partial(self._raw_use, pname.get(id(q), "?")))
 
@@ -194,8 +201,18 @@ class Engine:
             raise RuntimeError(
                 f"the DP model runs inside a {type(ddp).__name__}: data-parallel training is not supported. The "
                 f"engine writes each parameter's private gradient at the end of backward, outside the wrapper's "
-                f"all-reduce, which would then overwrite or miss it. Train the private model on one device."
+                f"all-reduce, which would then overwrite or miss it. Use make_private(model, optimizer, ..., "
+                f"distributed=True) on the unwrapped model instead: it sums the clipped gradients across ranks."
             )
+        for m, k, q in self._owned:
+            if m._parameters.get(k) is not q:
+                raise RuntimeError(
+                    f"parameter {self._name_of.get(m, type(m).__name__)}.{k} was replaced after make_private (by "
+                    f"torch.distributed.fsdp.fully_shard, which shards parameters into new tensors, or by assigning "
+                    f"a new parameter): the engine would clip and noise the old one. FSDP is not supported yet: for "
+                    f"data-parallel training use make_private(model, optimizer, ..., distributed=True) on the "
+                    f"unsharded model; after replacing a parameter, call make_private again."
+                )
         for x in list(args) + list(kwargs.values()):
             if isinstance(x, Tensor) and x.dim() > 0:
                 self.batch_size = x.shape[0]
@@ -365,7 +382,7 @@ class Engine:
         return SumSpec(
             c=c,
             prev=prev,
-            noise_std=self.noise_multiplier * self.r_total if fin else 0.0,
+            noise_std=self.rank_noise_std() if fin else 0.0,
             scale=1.0 / self.expected_batch_size if (fin and mean) else 1.0,
             seed=self.param_seed(p),
         )
@@ -478,7 +495,14 @@ class Engine:
         return id(p) in self._index
 
     def param_seed(self, p: nn.Parameter) -> int:
-        return _mix64(self.seed, self.steps, self._index[id(p)])
+        if self.world_size == 1:
+            return _mix64(self.seed, self.steps, self._index[id(p)])
+        return _mix64(self.seed, self.steps, self._index[id(p)], self.rank)  # one stream per rank, even for one seed
+
+    def rank_noise_std(self) -> float:
+        """sigma R_total / sqrt(world): each rank's share of the noise, whose sum over ranks is N(0, sigma^2 R^2)
+        (dpkernels.distributed); sigma R_total on one process."""
+        return self.noise_multiplier * self.r_total / math.sqrt(self.world_size)
 
     def noise_std(self) -> float:
         """Standard deviation of the noise on each coordinate of the final gradient."""
@@ -504,7 +528,7 @@ class Engine:
             out = ops.add_noise(
                 prev,
                 p.shape,
-                noise_std=self.noise_multiplier * self.r_total,
+                noise_std=self.rank_noise_std(),
                 scale=scale,
                 seed=self.param_seed(p),
                 device=p.device,
@@ -558,6 +582,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.accountant = accountant
         self.sample_rate = sample_rate
         self.budget: tuple[float, int] | None = None  # (target epsilon, steps sigma was calibrated for)
+        self.parallel: Any = None  # dpkernels.distributed.DataParallelState when training data-parallel
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
@@ -580,7 +605,11 @@ class DPOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_params()
+        if self.parallel is not None:
+            self.parallel.observe_batch(self.engine.batch_size)
         self.engine.finish_step()
+        if self.parallel is not None:  # every rank's noised share summed: one DP step of the global batch
+            self.parallel.all_reduce([p.grad for p in self.engine._params if p.grad is not None])
         self.original_optimizer.step()
         if self.accountant is not None and self.sample_rate is not None:
             self.accountant.step(noise_multiplier=self.engine.noise_multiplier, sample_rate=self.sample_rate)

@@ -1,0 +1,154 @@
+"""Run under torchrun (gloo, CPU): data-parallel DP steps compared with the single-process step.
+
+Every rank runs each scenario; rank 0 also runs the single-process step on the union of the ranks'
+batches and writes, per scenario, the relative error and the measured numbers to ``--out`` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dpkernels
+from tests.engine.zoo import BY_NAME, batch, batch_loss
+
+DT = torch.float64
+B = 6  # the global batch, split over the ranks
+R = 0.3  # small enough that most samples of the zoo models are clipped
+
+
+def _step(case, model, x, y, *, distributed, strategy="bk", groups="all-layer", sigma=0.0, seed=None, accum=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, opt = dpkernels.make_private(
+        model,
+        opt,
+        noise_multiplier=sigma,
+        max_grad_norm=R,
+        expected_batch_size=float(B),
+        strategy=strategy,
+        groups=groups,
+        accumulation_steps=accum,
+        seed=seed,
+        distributed=distributed,
+    )
+    for xs, ys in zip(x.tensor_split(accum), y.tensor_split(accum), strict=True):
+        loss = batch_loss(case, model(xs), ys, "mean")
+        opt.backward(loss)
+    opt.step()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]), opt
+
+
+def _split(x: torch.Tensor, rank: int, world: int, empty_rank: int | None) -> torch.Tensor:
+    if empty_rank is not None:
+        return x[:0] if rank == empty_rank else x
+    return x[rank::world]
+
+
+def exact(case_name, rank, world, *, strategy="bk", groups="all-layer", empty_rank=None, accum=1):
+    """Max relative error of the all-reduced step against one process on the union of the batches."""
+    case = BY_NAME[case_name]
+    x, y = batch(case, B)
+    mine, _ = _step(
+        case,
+        case.build(),
+        _split(x, rank, world, empty_rank),
+        _split(y, rank, world, empty_rank),
+        distributed=True,
+        strategy=strategy,
+        groups=groups,
+        accum=accum,
+    )
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    same = all(torch.equal(every[0], e) for e in every)
+    if empty_rank is not None:
+        x, y = x, y  # the non-empty rank held the whole batch
+    else:  # the union, in the order of the ranks' shards (the sum does not depend on it)
+        x = torch.cat([x[r::world] for r in range(world)])
+        y = torch.cat([y[r::world] for r in range(world)])
+    single, _ = _step(case, case.build(), x, y, distributed=False, strategy=strategy, groups=groups, accum=accum)
+    err = ((mine - single).norm() / single.norm()).item()
+    return {"rel_err": err, "ranks_equal": same, "norm": single.norm().item()}
+
+
+def noise(rank, world, *, seed):
+    """Std of the all-reduced noise of empty steps: sigma R / B, whatever the number of ranks."""
+    torch.manual_seed(0)
+    case = BY_NAME["mlp"]
+    model = nn.Sequential(nn.Linear(64, 64)).to(DT)
+    x = torch.zeros(0, 64, dtype=DT)
+    out = []
+    for step in range(10):
+        g, _ = _step(case, model, x, x, distributed=True, sigma=1.0, seed=None if seed is None else seed + step)
+        out.append(g)
+    g = torch.cat(out)
+    return {"std": g.std().item(), "expected": 1.0 * R / B, "n": g.numel()}
+
+
+def sensitivity(rank, world):
+    """Remove-one across ranks: an adversarially large sample on rank 1 moves the update by at most R / B."""
+    case = BY_NAME["mlp"]
+    x, y = batch(case, B)
+    x = x.clone()
+    x[1] *= 1e4  # row 1 lands on rank 1; its gradient is far above R
+    with_it, _ = _step(case, case.build(), x[rank::world], y[rank::world], distributed=True)
+    keep = [i for i in range(B) if i != 1]
+    xs, ys = x[keep], y[keep]
+    sub = [i for i in range(len(keep)) if keep[i] % world == rank]
+    without, _ = _step(case, case.build(), xs[sub], ys[sub], distributed=True)
+    return {"delta_times_B": ((with_it - without).norm() * B).item(), "R": R}
+
+
+def fixed_size_warning(rank, world):
+    case = BY_NAME["mlp"]
+    x, y = batch(case, B)
+    model = case.build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, opt = dpkernels.make_private(
+        model, opt, noise_multiplier=0.0, max_grad_norm=R, expected_batch_size=float(B), distributed=True
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(9):
+            batch_loss(case, model(x[:3]), y[:3], "mean").backward()
+            opt.step()
+            opt.zero_grad()
+    return {"warned": [str(w.message) for w in caught if "Poisson" in str(w.message)]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    results = {}
+    for case in ("mlp", "conv2d", "embedding", "layernorm", "tied"):
+        results[f"exact/{case}/bk"] = exact(case, rank, world)
+    results["exact/mlp/two-pass"] = exact("mlp", rank, world, strategy="two-pass")
+    results["exact/tied/two-pass"] = exact("tied", rank, world, strategy="two-pass")
+    results["exact/mlp/layer-wise"] = exact("mlp", rank, world, groups="layer-wise")
+    results["exact/tied/layer-wise"] = exact("tied", rank, world, groups="layer-wise")
+    results["exact/mlp/empty-rank"] = exact("mlp", rank, world, empty_rank=1)
+    results["exact/mlp/accumulation"] = exact("mlp", rank, world, accum=2)
+    results["noise/os-seeds"] = noise(rank, world, seed=None)
+    results["noise/same-seed"] = noise(rank, world, seed=1234)
+    results["sensitivity"] = sensitivity(rank, world)
+    results["fixed_size_warning"] = fixed_size_warning(rank, world)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"world": world, **results}, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    assert math.isfinite(R)
+    main()

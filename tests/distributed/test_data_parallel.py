@@ -1,0 +1,184 @@
+"""Data-parallel DP training (make_private(distributed=True)) on 2 gloo processes against one process.
+
+One torchrun launch runs every scenario (tests/distributed/_worker.py); the tests read its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dpkernels
+from dpkernels.distributed import DistributedPoissonSampler
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "results.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "-m", "tests.distributed._worker", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+EXACT = [
+    "exact/mlp/bk",
+    "exact/conv2d/bk",
+    "exact/embedding/bk",
+    "exact/layernorm/bk",
+    "exact/tied/bk",
+    "exact/mlp/two-pass",
+    "exact/tied/two-pass",
+    "exact/mlp/layer-wise",
+    "exact/tied/layer-wise",
+    "exact/mlp/empty-rank",
+    "exact/mlp/accumulation",
+]
+
+
+@pytest.mark.parametrize("key", EXACT)
+def test_two_ranks_equal_one_process_on_the_union(two_ranks, key):
+    """float64, noise off: the all-reduced clipped sums equal the single-process step on the union of the ranks'
+    batches. 1e-12: the two differ only in the order of float64 additions of a few hundred terms (error ~1e-14)."""
+    r = two_ranks[key]
+    assert r["norm"] > 0.01  # a step that moved something
+    assert r["ranks_equal"], "ranks hold different gradients after the all-reduce"
+    assert r["rel_err"] < 1e-12
+
+
+@pytest.mark.parametrize("key", ["noise/os-seeds", "noise/same-seed"])
+def test_noise_is_added_once_for_the_global_step(two_ranks, key):
+    """Empty steps on both ranks: the summed noise has std sigma R / B, not sqrt(2) times more (both ranks adding
+    the full noise, or one seed shared) nor less (each rank's share not summed). 41,600 draws: the std estimate's
+    relative standard error is 1 / sqrt(2n) = 0.35%, so 3% is ~9 standard errors, and sqrt(2) is 40% away."""
+    r = two_ranks[key]
+    assert r["n"] > 40_000
+    assert abs(r["std"] / r["expected"] - 1) < 0.03
+
+
+def test_remove_one_sensitivity_across_ranks(two_ranks):
+    """Removing one (adversarially large) sample on rank 1 moves the summed update by R / B: clipped to R, and
+    counted once. The lower bound shows the sample was really there and clipped (1e-6: Abadi's epsilon)."""
+    r = two_ranks["sensitivity"]
+    assert r["R"] * (1 - 1e-5) <= r["delta_times_B"] <= r["R"] * (1 + 1e-5)
+
+
+def test_fixed_size_batches_warn_that_the_accountant_assumes_poisson(two_ranks):
+    assert two_ranks["fixed_size_warning"]["warned"], "no warning for 8 fixed-size batches in a row"
+
+
+def test_distributed_poisson_sampler_covers_each_example_with_rate_q():
+    """Three ranks' shards are disjoint and cover the dataset; each example is in a global step with probability q
+    (over 400 steps: binomial std sqrt(400 q (1-q)) = 8, so a count within 5 std of 80 for all 30 examples), and
+    a rank's batch may be empty (q small)."""
+    n, q, world, steps = 30, 0.2, 3, 400
+    samplers = [
+        DistributedPoissonSampler(
+            n, q, rank=r, world_size=world, steps=steps, generator=torch.Generator().manual_seed(r)
+        )
+        for r in range(world)
+    ]
+    counts = torch.zeros(n)
+    empties = 0
+    for batches in zip(*samplers, strict=True):
+        union = [i for b in batches for i in b]
+        assert len(union) == len(set(union))
+        for r, b in enumerate(batches):
+            assert all(i % world == r for i in b)
+            empties += len(b) == 0
+        counts[union] += 1
+    assert ((counts - steps * q).abs() < 5 * (steps * q * (1 - q)) ** 0.5).all()
+    assert empties > 0
+    assert samplers[0].expected_batch_size == n * q
+    assert all(len(s) == steps for s in samplers)
+
+
+def test_sampler_draws_are_secret_by_default():
+    """Without a generator the draws come from OS entropy: torch.manual_seed does not repeat them."""
+    torch.manual_seed(0)
+    a = list(DistributedPoissonSampler(1000, 0.5, rank=0, world_size=2, steps=2))
+    torch.manual_seed(0)
+    b = list(DistributedPoissonSampler(1000, 0.5, rank=0, world_size=2, steps=2))
+    assert a != b
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_fully_shard_after_make_private_is_refused_by_name(one_process_group):
+    """FSDP2 swaps every parameter for a sharded one: the engine would noise stale tensors (one 2-rank step came out
+    with a relative error of 1.0). Refused at the forward, naming the parameter."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model, _ = dpkernels.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, expected_batch_size=4
+    )
+    fully_shard(model)
+    with pytest.raises(RuntimeError, match=r"parameter 0.weight was replaced.*fully_shard.*distributed=True"):
+        model(torch.randn(4, 4))
+
+
+def test_distributed_without_process_group_is_a_clear_error():
+    model = nn.Linear(4, 2)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        dpkernels.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, expected_batch_size=4,
+            distributed=True,
+        )  # fmt: skip
+
+
+def test_world_size_one_matches_the_plain_path(one_process_group):
+    """One rank: distributed=True gives the non-distributed step exactly (same seed, same noise)."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    grads = []
+    for distributed in (False, True):
+        torch.manual_seed(1)
+        model = nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, opt = dpkernels.make_private(
+            model, opt, noise_multiplier=1.0, expected_batch_size=5, seed=7, distributed=distributed
+        )
+        model(x).square().sum(1).mean().backward()
+        opt.step()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.slow  # transformers' import and two processes: ~1-2 min on 2 cores
+def test_ddp_gpt2_example_runs_under_torchrun(tmp_path):
+    pytest.importorskip("transformers")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), str(ROOT / "examples" / "ddp_gpt2.py"), "--quick",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "on every rank: True" in run.stdout and "world size 2" in run.stdout
