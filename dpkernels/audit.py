@@ -157,21 +157,40 @@ def gdp_p_value(m: int, r: int, v: int, mu: float) -> float:
 
 
 def gdp_mu_lower_bound(m: int, r: int, v: int, *, beta: float = 0.05) -> float:
-    """The largest mu (to 1e-4) whose mu-GDP claim v correct guesses of r reject at level beta (0 if none).
+    """The largest mu (to 1e-3) whose mu-GDP claim v correct guesses of r reject at level beta (0 if none).
 
-    `gdp_p_value` grows with mu (delta_mu(eps) does for every eps); the returned mu is one at which
-    gdp_p_value <= beta was evaluated, so training is not mu'-GDP for any mu' <= it.
+    mu-GDP is rejected when `p_value` at some (eps, delta_mu(eps)) is <= beta (`gdp_p_value`'s bound).
+    That only grows with mu (delta_mu(eps) does for every eps); the returned mu is one at which such an
+    eps was found, so training is not mu'-GDP for any mu' <= it.
     """
     if not 0 < beta < 1:
         raise ValueError(f"beta (1 - confidence) must be in (0, 1), got {beta}")
-    lo, hi = 0.0, 1.0
-    while gdp_p_value(m, r, v, hi) <= beta:
-        lo, hi = hi, 2 * hi
-    if lo == 0.0 and gdp_p_value(m, r, v, 1e-4) > beta:
+    _check_counts(m, r, v)
+    # Only eps where P[W >= v] alone is <= beta can reject: [0, the delta = 0 bound].
+    top = epsilon_lower_bound(m, r, v, beta=beta)
+    if top == 0.0:
         return 0.0
-    while hi - lo > 1e-4:
+    grid = np.linspace(0.0, top, 33)
+
+    def rejects(mu: float) -> bool:
+        values = []
+        for e in grid:
+            values.append(p_value(m, r, v, float(e), gdp_delta(mu, float(e))))
+            if values[-1] <= beta:
+                return True
+        i = int(np.argmin(values))
+        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+        res = optimize.minimize_scalar(
+            lambda e: p_value(m, r, v, e, gdp_delta(mu, e)), bounds=(lo, hi), method="bounded", options={"xatol": 1e-4}
+        )
+        return float(res.fun) <= beta
+
+    lo, hi = 0.0, 1.0
+    while rejects(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1e-3:
         mid = (lo + hi) / 2
-        if gdp_p_value(m, r, v, mid) <= beta:
+        if rejects(mid):
             lo = mid
         else:
             hi = mid
@@ -233,9 +252,13 @@ DEFAULT_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5)
 
 
 def default_guesses(m: int, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> list[tuple[int, int]]:
-    """k+ = k- = round(f * m / 2) for each fraction f: from a confident few to every canary."""
+    """For k = round(f * m / 2), each fraction f: (k, k), and (k, 0), guessing "in" only.
+
+    "In"-only guesses matter under Poisson sampling: an included canary that no batch happened to hold
+    scores like an excluded one, so the lowest scores are never free of included canaries.
+    """
     ks = sorted({max(1, round(f * m / 2)) for f in fractions})
-    return [(k, k) for k in ks if 2 * k <= m]
+    return [(k, k) for k in ks if 2 * k <= m] + [(k, 0) for k in ks]
 
 
 def count_correct(scores: np.ndarray, included: np.ndarray, k_plus: int, k_minus: int) -> int:
@@ -450,11 +473,11 @@ def run_audit(
     q = cfg.batch_size / n
     steps = math.ceil(cfg.epochs / q)
 
-    net = CanaryModel(model, m_g)
-    margin0 = _logit_margin(net.model, x_can, y_can) if m_in else None
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    net, private = dpkernels.make_private(
-        net,
+    wrapped = CanaryModel(model, m_g)
+    margin0 = _logit_margin(wrapped.model, x_can, y_can) if m_in else None
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    net, private = dpkernels.make_private(  # converts wrapped's layers in place: net is wrapped
+        wrapped,
         optimizer,
         target_epsilon=cfg.epsilon,
         target_delta=cfg.delta,
@@ -478,7 +501,7 @@ def run_audit(
             per_sample = torch.where(is_g, tapped, F.cross_entropy(logits, yb, reduction="none"))
             private.backward(per_sample.mean())
         private.step()
-        grad = net.canaries.weight.grad
+        grad = wrapped.canaries.weight.grad
         if grad is not None:
             score_g += grad[0].double()
         private.zero_grad(set_to_none=True)
@@ -495,11 +518,11 @@ def run_audit(
     )
     if len(y_test):
         result.accuracy = (
-            (_logit_margin(net.model, x_test, y_test) > 0).double().mean().item()
+            (_logit_margin(wrapped.model, x_test, y_test) > 0).double().mean().item()
         )  # margin > 0: top-1 correct
     if m_in:
         assert margin0 is not None
-        score_in = _logit_margin(net.model, x_can, y_can) - margin0
+        score_in = _logit_margin(wrapped.model, x_can, y_can) - margin0
         result.input = audit_scores(score_in, in_input, beta=cfg.beta, delta=cfg.delta, gdp=gdp)
     if m_g:
         # In units of R summed over steps: each step's gradient is scaled by 1 / expected batch size.
