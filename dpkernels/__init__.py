@@ -10,6 +10,7 @@ from .convert import make_private
 from .engine import DPOptimizer, Engine
 from .nn import DP_LAYERS, DPConv1d, DPConv2d, DPConv3d, DPEmbedding, DPGroupNorm, DPLayerNorm, DPLinear, DPRMSNorm
 from .nn.mha import DPMultiheadAttention
+from .nn.rnn import DPGRU, DPLSTM, DPRNN
 from .nn.tap import tap_parameters  # opt-in for raw (1, ...) parameters broadcast over the batch
 from .ops import available_backends, get_backend, set_backend, use_backend
 
@@ -21,12 +22,15 @@ __all__ = [
     "DPConv2d",
     "DPConv3d",
     "DPEmbedding",
+    "DPGRU",
     "DPGroupNorm",
     "DPLayerNorm",
+    "DPLSTM",
     "DPLinear",
     "DPMultiheadAttention",
     "DPOptimizer",
     "DPRMSNorm",
+    "DPRNN",
     "DP_LAYERS",
     "Engine",
     "available_backends",

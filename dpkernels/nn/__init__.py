@@ -10,6 +10,7 @@ from .embedding import DPEmbedding
 from .linear import DPLinear
 from .mha import DPMultiheadAttention
 from .norm import DPGroupNorm, DPLayerNorm, DPRMSNorm
+from .rnn import DPGRU, DPLSTM, DPRNN
 
 DP_LAYERS: dict[type[nn.Module], type[DPModule]] = {
     nn.Linear: DPLinear,
@@ -21,6 +22,9 @@ DP_LAYERS: dict[type[nn.Module], type[DPModule]] = {
     nn.Conv2d: DPConv2d,
     nn.Conv3d: DPConv3d,
     nn.MultiheadAttention: DPMultiheadAttention,
+    nn.RNN: DPRNN,
+    nn.LSTM: DPLSTM,
+    nn.GRU: DPGRU,
 }
 
 __all__ = [
@@ -34,5 +38,8 @@ __all__ = [
     "DPConv2d",
     "DPConv3d",
     "DPMultiheadAttention",
+    "DPRNN",
+    "DPLSTM",
+    "DPGRU",
     "DP_LAYERS",
 ]

@@ -175,10 +175,10 @@ class _Wrap(nn.Module):
     "inner,match",
     [
         (nn.PReLU(3), r"'inner\.weight'.*PReLU"),
-        (nn.GRU(3, 3, batch_first=True), r"'inner\.weight_ih_l0'.*GRU"),
+        (nn.GRUCell(3, 3), r"'inner\.weight_ih'.*GRUCell"),
         (_MyLinear(3, 3), r"'inner\.weight'.*_MyLinear"),
     ],
-    ids=["PReLU", "GRU", "Linear-subclass"],
+    ids=["PReLU", "GRUCell", "Linear-subclass"],
 )
 def test_unsupported_layer_is_refused_by_parameter_name(inner, match):
     with pytest.raises(ValueError, match=match):
