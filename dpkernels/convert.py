@@ -17,8 +17,9 @@ from .nn import DP_LAYERS, DPModule
 from .nn.tap import tap_known
 
 _SUPPORTED = (
-    "Linear, Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm, MultiheadAttention, RNN, LSTM, GRU, Hugging Face "
-    "Conv1D and LlamaRMSNorm; a raw (1, ...) parameter the model only broadcasts over the batch: dpkernels.tap_parameters"
+    "Linear, Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm, MultiheadAttention, RNN, LSTM, GRU, "
+    "Hugging Face Conv1D and LlamaRMSNorm; a raw (1, ...) parameter the model only broadcasts over the batch: "
+    "dpkernels.tap_parameters"
 )
 
 

@@ -340,3 +340,37 @@ def test_unbatched_input_is_refused_in_training():
         model(torch.randn(5, F_IN))
     with torch.no_grad():
         model(torch.randn(5, F_IN))  # evaluation: torch's forward, unbatched allowed
+
+
+@pytest.mark.parametrize("cell", ["lstm-proj", "gru"])
+def test_accumulation_and_noise(cell):
+    """Two micro-batches (accumulation_steps=2) give the whole batch's clipped sum; with noise on, each
+    parameter's gradient is that sum plus sigma R times its own seed's N(0, I) stream, once, over EBS."""
+    model = _model(cell, 16, batch_first=False, num_layers=2, bidirectional=True, h0=True)
+    ref = copy.deepcopy(model)
+    x, _ = _input(4, 3, 17)
+    y = torch.randn(ref(x).shape, generator=torch.Generator().manual_seed(7), dtype=DT)
+    grads = per_sample_grads(ref, x, y)
+    R = sq_norms(grads, list(grads)).sqrt().median().item()
+    want = clipped_update(grads, [list(grads)], [R], "sum")
+    sigma = 0.7
+    model, opt = dpkernels.make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=sigma,
+        max_grad_norm=R,
+        expected_batch_size=EBS,
+        loss_reduction="sum",
+        accumulation_steps=2,
+        seed=3,
+    )
+    for xs, ys in zip(x.chunk(2), y.chunk(2), strict=True):
+        per_sample_loss(model, xs, ys).sum().backward()
+    eng = opt.engine
+    for n, p in model.named_parameters():
+        noise = dpkernels.ops.add_noise(
+            None, p.shape, noise_std=sigma * R, scale=1.0, seed=eng.param_seed(p), device=p.device, dtype=DT
+        )  # that parameter's own stream
+        assert noise.abs().max() > 0.1 * sigma * R
+        torch.testing.assert_close(p.grad, want[n] + noise, **TOL, msg=lambda m, n=n: f"{n}: {m}")
+    opt.step()
