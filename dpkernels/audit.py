@@ -387,6 +387,7 @@ class AuditConfig:
     epsilon: float = 3.0
     delta: float = 1e-5
     batch_size: int = 256  # expected Poisson batch
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"
     lr: float = 0.1
     momentum: float = 0.9
     max_grad_norm: float = 1.0
@@ -475,7 +476,13 @@ def run_audit(
 
     wrapped = CanaryModel(model, m_g)
     margin0 = _logit_margin(wrapped.model, x_can, y_can) if m_in else None
-    optimizer = torch.optim.SGD(wrapped.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    optimizer: torch.optim.Optimizer
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(wrapped.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    elif cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(wrapped.parameters(), lr=cfg.lr)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
     net, private = dpkernels.make_private(  # converts wrapped's layers in place: net is wrapped
         wrapped,
         optimizer,
@@ -550,6 +557,7 @@ def _table(res: AuditResult) -> list[str]:
 
 def format_report(run: RunAudit, command: str, plot_name: str | None) -> str:
     cfg = run.config
+    opt = f"SGD lr {cfg.lr:g} momentum {cfg.momentum:g}" if cfg.optimizer == "sgd" else f"Adam lr {cfg.lr:g}"
     lines = [
         f"# One-run privacy audit: {cfg.model} on scikit-learn's digits",
         "",
@@ -558,7 +566,7 @@ def format_report(run: RunAudit, command: str, plot_name: str | None) -> str:
         f"DP-SGD through `make_private`: target epsilon {cfg.epsilon:g} at delta {cfg.delta:g}, noise multiplier "
         f"{run.noise_multiplier:.4f}, R = {cfg.max_grad_norm:g} (all-layer, abadi, book-keeping), Poisson rate "
         f"q = {run.sample_rate:.4f} over {run.dataset_size} rows (real examples + included canaries), "
-        f"{run.steps} steps, SGD lr {cfg.lr:g} momentum {cfg.momentum:g}, seed {cfg.seed}. Test accuracy "
+        f"{run.steps} steps, {opt}, seed {cfg.seed}. Test accuracy "
         f"{run.accuracy:.1%}. Run time {run.seconds:.1f} s (training and bounds).",
         "",
         f"**Claimed epsilon (the accountant's, for the steps taken): {run.claimed_epsilon:.3f}** at delta "
@@ -605,19 +613,28 @@ def format_report(run: RunAudit, command: str, plot_name: str | None) -> str:
 
 
 def plot_scores(run: RunAudit, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(
+            "the audit's plot needs matplotlib: pip install 'dpkernels[audit]' (or run without --out)"
+        ) from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [(n, r) for n, r in (("gradient canaries", run.gradient), ("input canaries", run.input)) if r is not None]
+    kinds = (
+        ("gradient canaries", run.gradient, "sum over steps of the canary's noised gradient coordinate (units of R)"),
+        ("input canaries", run.input, "change of the logit margin of the canary's label"),
+    )
+    parts = [(n, r, x) for n, r, x in kinds if r is not None]
     fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 3.8), squeeze=False)
-    for ax, (name, res) in zip(axes[0], parts, strict=True):
+    for ax, (name, res, xlabel) in zip(axes[0], parts, strict=True):
         bins = np.histogram_bin_edges(np.concatenate([res.in_scores, res.out_scores]), bins=40)
         ax.hist(res.out_scores, bins=bins, alpha=0.6, label=f"excluded ({len(res.out_scores)})")
         ax.hist(res.in_scores, bins=bins, alpha=0.6, label=f"included ({len(res.in_scores)})")
         ax.set_title(f"{run.config.model}: {name}\neps >= {res.epsilon:.2f}, claimed {run.claimed_epsilon:.2f}")
-        ax.set_xlabel("score")
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel("canaries")
         ax.legend()
     fig.tight_layout()
@@ -638,6 +655,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, argparse
     p.add_argument("--epsilon", type=float, default=d.epsilon, help="target epsilon (sigma is calibrated to it)")
     p.add_argument("--delta", type=float, default=d.delta)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="expected Poisson batch size")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer, help="SGD has momentum 0.9")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--input-canaries", type=int, default=d.input_canaries, help="m of input-space canaries (0: none)")
     p.add_argument("--gradient-canaries", type=int, default=d.gradient_canaries, help="m of gradient canaries")
@@ -655,6 +673,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AuditConfig, argparse
         epsilon=a.epsilon,
         delta=a.delta,
         batch_size=a.batch_size,
+        optimizer=a.optimizer,
         lr=a.lr,
         input_canaries=min(a.input_canaries, 200) if a.quick else a.input_canaries,
         gradient_canaries=min(a.gradient_canaries, 200) if a.quick else a.gradient_canaries,

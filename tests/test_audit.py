@@ -233,6 +233,7 @@ def test_cli_writes_report_and_plot(tmp_path):
 
 @pytest.mark.slow
 def test_transformer_audit_stays_below_claim(tmp_path):
-    run = audit.run_audit(audit.AuditConfig(model="transformer", epochs=3.0, input_canaries=200, gradient_canaries=500))
+    cfg = audit.AuditConfig(model="transformer", lr=0.5, epochs=3.0, input_canaries=200, gradient_canaries=500)
+    run = audit.run_audit(cfg)
     assert run.gradient is not None and run.input is not None
     assert run.gradient.epsilon < run.claimed_epsilon and run.input.epsilon < run.claimed_epsilon
