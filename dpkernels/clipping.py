@@ -26,12 +26,26 @@ ABADI_EPS = 1e-6
 
 
 def clip_factors(norms: Tensor, bound: float, clipping: str = "abadi", gamma: float = 0.01) -> Tensor:
-    """Per-sample clip factors c_i from per-sample norms n_i (not squared)."""
+    """Per-sample clip factors c_i from per-sample norms n_i (not squared), with c_i n_i <= R.
+
+    The engine passes certified norms (upper bounds on the exact ones, dpkernels.ops.certified), so
+    c_i ||g_i|| <= c_i n_i <= R. Computed in float64 (float32 rounding of R / (n + eps) could exceed R
+    by an ulp), returned in float64 for float64 norms and float32 otherwise, rounded down. A factor is
+    never NaN or negative: a NaN norm gives 0 (the engine refuses non-finite norms before this, with
+    an error naming the layer; 0 is what a caller who did not check gets: the sample is dropped).
+    """
+    n = norms.to(torch.float64)
     if clipping == "abadi":
-        return (bound / (norms + ABADI_EPS)).clamp(max=1.0)
-    if clipping == "automatic":
-        return bound / (norms + gamma)
-    raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
+        c = (bound / (n + ABADI_EPS)).clamp(max=1.0)
+    elif clipping == "automatic":
+        c = bound / (n + gamma)
+    else:
+        raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
+    c = torch.nan_to_num(c, nan=0.0, posinf=0.0).clamp_min(0.0) * (1.0 - 2.0**-52)
+    if norms.dtype == torch.float64:
+        return c
+    c32 = c.to(torch.float32)  # round to nearest, then one ulp down where that rounded up
+    return torch.where(c32.to(torch.float64) > c, torch.nextafter(c32, torch.zeros_like(c32)), c32)
 
 
 GroupSpec = str | Sequence[Sequence[str]] | Callable[[str, nn.Module], Any]

@@ -103,13 +103,13 @@ class ConvFunction(torch.autograd.Function):
         B, groups = g0.shape[0], s0.groups
         per_sample = sum(math.prod(g.shape[2:]) * s.x.shape[1] * math.prod(s.kernel_size) for s, g in uses)
         step = max(1, _CHUNK_ELEMS // max(1, per_sample))
-        out = [torch.empty(0, device=g0.device, dtype=ops.acc_dtype(s0.x, g0))]
+        out = [torch.empty(0, device=g0.device, dtype=torch.float64)]
         for start in range(0, B, step):
             sl = slice(start, start + step)
             rows = [ops.reference.conv_rows(s.x[sl], g[sl], **s.geometry()) for s, g in uses]
             a = torch.cat([r[0] for r in rows], 1)
             gr = torch.cat([r[1] for r in rows], 1)
-            nw, _ = ops.linear_norms(a, gr, bias=False, method=method)
+            nw, _ = ops.certified.linear_norms(a, gr, bias=False, method=method)
             out.append(nw.view(-1, groups).sum(dim=1))
         return torch.cat(out)
 
@@ -125,7 +125,7 @@ class ConvFunction(torch.autograd.Function):
             method = ops.linear_norm_method(T, d, p)
             module.dp_norm_method = method
             if len(uses) == 1:
-                nw, nb = ops.conv_norms(s0.x, g0, **s0.geometry(), bias=b is not None, method=method)
+                nw, nb = ops.certified.conv_norms(s0.x, g0, **s0.geometry(), bias=b is not None, method=method)
                 out[id(w)] = nw
                 if b is not None:
                     assert nb is not None
@@ -136,7 +136,7 @@ class ConvFunction(torch.autograd.Function):
             module.dp_norm_method = "bias-only"
         if b is not None:
             gs = [_g_rows(g) for _, g in uses]
-            out[id(b)] = ops.bias_norms(gs[0] if len(gs) == 1 else torch.cat(gs, 1))
+            out[id(b)] = ops.certified.bias_norms(gs[0] if len(gs) == 1 else torch.cat(gs, 1))
         return out
 
     @staticmethod

@@ -86,7 +86,9 @@ class EmbeddingFunction(torch.autograd.Function):
         ids, g = EmbeddingFunction.rows(uses)
         module.dp_norm_method = "index"
         return {
-            id(w): ops.embedding_norms(ids, g, num_embeddings=module.num_embeddings, padding_idx=module.padding_idx)
+            id(w): ops.certified.embedding_norms(
+                ids, g, num_embeddings=module.num_embeddings, padding_idx=module.padding_idx
+            )
         }
 
     @staticmethod

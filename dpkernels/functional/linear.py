@@ -47,11 +47,11 @@ class LinearFunction(torch.autograd.Function):
         if w is not None:
             method = ops.linear_norm_method(a.shape[1], a.shape[2], g.shape[2])
             module.dp_norm_method = method
-            nw, nb = ops.linear_norms(a, g, bias=b is not None, method=method)
+            nw, nb = ops.certified.linear_norms(a, g, bias=b is not None, method=method)
             out[id(w)] = nw
         else:
             module.dp_norm_method = "bias-only"
-            nb = ops.bias_norms(g)
+            nb = ops.certified.bias_norms(g)
         if b is not None:
             assert nb is not None
             out[id(b)] = nb

@@ -117,7 +117,7 @@ class _AffineNormFunction(torch.autograd.Function):
             return {}
         xh, g = cls.rows(module, uses, xhat=w is not None)
         module.dp_norm_method = "direct"
-        nw, nb = ops.affine_norms(g if xh is None else xh, g, weight=w is not None, bias=b is not None)
+        nw, nb = ops.certified.affine_norms(g if xh is None else xh, g, weight=w is not None, bias=b is not None)
         out: dict[int, Tensor] = {}
         if w is not None:
             assert nw is not None

@@ -84,7 +84,7 @@ def _rows(gs: list[Tensor]) -> Tensor:
 
 def raw_norms(gs: list[Tensor]) -> Tensor:
     """||sum_u G_ui||^2 per sample, from the per-sample gradients G_u (B, *s) of each use u."""
-    return ops.bias_norms(_rows(gs))
+    return ops.certified.bias_norms(_rows(gs))
 
 
 def raw_clipped_sum(gs: list[Tensor], spec: Any, shape: torch.Size) -> Tensor:

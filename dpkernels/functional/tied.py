@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.bounds import Bound
 from .embedding import EmbeddingFunction, cat_rows, unsupported_reason
 from .linear import LinearFunction
 
@@ -110,28 +111,27 @@ def tied_norms(tie: Any) -> dict[int, Tensor]:
                 raise ValueError(f"parameter shared by {tie.names} in an unsupported way: {_HOW}")
         if lin_b:
             _, g = _linear_rows(tie, lin_b)
-            out[id(p)] = ops.bias_norms(g)
+            out[id(p)] = ops.certified.bias_norms(g)
             continue
-        n2: Tensor | None = None
+        parts: list[Bound] = []
         a = gh = None
         if lin_w:
             a, gh = _linear_rows(tie, lin_w)
             method = ops.linear_norm_method(a.shape[1], a.shape[2], gh.shape[2])
-            n2, _ = ops.linear_norms(a, gh, bias=False, method=method)
+            nh, _ = ops.certified.linear_norms_bound(a, gh, bias=False, method=method)
+            parts.append(nh)
             for m in lin_w:
                 m.dp_norm_method = f"tied-{method}" + ("+cross" if emb else "")
+        cross = None
         if emb:
             ids, ge, pad = _embedding_rows(tie, emb)
-            ne = ops.embedding_norms(ids, ge, num_embeddings=p.shape[0], padding_idx=pad)
+            parts.append(ops.certified.embedding_norms_bound(ids, ge, num_embeddings=p.shape[0], padding_idx=pad))
             for m in emb:
                 m.dp_norm_method = "tied-index" + ("+cross" if lin_w else "")
-            if n2 is None:
-                n2 = ne
-            else:
-                assert a is not None and gh is not None
-                cross = ops.embedding_linear_cross(ids, ge, a, gh, padding_idx=pad)
-                # ||dE + dH||^2 >= 0; rounding of the three terms can go slightly below when dE ~ -dH.
-                n2 = (n2 + ne + 2 * cross).clamp_min(0)
-        if n2 is not None:
-            out[id(p)] = n2
+            if a is not None and gh is not None:
+                cross = ops.certified.embedding_linear_cross_bound(ids, ge, a, gh, padding_idx=pad)
+        if parts:
+            # ||dE + dH||^2 = ||dE||^2 + ||dH||^2 + 2 <dE, dH>, each term with its rounding bound: the
+            # certified total is an upper bound even when dE ~ -dH cancels (ops.certified.tied_total).
+            out[id(p)] = ops.certified.tied_total(parts, cross).certified()
     return out

@@ -103,6 +103,12 @@ def resolve(op: str, tensor: Tensor, backend: str | None = None):
     raise NotImplementedError(op)
 
 
+def resolve_named(op: str, tensor: Tensor, backend: str | None = None):
+    """(callable, backend name) of `resolve`."""
+    fn = resolve(op, tensor, backend)
+    return fn, last_backend[op]
+
+
 def _dispatch(op: str):
     def call(*args, backend: str | None = None, **kwargs):
         return resolve(op, args[0], backend)(*args, **kwargs)
@@ -142,3 +148,7 @@ def add_noise(
     return resolve("add_noise", probe, backend)(
         prev, shape, noise_std=noise_std, scale=scale, seed=seed, device=device, **kw
     )
+
+
+# Certified norms (rigorous upper bounds, float64) for the engine: see dpkernels/ops/bounds.py.
+from . import certified as certified  # noqa: E402

@@ -1,0 +1,185 @@
+"""Certified per-sample squared norms: rigorous floating-point error bounds, backend-independent parts.
+
+A norm op computes n_i = ||g_i||^2 of sample i's gradient g_i in floating point. A DP adversary picks
+the samples, and can make the computed value arbitrarily wrong: two tokens a and a + delta with output
+gradients w and -w give a ghost norm <A A^T, G G^T> whose float32 value is a difference of two nearly
+equal large numbers (negative, or far below the truth). Clipping by an under-stated norm breaks the
+sensitivity bound. So every norm the engine clips by is *certified*: an upper bound on the exact
+||g_i||^2 of the stored tensors (A, G), proven with the standard model of floating-point arithmetic
+(Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., ch. 2-3):
+
+    fl(x op y) = (x op y)(1 + delta) + eta,   |delta| <= u,   |eta| <= eta_min (underflow, products only)
+
+and for a dot product of length n, in any summation order,
+
+    |fl(x . y) - x . y| <= gamma_n sum_k |x_k y_k| + n eta_min,      gamma_n = n u / (1 - n u).
+
+Operands first rounded to a narrower format with unit roundoff u_in (TF32 or bf16 tensor cores fed
+float32) add (1 + u_in)^2 - 1 to the relative part (`dot_gamma`).
+
+A `Bound` (value, err, cap) of a sample's squared norm n says n <= value + err and n <= cap; its
+`certified()` is min(value + err, cap), never negative, rounded up. The cap is the triangle-inequality
+bound from per-token norms, ||sum_t g_t a_t^T|| <= sum_t |a_t| |g_t|, so a certified norm is never
+above it, whatever the rounding. All of it is float64: a product of two float32 numbers is exact there,
+and a sum of N float64 terms errs by at most gamma_N(2^-53) of their absolute sum, far below float32's
+rounding; float64 also holds (1e18)^4-sized squared norms of float32 data without overflow.
+
+Backends: the reference computes tight bounds next to its norms (dpkernels/ops/reference/bounds.py:
+each *_bound op gives the formula and its proof). A backend without its own *_bound ops is certified
+here from its raw squared norm r and its declared arithmetic (`generic_bound`):
+
+    n <= min(cap, r + kappa * cap + abs_err),   kappa = dot_gamma(N, u_in, u_acc)
+
+with N at least the total length of every chain of roundings the op performs (any op whose exact
+result is a sum over at most N rounded products of terms bounded in sum by the cap: see generic_bound).
+It is rigorous but loose: on natural data cap / n grows like T, so a Triton norm may be inflated by a
+large factor (a smaller clip factor: utility, never privacy). Tight bounds inside the kernels are the
+way to remove that.
+
+Nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+U64 = 2.0**-53
+F64 = torch.float64
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u of an accumulation dtype: 2^-53 (float64), 2^-24 (float32)."""
+    return U64 if dtype == torch.float64 else 2.0**-24
+
+
+def underflow_eta(dtype: torch.dtype) -> float:
+    """The absolute error one underflowing product can make (the smallest subnormal; generous by 2x)."""
+    return 2.0**-1074 if dtype == torch.float64 else 2.0**-149
+
+
+def gamma(n: float, u: float) -> float:
+    """gamma_n = n u / (1 - n u); inf when n u >= 1/2 (no useful bound: the caps take over)."""
+    nu = float(n) * u
+    return nu / (1.0 - nu) if nu < 0.5 else math.inf
+
+
+def dot_gamma(n: float, u_acc: float, u_in: float = 0.0) -> float:
+    """Relative error bound of a length-n dot product whose operands are first rounded with u_in and
+    whose products and sums are rounded with u_acc: (1 + u_in)^2 (1 + gamma_n) - 1."""
+    return (1.0 + u_in) ** 2 * (1.0 + gamma(n + 1, u_acc)) - 1.0
+
+
+def matmul_input_roundoff(dtype: torch.dtype) -> float:
+    """u_in of torch's own matmuls on float32 operands: 0 (IEEE float32) when
+    torch.get_float32_matmul_precision() is "highest", else 2^-7 (bf16 operands, rounded or truncated,
+    which also covers TF32): "high"/"medium" let cuBLAS / oneDNN round the operands. 0 for other dtypes."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return 2.0**-7
+    return 0.0
+
+
+def round_up_factor(n_ops: float) -> float:
+    """A factor that covers n_ops float64 roundings of a non-negative result (with a 2x margin)."""
+    return 1.0 + 2.0 * gamma(n_ops + 2, U64)
+
+
+class Bound(NamedTuple):
+    """Upper bounds on a (B,) exact quantity n: n <= value + err and n <= cap (float64 each).
+
+    For a squared norm the cap is the per-token (triangle inequality) bound; for the signed cross term
+    of a tied table, |n - value| <= err and |n| <= cap."""
+
+    value: Tensor
+    err: Tensor
+    cap: Tensor
+
+    def plus(self, other: Bound) -> Bound:
+        """The bound of a sum of two quantities (squared norms of disjoint blocks add)."""
+        return Bound(self.value + other.value, self.err + other.err, self.cap + other.cap)
+
+    def certified(self) -> Tensor:
+        """min(value + err, cap), clamped at 0 and rounded up: an upper bound on n, float64 (B,).
+
+        NaN in any part (non-finite inputs) stays NaN, for the engine's FloatingPointError."""
+        up = torch.minimum(self.value + self.err, self.cap)
+        return (up * round_up_factor(4)).clamp_min(0.0)
+
+
+def from_norm_error(value: Tensor, rel: float, abs_norm: Tensor, cap_norm: Tensor) -> Bound:
+    """The Bound of n = ||v||^2 when value = fl(||v'||^2) with relative error <= rel (a sum of squares)
+    and ||v - v'|| <= abs_norm, ||v|| <= cap_norm: n <= (sqrt(value (1 + rel)) + abs_norm)^2."""
+    f = round_up_factor(8)
+    up = ((value * (1.0 + rel)).sqrt() * f + abs_norm) * f
+    return Bound(value, (up * up * f - value).clamp_min(0.0), cap_norm * cap_norm * f)
+
+
+def pow2_scale(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B,) float64 powers of two s_i with max|s_i x_i| in [1/2, 1) (1 where x_i is zero or not finite),
+    clamped to dtype's normal range so that s_i itself is representable in ``dtype``.
+
+    Scaling each sample's rows by s_i is exact (a power of two) except where a scaled-down entry
+    becomes subnormal (error <= eta per entry, accounted by `scale_error`). It keeps every Gram entry,
+    product and per-token norm of the scaled rows in [eta, d]: no overflow, underflow only far below
+    the sample's own magnitude. The squared norm of the unscaled rows is the scaled one / s_i^2."""
+    B = x.shape[0]
+    if x.numel() == 0:
+        return torch.ones(B, device=x.device, dtype=F64)
+    m = x.detach().abs().amax(dim=tuple(range(1, x.dim()))).to(F64)
+    _, e = torch.frexp(m)
+    e = torch.where(torch.isfinite(m), e, torch.zeros_like(e))
+    emax = 1021 if dtype == torch.float64 else 125
+    return torch.ldexp(torch.ones_like(m), (-e).clamp(-emax, emax))
+
+
+def scale_rows(x: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
+    """x (B, ...) cast to ``dtype`` and multiplied by s_i per sample (see pow2_scale)."""
+    return x.to(dtype) * s.to(dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def token_norms(x: Tensor, up: float = 1.0) -> Tensor:
+    """(B, T) float64 upper bounds on the 2-norms of x's last-dim rows (x: (B, T, d), any float dtype).
+
+    float64 squares and sums of float32/16-bit values: relative error <= gamma_{d+2}(2^-53), covered
+    by the factor; no overflow or underflow for those dtypes."""
+    d = x.shape[-1]
+    return x.to(F64).square().sum(-1).sqrt() * (round_up_factor(d + 4) * up)
+
+
+# ----------------------------------------------------------------------------- backends without bounds
+
+
+def backend_arithmetic(dtype: torch.dtype) -> tuple[float, float]:
+    """(u_acc, u_in) of a backend kernel that accumulates in acc_dtype and may feed float32 operands to
+    TF32 tensor cores (the Triton kernels do when torch.get_float32_matmul_precision() != "highest")."""
+    u_in = 2.0**-10 if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" else 0.0
+    return unit_roundoff(torch.float64 if dtype == torch.float64 else torch.float32), u_in
+
+
+def generic_bound(
+    raw: Tensor, cap_norm: Tensor, abs_scale: Tensor, n_chain: float, n_abs: float, dtype: torch.dtype
+) -> Bound:
+    """Certify a backend's raw squared norm r of n = ||v||^2, v = sum_t x_t (x) y_t (outer or elementwise
+    products per token, any grouping), from the per-token cap ||v|| <= C = sum_t |x_t||y_t|:
+
+        n <= min(C^2, r + kappa C^2 + 4 eta n_abs (1 + abs_scale)),    kappa = dot_gamma(n_chain, u_acc, u_in)
+
+    Proof sketch: such an op (ghost <X, Y> with Grams of length d and p and a T^2 reduction;
+    instantiation with length-T dots and a p d sum of squares; sums over T then a sum of squares) forms
+    r through chains of at most n_chain rounded operations, and the absolute values of the exact terms
+    of every sum along them add up to at most C^2 (sum_{t,s} |x_t||x_s||y_t||y_s| = C^2; a sum of squares
+    of entrywise |.|-sums is <= C^2), so |r - n| <= kappa C^2. Underflow adds at most eta per product,
+    over at most n_abs products, each weighted by at most 1 + abs_scale (the caller's bound on the
+    magnitudes, e.g. (sum_t |x_t|)^2 + (sum_t |y_t|)^2). A non-finite r on finite data (float32
+    overflow in the raw op) falls back to the cap."""
+    u_acc, u_in = backend_arithmetic(dtype)
+    kappa = dot_gamma(n_chain, u_acc, u_in)
+    cap = cap_norm.square() * round_up_factor(4)
+    r = raw.to(F64)
+    err = (kappa * cap + 4.0 * underflow_eta(dtype) * n_abs * (1.0 + abs_scale)) * round_up_factor(8)
+    finite = torch.isfinite(r) | ~torch.isfinite(cap)  # keep NaN/inf from non-finite inputs
+    r = torch.where(finite, r, cap)
+    return Bound(r, torch.where(finite, err, torch.zeros_like(err)), cap)

@@ -1,0 +1,161 @@
+"""Certified per-sample squared norms: the norms the engine clips by, for every backend.
+
+Each function has the signature of the raw op of the same name (dpkernels.ops.<op>) and returns float64
+(B,) upper bounds on the exact squared norms of the gradients of the given tensors (see
+dpkernels/ops/bounds.py for the model and `Bound`). The backend that serves the raw op serves these:
+if it has ``<op>_bound`` (the reference does: tight bounds computed beside its norms), that is used;
+otherwise its raw squared norm is certified here from per-token norms and the backend's declared
+arithmetic (`bounds.generic_bound`), so a new backend inherits a rigorous (if loose) certificate.
+``*_bound`` variants return the `Bound` itself, for sums with signed terms (the tied cross term).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _load, acc_dtype, resolve_named
+from . import reference as _ref
+from .bounds import F64, Bound, generic_bound, round_up_factor, token_norms
+
+
+def _own(op: str, tensor: Tensor, backend: str | None):
+    """(the serving backend's own ``op``_bound or None, the raw op)."""
+    raw, name = resolve_named(op, tensor, backend)
+    mod = _load(name)
+    return getattr(mod, f"{op}_bound", None), raw
+
+
+def _generic_rows(raw: Tensor, a: Tensor, g: Tensor, groups: int = 1) -> Bound:
+    """generic_bound of a Linear-like weight norm over row blocks a (B*groups, T, d), g (B*groups, T, p)."""
+    T, d, p = a.shape[1], a.shape[2], g.shape[2]
+    na, ng = token_norms(a), token_norms(g)
+    cap2 = (na * ng).sum(dim=1).square().view(-1, groups).sum(dim=1)
+    abs_scale = (na.sum(dim=1).square() + ng.sum(dim=1).square()).view(-1, groups).sum(dim=1)
+    n_chain = max(T * T + d + p, T + p * d) + 4  # ghost: Gram, product, T^2 sum; inst: dot, p d squares
+    n_abs = groups * (T * T * (d + p + 1) + T * p * d)  # every product either method forms
+    return generic_bound(raw, cap2.sqrt() * round_up_factor(4), abs_scale, n_chain, n_abs, acc_dtype(a, g))
+
+
+def _generic_bias(raw: Tensor, g: Tensor) -> Bound:
+    T, p = g.shape[1], g.shape[2]
+    ng = token_norms(g)
+    S = ng.sum(dim=1)
+    return generic_bound(raw, S, S.square() + T * T, T + p + 2, T * p + p, acc_dtype(g))
+
+
+def linear_norms_bound(a: Tensor, g: Tensor, *, bias: bool, method: str, backend: str | None = None):
+    own, raw = _own("linear_norms", a, backend)
+    if own is not None:
+        return own(a, g, bias=bias, method=method)
+    rw, rb = raw(a, g, bias=bias, method=method)
+    return _generic_rows(rw, a, g), (_generic_bias(rb, g) if bias else None)
+
+
+def bias_norms_bound(g: Tensor, *, backend: str | None = None) -> Bound:
+    own, raw = _own("bias_norms", g, backend)
+    if own is not None:
+        return own(g)
+    return _generic_bias(raw(g), g)
+
+
+def conv_norms_bound(x: Tensor, g: Tensor, *, backend: str | None = None, **kw):
+    own, raw = _own("conv_norms", x, backend)
+    if own is not None:
+        return own(x, g, **kw)
+    rw, rb = raw(x, g, **kw)
+    geom = {k: kw[k] for k in ("kernel_size", "stride", "padding", "dilation", "groups")}
+    a, gr = _ref.conv_rows(x, g, **geom)
+    wb = _generic_rows(rw, a, gr, kw["groups"])
+    return wb, (_generic_bias(rb, g.flatten(2).transpose(1, 2)) if kw["bias"] else None)
+
+
+def embedding_norms_bound(
+    ids: Tensor, g: Tensor, *, num_embeddings: int, padding_idx: int | None, backend: str | None = None
+) -> Bound:
+    own, raw = _own("embedding_norms", g, backend)
+    if own is not None:
+        return own(ids, g, num_embeddings=num_embeddings, padding_idx=padding_idx)
+    # gram: sum_{t,s} [x_t = x_s] g_t . g_s (length-D dots, T^2 sum); scan: row sums, then squares.
+    rows = g.reshape(*ids.shape, g.shape[-1])
+    T, D = rows.shape[1], rows.shape[2]
+    S = token_norms(rows).sum(dim=1)
+    r = raw(ids, g, num_embeddings=num_embeddings, padding_idx=padding_idx)
+    return generic_bound(r, S, S.square() + T * T, T * T + T * D + 4, T * T * D + T * D, acc_dtype(g))
+
+
+def embedding_linear_cross_bound(
+    ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, *, padding_idx: int | None, backend: str | None = None
+) -> Bound:
+    own, raw = _own("embedding_linear_cross", g_e, backend)
+    if own is not None:
+        return own(ids, g_e, a, g_h, padding_idx=padding_idx)
+    x = raw(ids, g_e, a, g_h, padding_idx=padding_idx)
+    # |X| <= sum_{t,s} |g_h[s, x_t]| |a_s| |g_e,t| = q: every rounded term of X is bounded by q's terms.
+    Th, Te, D = a.shape[1], ids.shape[1], a.shape[2]
+    P = torch.gather(g_h, 2, ids[:, None, :].expand(-1, Th, -1)).to(F64).abs()
+    q = torch.einsum("bst,bs,bt->b", P, token_norms(a), token_norms(g_e))
+    n = Th * Te * D
+    bnd = generic_bound(x, q.sqrt(), q + Te * D, Th + Te * D + 4, n + Te * D, acc_dtype(g_e, a, g_h))
+    return Bound(bnd.value, bnd.err, torch.full_like(bnd.cap, math.inf))
+
+
+def affine_norms_bound(xhat: Tensor, g: Tensor, *, weight: bool, bias: bool, backend: str | None = None):
+    own, raw = _own("affine_norms", xhat, backend)
+    if own is not None:
+        return own(xhat, g, weight=weight, bias=bias)
+    rw, rb = raw(xhat, g, weight=weight, bias=bias)
+    w = None
+    if weight:
+        T, C = g.shape[1], g.shape[2]
+        S = token_norms(xhat.to(F64) * g.to(F64)).sum(dim=1)
+        w = generic_bound(rw, S, S.square() + T * T * C, T + C + 4, 2 * T * C, acc_dtype(xhat, g))
+    return w, (_generic_bias(rb, g) if bias else None)
+
+
+# ----------------------------------------------------------------------------- certified norms
+
+
+def _c(b: Bound | None) -> Tensor | None:
+    return None if b is None else b.certified()
+
+
+def linear_norms(a: Tensor, g: Tensor, *, bias: bool, method: str, backend: str | None = None):
+    w, b = linear_norms_bound(a, g, bias=bias, method=method, backend=backend)
+    return w.certified(), _c(b)
+
+
+def bias_norms(g: Tensor, *, backend: str | None = None) -> Tensor:
+    return bias_norms_bound(g, backend=backend).certified()
+
+
+def conv_norms(x: Tensor, g: Tensor, *, backend: str | None = None, **kw):
+    w, b = conv_norms_bound(x, g, backend=backend, **kw)
+    return w.certified(), _c(b)
+
+
+def embedding_norms(
+    ids: Tensor, g: Tensor, *, num_embeddings: int, padding_idx: int | None, backend: str | None = None
+) -> Tensor:
+    return embedding_norms_bound(
+        ids, g, num_embeddings=num_embeddings, padding_idx=padding_idx, backend=backend
+    ).certified()
+
+
+def affine_norms(xhat: Tensor, g: Tensor, *, weight: bool, bias: bool, backend: str | None = None):
+    w, b = affine_norms_bound(xhat, g, weight=weight, bias=bias, backend=backend)
+    return _c(w), _c(b)
+
+
+def tied_total(parts: list[Bound], cross: Bound | None) -> Bound:
+    """Bound of ||dE + dH||^2 = ||dE||^2 + ||dH||^2 + 2 <dE, dH> from the two norms' bounds and the
+    cross term's (|X - value| <= err); capped by (sqrt(cap_E) + sqrt(cap_H))^2 (triangle inequality)."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total.plus(p)
+    if cross is None or len(parts) < 2:
+        return total
+    cap = (parts[0].cap.sqrt() + parts[1].cap.sqrt()).square() * round_up_factor(8)
+    return Bound(total.value + 2.0 * cross.value, total.err + 2.0 * cross.err, cap)
