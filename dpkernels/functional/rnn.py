@@ -163,10 +163,10 @@ class RNNFunction(torch.autograd.Function):
                 if w is not None:
                     method = ops.linear_norm_method(a.shape[1], a.shape[2], g.shape[2])
                     methods.add(method)
-                    nw, nb = ops.linear_norms(a, g, bias=b is not None, method=method)
+                    nw, nb = ops.certified.linear_norms(a, g, bias=b is not None, method=method)
                     out[id(w)] = nw
                 elif b is not None:
-                    nb = ops.bias_norms(g)
+                    nb = ops.certified.bias_norms(g)
                 if b is not None:
                     assert nb is not None
                     out[id(b)] = nb
