@@ -84,8 +84,12 @@ def available_backends() -> list[str]:
 
 
 def _auto(device_type: str) -> list[str]:
+    """The automatic order. CPU: the reference only (the compiled backend's CPU path is slower on the
+    demo CNN and gpt2-tiny shapes: bench/results/cuda_cpu_vs_reference.md). CUDA: triton, then the
+    reference; the compiled backend serves only when asked for by name until its kernels have run
+    and been benchmarked on a GPU (bench/gpu_cuda.sh), and its first use there compiles it (minutes)."""
     if device_type == "cuda":
-        return ["cuda", "triton", "reference"]
+        return ["triton", "reference"]
     return ["reference"]
 
 

@@ -1,0 +1,47 @@
+// The CUDA side of dpk::for_each: one grid-stride kernel per functor of kernels.h, instantiated here
+// for the types the host code uses (a missing one is an undefined symbol when the library loads).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels.h"
+
+namespace dpk {
+
+template <class F>
+__global__ void __launch_bounds__(256) each_kernel(F f, int64_t n) {
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += int64_t(gridDim.x) * blockDim.x) f(j);
+}
+
+template <class F>
+void launch_cuda(const F& f, int64_t n, int device) {
+  if (n <= 0) return;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  constexpr int threads = 256;
+  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, int64_t(1) << 20);
+  each_kernel<F><<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream(device)>>>(f, n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define DPK_INST(...) template void launch_cuda<__VA_ARGS__>(const __VA_ARGS__&, int64_t, int);
+#define DPK_INST_IN(F)                 \
+  DPK_INST(F<c10::Half, float>)        \
+  DPK_INST(F<c10::BFloat16, float>)    \
+  DPK_INST(F<float, float>)            \
+  DPK_INST(F<double, double>)
+
+DPK_INST(Epilogue<float, c10::Half>)
+DPK_INST(Epilogue<float, c10::BFloat16>)
+DPK_INST(Epilogue<float, float>)
+DPK_INST(Epilogue<double, double>)
+DPK_INST(PhiloxBlocks)
+DPK_INST_IN(ColSum)
+DPK_INST(RowSum<float>)
+DPK_INST(RowSum<double>)
+DPK_INST(WeightedSum<float>)
+DPK_INST(WeightedSum<double>)
+DPK_INST_IN(EmbNormPart)
+DPK_INST_IN(EmbScatter)
+DPK_INST_IN(EmbCross)
+
+}  // namespace dpk

@@ -1,0 +1,340 @@
+"""The compiled backend (csrc/) against the reference on the CPU: every op in float64 (tight) and in
+bfloat16 (by SQNR), the checks of its arguments, opcheck, torch.compile through the ops, and its
+selection by the dispatcher. On the CPU these run the same functors (kernels.h) the CUDA build runs
+as kernels, and the same host code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _compiled import compiled_backend
+
+import dpkernels
+from dpkernels.ops import reference as ref
+
+cu = compiled_backend()
+F64 = torch.float64
+# float64 results of sums of at most a few hundred O(1) terms in another order: they differ by at most
+# K * u * sum|terms| ~ 500 * 1.1e-16 * 500 < 3e-11 absolute, so 1e-10 is tight and never flaky.
+TIGHT = dict(rtol=1e-10, atol=1e-10)
+# bfloat16 inputs, fp32 accumulation: products of bf16 values are exact in fp32, so the error is the
+# fp32 summation's, at most K * u32 relative (u32 = 6e-8) for K <= 2000 terms per sum here: 1.2e-4 ->
+# 78 dB. 60 dB leaves room for the cancellation of signed sums and fails any wrong term or scale.
+SQNR_DB = 60.0
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, seed, dtype=F64):
+    return torch.randn(*shape, generator=_gen(seed), dtype=F64).to(dtype)
+
+
+def _c(B, seed=99, dtype=F64):
+    return torch.rand(B, generator=_gen(seed), dtype=F64).to(dtype) + 0.1
+
+
+def _sqnr(out, want):
+    out, want = out.double(), want.double()
+    return 10 * math.log10(want.square().sum().item() / max((out - want).square().sum().item(), 1e-300))
+
+
+def _close(out, want, **tol):
+    if want is None:
+        assert out is None
+        return
+    assert out.dtype == want.dtype and out.shape == want.shape
+    torch.testing.assert_close(out, want, **(tol or TIGHT))
+
+
+# ----------------------------------------------------------------------------- Linear and bias
+
+
+@pytest.mark.parametrize("method", ["ghost", "inst"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_norms_f64(method, bias):
+    a, g = _randn(3, 5, 7, seed=1), _randn(3, 5, 4, seed=2)
+    for got, want in zip(
+        cu.linear_norms(a, g, bias=bias, method=method), ref.linear_norms(a, g, bias=bias, method=method)
+    ):
+        _close(got, want)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_clipped_sum_f64(bias):
+    a, g, c = _randn(4, 6, 5, seed=3), _randn(4, 6, 3, seed=4), _c(4)
+    kw = dict(bias=bias, noise_std=0.0, scale=0.25, prev_w=_randn(3, 5, seed=5), prev_b=_randn(3, seed=6))
+    for got, want in zip(cu.linear_clipped_sum(a, g, c, **kw), ref.linear_clipped_sum(a, g, c, **kw)):
+        _close(got, want)
+
+
+def test_bias_ops_f64():
+    g, c = _randn(5, 7, 3, seed=7), _c(5)
+    _close(cu.bias_norms(g), ref.bias_norms(g))
+    # a strided view (a conv's (B, C, T) gradient seen as (B, T, C)) is read in place
+    gt = _randn(5, 3, 7, seed=8).transpose(1, 2)
+    _close(cu.bias_norms(gt), ref.bias_norms(gt))
+    kw = dict(noise_std=0.0, scale=2.0, prev=_randn(3, seed=9))
+    _close(cu.bias_clipped_sum(g, c, **kw), ref.bias_clipped_sum(g, c, **kw))
+
+
+# ----------------------------------------------------------------------------- Conv
+
+CONV_CASES = [
+    # (x shape, C_out, kernel, stride, padding, dilation, groups)
+    ((3, 4, 11), 6, 3, 2, 1, 1, 2),
+    ((2, 3, 7, 6), 4, (3, 2), 1, (1, 0), (2, 1), 1),
+    ((2, 2, 5, 4, 4), 4, 2, (1, 2, 1), 1, 1, 2),
+]
+
+
+def _conv_inputs(case, dtype=F64):
+    shape, C_out, k, s, p, d, groups = case
+    n = len(shape) - 2
+    x = _randn(*shape, seed=10, dtype=dtype)
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[n]
+    kk = (k,) * n if isinstance(k, int) else k
+    w = torch.zeros(C_out, shape[1] // groups, *kk, dtype=F64)
+    out = conv(x.double(), w, stride=s, padding=p, dilation=d, groups=groups)
+    g = _randn(*out.shape, seed=11, dtype=dtype)
+    geom = dict(stride=s, padding=p, dilation=d, groups=groups)
+    return x, g, kk, tuple(w.shape), geom
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("method", ["ghost", "inst"])
+def test_conv_norms_f64(case, method):
+    x, g, k, _, geom = _conv_inputs(case)
+    kw = dict(kernel_size=k, bias=True, method=method, **geom)
+    for got, want in zip(cu.conv_norms(x, g, **kw), ref.conv_norms(x, g, **kw)):
+        _close(got, want)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_clipped_sum_f64(case):
+    x, g, _, wshape, geom = _conv_inputs(case)
+    c = _c(x.shape[0])
+    kw = dict(weight_shape=wshape, bias=True, noise_std=0.0, scale=0.5, prev_w=_randn(*wshape, seed=12), **geom)
+    for got, want in zip(cu.conv_clipped_sum(x, g, c, **kw), ref.conv_clipped_sum(x, g, c, **kw)):
+        _close(got, want)
+
+
+# ----------------------------------------------------------------------------- Embedding
+
+V = 11
+
+
+def _ids(B=4, T=9, seed=13):
+    return torch.randint(0, 5, (B, T), generator=_gen(seed))  # ids 0..4 of 11: many repeats, rows untouched
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2, -9])
+def test_embedding_ops_f64(padding_idx):
+    ids = _ids()
+    g = _randn(4, 9, 6, seed=14)
+    if padding_idx is not None:  # a non-finite gradient at a padding position must not leak in
+        g[ids == padding_idx % V] = float("nan")
+    _close(
+        cu.embedding_norms(ids, g, num_embeddings=V, padding_idx=padding_idx),
+        ref.embedding_norms(ids, g, num_embeddings=V, padding_idx=padding_idx),
+    )
+    kw = dict(num_embeddings=V, padding_idx=padding_idx, noise_std=0.0, scale=0.5, prev=_randn(V, 6, seed=15))
+    _close(cu.embedding_clipped_sum(ids, g, _c(4), **kw), ref.embedding_clipped_sum(ids, g, _c(4), **kw))
+    a, gh = _randn(4, 7, 6, seed=16), _randn(4, 7, V, seed=17)
+    ge = g.nan_to_num()
+    _close(
+        cu.embedding_linear_cross(ids, ge, a, gh, padding_idx=padding_idx),
+        ref.embedding_linear_cross(ids, ge, a, gh, padding_idx=padding_idx),
+    )
+
+
+def test_embedding_out_of_range_ids_refused():
+    ids = _ids()
+    ids[0, 0] = V
+    with pytest.raises(ValueError, match="num_embeddings"):
+        cu.embedding_clipped_sum(ids, _randn(4, 9, 6, seed=14), _c(4), num_embeddings=V, padding_idx=None)
+
+
+# ----------------------------------------------------------------------------- affine and add_noise
+
+
+@pytest.mark.parametrize("weight, bias", [(True, True), (True, False), (False, True)])
+def test_affine_ops_f64(weight, bias):
+    xhat, g, c = _randn(3, 5, 8, seed=18), _randn(3, 5, 8, seed=19), _c(3)
+    for got, want in zip(
+        cu.affine_norms(xhat, g, weight=weight, bias=bias), ref.affine_norms(xhat, g, weight=weight, bias=bias)
+    ):
+        _close(got, want)
+    kw = dict(weight=weight, bias=bias, noise_std=0.0, scale=3.0, prev_w=_randn(8, seed=20), prev_b=_randn(8, seed=21))
+    for got, want in zip(cu.affine_clipped_sum(xhat, g, c, **kw), ref.affine_clipped_sum(xhat, g, c, **kw)):
+        _close(got, want)
+
+
+def test_add_noise_without_noise_is_scaled_prev():
+    prev = _randn(4, 5, seed=22)
+    _close(
+        cu.add_noise(prev, (4, 5), noise_std=0.0, scale=0.5, seed=1, device="cpu", dtype=F64),
+        ref.add_noise(prev, (4, 5), noise_std=0.0, scale=0.5, seed=1, device="cpu", dtype=F64),
+    )
+
+
+# ----------------------------------------------------------------------------- bfloat16
+
+
+def _bf16_cases():
+    """(name, fn(module, cast)): ``cast`` applied to the data tensors (not to c, fp64 for both sides)."""
+    a, g, c = _randn(4, 16, 32, seed=30), _randn(4, 16, 24, seed=31), _c(4)
+    ids = torch.randint(0, 7, (4, 16), generator=_gen(32))
+    xhat = _randn(4, 16, 24, seed=33)
+    x, gc, k, wshape, geom = _conv_inputs(CONV_CASES[1])
+    yield "linear_norms_ghost", lambda m, d: m.linear_norms(d(a), d(g), bias=True, method="ghost")
+    yield "linear_norms_inst", lambda m, d: m.linear_norms(d(a), d(g), bias=True, method="inst")
+    yield "linear_clipped_sum", lambda m, d: m.linear_clipped_sum(d(a), d(g), c, bias=True)
+    yield "conv_norms", lambda m, d: m.conv_norms(d(x), d(gc), kernel_size=k, bias=True, method="ghost", **geom)
+    yield (
+        "conv_clipped_sum",
+        lambda m, d: m.conv_clipped_sum(d(x), d(gc), c[:2], weight_shape=wshape, bias=True, **geom),
+    )
+    yield "embedding_norms", lambda m, d: (m.embedding_norms(ids, d(g), num_embeddings=7, padding_idx=1),)
+    yield (
+        "embedding_clipped_sum",
+        lambda m, d: (m.embedding_clipped_sum(ids, d(g), c, num_embeddings=7, padding_idx=None),),
+    )
+    yield (
+        "embedding_linear_cross",
+        lambda m, d: (m.embedding_linear_cross(ids, d(g[..., :8]), d(a[..., :8]), d(xhat[..., :7]), padding_idx=1),),
+    )
+    yield "affine_norms", lambda m, d: m.affine_norms(d(xhat), d(g), weight=True, bias=True)
+    yield "affine_clipped_sum", lambda m, d: m.affine_clipped_sum(d(xhat), d(g), c, weight=True, bias=True)
+
+
+@pytest.mark.parametrize("name, fn", list(_bf16_cases()), ids=[n for n, _ in _bf16_cases()])
+def test_bf16_by_sqnr(name, fn):
+    """bf16 inputs against the reference in float64 on the same bf16-rounded values."""
+    got = fn(cu, lambda t: t.to(torch.bfloat16))
+    want = fn(ref, lambda t: t.to(torch.bfloat16).to(F64))
+    for out, w in zip(got, want):
+        assert out.dtype == torch.float32  # accumulated and returned in fp32
+        assert _sqnr(out, w) > SQNR_DB, name
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_argument():
+    a, g = _randn(3, 5, 7, seed=1), _randn(3, 5, 4, seed=2)
+    with pytest.raises(ValueError, match="c must hold one clip factor per sample"):
+        cu.linear_clipped_sum(a, g, _c(2), bias=False)
+    with pytest.raises(ValueError, match="method must be 'ghost' or 'inst'"):
+        cu.linear_norms(a, g, bias=False, method="gram")
+    with pytest.raises(ValueError, match="a must be"):
+        cu.linear_norms(a[:2], g, bias=False, method="inst")
+    with pytest.raises(ValueError, match="prev_w must have the output's shape"):
+        cu.linear_clipped_sum(a, g, _c(3), bias=False, prev_w=_randn(4, 6, seed=0))
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        cu.bias_norms(torch.ones(2, 3, 4, dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+
+def _opcheck_cases():
+    f32 = torch.float32
+    a, g, c = _randn(2, 3, 4, seed=40, dtype=f32), _randn(2, 3, 5, seed=41, dtype=f32), _c(2, dtype=f32)
+    ids = torch.tensor([[0, 1, 1], [2, 0, 2]])
+    x, gc, k, wshape, geom = _conv_inputs(CONV_CASES[0], dtype=f32)
+    st = [geom["stride"]], [geom["padding"]], [geom["dilation"]], geom["groups"]
+    ops = torch.ops.dpkernels
+    yield "linear_norms", ops.cuda_linear_norms.default, (a, g, True, "ghost")
+    yield "linear_clipped_sum", ops.cuda_linear_clipped_sum.default, (a, g, c, True, 1.0, 0.5, 1, 2, None, None)
+    yield "bias_norms", ops.cuda_bias_norms.default, (g,)
+    yield "bias_clipped_sum", ops.cuda_bias_clipped_sum.default, (g, c, 1.0, 1.0, 3, torch.zeros(5))
+    yield "conv_norms", ops.cuda_conv_norms.default, (x, gc, list(k), *st, True, "inst")
+    yield (
+        "conv_clipped_sum",
+        ops.cuda_conv_clipped_sum.default,
+        (x, gc, _c(3, dtype=f32), list(wshape), *st, True, 1.0, 1.0, 4, 5, None, None),
+    )
+    yield "embedding_norms", ops.cuda_embedding_norms.default, (ids, g, 4, 1)
+    yield "embedding_clipped_sum", ops.cuda_embedding_clipped_sum.default, (ids, g, c, 4, None, 1.0, 1.0, 6, None)
+    yield "embedding_linear_cross", ops.cuda_embedding_linear_cross.default, (ids, g, 0.5 * g, a, 0)
+    yield "affine_norms", ops.cuda_affine_norms.default, (g, g, True, False)
+    yield "affine_clipped_sum", ops.cuda_affine_clipped_sum.default, (g, g, c, True, True, 1.0, 1.0, 7, 8, None, None)
+    yield "add_noise", ops.cuda_add_noise.default, (torch.empty(0), None, [3, 4], 1.0, 2.0, 9)
+
+
+@pytest.mark.parametrize("name, op, args", list(_opcheck_cases()), ids=[n for n, *_ in _opcheck_cases()])
+def test_opcheck(name, op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    a, g, c = _randn(3, 4, 5, seed=50, dtype=torch.float32), _randn(3, 4, 6, seed=51, dtype=torch.float32), _c(3)
+
+    def step(a, g, c):
+        n, nb = cu.linear_norms(a, g, bias=True, method="ghost")
+        w, b = cu.linear_clipped_sum(a, g, c * (n + nb).rsqrt(), bias=True, noise_std=1.0, seed_w=1, seed_b=2)
+        return w, b
+
+    eager = step(a, g, c.float())
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(a, g, c.float())
+    for x, y in zip(compiled, eager):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the dispatcher
+
+
+def test_selected_by_name_on_cpu_tensors():
+    assert "cuda" in dpkernels.ops.available_backends()
+    a, g = _randn(3, 5, 7, seed=1), _randn(3, 5, 4, seed=2)
+    dpkernels.ops.set_backend("cuda")
+    w, b = dpkernels.ops.linear_norms(a, g, bias=True, method="inst")
+    assert dpkernels.ops.last_backend["linear_norms"] == "cuda"
+    _close(w, ref.linear_norms(a, g, bias=True, method="inst")[0])
+    out = dpkernels.ops.add_noise(None, (3,), noise_std=1.0, scale=1.0, seed=1, device="cpu")
+    assert dpkernels.ops.last_backend["add_noise"] == "cuda"
+    torch.testing.assert_close(out, cu.add_noise(None, (3,), noise_std=1.0, scale=1.0, seed=1, device="cpu"))
+
+
+def test_automatic_choice_on_cpu_keeps_the_reference():
+    a, g = _randn(3, 5, 7, seed=1), _randn(3, 5, 4, seed=2)
+    dpkernels.ops.linear_norms(a, g, bias=True, method="inst")
+    assert dpkernels.ops.last_backend["linear_norms"] == "reference"
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_ops_on_cuda_match_the_reference(dtype):
+    """Every op of the CUDA build on the GPU against the reference on the CPU (fp64 tight, else SQNR)."""
+    if not torch.cuda.is_available() or not cu.info["cuda"]:
+        pytest.skip("needs a GPU and the CUDA build of the library")
+
+    for name, fn in _bf16_cases():
+        got = fn(_OnCuda(), lambda t: t.to(dtype).cuda())
+        want = fn(ref, lambda t: t.to(dtype).to(F64))
+        for out, w in zip(got, want):
+            assert out.is_cuda, name
+            if dtype == F64:
+                torch.testing.assert_close(out.cpu(), w, **TIGHT)
+            else:
+                assert _sqnr(out.cpu(), w) > SQNR_DB, name
+
+
+class _OnCuda:
+    """The compiled ops with every tensor argument moved to the GPU."""
+
+    def __getattr__(self, name):
+        op = getattr(cu, name)
+
+        def call(*args, **kw):
+            args = [a.cuda() if torch.is_tensor(a) else a for a in args]
+            return op(*args, **kw)
+
+        return call
