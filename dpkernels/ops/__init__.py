@@ -84,10 +84,11 @@ def available_backends() -> list[str]:
 
 
 def _auto(device_type: str) -> list[str]:
-    """The automatic order. CPU: the reference only (the compiled backend's CPU path is slower on the
-    demo CNN and gpt2-tiny shapes: bench/results/cuda_cpu_vs_reference.md). CUDA: triton, then the
-    reference; the compiled backend serves only when asked for by name until its kernels have run
-    and been benchmarked on a GPU (bench/gpu_cuda.sh), and its first use there compiles it (minutes)."""
+    """The automatic order. CPU: the reference only. The compiled backend's CPU path measured 1.8x
+    slower on the demo CNN's DP step and 0.7-0.9x on gpt2-tiny's (bench/results/cuda_cpu_vs_reference.md):
+    no uniform win, and its first use compiles it (minutes). CUDA: triton, then the reference; the
+    compiled backend serves only when asked for by name until its kernels have run and been
+    benchmarked on a GPU (bench/gpu_cuda.sh)."""
     if device_type == "cuda":
         return ["triton", "reference"]
     return ["reference"]
