@@ -1,0 +1,1 @@
+"""Experiments that reproduce claims of the papers behind dpkernels' methods (README: "Reproducing the papers")."""
