@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         model=model,
         args=TrainingArguments(
             output_dir=tempfile.mkdtemp(), max_steps=args.steps, gradient_accumulation_steps=args.accumulation,
-            learning_rate=5e-3, logging_steps=5, save_strategy="no", report_to=[], use_cpu=True,
+            learning_rate=5e-3, logging_steps=max(1, args.steps // 4), save_strategy="no", report_to=[], use_cpu=True,
             remove_unused_columns=False, disable_tqdm=True,
         ),
         train_dataset=data,
