@@ -12,11 +12,11 @@ the expected batch size q * N, never by the realised one.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
@@ -64,28 +64,92 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
 
 class EmptyBatchCollate:
-    """``collate_fn`` for Poisson batches: an empty batch becomes zero-size tensors.
+    """``collate_fn`` for Poisson batches: an empty batch holds no field of any sample.
 
-    The empty batch has the structure, dtypes and trailing shapes of ``collate_fn([dataset[0]])``
-    with the batch dimension 0, so the model runs on it and the DP step adds noise only.
-    (A class, not a closure, so that DataLoader workers can pickle it.)
+    The empty batch has the structure of ``collate_fn([dataset[0]])`` with every per-sample part
+    emptied: the batch dimensions of tensors and numpy arrays (found by comparing with
+    ``collate_fn([dataset[0], dataset[0]])``: the dimensions whose size doubles) become 0, with the
+    dtypes and the other dimensions' sizes kept, and sequences with one entry per sample (the lists of
+    strings ``default_collate`` makes) become empty; dicts, tuples and namedtuples keep their keys and
+    fields. A value that is not batched this way (a bare string, number or custom object, which could
+    only be dataset[0]'s) is refused with `TypeError` naming it, so that no empty step ever trains on
+    a sample that was not drawn. (A class, not a closure, so that DataLoader workers can pickle it.)
     """
 
     def __init__(self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any] = default_collate):
         self.dataset = dataset
         self.collate_fn = collate_fn
         self._empty: Any = None
+        self._have_empty = False
 
     def empty(self) -> Any:
-        if self._empty is None:
-            one = self.collate_fn([self.dataset[0]])
-            self._empty = tree_map(lambda t: t[:0].clone() if isinstance(t, torch.Tensor) else t, one)
+        if not self._have_empty:
+            s0 = self.dataset[0]
+            self._empty = _emptied(self.collate_fn([s0]), self.collate_fn([s0, s0]), "batch")
+            self._have_empty = True
         return self._empty
 
     def __call__(self, batch: Sequence[Any]) -> Any:
         if len(batch) == 0:
             return self.empty()
         return self.collate_fn(list(batch))
+
+
+def _emptied(one: Any, two: Any, where: str) -> Any:
+    """``one`` (a collated batch of one sample) with each part that ``two`` (the same sample twice) shows to
+    be per-sample emptied; raises TypeError on a part that is not."""
+
+    def refuse(why: str) -> TypeError:
+        return TypeError(
+            f"poisson_loader cannot make an empty batch: {where} ({type(one).__name__}) {why}, so it could only "
+            f"be copied from dataset[0], a sample the empty step did not draw. Give a collate_fn that returns "
+            f"only per-sample fields: tensors or arrays with the batch as a dimension, lists with one entry per "
+            f"sample, and dicts / tuples of those"
+        )
+
+    if one is None and two is None:
+        return None
+    if isinstance(one, torch.Tensor | np.ndarray) and type(two) is type(one):
+        if one.ndim != two.ndim:
+            raise refuse(f"has {one.ndim} dimensions for one sample and {two.ndim} for two")
+        batched = [d for d in range(one.ndim) if one.shape[d] != two.shape[d]]
+        if not batched or any(two.shape[d] != 2 * one.shape[d] for d in batched):
+            shapes = f"{tuple(one.shape)} for one sample and {tuple(two.shape)} for two"
+            raise refuse(f"has shape {shapes}: no batch dimension")
+        index = tuple(slice(0, 0) if d in batched else slice(None) for d in range(one.ndim))
+        return one[index].clone() if isinstance(one, torch.Tensor) else one[index].copy()  # no view of the sample
+    if isinstance(one, Mapping) and isinstance(two, Mapping):
+        if list(one.keys()) != list(two.keys()):
+            raise refuse("has different keys for one sample and for two")
+        emptied = {k: _emptied(one[k], two[k], f"{where}[{k!r}]") for k in one}
+        try:
+            return type(one)(emptied)  # type: ignore[call-arg]
+        except TypeError as e:
+            raise refuse(f"cannot be rebuilt from its items ({e})") from None
+    if isinstance(one, list | tuple) and type(two) is type(one):
+        if len(one) > 0 and len(two) == 2 * len(one):  # one entry per sample: none in an empty batch
+            return type(one)() if type(one) in (list, tuple) else _rebuild(one, [], refuse)
+        if len(two) != len(one):
+            raise refuse(f"has {len(one)} entries for one sample and {len(two)} for two")
+        fields = getattr(one, "_fields", None)
+        names = fields if fields is not None else range(len(one))
+        items = [
+            _emptied(a, b, f"{where}.{n}" if fields is not None else f"{where}[{n}]")
+            for n, a, b in zip(names, one, two, strict=True)
+        ]
+        return _rebuild(one, items, refuse)
+    raise refuse("is not batched (a tensor, an array, or a sequence with one entry per sample)")
+
+
+def _rebuild(one: Any, items: list[Any], refuse: Callable[[str], TypeError]) -> Any:
+    if type(one) in (list, tuple):
+        return type(one)(items)
+    if hasattr(one, "_fields"):  # a namedtuple
+        return type(one)(*items)
+    try:
+        return type(one)(items)
+    except TypeError as e:
+        raise refuse(f"cannot be rebuilt from its items ({e})") from None
 
 
 def poisson_loader(
@@ -101,7 +165,7 @@ def poisson_loader(
     Each batch holds each example independently with probability q = sample_rate
     (expected size q * len(dataset)); ``steps`` batches per epoch, default round(1 / q); ``generator``
     as for `PoissonBatchSampler` (None: seeded from the operating system, not from torch.manual_seed).
-    Empty batches come as zero-size tensors (see `EmptyBatchCollate`). Other keyword
+    Empty batches hold no field of any sample: zero-size tensors, empty lists (see `EmptyBatchCollate`). Other keyword
     arguments go to DataLoader (num_workers, pin_memory, collate_fn, ...); batch_size,
     shuffle, sampler, batch_sampler and drop_last are refused, since they would change the
     sampling that the privacy accounting assumes.
@@ -116,6 +180,7 @@ def poisson_loader(
     if n == 0:
         raise ValueError("poisson_loader needs a non-empty dataset (dataset[0] gives the shape of an empty batch)")
     collate = EmptyBatchCollate(dataset, dataloader_kwargs.pop("collate_fn", None) or default_collate)
+    collate.empty()  # refuse a batch structure that cannot be emptied now, not at the first empty step
     sampler = PoissonBatchSampler(n, sample_rate, steps=steps, generator=generator)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **dataloader_kwargs)
 

@@ -7,6 +7,7 @@ seeded, so the tests are deterministic and the level bounds the chance a correct
 
 from __future__ import annotations
 
+import collections
 import math
 
 import numpy as np
@@ -116,6 +117,81 @@ def test_user_collate_fn_is_used_for_empty_batches_too():
     assert isinstance(b, torch.Tensor) and b.shape == (0, 2)
     (b,) = list(poisson_loader(ds, 1.0, steps=1, collate_fn=collate))
     torch.testing.assert_close(b, ds.tensors[0] * 2, rtol=0, atol=0)  # exact: a product by 2
+
+
+class _Record:
+    """A custom per-sample type: nothing can empty it."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+_Pair = collections.namedtuple("_Pair", "tokens words")
+
+
+class _Texts(Dataset):
+    """Samples with every kind of field a dataset returns; each sample's text is unique."""
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        return {
+            "x": torch.full((2,), float(i + 7)),
+            "text": f"secret-{i}",
+            "pair": _Pair(torch.tensor([i, i]), [f"w{i}a", f"w{i}b"]),
+            "meta": (f"src-{i}", {"lang": f"lang-{i}"}),
+        }
+
+
+def _leaves(batch, out):
+    """Every leaf of a collated batch (strings, numbers, tensors, arrays), into ``out``."""
+    if isinstance(batch, dict):
+        for v in batch.values():
+            _leaves(v, out)
+    elif isinstance(batch, list | tuple):
+        for v in batch:
+            _leaves(v, out)
+    else:
+        out.append(batch)
+    return out
+
+
+def test_empty_batches_hold_no_field_of_any_sample():
+    """The empty batch keeps the structure (keys, namedtuple fields, trailing shapes) but holds no value of
+    dataset[0]: no string, no number, no tensor element, and no tensor that views dataset[0]'s storage."""
+    (b,) = list(poisson_loader(_Texts(), 1e-12, steps=1))
+    assert set(b) == {"x", "text", "pair", "meta"}
+    assert isinstance(b["pair"], _Pair)
+    assert b["x"].shape == (0, 2) and b["pair"].tokens.shape == (0, 2) and b["text"] == []
+    leaves = _leaves(b, [])
+    assert all(isinstance(v, torch.Tensor) and v.untyped_storage().nbytes() == 0 for v in leaves), leaves
+    # a non-empty batch is default_collate's
+    (b,) = list(poisson_loader(_Texts(), 1.0, steps=1))
+    assert b["text"] == ["secret-0", "secret-1", "secret-2"] and b["meta"][1]["lang"] == ["lang-0", "lang-1", "lang-2"]
+
+
+def test_empty_batch_of_a_sequence_first_collate_empties_the_batch_dimension():
+    ds = TensorDataset(torch.randn(4, 5, 3))
+    collate = lambda items: torch.stack([t[0] for t in items], dim=1)  # noqa: E731  (T, B, d)
+    (b,) = list(poisson_loader(ds, 1e-12, steps=1, collate_fn=collate))
+    assert b.shape == (5, 0, 3)
+
+
+@pytest.mark.parametrize(
+    "collate,match",
+    [
+        (lambda items: {"x": torch.stack([t[0] for t in items]), "name": "first"}, r"batch\['name'\] \(str\)"),
+        (lambda items: _Record("a"), r"batch \(_Record\)"),
+        (lambda items: (torch.stack([t[0] for t in items]), _Record("a")), r"batch\[1\] \(_Record\)"),
+        (lambda items: torch.stack([t[0] for t in items]).sum(0), r"batch \(Tensor\).*no batch dimension"),
+    ],
+    ids=["bare-string", "custom-batch-type", "custom-type-field", "tensor-without-batch-dimension"],
+)
+def test_a_batch_that_cannot_be_emptied_is_refused_when_the_loader_is_made(collate, match):
+    ds = TensorDataset(torch.randn(4, 2))
+    with pytest.raises(TypeError, match=match + ".*dataset\\[0\\].*collate_fn"):
+        poisson_loader(ds, 0.5, steps=1, collate_fn=collate)
 
 
 @pytest.mark.parametrize("kw", [dict(batch_size=4), dict(shuffle=True), dict(drop_last=True), dict(sampler=[0])])
