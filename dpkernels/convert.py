@@ -13,6 +13,7 @@ from . import ops
 from .accounting import Accountant, get_noise_multiplier
 from .clipping import CLIP_FUNCTIONS, GroupSpec, group_bounds, resolve_groups
 from .engine import DPOptimizer, Engine, Tie, optimizer_params
+from .guard import ForwardGuard
 from .nn import DP_LAYERS, DPModule
 from .nn.tap import tap_known
 
@@ -85,8 +86,78 @@ def _trainable(m: nn.Module) -> list[nn.Parameter]:
     return [p for p in m.parameters(recurse=False) if p.requires_grad]
 
 
+_SEQUENCE_FIRST = (nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder)
+_SEQUENCE_FIRST_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _batch_first(m: nn.Module) -> bool:
+    if isinstance(m, nn.Transformer):
+        return bool(m.batch_first)
+    if isinstance(m, nn.TransformerEncoder | nn.TransformerDecoder):
+        return all(_batch_first(layer) for layer in m.layers)
+    return bool(m.self_attn.batch_first)  # type: ignore[union-attr]
+
+
+def _reparametrised(m: nn.Module) -> tuple[str, list[str]] | None:
+    """How ``m``'s parameters are reparametrised, and the trainable ones that are, or None."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if parametrize.is_parametrized(m):
+        plists: nn.ModuleDict = m.parametrizations  # type: ignore[assignment]
+        ps = [f"parametrizations.{n}" for n, p in plists.named_parameters() if p.requires_grad]
+        kinds = ", ".join(f"{k}: {type(q).__name__}" for k, pl in plists.items() for q in pl)  # type: ignore[attr-defined]
+        fix = f"torch.nn.utils.parametrize.remove_parametrizations(module, {next(iter(plists))!r})"
+        return (f"torch.nn.utils.parametrize ({kinds}); remove it ({fix})", ps) if ps or _trainable(m) else None
+    for hook in m._forward_pre_hooks.values():
+        if isinstance(hook, SpectralNorm | WeightNorm):
+            spectral = isinstance(hook, SpectralNorm)
+            names = [f"{hook.name}_orig"] if spectral else [f"{hook.name}_g", f"{hook.name}_v"]
+            ps = [n for n in names if getattr(m, n).requires_grad]
+            how, undo = ("spectral_norm", "remove_spectral_norm") if spectral else ("weight_norm", "remove_weight_norm")
+            how = f"torch.nn.utils.{how} on {hook.name!r}; remove it (torch.nn.utils.{undo}(module))"
+            return (how, ps) if ps else None
+    return None
+
+
+def _refusal(m: nn.Module, in_fake_quant: bool) -> str | None:
+    """Why ``m`` cannot be made private as it stands (what validate refuses besides BatchNorm and DDP), or None.
+    ``in_fake_quant``: ``m`` is inside a FakeQuantize, which runs it only while its observer is enabled."""
+    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+
+    trainable = any(p.requires_grad for p in m.parameters())
+    if isinstance(m, _SEQUENCE_FIRST + _SEQUENCE_FIRST_LAYERS) and trainable and not _batch_first(m):
+        return (
+            "has batch_first=False: it takes (T, B, d) inputs, and its Linear and LayerNorm layers would take the "
+            "sequence dimension for the batch and clip per position (silently when T equals the batch size). Build "
+            "it with batch_first=True and feed it (B, T, d)"
+        )
+    rep = _reparametrised(m)
+    if rep is not None:
+        how, ps = rep
+        return (
+            f"has parameters reparametrised by {how}, or freeze {ps or 'its parameters'}: the DP layer's gradient "
+            f"is that of the computed weight, and the per-sample gradients of the parameters the optimizer steps "
+            f"are a different function of it, whose norms it does not compute"
+        )
+    observer = isinstance(m, ObserverBase) and not in_fake_quant
+    if observer or (isinstance(m, FakeQuantizeBase) and bool(m.observer_enabled[0])):
+        return (
+            "records statistics of its inputs (min/max) into its buffers in every training forward: they would be "
+            "learned from the batch without clipping or noise, and released with the model. Calibrate on public "
+            "data, then disable the observers before make_private (model.apply(torch.ao.quantization."
+            "disable_observer)) or remove them"
+        )
+    return None
+
+
 def validate(model: nn.Module) -> dict[str, nn.Module]:  # values are DPModules
     """The DP modules with trainable parameters, by name; raises on what cannot be made private."""
+    from torch.ao.quantization import FakeQuantizeBase
+
+    fqs = [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+    in_fake_quant = {id(c) for fq in fqs for c in fq.modules() if c is not fq}
     for name, m in model.named_modules():
         parallel = isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel))
         if parallel or type(m).__module__.startswith("torch.distributed.fsdp"):
@@ -110,6 +181,9 @@ def validate(model: nn.Module) -> dict[str, nn.Module]:  # values are DPModules
                 f"variance are averages of the training batches, updated without noise and kept in the model's "
                 f"state. Build it with track_running_stats=False (each sample is normalised by its own statistics)."
             )
+        reason = _refusal(m, id(m) in in_fake_quant)
+        if reason is not None:
+            raise ValueError(f"module {name or '<model>'!r} ({type(m).__name__}) {reason}")
     dp: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if isinstance(m, DPModule) and _trainable(m)}
     covered = {id(p) for m in dp.values() for p in _trainable(m)}
     owner = {id(p): n for n, m in model.named_modules() for p in m.parameters(recurse=False)}
@@ -197,6 +271,7 @@ def make_private(
     seed: int | None = None,
     backend: str | None = None,
     distributed: bool | object = False,
+    loss_scale: float = 1.0,
 ) -> tuple[nn.Module, DPOptimizer]:
     """Make ``model`` and ``optimizer`` train with DP-SGD.
 
@@ -211,11 +286,18 @@ def make_private(
     torch.distributed: call make_private with the same arguments on every rank, with the *global*
     expected batch size / sample rate / dataset size; each rank clips its own samples, the noised
     sums are all-reduced at ``step()`` and the noise is added once (see dpkernels.distributed).
+
+    ``loss_scale`` S: the backward runs on S * loss (a fixed loss scale for float16 training, where small
+    gradients would underflow); the engine divides the output gradients it sees by S before taking
+    norms and clipped sums, so R bounds the unscaled per-sample gradients and the noise is unchanged.
+    torch.amp.GradScaler (a scale that changes with the data) is refused at the step.
     """
     if clipping not in CLIP_FUNCTIONS:
         raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
     if not (gamma > 0 and math.isfinite(gamma)):  # c_i = R / (n_i + gamma) is bounded by R only for gamma > 0
         raise ValueError(f"gamma must be a finite number > 0 (automatic clipping divides by n_i + gamma), got {gamma}")
+    if not (loss_scale > 0 and math.isfinite(loss_scale)):
+        raise ValueError(f"loss_scale must be a finite number > 0 (the engine divides by it), got {loss_scale}")
     if sample_rate is None and dataset_size is not None and expected_batch_size is not None:
         sample_rate = expected_batch_size / dataset_size
     if expected_batch_size is None:
@@ -285,9 +367,11 @@ def make_private(
         )
         parallel.broadcast_model(model)
         engine.world_size, engine.rank = parallel.world_size, parallel.rank
+    engine.static_loss_scale = float(loss_scale)
     for m in modules.values():
         m._dp_engine = engine  # type: ignore[assignment]
     model.register_forward_pre_hook(engine.on_model_forward, with_kwargs=True)
+    ForwardGuard.attach(model, next(iter(modules.values())))
     acct = Accountant(accountant) if sample_rate is not None else None
     dp_opt = DPOptimizer(optimizer, engine, accountant=acct, sample_rate=sample_rate)
     dp_opt.parallel = parallel

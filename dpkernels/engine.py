@@ -257,9 +257,11 @@ class Engine:
                 f"an input flattened with the batch (x.view(-1, d)) must keep it as its own dimension ((B, T, d))."
             )
 
+    static_loss_scale = 1.0  # S of make_private(loss_scale=S): the loss was multiplied by S before backward
+
     def loss_scale(self) -> float:
-        """G that a layer sees is g_i * loss_scale^-1: B for a mean loss, 1 for a sum."""
-        return float(self._batch or 0) if self.loss_reduction == "mean" else 1.0
+        """G that a layer sees is g_i * loss_scale^-1: B / S for a mean loss, 1 / S for a sum."""
+        return (float(self._batch or 0) if self.loss_reduction == "mean" else 1.0) / self.static_loss_scale
 
     def on_backward(self, module: nn.Module, saved: Any, g: Tensor) -> None:
         """Called by a DP layer's backward with what its forward saved and its output gradient."""
@@ -599,7 +601,21 @@ class DPOptimizer(torch.optim.Optimizer):
         """Backward for one micro-batch; needed for strategy="two-pass", equivalent to loss.backward() otherwise."""
         self.engine.backward(loss)
 
+    # torch.amp.GradScaler.step then calls step() directly, with the scale in self.grad_scale: refused there.
+    _step_supports_amp_scaling = True
+
     def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
+        if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise RuntimeError(
+                "no step was taken: torch.amp.GradScaler cannot drive a DP step. The per-sample gradients are "
+                "clipped during backward, where they still carry the scaler's factor S (clipping bound R would "
+                "apply to S * g_i, the update would shrink by S), and a skipped step would depend on the batch. "
+                "Train in bfloat16 (torch.autocast(device_type, dtype=torch.bfloat16), no loss scaling needed), "
+                "or in float16 with a fixed loss scale: make_private(..., loss_scale=S) and "
+                "(S * loss).backward(), which the engine divides out before clipping"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -177,7 +177,7 @@ def test_mha_twice_in_one_pass():
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_transformer_encoder_layer(batch_first):
     """torch's own TransformerEncoderLayer (pre-norm, padding mask) calls the MHA twin (no fast path in
-    training). Sequence first, its Linear layers see (L, B, E): the engine refuses, naming the layer."""
+    training). Sequence first, its Linear layers would see (L, B, E): make_private refuses, naming the layer."""
 
     class Enc(nn.Module):
         def __init__(self):
@@ -201,7 +201,7 @@ def test_transformer_encoder_layer(batch_first):
         return (m(b["x"], b["kpm"]) - b["y"]).square().sum((1, 2))
 
     if not batch_first:
-        with pytest.raises(RuntimeError, match=r"'layer\.linear\d' saw a batch of 4 samples .* has 3"):
+        with pytest.raises(ValueError, match=r"'layer' \(TransformerEncoderLayer\) has batch_first=False"):
             dp_step(model, batch, loss_fn, 1.0, "sum")
         return
     info = check_model(model, batch, loss_fn)

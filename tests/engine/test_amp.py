@@ -1,0 +1,63 @@
+"""Mixed precision: torch.amp.GradScaler is refused at the step (its scale reaches the clipping, and its
+skipped steps would depend on the batch); a fixed loss scale (make_private(loss_scale=S)) is divided out
+before clipping, so the bound R applies to the unscaled per-sample gradients and the noise keeps its scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dpkernels
+
+from .zoo import BY_NAME, batch, batch_loss, per_sample_grads, reference_update
+
+CASE = BY_NAME["mlp"]
+B, EBS = 5, 4.0
+
+
+def _private(loss_scale: float = 1.0, noise: float = 0.0, R: float = 1.0, reduction: str = "mean"):
+    model = CASE.build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = dict(noise_multiplier=noise, max_grad_norm=R, expected_batch_size=EBS, loss_reduction=reduction)
+    return dpkernels.make_private(model, opt, seed=0, loss_scale=loss_scale, **kw)
+
+
+@pytest.mark.parametrize("b", [B, 0], ids=["batch", "empty-batch"])
+def test_grad_scaler_is_refused_and_no_step_is_taken(b):
+    model, opt = _private(noise=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = batch(CASE, b)
+    scaler.scale(batch_loss(CASE, model(x), y, "mean")).backward()
+    with pytest.raises(RuntimeError, match=r"no step was taken: torch\.amp\.GradScaler.*bfloat16.*loss_scale=S"):
+        scaler.step(opt)
+    assert all(torch.equal(p, p0) for p, p0 in zip(model.parameters(), before))
+    assert "grad_scale" not in vars(opt) and "found_inf" not in vars(opt)  # a later plain step is not refused
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_fixed_loss_scale_is_divided_out_before_clipping(reduction):
+    """(S * loss).backward() with loss_scale=S: the noiseless update is sum_i c_i g_i with c_i from the unscaled
+    g_i (float64 oracle), and with noise it equals the unscaled run bit for bit (S a power of two: every
+    scaling by S is exact in binary floating point)."""
+    x, y = batch(CASE, B)
+    ps = per_sample_grads(CASE.build(), CASE, x, y)
+    R = float(torch.cat([g.flatten(1) for g in ps.values()], 1).norm(dim=1).median())  # about half clipped
+    want = reference_update(ps, [list(ps)], [R], "abadi", EBS if reduction == "mean" else 1.0)
+    S = 2.0**10
+    grads = {}
+    for scale, noise in [(S, 0.0), (S, 1.0), (1.0, 1.0)]:
+        model, opt = _private(scale, noise=noise, R=R, reduction=reduction)
+        (scale * batch_loss(CASE, model(x), y, reduction)).backward()
+        grads[scale, noise] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # float64; the engine's norms take other summation orders than the oracle (< 1e-13 relative here)
+    for n, g in want.items():
+        torch.testing.assert_close(grads[S, 0.0][n], g, rtol=1e-9, atol=1e-12)
+    for n in want:
+        torch.testing.assert_close(grads[S, 1.0][n], grads[1.0, 1.0][n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_loss_scale_that_cannot_be_divided_out_is_refused(bad):
+    with pytest.raises(ValueError, match="loss_scale must be a finite number > 0"):
+        _private(bad)
