@@ -23,9 +23,12 @@ _local = threading.local()
 
 def model_inputs() -> frozenset[int] | None:
     """Storage addresses of the input tensors of the private model whose forward is running in this thread
-    (the innermost one); None outside any."""
+    (the innermost one); None outside any. Computed on demand: most forwards never ask."""
     stack = getattr(_local, "inputs", None)
-    return stack[-1] if stack else None
+    if not stack:
+        return None
+    args, kwargs = stack[-1]
+    return frozenset(storage_of(t) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor))
 
 
 def storage_of(t: Tensor) -> int:
@@ -59,10 +62,11 @@ class ForwardGuard:
         for hook in model._forward_pre_hooks.values():
             guard = getattr(hook, "__self__", None)
             if isinstance(guard, ForwardGuard):
-                guard.probe = probe
+                guard.__init__(model, probe)  # type: ignore[misc]  # the model's modules may have changed
                 return guard
         guard = ForwardGuard(model, probe)
-        model.register_forward_pre_hook(guard.pre, with_kwargs=True)
+        # First of the pre-hooks and always called after: each pre is paired with its post, errors included.
+        model.register_forward_pre_hook(guard.pre, with_kwargs=True, prepend=True)
         model.register_forward_hook(guard.post, with_kwargs=True, always_call=True)
         return guard
 
@@ -72,7 +76,7 @@ class ForwardGuard:
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         stack = _local.__dict__.setdefault("inputs", [])
-        stack.append(frozenset(storage_of(t) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)))
+        stack.append((args, kwargs))
         before = None
         if self._training():
             before = [
@@ -84,6 +88,8 @@ class ForwardGuard:
         self._before.append(before)
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self._before:  # a pre-hook registered before ours raised: ours never ran
+            return
         _local.inputs.pop()
         before = self._before.pop()
         for name, m, k, b, version in before or ():
