@@ -85,6 +85,27 @@ def test_norms_fp64_match_naive(shape):
     torch.testing.assert_close(tt.embedding_norms(ids, g, num_embeddings=V, padding_idx=pad), expected, **FP64)
 
 
+@pytest.mark.parametrize("T", [5, 70])
+def test_transposed_ids(T):
+    """A sequence-first batch made batch-first by a transpose (ids (T, B).T, g (T, B, D).transpose(0, 1)):
+    every kernel follows the strides. The scan kernel (T > 64) once read the sorted ids (which keep the
+    input's strides) as contiguous, mixing the samples' tokens (norms off by up to 8x here)."""
+    B, V, D = 3, 5, 8
+    ids_tb, g_tb, c = _case(T, B, V, D)  # (T, B) ids and (T, B, D) rows, then viewed batch-first
+    ids, g, c = ids_tb.T, g_tb.transpose(0, 1), c[:B]
+    assert not ids.is_contiguous() and not g.is_contiguous()
+    expected = _naive(ids, g, V, 1).flatten(1).square().sum(1)
+    for method in _methods(T):
+        torch.testing.assert_close(temb.launch_norms(ids, g, V, 1, method), expected, **FP64)
+    out = tt.embedding_clipped_sum(ids, g, c, num_embeddings=V, padding_idx=1)
+    torch.testing.assert_close(out, (c[:, None, None] * _naive(ids, g, V, 1)).sum(0), **FP64)
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(4, B, D, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE).transpose(0, 1)
+    gh = torch.randn(4, B, V, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE).transpose(0, 1)
+    expected = (_naive(ids, g, V, 1) * torch.einsum("bsv,bsd->bvd", gh, a)).sum(dim=(1, 2))
+    torch.testing.assert_close(tt.embedding_linear_cross(ids, g, a, gh, padding_idx=1), expected, **FP64)
+
+
 @pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3]])
 def test_norms_fp32_and_int32_ids(shape):
     B, T, V, D, pad = shape

@@ -123,7 +123,7 @@ def _embedding_gram_kernel(
 
 @triton.jit
 def _embedding_scan_kernel(
-    sid_ptr,  # (B, T) ids sorted within each sample, contiguous
+    sid_ptr,  # (B, T) ids sorted within each sample (torch.sort keeps the input's strides)
     perm_ptr,  # (B, T) the position t of each sorted id
     g_ptr,
     out_ptr,  # (B * n_dtiles,) partial norms
@@ -131,6 +131,10 @@ def _embedding_scan_kernel(
     D,
     n_dtiles,
     pad,
+    s_sb,
+    s_st,
+    s_pb,
+    s_pt,
     s_gb,
     s_gt,
     s_gd,
@@ -150,8 +154,8 @@ def _embedding_scan_kernel(
     sample = pid // n_dtiles
     cols = (pid - sample * n_dtiles) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = cols < D
-    ids_base = sid_ptr + sample.to(tl.int64) * T
-    perm_base = perm_ptr + sample.to(tl.int64) * T
+    ids_base = sid_ptr + sample.to(tl.int64) * s_sb
+    perm_base = perm_ptr + sample.to(tl.int64) * s_pb
     g_base = g_ptr + sample.to(tl.int64) * s_gb
     offs_t = tl.arange(0, BLOCK_T)
     lower = offs_t[None, :] <= offs_t[:, None]
@@ -162,13 +166,13 @@ def _embedding_scan_kernel(
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + offs_t
         mask_t = rows < T
-        x = tl.load(ids_base + rows, mask=mask_t, other=-1).to(tl.int64)
-        x_next = tl.load(ids_base + rows + 1, mask=rows + 1 < T, other=-1).to(tl.int64)
+        x = tl.load(ids_base + rows * s_st, mask=mask_t, other=-1).to(tl.int64)
+        x_next = tl.load(ids_base + (rows + 1) * s_st, mask=rows + 1 < T, other=-1).to(tl.int64)
         end = (x != x_next) & mask_t
         keep = mask_t
         if HAS_PAD:
             keep = keep & (x != pad)  # the padding run sums zeros; its rows are never read
-        pos = tl.load(perm_base + rows, mask=mask_t, other=0)
+        pos = tl.load(perm_base + rows * s_pt, mask=mask_t, other=0)
         g = tl.load(
             g_base + pos.to(tl.int64)[:, None] * s_gt + cols[None, :] * s_gd,
             mask=keep[:, None] & mask_d[None, :],
@@ -376,8 +380,11 @@ def launch_norms(
     elif method == "scan":
         kernel, cfg = _embedding_scan_kernel, scan_config(T, D)
         n = triton.cdiv(D, cfg["BLOCK_D"])
-        ids_args = tuple(torch.sort(ids, dim=1, stable=True))  # stable: a fixed summation order
-        tiles, ids_strides = (n,), ()  # the sorted ids and their positions are contiguous
+        # stable: a fixed summation order. The sorted ids and positions have the strides of ids (a transposed
+        # (T, B) batch gives (1, B)), so the kernel takes their strides rather than assume contiguity.
+        sid, perm = torch.sort(ids, dim=1, stable=True)
+        ids_args = (sid, perm)
+        tiles, ids_strides = (n,), (*sid.stride(), *perm.stride())
     else:
         raise ValueError(f"embedding_norms: method must be 'gram' or 'scan', got {method!r}")
     out = output(g, (B, n), dt)
