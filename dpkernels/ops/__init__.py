@@ -6,6 +6,8 @@ extension). ``auto`` picks per call by device and availability; `set_backend`
 forces one process-wide, `use_backend` for the calls of one thread (or asyncio task)
 inside a ``with`` block. An op a backend lacks falls back to the reference;
 `last_backend` says which backend served each op most recently, so the choice is visible.
+Every op's inputs are checked once, here, before any backend runs (`_validate`): all backends
+accept and refuse the same inputs, with the same errors.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from types import ModuleType
 
 from torch import Tensor
 
-from . import reference
+from . import _validate, reference
 
 BACKENDS = ("reference", "triton", "cuda")
 _forced: str | None = None
@@ -116,6 +118,7 @@ def resolve_named(op: str, tensor: Tensor, backend: str | None = None):
 
 def _dispatch(op: str):
     def call(*args, backend: str | None = None, **kwargs):
+        _validate.check(op, *args, **kwargs)  # the same inputs refused, the same way, on every backend
         return resolve(op, args[0], backend)(*args, **kwargs)
 
     call.__name__ = op
@@ -148,8 +151,9 @@ def add_noise(
     """scale * (prev + noise_std * z) for a parameter no sample touched; see reference.add_noise."""
     import torch
 
-    probe = prev if prev is not None else torch.empty(0, device=device)
     kw = {} if dtype is None else {"dtype": dtype}
+    _validate.add_noise(prev, shape, noise_std=noise_std, scale=scale, seed=seed, device=device, **kw)
+    probe = prev if prev is not None else torch.empty(0, device=device)
     return resolve("add_noise", probe, backend)(
         prev, shape, noise_std=noise_std, scale=scale, seed=seed, device=device, **kw
     )

@@ -197,18 +197,21 @@ def test_dispatcher_serves_triton():
     torch.testing.assert_close(b, br, **FP64)
 
 
-def test_bad_inputs_name_the_op_and_argument():
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_inputs_name_the_op_and_argument(backend):
+    """The dispatcher checks the inputs before any backend (ops._validate): the same errors on both."""
     x, g, c = _case(2, 3, 4, torch.float32)
+    kw = dict(weight=True, bias=True, backend=backend)
     with pytest.raises(ValueError, match="affine_norms: g must be"):
-        tt.affine_norms(x, g[0], weight=True, bias=True)
-    with pytest.raises(ValueError, match="affine_norms: xhat must have"):
-        tt.affine_norms(x[:, :2], g, weight=True, bias=True)
+        ops.affine_norms(x, g[0], **kw)
+    with pytest.raises(ValueError, match="affine_norms: xhat must be g's shape"):
+        ops.affine_norms(x[:, :2], g, **kw)
     with pytest.raises(ValueError, match="affine_clipped_sum: c must"):
-        tt.affine_clipped_sum(x, g, c[:1], weight=True, bias=True)
+        ops.affine_clipped_sum(x, g, c[:1], **kw)
     with pytest.raises(ValueError, match="prev_b must have"):
-        tt.affine_clipped_sum(x, g, c, weight=True, bias=True, prev_b=torch.zeros(5))
-    with pytest.raises(TypeError, match="affine_norms: inputs must be"):
-        tt.affine_norms(x.int(), g, weight=True, bias=True)
+        ops.affine_clipped_sum(x, g, c, prev_b=torch.zeros(5), **kw)
+    with pytest.raises(TypeError, match="affine_norms: xhat must be a float16"):
+        ops.affine_norms(x.int(), g, **kw)
 
 
 def _op_cases():

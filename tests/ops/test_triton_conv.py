@@ -178,6 +178,34 @@ def test_half_by_snr(dtype, sum_db):
     assert _snr_db(b, _csum(c, gb)) > 90  # fp32 sums of exact products
 
 
+@pytest.mark.parametrize("c_scale", [3000.0, 1e-8])
+def test_clipped_sum_fp16_products_stay_in_range(c_scale):
+    """fp16 products c_i g_it past 65504 (c up to 3000, |g| up to ~70: once inf, NaN weights) or below
+    6e-8 (c up to 1e-8: once flushed to 0) are block-scaled into fp16's range (_common.fp16_block_scale):
+    as accurate as c in [0, 1], the bar of test_half_by_snr, with and without split-K."""
+    x, g, c, geom, ws, _ = _make("2d-3x3-T81", torch.float16)
+    g, c = g * 16, c.float() * c_scale
+    gw, _ = _naive(x, g, ws, geom)
+    for splits in (1, 3):
+        w, _ = tconv.launch_clipped_sum(
+            x,
+            g,
+            c,
+            ws,
+            **geom,
+            bias=False,
+            noise_std=0.0,
+            scale=1.0,
+            seed_w=0,
+            seed_b=0,
+            prev_w=None,
+            prev_b=None,
+            splits=splits,
+        )
+        assert torch.isfinite(w).all()
+        assert _snr_db(w, _csum(c, gw)) > 55
+
+
 def test_strided_and_mixed_inputs():
     """A channels-last x is read through its strides; x and g of different dtypes are promoted."""
     x, g, c, geom, ws, _ = _make("2d-aniso-g3")
@@ -278,26 +306,28 @@ def test_unsupported_cases_call_the_reference(monkeypatch):
     assert calls == [1, 1] and nw.shape == (2,) and not nw.any()
 
 
-def test_bad_inputs_name_the_op_and_argument():
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_inputs_name_the_op_and_argument(backend):
+    """The dispatcher checks the inputs before any backend (ops._validate): the same errors on both."""
     x, g, c, geom, ws, _ = _make("2d-aniso-g3", torch.float32)
     with pytest.raises(ValueError, match="conv_norms: method"):
-        tt.conv_norms(x, g, kernel_size=ws[2:], bias=True, method="fast", **geom)
-    with pytest.raises(ValueError, match="conv_norms: groups=2 must divide C_in=3"):
-        tt.conv_norms(x, g, kernel_size=ws[2:], bias=True, method="ghost", **{**geom, "groups": 2})
+        ops.conv_norms(x, g, kernel_size=ws[2:], bias=True, method="fast", **geom, backend=backend)
+    with pytest.raises(ValueError, match="conv_norms: groups=2 must be an int >= 1 dividing C_in=3"):
+        ops.conv_norms(x, g, kernel_size=ws[2:], bias=True, method="ghost", **{**geom, "groups": 2}, backend=backend)
     with pytest.raises(ValueError, match="does not match the 12 output positions"):
-        tt.conv_norms(x, g[..., :-1], kernel_size=ws[2:], bias=True, method="ghost", **geom)
+        ops.conv_norms(x, g[..., :-1], kernel_size=ws[2:], bias=True, method="ghost", **geom, backend=backend)
     with pytest.raises(ValueError, match="conv_norms: kernel_size must be"):
-        tt.conv_norms(x, g, kernel_size=(2, 3, 3), bias=True, method="ghost", **geom)
-    with pytest.raises(TypeError, match="conv_norms: inputs must be"):
-        tt.conv_norms(x.int(), g, kernel_size=ws[2:], bias=True, method="ghost", **geom)
+        ops.conv_norms(x, g, kernel_size=(2, 3, 3), bias=True, method="ghost", **geom, backend=backend)
+    with pytest.raises(TypeError, match="conv_norms: x must be a float16"):
+        ops.conv_norms(x.int(), g, kernel_size=ws[2:], bias=True, method="ghost", **geom, backend=backend)
     with pytest.raises(ValueError, match="conv_clipped_sum: weight_shape"):
-        tt.conv_clipped_sum(x, g, c, weight_shape=(6, 2, 2, 3), bias=True, **geom)
+        ops.conv_clipped_sum(x, g, c, weight_shape=(6, 2, 2, 3), bias=True, **geom, backend=backend)
     with pytest.raises(ValueError, match="conv_clipped_sum: c must"):
-        tt.conv_clipped_sum(x, g, c[:1], weight_shape=ws, bias=True, **geom)
+        ops.conv_clipped_sum(x, g, c[:1], weight_shape=ws, bias=True, **geom, backend=backend)
     with pytest.raises(ValueError, match="prev_w must have"):
-        tt.conv_clipped_sum(x, g, c, weight_shape=ws, bias=True, prev_w=torch.zeros(6, 1), **geom)
+        ops.conv_clipped_sum(x, g, c, weight_shape=ws, bias=True, prev_w=torch.zeros(6, 1), **geom, backend=backend)
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):
-        tt.conv_norms(x[..., :2], g, kernel_size=(2, 5), bias=False, method="ghost", **geom)
+        ops.conv_norms(x[..., :2], g, kernel_size=(2, 5), bias=False, method="ghost", **geom, backend=backend)
 
 
 # ----------------------------------------------------------------------------- torch.library

@@ -249,22 +249,36 @@ def test_dispatcher_serves_triton():
     )
 
 
-def test_bad_inputs_name_the_op_and_argument():
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_inputs_name_the_op_and_argument(backend):
+    """The dispatcher checks the inputs before any backend (ops._validate): the same errors on both."""
     ids, g, c = _case(2, 3, 5, 4, torch.float32)
-    with pytest.raises(ValueError, match="embedding_norms: ids must be"):
-        tt.embedding_norms(ids.float(), g, num_embeddings=5, padding_idx=None)
+    kw = dict(num_embeddings=5, padding_idx=None, backend=backend)
+    with pytest.raises(TypeError, match="embedding_norms: ids must be a int32 or int64 tensor"):
+        ops.embedding_norms(ids.float(), g, **kw)
+    with pytest.raises(TypeError, match="embedding_norms: ids must be a int32 or int64 tensor, got torch.int16"):
+        ops.embedding_norms(ids.to(torch.int16), g, **kw)
+    with pytest.raises(IndexError, match=r"embedding_norms: ids must lie in \[0, 5\)"):
+        ops.embedding_norms(ids + 5, g, **kw)
+    with pytest.raises(IndexError, match="embedding_clipped_sum: ids must lie in"):
+        ops.embedding_clipped_sum(ids - 5, g, c, **kw)
     with pytest.raises(ValueError, match="embedding_norms: g must be"):
-        tt.embedding_norms(ids, g[:1], num_embeddings=5, padding_idx=None)
+        ops.embedding_norms(ids, g[:1], **kw)
     with pytest.raises(ValueError, match="embedding_norms: padding_idx"):
-        tt.embedding_norms(ids, g, num_embeddings=5, padding_idx=5)
+        ops.embedding_norms(ids, g, **{**kw, "padding_idx": 5})
     with pytest.raises(ValueError, match="embedding_clipped_sum: c must"):
-        tt.embedding_clipped_sum(ids, g, c[:1], num_embeddings=5, padding_idx=None)
+        ops.embedding_clipped_sum(ids, g, c[:1], **kw)
     with pytest.raises(ValueError, match="prev must have"):
-        tt.embedding_clipped_sum(ids, g, c, num_embeddings=5, padding_idx=None, prev=torch.zeros(4, 4))
+        ops.embedding_clipped_sum(ids, g, c, prev=torch.zeros(4, 4), **kw)
+    with pytest.raises(ValueError, match="prev must have"):  # broadcasts to (5, 4), but is not its shape
+        ops.embedding_clipped_sum(ids, g, c, prev=torch.zeros(1, 4), **kw)
     with pytest.raises(ValueError, match="embedding_linear_cross: g_h must be"):
-        tt.embedding_linear_cross(ids, g, g, g[:, :2], padding_idx=None)
-    with pytest.raises(TypeError, match="embedding_norms: inputs must be"):
-        tt.embedding_norms(ids, g.int(), num_embeddings=5, padding_idx=None)
+        ops.embedding_linear_cross(ids, g, g, g[:, :2], padding_idx=None, backend=backend)
+    with pytest.raises(TypeError, match="embedding_norms: g must be a float16"):
+        ops.embedding_norms(ids, g.int(), **kw)
+
+
+def test_gram_kernel_holds_64_positions():
     with pytest.raises(ValueError, match="embedding_norms: the gram kernel"):
         temb.launch_norms(torch.zeros(1, 65, dtype=torch.long), torch.zeros(1, 65, 2), 3, None, "gram")
 

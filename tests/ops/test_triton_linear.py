@@ -169,6 +169,23 @@ def test_clipped_sum_half(dtype, min_db):
     assert _snr_db(b, (c.double()[:, None] * gb).sum(0)) > 90  # fp32 sums of 210 exact products: <= 1.3e-5, 98 dB
 
 
+@pytest.mark.parametrize("c_scale", [3000.0, 1e-8])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_clipped_sum_fp16_products_stay_in_range(c_scale, splits):
+    """fp16 rows whose products c_i g_it leave fp16's range: c up to 3000 (automatic clipping's
+    R / (n + gamma) exceeds 1) on |g| up to ~70 gives products past 65504, once rounded to inf (NaN
+    weights); c up to 1e-8 gives products below fp16's smallest subnormal (6e-8), once flushed to 0.
+    The kernel scales each tile of c_i g_it by a power of two into fp16's range and undoes it in fp32,
+    so the result is as accurate as for c in [0, 1]: the bar of test_clipped_sum_half."""
+    a, g, c = _inputs(3, 70, 20, 130, torch.float16)
+    g, c = g * 16, c.float() * c_scale
+    gw, _ = _naive(a, g)
+    expected = (c.double()[:, None, None] * gw).sum(0)
+    w, _ = launch_clipped_sum(a, g, c, False, 0.0, 1.0, 0, 0, None, None, splits=splits)
+    assert torch.isfinite(w).all()
+    assert _snr_db(w, expected) > 55
+
+
 def test_matches_reference_backend():
     """The dispatcher serves the triton backend when forced, with the reference's results."""
     a, g, c = _inputs(2, 9, 5, 6, torch.float64)
@@ -202,18 +219,20 @@ def test_mixed_and_strided_inputs():
     assert w.dtype == torch.float32
 
 
-def test_bad_inputs_name_the_op_and_argument():
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_inputs_name_the_op_and_argument(backend):
+    """The dispatcher checks the inputs before any backend (ops._validate): the same errors on both."""
     a, g, c = _inputs(2, 3, 4, 5, torch.float32)
     with pytest.raises(ValueError, match="linear_norms: method"):
-        tt.linear_norms(a, g, bias=True, method="fast")
+        ops.linear_norms(a, g, bias=True, method="fast", backend=backend)
     with pytest.raises(ValueError, match="linear_norms: a must be"):
-        tt.linear_norms(a[:1], g, bias=True, method="ghost")
+        ops.linear_norms(a[:1], g, bias=True, method="ghost", backend=backend)
     with pytest.raises(ValueError, match="linear_clipped_sum: c must"):
-        tt.linear_clipped_sum(a, g, c[:1], bias=True)
+        ops.linear_clipped_sum(a, g, c[:1], bias=True, backend=backend)
     with pytest.raises(ValueError, match="prev_w must have"):
-        tt.linear_clipped_sum(a, g, c, bias=True, prev_w=torch.zeros(4, 5))
-    with pytest.raises(TypeError, match="bias_norms: inputs must be"):
-        tt.bias_norms(g.to(torch.int32))
+        ops.linear_clipped_sum(a, g, c, bias=True, prev_w=torch.zeros(4, 5), backend=backend)
+    with pytest.raises(TypeError, match="bias_norms: g must be a float16, bfloat16, float32 or float64 tensor"):
+        ops.bias_norms(g.to(torch.int32), backend=backend)
     long = torch.zeros(1, 64 * 23170, 1)  # more Gram tiles than the ghost kernel's int32 pair index allows
     with pytest.raises(ValueError, match="use method='inst'"):
         tt.linear_norms(long, long, bias=False, method="ghost")

@@ -2,7 +2,9 @@
 layers and biases (linear_norms.py, linear_clipped_sum.py), Conv1d/2d/3d by implicit GEMM (conv.py),
 Embedding with the tied-head cross term (embedding.py) and the affine parameters of LayerNorm, RMSNorm
 and GroupNorm (affine.py); add_noise.py holds the noise epilogue they share and `add_noise`, _common.py
-what every op shares (registration, input checks, launch configurations, the launch point).
+what every op shares (registration, launch configurations, the launch point). The dispatcher
+(dpkernels.ops) checks every op's inputs before calling a backend (ops._validate); called directly,
+these functions assume checked inputs.
 
 Each op has the reference's name and signature (dpkernels.ops.reference) and wraps one
 `torch.library.custom_op` in the ``dpkernels`` namespace (``dpkernels::triton_<op>``;

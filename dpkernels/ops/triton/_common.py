@@ -1,5 +1,6 @@
-"""What every Triton op shares: the op namespace and registration, input checks, launch configurations,
-the one launch point, and the device function that loads clipped gradient rows.
+"""What every Triton op shares: the op namespace and registration, the input dtype promotion, launch
+configurations, the one launch point, and the device functions that load clipped gradient rows and
+keep fp16 products in range. Inputs are checked by the dispatcher before any backend (ops._validate).
 
 Every kernel is launched through `launch`, so that ``bench/aot_compile.py`` can record
 exactly what a launcher would run (kernel, argument types, constexprs, warps, stages)
@@ -234,7 +235,7 @@ def ghost_pairs(op: str, T: int, block_t: int) -> tuple[int, int]:
     return n_tiles, n_tiles * (n_tiles + 1) // 2
 
 
-# ----------------------------------------------------------------------------- input checks
+# ----------------------------------------------------------------------------- input dtype
 
 
 def common_input(op: str, *tensors: Tensor) -> torch.dtype:
@@ -254,41 +255,6 @@ def cast_inputs(op: str, *tensors: Tensor) -> tuple[list[Tensor], torch.dtype]:
     return [t.to(in_dt) for t in tensors], acc_dtype(*tensors)
 
 
-def check_device(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} on {ref.device}; move both to one device")
-
-
-def check_clip(op: str, c: Tensor, ref: Tensor, ref_name: str = "g") -> None:
-    """c: (B,), one clip factor per sample of ``ref`` (B, ...), on its device."""
-    if c.shape != (ref.shape[0],):
-        raise ValueError(f"{op}: c must hold one clip factor per sample, shape ({ref.shape[0]},), got {tuple(c.shape)}")
-    check_device(op, "c", c, ref_name, ref)
-
-
-def check_rows(op: str, a: Tensor | None, g: Tensor, c: Tensor | None = None) -> None:
-    """a: (B, T, d), g: (B, T, p), c: (B,), all on one device; errors say which argument is wrong."""
-    if g.dim() != 3:
-        raise ValueError(f"{op}: g must be (B, T, p), got shape {tuple(g.shape)}; reshape with batch_rows first")
-    if a is not None:
-        if a.dim() != 3 or a.shape[:2] != g.shape[:2]:
-            raise ValueError(
-                f"{op}: a must be (B, T, d) with the (B, T) of g {tuple(g.shape[:2])}, got shape {tuple(a.shape)}"
-            )
-        check_device(op, "a", a, "g", g)
-    if c is not None:
-        check_clip(op, c, g)
-
-
-def check_prev(op: str, name: str, prev: Tensor | None, shape: tuple[int, ...], device: torch.device) -> None:
-    if prev is None:
-        return
-    if tuple(prev.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have the output's shape {tuple(shape)}, got {tuple(prev.shape)}")
-    if prev.device != device:
-        raise ValueError(f"{op}: {name} is on {prev.device} but the inputs on {device}; move it to their device")
-
-
 # ----------------------------------------------------------------------------- device functions
 
 
@@ -303,6 +269,34 @@ def clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, cols, mask_c, s_gc, 
     g_rows = sample.to(tl.int64) * s_gb + t.to(tl.int64) * s_gt
     g = tl.load(g_ptr + g_rows[:, None] + cols[None, :] * s_gc, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
     return g.to(ACC) * c[:, None], sample, t
+
+
+# Block floating point for fp16 operands of the clipped sums (`fp16_block_scale`): the running scale
+# starts at 2^126 (no tile seen) and only decreases, so the accumulator never grows past it.
+FP16_SCALE_START = tl.constexpr(2.0**126)
+
+
+@triton.jit
+def fp16_block_scale(x, scale):
+    """The power of two 2^k that a tile x of fp32 products c_i g_it is multiplied by before its rounding
+    to fp16 for a tensor-core dot, given the running ``scale`` of the accumulator: min(scale, 2^k) with
+    2^k bringing the tile's largest |x| into [2^13, 2^14) (k from its exponent bits, exact; k <= 126).
+
+    Why: c_i g_it of fp16 rows leaves fp16's range (c_i > 1 under automatic clipping overflows past
+    65504 to inf; c_i << 1 flushes below 6e-8 to 0), while the reference multiplies in fp32. Scaled,
+    the tile's largest product sits at 2^14 (margin to 65504) and a product p rounds to fp16 with error
+    <= 2^-11 |p| + 2^-25 / scale <= 2^-11 |p| + 2^-38 max|x| (max over the rows this program reduced so
+    far): fp16's full relative precision over 38 binades below the largest product. The dot's products
+    of fp16 values are exact in its fp32 accumulator; the caller multiplies the accumulator by
+    new / old when the scale drops and by 1 / scale at the end, both powers of two (exact). The scale
+    only decreases so the accumulator (the sum times the scale) stays below 2^14 * 2^16 per product.
+    The alternative, fp32 (TF32) operands, has fp32's range but halves tensor-core throughput and
+    doubles the operand tiles in shared memory; this costs a max over the (BLOCK_K, BLOCK_P) tile per
+    step and a rare rescale of the accumulator."""
+    m = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    e = (m.to(tl.int32, bitcast=True) >> 23) & 255  # biased exponent: m in [2^(e-127), 2^(e-126))
+    k = tl.minimum(140 - e, 126)  # 13 - (e - 127); an all-zero or fp32-subnormal tile gets 2^126
+    return tl.minimum(scale, ((k + 127) << 23).to(tl.float32, bitcast=True))
 
 
 @triton.jit

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import FLOATS, acc_tl, check_prev, epilogue_args, given_or, launch, num_sms, output, register_op
+from ._common import acc_tl, epilogue_args, given_or, launch, num_sms, output, register_op
 
 WIDE_OFFSETS = 1 << 31  # outputs this large need int64 offsets (int32 ones would wrap and repeat the noise)
 
@@ -266,7 +266,4 @@ def add_noise(
     """
     shape = tuple(int(s) for s in shape)
     device = torch.device(device)
-    if dtype not in FLOATS:
-        raise TypeError(f"add_noise: dtype must be a floating type, got {dtype}")
-    check_prev("add_noise", "prev", prev, shape, device)
     return _add_noise_op(prev, list(shape), *epilogue_args(noise_std, scale, seed), device, dtype)

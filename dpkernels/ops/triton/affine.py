@@ -31,9 +31,6 @@ from ._common import (
     acc_tl,
     block,
     cast_inputs,
-    check_clip,
-    check_device,
-    check_prev,
     clipped_rows,
     epilogue_args,
     given_or,
@@ -317,23 +314,11 @@ def _affine_clipped_sum_op(
     return launch_clipped_sum(xhat, g, c, weight, bias, noise_std, scale, seed_w, seed_b, prev_w, prev_b)
 
 
-def _check(op: str, xhat: Tensor, g: Tensor, c: Tensor | None = None) -> None:
-    """xhat and g: (B, T, C) of one shape, c: (B,), one device; errors say which argument is wrong."""
-    if g.dim() != 3:
-        raise ValueError(f"{op}: g must be (B, T, C), got shape {tuple(g.shape)}; reshape the rows first")
-    if xhat.shape != g.shape:
-        raise ValueError(f"{op}: xhat must have g's shape {tuple(g.shape)}, got {tuple(xhat.shape)}")
-    check_device(op, "xhat", xhat, "g", g)
-    if c is not None:
-        check_clip(op, c, g)
-
-
 def affine_norms(xhat: Tensor, g: Tensor, *, weight: bool, bias: bool) -> tuple[Tensor | None, Tensor | None]:
     """Per-sample squared norms ||sum_t xhat_it * g_it||^2 (weight) and ||sum_t g_it||^2 (bias).
 
     xhat, g: (B, T, C). Returns (B,) tensors in float32 (float64 for float64 inputs), None where not asked.
     """
-    _check("affine_norms", xhat, g)
     w, b = _affine_norms_op(xhat, g, bool(weight), bool(bias))
     return (w if weight else None), (b if bias else None)
 
@@ -357,10 +342,6 @@ def affine_clipped_sum(
     weight: scale * (prev_w + sum_i c_i sum_t xhat_it * g_it + noise_std * z_w)
     bias:   scale * (prev_b + sum_i c_i sum_t g_it + noise_std * z_b)
     """
-    _check("affine_clipped_sum", xhat, g, c)
-    C = g.shape[2]
-    check_prev("affine_clipped_sum", "prev_w", prev_w, (C,), g.device)
-    check_prev("affine_clipped_sum", "prev_b", prev_b, (C,), g.device)
     w, b = _affine_clipped_sum_op(
         xhat, g, c, bool(weight), bool(bias), *epilogue_args(noise_std, scale, seed_w, seed_b), prev_w, prev_b
     )

@@ -29,7 +29,8 @@ d-tile) reduces all B*T rows, c_i folded into G's rows as they load, split-K whe
 cannot fill the GPU, and the shared Philox epilogue (add_noise.py) writes the (C_out, d) weight once;
 its noise is that of add_noise for the weight's shape and seed.
 
-Accumulation in float32 (float64 for float64 inputs). Cases the kernels do not take, which the Python
+Accumulation in float32 (float64 for float64 inputs); fp16 tiles of c_i g_it are block-scaled into
+fp16's range as in linear_clipped_sum.py (_common.fp16_block_scale). Cases the kernels do not take, which the Python
 wrappers send to the reference ops explicitly: more than 3 spatial dims; C_in or C_out = 0; a sample
 of x or g whose offsets do not fit int32 (>= 2**31 elements), or B * T >= 2**31 rows (clipped sum).
 """
@@ -47,18 +48,17 @@ from torch import Tensor
 
 from ..reference import conv as ref_conv
 from ._common import (
+    FP16_SCALE_START,
     acc_dtype,
     acc_tl,
     block,
     cast_inputs,
-    check_clip,
-    check_device,
-    check_prev,
     clipped_rows,
     common_input,
     dot_operand,
     dot_precision,
     epilogue_args,
+    fp16_block_scale,
     ghost_pairs,
     given_or,
     gram_tile_config,
@@ -327,6 +327,7 @@ def _conv_clipped_sum_kernel(
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT: tl.constexpr,
+    FP16: tl.constexpr,  # fp16 operands: c_i g_it block-scaled into fp16's range (_common.fp16_block_scale)
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,  # write raw partial sums to the workspace; the finish kernel does the epilogue
     HAS_PREV_W: tl.constexpr,
@@ -354,6 +355,7 @@ def _conv_clipped_sum_kernel(
 
     acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=ACC)
     bacc = tl.zeros((BLOCK_P,), dtype=ACC)
+    acc_scale = tl.full((), FP16_SCALE_START, tl.float32)  # acc holds the sum times this (FP16 only)
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -363,9 +365,18 @@ def _conv_clipped_sum_kernel(
         wd, wh, ww = _window(t, O_H, O_W, ST_D, ST_H, ST_W, PAD_D, PAD_H, PAD_W, NDIM)
         oa, ma = _gather(wd, wh, ww, mask_k, ch, kd, kh, kw, mask_d, S_D, S_H, S_W, s_xc, s_xd, s_xh, s_xw, NDIM)
         a = tl.load(x_grp + sample.to(tl.int64)[:, None] * s_xb + oa, mask=ma, other=0.0)
-        acc = tl.dot(tl.trans(gc.to(a.dtype)).to(DOT), a.to(DOT), acc, input_precision=PRECISION)
+        x = gc
+        if FP16:  # keep c_i g_it in fp16's range: see _common.fp16_block_scale
+            s = fp16_block_scale(gc, acc_scale)
+            if s < acc_scale:
+                acc = acc * (s / acc_scale)
+                acc_scale = s
+            x = gc * acc_scale
+        acc = tl.dot(tl.trans(x.to(a.dtype)).to(DOT), a.to(DOT), acc, input_precision=PRECISION)
         if HAS_BIAS and pid_d == 0:  # the first column of programs also sums the bias
             bacc += tl.sum(gc, axis=0)
+    if FP16:
+        acc = acc * (1.0 / acc_scale)
 
     _store_tile(
         w_ptr,
@@ -491,47 +502,17 @@ def geometry(
     dilation: IntOrSeq,
     groups: int,
 ) -> ConvGeometry:
-    """Check x (B, C_in, *S) and g (B, C_out, *out) against the conv's geometry, with errors that say
-    which argument is wrong, and lay the geometry out for the kernels."""
-    if x.dim() < 3:
-        raise ValueError(
-            f"{op}: x must be (B, C_in, *spatial) with at least one spatial dim, got shape {tuple(x.shape)}"
-        )
-    if g.dim() < 2 or g.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"{op}: g must be the conv output's gradient (B, C_out, *out) with the B = {x.shape[0]} of x, "
-            f"got shape {tuple(g.shape)}"
-        )
-    check_device(op, "x", x, "g", g)
+    """Lay out the geometry of x (B, C_in, *S) and g (B, C_out, *out) for the kernels; the dispatcher
+    has checked that they fit it (ops._validate)."""
     n = x.dim() - 2
     k = _ntuple(kernel_size, n, "kernel_size", op)
     s = _ntuple(stride, n, "stride", op)
     pad = _ntuple(padding, n, "padding", op)
     dil = _ntuple(dilation, n, "dilation", op)
-    if min(k) < 1 or min(s) < 1 or min(dil) < 1 or min(pad) < 0:
-        raise ValueError(
-            f"{op}: kernel_size, stride and dilation must be >= 1 and padding >= 0, got kernel_size={k}, "
-            f"stride={s}, padding={pad}, dilation={dil}"
-        )
     B, c_in, c_out = x.shape[0], x.shape[1], g.shape[1]
-    if groups < 1 or c_in % groups or c_out % groups:
-        raise ValueError(f"{op}: groups={groups} must divide C_in={c_in} and C_out={c_out}")
     S = tuple(x.shape[2:])
-    out = []
-    for i in range(n):
-        span = dil[i] * (k[i] - 1) + 1
-        if S[i] + 2 * pad[i] < span:
-            raise ValueError(
-                f"{op}: spatial dim {i} has size {S[i] + 2 * pad[i]} after padding, smaller than the dilated "
-                f"kernel ({span}); pad the input or use a smaller kernel/dilation"
-            )
-        out.append((S[i] + 2 * pad[i] - span) // s[i] + 1)
+    out = [(S[i] + 2 * pad[i] - dil[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(n)]
     T = math.prod(out)
-    if math.prod(g.shape[2:]) != T:
-        raise ValueError(
-            f"{op}: output gradient of shape {tuple(g.shape)} does not match the {T} output positions of an input "
-            f"{tuple(x.shape)} with kernel_size={k}, stride={s}, padding={pad}, dilation={dil}"
-        )
     lead = max(0, 3 - n)
     O3 = (1,) * lead + tuple(out)
     S3 = (1,) * lead + S
@@ -680,6 +661,7 @@ def launch_clipped_sum(
         ACC=acc_tl(dt),
         PRECISION=dot_precision(x.dtype),
         DOT=dot_operand(_conv_clipped_sum_kernel, x.dtype),
+        FP16=x.dtype == torch.float16,
         HAS_BIAS=bias,
         SPLIT=rs.split,
         HAS_PREV_W=prev_w is not None,
@@ -767,8 +749,6 @@ def conv_norms(
     float64 inputs) tensors of shape (B,). Cases the kernels do not take (more than 3 spatial dims,
     no channels, a sample of >= 2**31 elements) are computed by the reference op (ops.reference.conv).
     """
-    if method not in ("ghost", "inst"):
-        raise ValueError(f"conv_norms: method must be 'ghost' or 'inst', got {method!r}")
     common_input("conv_norms", x, g)
     geom = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
     geo = geometry("conv_norms", x, g, **geom, groups=groups)
@@ -809,22 +789,8 @@ def conv_clipped_sum(
     op = "conv_clipped_sum"
     common_input(op, x, g)
     weight_shape = tuple(int(v) for v in weight_shape)
-    n = x.dim() - 2
-    if len(weight_shape) != n + 2:
-        raise ValueError(
-            f"{op}: weight_shape must be (C_out, C_in/groups, *kernel_size) with {n} kernel dims for an input of "
-            f"shape {tuple(x.shape)}, got {weight_shape}"
-        )
     geom = dict(stride=stride, padding=padding, dilation=dilation)
     geo = geometry(op, x, g, weight_shape[2:], **geom, groups=groups)
-    if weight_shape[:2] != (geo.c_out, geo.c_in // groups):
-        raise ValueError(
-            f"{op}: weight_shape {weight_shape} does not match C_out={geo.c_out} of g and C_in/groups="
-            f"{geo.c_in // groups} of x"
-        )
-    check_clip(op, c, x, "x")
-    check_prev(op, "prev_w", prev_w, weight_shape, x.device)
-    check_prev(op, "prev_b", prev_b, (geo.c_out,), x.device)
     if geo.unsupported(x, g) or geo.B * geo.T >= INT32:
         return ref_conv.conv_clipped_sum(
             x,

@@ -34,8 +34,7 @@ P[s, t] = g_h[i, s, x_t] and sums the product; the head's (Th, V) gradient is on
 
 Accumulation in float32 (float64 for float64 inputs). Norm and cross programs write partials that
 the host sums in a fixed order, and the stable sorts fix the order of every sum: results are
-deterministic. Ids are not range-checked (the forward's F.embedding already did, and a check here
-would synchronise with the GPU); the clipped sum drops an id outside [0, V).
+deterministic. The dispatcher has checked the inputs (ops._validate), ids in [0, V) included.
 """
 
 from __future__ import annotations
@@ -49,9 +48,6 @@ from ._common import (
     acc_dtype,
     acc_tl,
     block,
-    check_clip,
-    check_device,
-    check_prev,
     clipped_rows,
     common_input,
     dot_operand,
@@ -520,27 +516,6 @@ def _cross_fake(ids, g_e, a, g_h, padding_idx):
 _embedding_linear_cross_op = register_op("embedding_linear_cross", _cross_fake)(launch_cross)
 
 
-def _check(op: str, ids: Tensor, g: Tensor, c: Tensor | None = None, g_name: str = "g") -> None:
-    """ids: (B, T) integer, g: (B, T, D), c: (B,), one device; errors say which argument is wrong."""
-    if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"{op}: ids must be a (B, T) int32/int64 tensor, got {ids.dtype} of shape {tuple(ids.shape)}; "
-            "flatten the non-batch dimensions first"
-        )
-    if g.dim() != 3 or g.shape[:2] != ids.shape:
-        raise ValueError(
-            f"{op}: {g_name} must be (B, T, D) with the (B, T) of ids {tuple(ids.shape)}, got {tuple(g.shape)}"
-        )
-    check_device(op, g_name, g, "ids", ids)
-    if c is not None:
-        check_clip(op, c, g, g_name)
-
-
-def _check_pad(op: str, padding_idx: int | None, num_embeddings: int) -> None:
-    if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
-        raise ValueError(f"{op}: padding_idx must be in [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
-
-
 def embedding_norms(ids: Tensor, g: Tensor, *, num_embeddings: int, padding_idx: int | None) -> Tensor:
     """Per-sample squared norms of an Embedding's weight gradient, exact for repeated tokens:
 
@@ -549,8 +524,6 @@ def embedding_norms(ids: Tensor, g: Tensor, *, num_embeddings: int, padding_idx:
     tokens equal to ``padding_idx`` excluded. ids: (B, T) integer, g: (B, T, D).
     Returns (B,) in float32 (float64 for float64 g).
     """
-    _check("embedding_norms", ids, g)
-    _check_pad("embedding_norms", padding_idx, num_embeddings)
     return _embedding_norms_op(ids, g, int(num_embeddings), padding_idx)
 
 
@@ -572,9 +545,6 @@ def embedding_clipped_sum(
     gets noise and no data, as in the reference (see its docstring for why).
     ids: (B, T), g: (B, T, D), c: (B,). Returns (V, D) in float32 (float64 for float64 g).
     """
-    _check("embedding_clipped_sum", ids, g, c)
-    _check_pad("embedding_clipped_sum", padding_idx, num_embeddings)
-    check_prev("embedding_clipped_sum", "prev", prev, (num_embeddings, g.shape[2]), g.device)
     return _embedding_clipped_sum_op(
         ids, g, c, int(num_embeddings), padding_idx, *epilogue_args(noise_std, scale, seed), prev
     )
@@ -587,17 +557,4 @@ def embedding_linear_cross(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, *, 
 
     ids (B, Te), g_e (B, Te, D), a (B, Th, D), g_h (B, Th, V). Returns (B,) in float32 (float64).
     """
-    op = "embedding_linear_cross"
-    _check(op, ids, g_e, g_name="g_e")
-    if a.dim() != 3 or a.shape[0] != ids.shape[0] or a.shape[2] != g_e.shape[2]:
-        raise ValueError(
-            f"{op}: a must be (B, Th, D) with B = {ids.shape[0]}, D = {g_e.shape[2]}, got {tuple(a.shape)}"
-        )
-    if g_h.dim() != 3 or g_h.shape[:2] != a.shape[:2]:
-        raise ValueError(
-            f"{op}: g_h must be (B, Th, V) with the (B, Th) of a {tuple(a.shape[:2])}, got {tuple(g_h.shape)}"
-        )
-    check_device(op, "a", a, "ids", ids)
-    check_device(op, "g_h", g_h, "ids", ids)
-    _check_pad(op, padding_idx, g_h.shape[2])
     return _embedding_linear_cross_op(ids, g_e, a, g_h, padding_idx)

@@ -13,7 +13,11 @@ GPU, the reduction is split over programs (split-K) into a float32 workspace tha
 finish kernel sums in a fixed order before the same epilogue: results are deterministic.
 
 Operands are multiplied in the input dtype (c_i g_it rounded once to it for 16-bit
-inputs, as tensor cores need) and accumulated in float32 (float64 for float64 inputs).
+inputs, as tensor cores need) and accumulated in float32 (float64 for float64 inputs). For
+fp16, whose range c_i g_it can leave (c_i > 1 overflows past 65504, c_i << 1 flushes to 0),
+each tile of c_i g_it is first scaled by a power of two into range and the scale is undone
+in the fp32 accumulator (block floating point, _common.fp16_block_scale); bf16 has fp32's
+range and needs none.
 """
 
 from __future__ import annotations
@@ -24,16 +28,16 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (
+    FP16_SCALE_START,
     acc_dtype,
     acc_tl,
     block,
     cast_inputs,
-    check_prev,
-    check_rows,
     clipped_rows,
     dot_operand,
     dot_precision,
     epilogue_args,
+    fp16_block_scale,
     given_or,
     k_block,
     launch,
@@ -71,6 +75,7 @@ def _clipped_sum_kernel(
     ACC: tl.constexpr,  # accumulation dtype: float32, float64 for float64 inputs
     PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" or "tf32"), see _common.dot_precision
     DOT: tl.constexpr,  # tl.dot operand dtype: the input's, see _common.dot_operand
+    FP16: tl.constexpr,  # fp16 operands: c_i g_it block-scaled into fp16's range (_common.fp16_block_scale)
     HAS_WEIGHT: tl.constexpr,  # False: bias only (bias_clipped_sum), no A and no matmul
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,  # write raw partial sums to the workspace; the finish kernel does the epilogue
@@ -93,6 +98,7 @@ def _clipped_sum_kernel(
 
     acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=ACC)
     bacc = tl.zeros((BLOCK_P,), dtype=ACC)
+    acc_scale = tl.full((), FP16_SCALE_START, tl.float32)  # acc holds the sum times this (FP16 only)
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -104,11 +110,20 @@ def _clipped_sum_kernel(
             a = tl.load(
                 a_ptr + a_rows[:, None] + offs_d[None, :] * s_ad, mask=mask_k[:, None] & mask_d[None, :], other=0.0
             )
-            acc = tl.dot(tl.trans(gc.to(a.dtype)).to(DOT), a.to(DOT), acc, input_precision=PRECISION)
+            x = gc
+            if FP16:  # keep c_i g_it in fp16's range: see _common.fp16_block_scale
+                s = fp16_block_scale(gc, acc_scale)
+                if s < acc_scale:
+                    acc = acc * (s / acc_scale)
+                    acc_scale = s
+                x = gc * acc_scale
+            acc = tl.dot(tl.trans(x.to(a.dtype)).to(DOT), a.to(DOT), acc, input_precision=PRECISION)
         if HAS_BIAS and pid_d == 0:  # the first column of programs also sums the bias
             bacc += tl.sum(gc, axis=0)
 
     if HAS_WEIGHT:
+        if FP16:
+            acc = acc * (1.0 / acc_scale)
         _store_tile(
             w_ptr,
             acc,
@@ -210,6 +225,7 @@ def launch_clipped_sum(
         ACC=acc_tl(dt),
         PRECISION=dot_precision(g.dtype),
         DOT=dot_operand(_clipped_sum_kernel, g.dtype),
+        FP16=g.dtype == torch.float16,
         HAS_WEIGHT=weight and d > 0,
         HAS_BIAS=bias,
         SPLIT=rs.split,
@@ -275,9 +291,6 @@ def linear_clipped_sum(
     bias:   scale * (prev_b + sum_i c_i sum_t g_it + noise_std * z_b)  (p,)
     a: (B, T, d), g: (B, T, p), c: (B,). float32 results (float64 for float64 inputs).
     """
-    check_rows("linear_clipped_sum", a, g, c)
-    check_prev("linear_clipped_sum", "prev_w", prev_w, (g.shape[2], a.shape[2]), g.device)
-    check_prev("linear_clipped_sum", "prev_b", prev_b, (g.shape[2],), g.device)
     w, b = _linear_clipped_sum_op(a, g, c, bias, *epilogue_args(noise_std, scale, seed_w, seed_b), prev_w, prev_b)
     return w, (b if bias else None)
 
@@ -286,6 +299,4 @@ def bias_clipped_sum(
     g: Tensor, c: Tensor, *, noise_std: float = 0.0, scale: float = 1.0, seed: int = 0, prev: Tensor | None = None
 ) -> Tensor:
     """scale * (prev + sum_i c_i sum_t g_it + noise_std * z), g: (B, T, p), c: (B,)."""
-    check_rows("bias_clipped_sum", None, g, c)
-    check_prev("bias_clipped_sum", "prev", prev, (g.shape[2],), g.device)
     return _bias_clipped_sum_op(g, c, *epilogue_args(noise_std, scale, seed), prev)
