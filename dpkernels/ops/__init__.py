@@ -117,8 +117,10 @@ def resolve_named(op: str, tensor: Tensor, backend: str | None = None):
 
 
 def _dispatch(op: str):
+    validate = getattr(_validate, op)  # the op's input checks: the same inputs refused, the same way, everywhere
+
     def call(*args, backend: str | None = None, **kwargs):
-        _validate.check(op, *args, **kwargs)  # the same inputs refused, the same way, on every backend
+        validate(*args, **kwargs)
         return resolve(op, args[0], backend)(*args, **kwargs)
 
     call.__name__ = op

@@ -31,11 +31,6 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IDS = (torch.int32, torch.int64)
 
 
-def check(op: str, *args: Any, **kwargs: Any) -> None:
-    """Run the checks of ``op`` on the arguments the op was called with."""
-    globals()[op](*args, **kwargs)
-
-
 # ----------------------------------------------------------------------------- pieces
 
 
