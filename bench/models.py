@@ -181,6 +181,18 @@ class MLPNet(nn.Module):
         return self.head(x)
 
 
+class LSTMTagger(nn.Module):
+    """A sequence tagger: nn.LSTM (batch first) over a (B, T, d) input and a Linear head on every position."""
+
+    def __init__(self, d_in: int, hidden: int, layers: int, classes: int, bidirectional: bool = False):
+        super().__init__()
+        self.rnn = nn.LSTM(d_in, hidden, layers, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(hidden * (2 if bidirectional else 1), classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0])
+
+
 def resnet18_gn(classes: int, blocks: tuple[int, int, int, int] = (2, 2, 2, 2), groups: int = 32) -> nn.Module:
     """torchvision ResNet-18 (BasicBlock, ``blocks`` per stage) with GroupNorm(groups, c) instead of BatchNorm."""
     from torchvision.models.resnet import BasicBlock, ResNet
@@ -211,7 +223,7 @@ class HFGPT2(nn.Module):
 class Config:
     """A model and its input: ``kind`` picks the builder, ``args`` its keyword arguments."""
 
-    kind: str  # gpt | hf-gpt2 | bert | vit | resnet | mlp
+    kind: str  # gpt | hf-gpt2 | bert | vit | resnet | mlp | lstm
     args: dict[str, Any] = field(default_factory=dict)
     seq: int = 0  # T for token models
     image: int = 0  # H = W for image models
@@ -281,6 +293,16 @@ CONFIGS: dict[str, Config] = {
     "mlp-tiny": Config(
         "mlp", dict(d_in=12, hidden=24, layers=2, classes=5), seq=3, classes=5, default_batch=4, notes="Linear only"
     ),
+    "lstm-small": Config(
+        "lstm",
+        dict(d_in=128, hidden=256, layers=2, classes=32),
+        seq=64,
+        classes=32,
+        notes="2-layer LSTM tagger, 128 -> 256, T=64, a head per position",
+    ),
+    "lstm-tiny": Config(
+        "lstm", dict(d_in=12, hidden=16, layers=2, classes=5, bidirectional=True), seq=5, classes=5, default_batch=4
+    ),
 }
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -290,6 +312,7 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "vit": ViT,
     "resnet": resnet18_gn,
     "mlp": MLPNet,
+    "lstm": LSTMTagger,
 }
 
 

@@ -174,11 +174,12 @@ def test_tiny_models_build_and_run(name):
     w = build(name, 2)
     out = w.model(w.x)
     cfg = CONFIGS[name]
-    assert out.shape == ((2, cfg.seq, cfg.classes) if cfg.kind in ("gpt", "hf-gpt2", "mlp") else (2, cfg.classes))
+    per_position = cfg.kind in ("gpt", "hf-gpt2", "mlp", "lstm")
+    assert out.shape == ((2, cfg.seq, cfg.classes) if per_position else (2, cfg.classes))
     w.loss(out).backward()
     info = describe(w.model)
     assert info["parameters"] == sum(p.numel() for p in w.model.parameters()) > 0
-    assert set(info["layers"]) <= {"Linear", "Embedding", "LayerNorm", "Conv2d", "GroupNorm", "Conv1D"}
+    assert set(info["layers"]) <= {"Linear", "Embedding", "LayerNorm", "Conv2d", "GroupNorm", "Conv1D", "LSTM"}
     assert all(p.grad is not None for p in w.model.parameters())
 
 

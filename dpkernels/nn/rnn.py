@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ..functional.rnn import Record, RNNFunction, param_names, recurrence
-from ._base import DPModule, make_twin
+from ._base import DPModule
 
 
 class _DPRNNBase(DPModule):
@@ -40,11 +40,7 @@ class _DPRNNBase(DPModule):
 
     @classmethod
     def from_module(cls, module: nn.Module, *, in_place: bool = False) -> Any:  # type: ignore[override]
-        if type(module) is not cls.torch_layer and not isinstance(module, cls):
-            raise TypeError(
-                f"{cls.__name__}.from_module takes a {cls.torch_layer.__name__}, got {type(module).__name__}"
-            )
-        new = make_twin(module, cls, in_place=in_place)
+        new = super().from_module(module, in_place=in_place)
         if not in_place:  # torch keeps the weights in a list it updates in place on assignment: not shared
             new._flat_weights = list(module._flat_weights)  # type: ignore[arg-type]
         return new
@@ -96,22 +92,13 @@ class _DPRNNBase(DPModule):
         self, x: Tensor, h0: Tensor, c0: Tensor | None, valid: Tensor | None, cast: torch.dtype | None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         D = 2 if self.bidirectional else 1
-        counted = [False]
-
-        def use() -> bool:
-            """Count one use with the engine per Function call (the first counted by _dp_active)."""
-            if not counted[0]:
-                counted[0] = True
-                return self._dp_active()
-            return self._dp_engine.wants(self)
-
         hs, cs = [], []
         for layer in range(self.num_layers):
             outs = []
             for d in range(D):
                 k = layer * D + d
                 h, hn, cn = self._direction(
-                    x, layer, "_reverse" if d else "", h0[k], c0[k] if c0 is not None else None, valid, use, cast
+                    x, layer, "_reverse" if d else "", h0[k], c0[k] if c0 is not None else None, valid, cast
                 )
                 outs.append(h)
                 hs.append(hn)
@@ -131,7 +118,6 @@ class _DPRNNBase(DPModule):
         h0: Tensor,
         c0: Tensor | None,
         valid: Tensor | None,
-        use: Any,
         cast: torch.dtype | None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         names = param_names(layer, suffix)
@@ -139,7 +125,7 @@ class _DPRNNBase(DPModule):
         cell = self.mode
         assert p["w_ih"] is not None and p["w_hh"] is not None
         private = any(q is not None and q.requires_grad for q in p.values())
-        if private and use():
+        if private and self._dp_active():  # one use with the engine per layer-direction call
             rec = Record(layer, suffix)
             outs = RNNFunction.apply(x, self, rec, cell, p["w_ih"], p["b_ih"], p["w_hh"], p["b_hh"], p["w_hr"])
             gi = outs[0]

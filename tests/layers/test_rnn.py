@@ -374,3 +374,17 @@ def test_accumulation_and_noise(cell):
         assert noise.abs().max() > 0.1 * sigma * R
         torch.testing.assert_close(p.grad, want[n] + noise, **TOL, msg=lambda m, n=n: f"{n}: {m}")
     opt.step()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell,batch_first", [("lstm-proj", False), ("gru", True)])
+def test_triton_backend(cell, batch_first):
+    """The (B, T, .) stacks, time-major views for batch_first=False among them, through the Triton kernels
+    (the CPU interpreter here)."""
+    if "triton" not in dpkernels.available_backends():
+        pytest.skip("triton backend not available")
+    dpkernels.set_backend("triton")
+    model = _model(cell, 18, batch_first=batch_first, num_layers=2, bidirectional=True, h0=True)
+    check_step(model, _input(3, 4, 19)[0])
+    assert dpkernels.ops.last_backend["linear_norms"] == "triton"
+    assert dpkernels.ops.last_backend["linear_clipped_sum"] == "triton"
