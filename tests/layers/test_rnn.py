@@ -388,3 +388,34 @@ def test_triton_backend(cell, batch_first):
     check_step(model, _input(3, 4, 19)[0])
     assert dpkernels.ops.last_backend["linear_norms"] == "triton"
     assert dpkernels.ops.last_backend["linear_clipped_sum"] == "triton"
+
+
+@pytest.mark.parametrize("cell", ["lstm-proj", "gru"])
+def test_autocast_runs_in_its_dtype(cell):
+    """Under autocast the DP forward runs every tensor in the autocast dtype (as torch's RNN kernels do on
+    CUDA; torch's own CPU LSTM refuses bf16), and its gradients follow the fp32 ones."""
+    grads = []
+    for amp in (False, True):
+        torch.manual_seed(20)
+        model = Net(CELLS[cell](num_layers=2, bidirectional=True, batch_first=True))
+        # R huge: every clip factor is 1 and the DP gradient is the plain gradient
+        model, opt = dpkernels.make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            noise_multiplier=0.0,
+            max_grad_norm=1e9,
+            expected_batch_size=1.0,
+            loss_reduction="sum",
+        )
+        x = torch.randn(3, 4, F_IN, generator=torch.Generator().manual_seed(21))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out, _ = model.rnn(x)
+            assert out.dtype == (torch.bfloat16 if amp else torch.float32)
+            out.float().square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n, want in grads[0].items():
+        # bf16 keeps 8 bits: each product and state is off by <= 2^-8 relative, a few steps compound it;
+        # 5e-2 of the largest entry passes that and fails a wrong formula (O(1) off)
+        scale = want.abs().max().item()
+        torch.testing.assert_close(grads[1][n], want, rtol=5e-2, atol=5e-2 * scale, msg=lambda m, n=n: f"{n}: {m}")
