@@ -523,10 +523,8 @@ def run_audit(
         accuracy=float("nan"),
         seconds=0.0,
     )
-    if len(y_test):
-        result.accuracy = (
-            (_logit_margin(wrapped.model, x_test, y_test) > 0).double().mean().item()
-        )  # margin > 0: top-1 correct
+    if len(y_test):  # top-1 correct: the label's logit margin is positive
+        result.accuracy = (_logit_margin(wrapped.model, x_test, y_test) > 0).double().mean().item()
     if m_in:
         assert margin0 is not None
         score_in = _logit_margin(wrapped.model, x_can, y_can) - margin0

@@ -221,6 +221,15 @@ def test_clipping_turned_off_is_caught(monkeypatch):
     assert run.gradient.epsilon > run.claimed_epsilon + 2, (run.gradient.epsilon, run.claimed_epsilon)
 
 
+def test_empty_batches_are_steps_of_noise_only():
+    # q = 1/16 over 16 rows: two of the 8 batches are empty (seed 0); each is still a step the accountant counts.
+    x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    cfg = audit.AuditConfig(epochs=0.5, batch_size=1, input_canaries=4, gradient_canaries=6, seed=0, epsilon=5.0)
+    run = audit.run_audit(cfg, model=nn.Linear(3, 2), data=(TensorDataset(x, y), x[:0], y[:0]), gdp=False)
+    assert run.steps == 8 and run.dataset_size == 16
+    assert run.claimed_epsilon == pytest.approx(5.0, rel=1e-3)  # all 8 steps counted, as calibrated
+
+
 def test_cli_writes_report_and_plot(tmp_path):
     out = tmp_path / "audit"
     argv = ["--quick", "--input-canaries", "40", "--gradient-canaries", "100", "--no-gdp", "--no-progress"]
