@@ -66,7 +66,8 @@ def ptxas_report() -> list[dict]:
     if shutil.which("c++filt") and names:
         out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
         for r, n in zip(rows, out, strict=True):
-            r["kernel"] = n.replace("dpk::each_kernel<dpk::", "").replace(">(", "(").split("(")[0]
+            name = n.replace("dpk::each_kernel<dpk::", "").replace(">(", "(").split("(")[0]
+            r["kernel"] = name.removeprefix("void ").strip()
     return rows
 
 

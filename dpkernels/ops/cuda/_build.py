@@ -2,7 +2,7 @@
 
 `load` looks for the library setup.py built (``dpkernels/_C*.so``), else compiles csrc/ with
 `torch.utils.cpp_extension.load` (ninja) into a persistent directory, ``$DPKERNELS_BUILD_DIR`` or
-``~/.cache/dpkernels/build/<torch>-<cpu|cuda>``, so only the first load of a new source compiles.
+``~/.cache/dpkernels/build/<torch>-<cpu|cuda>-<source tree>``, so only the first load of a new source compiles.
 With nvcc (CUDA_HOME) and a CUDA build of torch the library has the CUDA kernels (sm_90a, sm_80);
 otherwise it is the CPU build (g++ only), whose ops serve CPU tensors and say so for CUDA ones.
 DPKERNELS_CUDA=0 forbids building it, DPKERNELS_CUDA=cpu forces the CPU build.
@@ -11,6 +11,7 @@ DPKERNELS_CUDA=0 forbids building it, DPKERNELS_CUDA=cpu forces the CPU build.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import time
@@ -67,7 +68,10 @@ def build_dir(cuda: bool) -> Path:
     base = os.environ.get("DPKERNELS_BUILD_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpkernels", "build"
     )
-    return Path(base) / f"torch{torch.__version__.replace('+', '_')}-{'cuda' if cuda else 'cpu'}"
+    # one directory per source tree: checkouts sharing a cache would overwrite each other's build files
+    # and rebuild in turn
+    tree = hashlib.sha1(str(CSRC).encode()).hexdigest()[:10]
+    return Path(base) / f"torch{torch.__version__.replace('+', '_')}-{'cuda' if cuda else 'cpu'}-{tree}"
 
 
 def prebuilt() -> str | None:
