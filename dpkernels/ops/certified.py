@@ -96,7 +96,7 @@ def embedding_linear_cross_bound(
     # |X| <= sum_{t,s} |g_h[s, x_t]| |a_s| |g_e,t| = q: every rounded term of X is bounded by q's terms.
     Th, Te, D = a.shape[1], ids.shape[1], a.shape[2]
     P = torch.gather(g_h, 2, ids[:, None, :].expand(-1, Th, -1)).to(F64).abs()
-    q = torch.einsum("bst,bs,bt->b", P, token_norms(a), token_norms(g_e))
+    q = (token_norms(a)[:, None, :] @ P @ token_norms(g_e)[:, :, None]).flatten()
     n = Th * Te * D
     bnd = generic_bound(x, q.sqrt(), q + Te * D, Th + Te * D + 4, n + Te * D, acc_dtype(g_e, a, g_h))
     return Bound(bnd.value, bnd.err, torch.full_like(bnd.cap, math.inf))

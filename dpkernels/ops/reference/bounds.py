@@ -45,9 +45,10 @@ from ._common import _chunks, acc_dtype
 from .conv import _ntuple, conv_rows
 from .embedding import _pad_mask
 
-# Tokens per float32 matmul in the instantiated norm: the T-long dot products are cut into chunks of
-# this length, summed in float64, so the float32 error is gamma_256, not gamma_T (T can be 1e5 pixels).
-_INST_CHUNK = 256
+# Length of the float32 dot products: the ghost Grams' d- and p-long dots and the instantiated norm's
+# T-long ones are cut into chunks of this length whose results are summed in float64, so the float32
+# error is gamma_128 (7.6e-6), not gamma_d or gamma_T (d = 3072: 1.8e-4; T = 1e5 pixels: no bound).
+_CHUNK = 128
 
 
 def _unscale(b: Bound, s2: Tensor) -> Bound:
@@ -61,38 +62,65 @@ def _with_scaling_error(b: Bound, cap_norm: Tensor, delta: float) -> Bound:
     return Bound(b.value, (b.err + 2.0 * delta * cap_norm + delta * delta) * f, (cap_norm + delta).square() * f)
 
 
+def _quad(u: Tensor, M: Tensor, v: Tensor) -> Tensor:
+    """u_b^T M_b v_b per row block: (b, S), (b, S, T), (b, T) -> (b,)."""
+    return (u[:, None, :] @ M @ v[:, :, None]).flatten()
+
+
+def _gram(x: Tensor, u: float, u_in: float, eta: float) -> tuple[Tensor, float, float]:
+    """X = A A^T (b, T, T) in float64 from float32 (or float64) chunks of _CHUNK columns, with its error
+    bound |X - A A^T| <= rel |a_t||a_s| + abs (entrywise).
+
+    Each chunk's Gram is one matmul in the accumulation dtype, error <= gamma_K |a_t^c||a_s^c| + K eta;
+    the chunks are summed in float64 (gamma_{nc}(2^-53) more), and sum_c |a_t^c||a_s^c| <= |a_t||a_s|
+    (Cauchy-Schwarz twice). Cutting the d-long dot products into K-long ones is what makes the bound
+    tight: gamma_K instead of gamma_d (d = 3072: 2.4e-5 relative at K = 128 against 1.8e-4)."""
+    d = x.shape[2]
+    X = torch.zeros(x.shape[0], x.shape[1], x.shape[1], device=x.device, dtype=F64)
+    for k0 in range(0, d, _CHUNK):
+        c = x[:, :, k0 : k0 + _CHUNK]
+        X += (c @ c.transpose(1, 2)).to(F64)
+    n_chunks = max(1, math.ceil(d / _CHUNK))
+    g = dot_gamma(min(d, _CHUNK), u, u_in)
+    return X, g + gamma(n_chunks, U64) * (1.0 + g), d * eta
+
+
 def _ghost(a: Tensor, g: Tensor) -> Bound:
     """Ghost norm <A A^T, G G^T> of each row block with its bound; a: (b, T, d), g: (b, T, p).
 
-    X = fl(A A^T), Y = fl(G G^T) in the accumulation dtype (u); with n_a, n_g the token norms,
+    X = A A^T, Y = G G^T by `_gram` (float32 chunks summed in float64); with n_a, n_g the token norms,
 
-        |X - A A^T| <= alpha = gamma_d n_a n_a^T + d eta,   |Y - G G^T| <= beta = gamma_p n_g n_g^T + p eta
+        |X - A A^T| <= alpha = gamma'_d n_a n_a^T + d eta,   |Y - G G^T| <= beta = gamma'_p n_g n_g^T + p eta
         |<X, Y> - <A A^T, G G^T>| <= sum_{t,s} alpha |Y| + |X| beta + alpha beta
 
     (XY - xy = (X - x) Y + X (Y - y) - (X - x)(Y - y)). <X, Y> and the error sum are taken in float64
-    (X Y products exact, T^2-term sums err by gamma_{T^2}(2^-53)). n_a comes from X's diagonal:
-    |a_t|^2 <= (X_tt + d eta) / (1 - gamma_d). This bound weighs each pair by |Y_ts| (resp. |X_ts|),
-    so on natural data (tokens not all aligned) it is ~T / sqrt(p) times tighter than gamma U with
-    U = (sum_t |a_t||g_t|)^2, the cap.
+    (X Y products of float64 numbers, T^2-term sums: gamma_{T^2}(2^-53) of the absolute sum). n_a comes
+    from X's diagonal: |a_t|^2 <= (X_tt + d eta) / (1 - gamma'_d). This bound weighs each pair by |Y_ts|
+    (resp. |X_ts|), so on natural data it is up to ~T / sqrt(p) times tighter than gamma U with
+    U = (sum_t |a_t||g_t|)^2, the cap (measured: bench/certify_norms.py).
     """
     dt = acc_dtype(a, g)
     T, d, p = a.shape[1], a.shape[2], g.shape[2]
     u, eta, u_in = unit_roundoff(dt), underflow_eta(dt), matmul_input_roundoff(dt)
     sa, sg = pow2_scale(a, dt), pow2_scale(g, dt)
-    A, G = scale_rows(a, sa, dt), scale_rows(g, sg, dt)
-    X = (A @ A.transpose(1, 2)).to(F64)
-    Y = (G @ G.transpose(1, 2)).to(F64)
-    gd, gp = dot_gamma(d, u, u_in), dot_gamma(p, u, u_in)
+    X, gd, ad = _gram(scale_rows(a, sa, dt), u, u_in, eta)
+    Y, gp, ap = _gram(scale_rows(g, sg, dt), u, u_in, eta)
     f = round_up_factor(4)
-    na = ((X.diagonal(dim1=1, dim2=2) + d * eta) / (1.0 - gd)).clamp_min(0.0).sqrt() * f
-    ng = ((Y.diagonal(dim1=1, dim2=2) + p * eta) / (1.0 - gp)).clamp_min(0.0).sqrt() * f
-    alpha = gd * (na[:, :, None] * na[:, None, :]) + d * eta
-    beta = gp * (ng[:, :, None] * ng[:, None, :]) + p * eta
+    na = ((X.diagonal(dim1=1, dim2=2) + ad) / (1.0 - gd)).clamp_min(0.0).sqrt() * f
+    ng = ((Y.diagonal(dim1=1, dim2=2) + ap) / (1.0 - gp)).clamp_min(0.0).sqrt() * f
+    # sum alpha |Y| + |X| beta + alpha beta, with alpha = gd na na^T + ad, beta = gp ng ng^T + ap, as
+    # quadratic forms: gd na^T |Y| na + ad sum|Y| + gp ng^T |X| ng + ap sum|X| + sum alpha beta
+    Ya, Xa = Y.abs(), X.abs()
+    quad_y = _quad(na, Ya, na)
+    quad_x = _quad(ng, Xa, ng)
+    sum_ang = (na * ng).sum(dim=1)
+    sum_na2, sum_ng2 = na.sum(dim=1).square(), ng.sum(dim=1).square()
+    err = gd * quad_y + ad * Ya.sum(dim=(1, 2)) + gp * quad_x + ap * Xa.sum(dim=(1, 2))
+    err = err + gd * gp * sum_ang.square() + gd * ap * sum_na2 + ad * gp * sum_ng2 + ad * ap * T * T
     XY = X * Y
     value = XY.sum(dim=(1, 2))
-    err = (alpha * Y.abs() + X.abs() * beta + alpha * beta).sum(dim=(1, 2))
-    err = (err + gamma(T * T, U64) * XY.abs().sum(dim=(1, 2))) * round_up_factor(T * T + 8)
-    cap_norm = (na * ng).sum(dim=1) * round_up_factor(T + 4)
+    err = (err + gamma(T * T, U64) * XY.abs().sum(dim=(1, 2))) * round_up_factor(T * T + 16)
+    cap_norm = sum_ang * round_up_factor(T + 4)
     b = _with_scaling_error(Bound(value, err, cap_norm.square()), cap_norm, 2.0 * T * eta * math.sqrt(d * p))
     return _unscale(b, (sa * sg).square())
 
@@ -100,7 +128,7 @@ def _ghost(a: Tensor, g: Tensor) -> Bound:
 def _inst(a: Tensor, g: Tensor) -> Bound:
     """Instantiated ||G^T A||_F^2 of each row block with its bound; a: (b, T, d), g: (b, T, p).
 
-    W = sum over chunks c of _INST_CHUNK tokens of fl(G_c^T A_c), summed in float64. Entrywise,
+    W = sum over chunks c of _CHUNK tokens of fl(G_c^T A_c), summed in float64. Entrywise,
     |W - G^T A| <= (gamma_256 + gamma_{T/256}(2^-53)(1 + gamma_256)) (|G|^T |A|) + T eta, and
     || |G|^T |A| ||_F <= sum_t |a_t| |g_t| = S (triangle inequality), so
     ||G^T A|| <= sqrt(fl(sum W^2)(1 + gamma_{pd}(2^-53))) + gamma' S + T eta sqrt(p d).
@@ -111,11 +139,11 @@ def _inst(a: Tensor, g: Tensor) -> Bound:
     sa, sg = pow2_scale(a, dt), pow2_scale(g, dt)
     A, G = scale_rows(a, sa, dt), scale_rows(g, sg, dt)
     W = torch.zeros(a.shape[0], p, d, device=a.device, dtype=F64)
-    for t0 in range(0, T, _INST_CHUNK):
-        W += (G[:, t0 : t0 + _INST_CHUNK].transpose(1, 2) @ A[:, t0 : t0 + _INST_CHUNK]).to(F64)
+    for t0 in range(0, T, _CHUNK):
+        W += (G[:, t0 : t0 + _CHUNK].transpose(1, 2) @ A[:, t0 : t0 + _CHUNK]).to(F64)
     value = W.square().sum(dim=(1, 2))
-    n_chunks = max(1, math.ceil(T / _INST_CHUNK))
-    g_dot = dot_gamma(min(T, _INST_CHUNK), u, u_in)
+    n_chunks = max(1, math.ceil(T / _CHUNK))
+    g_dot = dot_gamma(min(T, _CHUNK), u, u_in)
     g_all = g_dot + gamma(n_chunks, U64) * (1.0 + g_dot)
     S = (token_norms(A) * token_norms(G)).sum(dim=1) * round_up_factor(T + 4)
     delta = 2.0 * T * eta * math.sqrt(d * p)
@@ -249,7 +277,7 @@ def embedding_linear_cross_bound(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tenso
         prod = M * Ge
         value = prod.sum(dim=(1, 2))
         na, ne = token_norms(As), token_norms(Ge)
-        q = torch.einsum("bst,bs,bt->b", Ps.to(F64).abs(), na, ne)
+        q = _quad(na, Ps.to(F64).abs(), ne)
         sum_ne, sum_na = ne.sum(dim=1), na.sum(dim=1)
         err = dot_gamma(Th, u, u_in) * q + Th * eta * math.sqrt(D) * sum_ne
         err = err + gamma(Te * D + 1, U64) * prod.abs().sum(dim=(1, 2))
