@@ -181,7 +181,8 @@ def per_sample_norms(
 
     activations: the layer's input, batch first (a tensor, or the list of forward inputs a hook sees;
     the first is used). grad_output: dL/d(output), the output's shape. See the module docstring for
-    each layer's formula. The norms are float32 (float64 for float64 inputs). The gradient of sample i
+    each layer's formula. The norms are float64 certified upper bounds on the exact squared norms of the
+    given tensors' per-sample gradients (dpkernels.ops.certified), what the engine clips by. The gradient of sample i
     is that of the loss through grad_output[i]; sum the squared norms over parameters (and layers) for
     the norm of a clipping group.
     """
