@@ -16,14 +16,16 @@ import math
 import torch
 from torch import Tensor
 
-from . import _load, acc_dtype, resolve_named
+from . import _load, _validate, acc_dtype, resolve_named
 from . import reference as _ref
 from .bounds import F64, Bound, generic_bound, round_up_factor, token_norms
 
 
-def _own(op: str, tensor: Tensor, backend: str | None):
-    """(the serving backend's own ``op``_bound or None, the raw op)."""
-    raw, name = resolve_named(op, tensor, backend)
+def _own(op: str, backend: str | None, *args, **kwargs):
+    """(the serving backend's own ``op``_bound or None, the raw op), after the op's input checks (the
+    dispatcher's: the same inputs refused, the same way, as the raw op)."""
+    getattr(_validate, op)(*args, **kwargs)
+    raw, name = resolve_named(op, args[0], backend)
     mod = _load(name)
     return getattr(mod, f"{op}_bound", None), raw
 
@@ -47,7 +49,7 @@ def _generic_bias(raw: Tensor, g: Tensor) -> Bound:
 
 
 def linear_norms_bound(a: Tensor, g: Tensor, *, bias: bool, method: str, backend: str | None = None):
-    own, raw = _own("linear_norms", a, backend)
+    own, raw = _own("linear_norms", backend, a, g, bias=bias, method=method)
     if own is not None:
         return own(a, g, bias=bias, method=method)
     rw, rb = raw(a, g, bias=bias, method=method)
@@ -55,14 +57,14 @@ def linear_norms_bound(a: Tensor, g: Tensor, *, bias: bool, method: str, backend
 
 
 def bias_norms_bound(g: Tensor, *, backend: str | None = None) -> Bound:
-    own, raw = _own("bias_norms", g, backend)
+    own, raw = _own("bias_norms", backend, g)
     if own is not None:
         return own(g)
     return _generic_bias(raw(g), g)
 
 
 def conv_norms_bound(x: Tensor, g: Tensor, *, backend: str | None = None, **kw):
-    own, raw = _own("conv_norms", x, backend)
+    own, raw = _own("conv_norms", backend, x, g, **kw)
     if own is not None:
         return own(x, g, **kw)
     rw, rb = raw(x, g, **kw)
@@ -75,7 +77,7 @@ def conv_norms_bound(x: Tensor, g: Tensor, *, backend: str | None = None, **kw):
 def embedding_norms_bound(
     ids: Tensor, g: Tensor, *, num_embeddings: int, padding_idx: int | None, backend: str | None = None
 ) -> Bound:
-    own, raw = _own("embedding_norms", g, backend)
+    own, raw = _own("embedding_norms", backend, ids, g, num_embeddings=num_embeddings, padding_idx=padding_idx)
     if own is not None:
         return own(ids, g, num_embeddings=num_embeddings, padding_idx=padding_idx)
     # gram: sum_{t,s} [x_t = x_s] g_t . g_s (length-D dots, T^2 sum); scan: row sums, then squares.
@@ -89,7 +91,7 @@ def embedding_norms_bound(
 def embedding_linear_cross_bound(
     ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, *, padding_idx: int | None, backend: str | None = None
 ) -> Bound:
-    own, raw = _own("embedding_linear_cross", g_e, backend)
+    own, raw = _own("embedding_linear_cross", backend, ids, g_e, a, g_h, padding_idx=padding_idx)
     if own is not None:
         return own(ids, g_e, a, g_h, padding_idx=padding_idx)
     x = raw(ids, g_e, a, g_h, padding_idx=padding_idx)
@@ -103,7 +105,7 @@ def embedding_linear_cross_bound(
 
 
 def affine_norms_bound(xhat: Tensor, g: Tensor, *, weight: bool, bias: bool, backend: str | None = None):
-    own, raw = _own("affine_norms", xhat, backend)
+    own, raw = _own("affine_norms", backend, xhat, g, weight=weight, bias=bias)
     if own is not None:
         return own(xhat, g, weight=weight, bias=bias)
     rw, rb = raw(xhat, g, weight=weight, bias=bias)
