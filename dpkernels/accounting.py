@@ -7,6 +7,7 @@ here is a hand-written bound: dp-accounting computes epsilon and calibrates sigm
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import dp_accounting
@@ -26,6 +27,19 @@ def _fresh(mechanism: str) -> dp_accounting.PrivacyAccountant:
 def _event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_accounting.DpEvent:
     step = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
     return dp_accounting.SelfComposedDpEvent(step, int(steps))
+
+
+History = Sequence[tuple[float, float, int]]  # (noise_multiplier, sample_rate, steps) of the steps taken
+
+
+def _spent_events(spent: History) -> list[dp_accounting.DpEvent]:
+    return [_event(sigma, q, n) for sigma, q, n in spent if n > 0]
+
+
+def _epsilon(events: list[dp_accounting.DpEvent], delta: float, mechanism: str) -> float:
+    acc = _fresh(mechanism)
+    acc.compose(dp_accounting.ComposedDpEvent(events))
+    return float(acc.get_epsilon(delta))
 
 
 def _check(sample_rate: float, steps: int, delta: float) -> None:
@@ -50,14 +64,48 @@ def get_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: 
 
 
 def get_noise_multiplier(
-    target_epsilon: float, target_delta: float, sample_rate: float, steps: int, mechanism: str = "rdp"
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    mechanism: str = "rdp",
+    spent: History = (),
 ) -> float:
-    """The smallest noise multiplier whose ``steps`` steps spend at most ``target_epsilon`` at ``target_delta``."""
+    """The smallest noise multiplier whose ``steps`` steps spend at most ``target_epsilon`` at ``target_delta``.
+
+    ``spent``: steps already taken (an `Accountant`'s history); the ``steps`` new ones come after them,
+    and the whole run, spent plus new, spends at most ``target_epsilon``."""
     _check(sample_rate, steps, target_delta)
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
+    for _, q, n in spent:
+        _check(q, n, target_delta)
+    before = _spent_events(spent)
+    if before:
+        zero = any(sigma == 0 for sigma, _, n in spent if n > 0)
+        eps = float("inf") if zero else _epsilon(before, target_delta, mechanism)
+        if not eps < target_epsilon:
+            raise ValueError(
+                f"the steps already taken spent epsilon = {eps:.4g} at delta = {target_delta:g}, not less than "
+                f"target_epsilon = {target_epsilon:g}: no noise multiplier keeps the run within it"
+            )
     if steps == 0:
         return 0.0
+    return _calibrate(target_epsilon, target_delta, sample_rate, steps, mechanism, before)
+
+
+def _calibrate(
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    mechanism: str,
+    before: list[dp_accounting.DpEvent],
+) -> float:
+    def run(sigma: float) -> dp_accounting.DpEvent:
+        new = _event(sigma, sample_rate, steps)
+        return dp_accounting.ComposedDpEvent([*before, new]) if before else new
+
     bracket: dp_accounting.mechanism_calibration.BracketInterval
     if mechanism == "rdp":
         bracket = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
@@ -65,15 +113,15 @@ def get_noise_multiplier(
         # RDP's answer is an upper end for PLD (PLD's epsilon is the tighter one). A PLD of a very
         # small sigma needs a huge discretised loss distribution (sigma = 1e-3 asks for ~38 GiB),
         # so the lower end is found by stepping down from there, not by starting near zero.
-        hi = get_noise_multiplier(target_epsilon, target_delta, sample_rate, steps, "rdp")
+        hi = _calibrate(target_epsilon, target_delta, sample_rate, steps, "rdp", before)
         lo = 0.8 * hi
-        while lo > 0.05 * hi and get_epsilon(lo, sample_rate, steps, target_delta, mechanism) <= target_epsilon:
+        while lo > 0.05 * hi and _epsilon([run(lo)], target_delta, mechanism) <= target_epsilon:
             lo *= 0.8
         bracket = dp_accounting.ExplicitBracketInterval(lo, hi)
     return float(
         dp_accounting.calibrate_dp_mechanism(
             lambda: _fresh(mechanism),
-            lambda sigma: _event(sigma, sample_rate, steps),
+            run,
             target_epsilon,
             target_delta,
             bracket_interval=bracket,

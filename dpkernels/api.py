@@ -193,7 +193,7 @@ def per_sample_norms(
         return {p: grad_output.new_zeros(0, dtype=ops.acc_dtype(grad_output)) for p in params}
     with ops.use_backend(backend):
         out = fn.norms(_View(module), uses)
-    return {p: out[id(p)] for p in params}
+    return {p: out[id(p)] for p in _covered(module, params, out)}
 
 
 def clipped_sum(
@@ -247,4 +247,18 @@ def clipped_sum(
                 for p, s in zip(params, specs.values(), strict=True)
             }
         out = fn.clipped_sum(_View(module), uses, specs)
-    return {p: out[id(p)].view(p.shape) for p in params}
+    return {p: out[id(p)].view(p.shape) for p in _covered(module, params, out)}
+
+
+def _covered(module: nn.Module, params: list[nn.Parameter], out: dict[int, Tensor]) -> list[nn.Parameter]:
+    """``params``, after checking the layer's Function computed each: a parameter the layer type does not have
+    (one registered on the module by hand) would otherwise be silently missing or a bare KeyError."""
+    names = {id(p): n for n, p in module.named_parameters(recurse=False)}
+    extra = [names[id(p)] for p in params if id(p) not in out]
+    if extra:
+        raise ValueError(
+            f"{type(module).__name__} has trainable parameter(s) {extra} that a {type(module).__name__} does not "
+            f"have (registered by hand?): dpkernels.api computes the gradients of the layer's own parameters "
+            f"only. Freeze them, or compute their per-sample gradients yourself"
+        )
+    return params

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from . import ops
 from .accounting import Accountant, get_noise_multiplier
 from .clipping import CLIP_FUNCTIONS, GroupSpec, group_bounds, resolve_groups
-from .engine import DPOptimizer, Engine, Tie, optimizer_params
+from .engine import DPOptimizer, Engine, Tie, attached_engine, optimizer_params
 from .guard import ForwardGuard
 from .nn import DP_LAYERS, DPModule
 from .nn.tap import tap_known
@@ -306,6 +307,7 @@ def make_private(
         expected_batch_size = sample_rate * dataset_size
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+    previous, spent = _run_so_far(model, seed, sample_rate)
     if target_epsilon is not None:
         if target_delta is None or sample_rate is None:
             raise ValueError("target_epsilon needs target_delta and the sampling rate (sample_rate or dataset_size)")
@@ -313,7 +315,9 @@ def make_private(
             if epochs is None:
                 raise ValueError("target_epsilon needs the number of steps (steps=...) or epochs (epochs=...)")
             steps = math.ceil(epochs / sample_rate)
-        noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, sample_rate, steps, accountant)
+        noise_multiplier = get_noise_multiplier(
+            target_epsilon, target_delta, sample_rate, steps, accountant, spent=spent
+        )
     assert noise_multiplier is not None
     if isinstance(optimizer, DPOptimizer):
         raise ValueError(
@@ -368,15 +372,45 @@ def make_private(
         parallel.broadcast_model(model)
         engine.world_size, engine.rank = parallel.world_size, parallel.rank
     engine.static_loss_scale = float(loss_scale)
-    for m in modules.values():
-        m._dp_engine = engine  # type: ignore[assignment]
-    model.register_forward_pre_hook(engine.on_model_forward, with_kwargs=True)
+    if previous is not None:
+        engine.continue_from(previous, keep_seed=seed is None)
+    engine.attach(model)
+    if previous is not None:
+        previous.retire()
     ForwardGuard.attach(model, next(iter(modules.values())))
-    acct = Accountant(accountant) if sample_rate is not None else None
+    acct = Accountant(accountant, list(spent)) if sample_rate is not None else None
     dp_opt = DPOptimizer(optimizer, engine, accountant=acct, sample_rate=sample_rate)
     dp_opt.parallel = parallel
     if target_delta is not None:
         dp_opt.target_delta = target_delta  # type: ignore[attr-defined]
-    if target_epsilon is not None:
-        dp_opt.budget = (float(target_epsilon), int(steps or 0))
+    if target_epsilon is not None:  # the steps planned for the whole run, those already taken included
+        dp_opt.budget = (float(target_epsilon), int(steps or 0) + sum(n for _, _, n in spent))
     return model, dp_opt
+
+
+def _run_so_far(model: nn.Module, seed: int | None, sample_rate: float | None) -> tuple[Engine | None, list]:
+    """make_private on a model that is already private continues its run: the engine it had (to take over
+    its seed and step counter, so that no noise stream repeats) and the privacy account's history."""
+    previous = attached_engine(model)
+    if previous is None:
+        return None, []
+    previous.check_replaceable()
+    if seed is not None and int(seed) != previous.seed:
+        raise ValueError(
+            "the model is already private, and make_private again continues its run and its noise streams: "
+            "pass the first call's seed or none"
+        )
+    if previous.accountant is None:
+        if previous.steps > 0 and sample_rate is not None:
+            warnings.warn(
+                f"the model took {previous.steps} private step(s) without a privacy account (no sample_rate at the "
+                f"first make_private): the epsilon reported from now on leaves them out",
+                stacklevel=3,
+            )
+        return previous, []
+    if sample_rate is None:
+        raise ValueError(
+            f"the model is already private and its privacy account holds {previous.accountant.steps} step(s): give "
+            f"sample_rate (or dataset_size) again so that the account continues"
+        )
+    return previous, list(previous.accountant.history)

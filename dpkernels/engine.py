@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .clipping import clip_factors
+from .nn import DPModule
 
 STRATEGIES = ("bk", "two-pass")
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -90,8 +91,151 @@ def _mix64(*xs: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+def _will_run(node: Any) -> bool:
+    """Whether the backward pass running now will execute autograd node ``node``."""
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # autograd.grad(..., inputs=[p]) on p's AccumulateGrad: the pass asks for p's gradient
+        return True
+
+
+def will_accumulate(params: Sequence[Tensor], node: Any = None) -> bool:
+    """Whether the backward pass running now asks for a gradient of one of ``params``: ``loss.backward()``
+    or ``backward(inputs=...)``/``autograd.grad(..., inputs=...)`` naming one; not ``autograd.grad(loss, x)``
+    (an input-gradient probe) nor ``backward(inputs=[x])``. Called from a DP layer's backward, ``node``
+    its autograd node (``ctx``): the parameters' AccumulateGrad nodes among its inputs are checked
+    without building any (the others cost one tiny view each)."""
+    params = [p for p in params if p.requires_grad]
+    found: dict[int, Any] = {}
+    if node is not None:
+        for fn, _ in node.next_functions:
+            var = getattr(fn, "variable", None)  # an AccumulateGrad's parameter
+            if var is not None:
+                found[id(var)] = fn
+    for p in params:
+        if id(p) in found and _will_run(found[id(p)]):
+            return True
+    return any(_will_run(torch.autograd.graph.get_gradient_edge(p).node) for p in params if id(p) not in found)
+
+
+def _is_engine_hook(hook: Any) -> bool:
+    return bool(getattr(hook, "_dpkernels_engine_hook", False))
+
+
+def foreign_hooks(p: Tensor) -> list[str]:
+    """The kinds of gradient hooks on parameter ``p`` that are not a DP engine's own."""
+    out = []
+    if any(not _is_engine_hook(h) for h in (p._backward_hooks or {}).values()):
+        out.append("Tensor.register_hook")
+    if getattr(p, "_post_accumulate_grad_hooks", None):
+        out.append("Tensor.register_post_accumulate_grad_hook")
+    return out
+
+
+def check_param_hooks(params: Sequence[Tensor], names: dict[int, str]) -> None:
+    """Refuse gradient hooks on DP parameters: autograd hands a DP parameter no gradient (its DP layer
+    returns None for it; the engine writes the private gradient itself at the end of the pass or at the
+    step), so a hook would see None, or post-process a gradient that is not the private one."""
+    for p in params:
+        kinds = foreign_hooks(p)
+        if kinds:
+            raise RuntimeError(
+                f"parameter {names.get(id(p), tuple(p.shape))!r} has a {' and a '.join(kinds)} hook: a DP "
+                f"parameter's gradient is written by the DP engine after backward (noise included), never handed "
+                f"to autograd, so the hook would see None. Remove the hook (handle.remove()); to transform the "
+                f"private gradient, do it on p.grad after backward, or in a step pre-hook of the wrapped optimizer "
+                f"(optimizer.original_optimizer.register_step_pre_hook)."
+            )
+
+
+_COPIED = (
+    "was copied, pickled or loaded from a private model, and a DP engine (noise seed, clip factors, the step in "
+    "progress) is never copied or saved. Call dpkernels.make_private on the copy (with an optimizer of its "
+    "parameters) before training it; optimizer.load_state_dict(a saved DPOptimizer.state_dict()) then continues "
+    "the privacy account and the step count"
+)
+_LEFT_OUT = (
+    "was left out when make_private was called again on its model (its parameters were frozen then), so no DP "
+    "engine clips or noises it. Call make_private again with its parameters trainable"
+)
+
+
+class DetachedEngine:
+    """What an `Engine` becomes in a pickle, ``torch.save`` or ``copy.deepcopy`` of a private model or
+    optimizer (nothing of the engine is copied: seed, clip factors, norms, batch sizes, accumulated sums),
+    and what a DP layer left out by a later make_private call is attached to.
+
+    A DP layer attached to it computes its forward as before (inference works, and so do input-gradient
+    probes), but a backward pass that asks for its parameters' gradients raises, as does any use of an
+    optimizer holding it: the model must go through `make_private` again."""
+
+    enabled = False
+    accountant = None
+    retired = None
+    _name_of: dict = {}
+
+    def __init__(self, why: str = _COPIED):
+        self.why = why
+        self.batch_size: int | None = None
+
+    def __reduce__(self) -> tuple:
+        return (DetachedEngine, (self.why,))
+
+    def active(self) -> bool:
+        return torch.is_grad_enabled()
+
+    def wants(self, module: nn.Module) -> bool:
+        return torch.is_grad_enabled()
+
+    def on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for x in list(args) + list(kwargs.values()):
+            if isinstance(x, Tensor) and x.dim() > 0:
+                self.batch_size = x.shape[0]
+                return
+        self.batch_size = None
+
+    def on_backward(self, module: nn.Module, saved: Any, g: Tensor, node: Any = None) -> None:
+        if will_accumulate(list(module.parameters(recurse=False)), node):
+            raise RuntimeError(f"DP layer {type(module).__name__} {self.why}.")
+
+    def check_live(self) -> None:
+        raise RuntimeError(f"this DP optimizer {self.why}.")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # Python's protocol probes (copy, pickle, hasattr) get the usual answer
+            raise AttributeError(name)
+        raise RuntimeError(f"this DP optimizer {self.why}.")
+
+
+def model_forward_hook(engine: Any, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The private model's forward pre-hook. A function of the engine, not its bound method: a deep copy
+    of the model then calls the copy's `DetachedEngine`, never the original engine's method on it."""
+    engine.on_model_forward(module, args, kwargs)
+
+
+def attached_engine(model: nn.Module) -> Engine | None:
+    """The engine the model's DP layers report to (a private model's), or None."""
+    found: dict[int, tuple[str, Engine]] = {}
+    for name, m in model.named_modules():
+        eng = m.__dict__.get("_dp_engine")
+        if isinstance(eng, Engine):
+            found.setdefault(id(eng), (name or "<model>", eng))
+    if len(found) > 1:
+        names = ", ".join(repr(n) for n, _ in found.values())
+        raise ValueError(
+            f"the model's DP layers belong to {len(found)} private models made separately (modules {names}): one "
+            f"run cannot continue all of their privacy accounts. Call make_private once, on the whole model"
+        )
+    return next(iter(found.values()))[1] if found else None
+
+
 class Engine:
-    """Per-sample norms, clipping and noise for a set of DP modules."""
+    """Per-sample norms, clipping and noise for a set of DP modules.
+
+    Nothing of an engine is ever saved or copied: pickling or deep-copying it (through a private model's
+    layers, or a DPOptimizer) gives a `DetachedEngine`, so that no saved file or copy holds the noise
+    seed, a batch's clip factors, norms or size, or the noiseless sums of an unfinished step.
+    """
 
     def __init__(
         self,
@@ -161,18 +305,77 @@ class Engine:
         self._phase: str | None = None  # two-pass: "norms" or "apply"
         self._normed: set[int] = set()  # two-pass: the ties whose norms the norms pass took
         self._factors: list[Tensor | None] = [None] * len(groups)
+        self._count_task = -1  # the graph task _counting describes
+        self._counting: dict[Tie, bool] = {}  # per tie: does that pass ask for its parameters' gradients
         self._reset_pass()
+        self.accountant: Any = None  # the privacy account, kept here so that make_private again continues it
+        self.retired: str | None = None  # why this engine no longer trains its model
+        self._handles: list[Any] = []  # hooks to remove when retired
+        self._pname = {id(q): f"{n}.{k}" for n, m in modules.items() for k, q in m.named_parameters(recurse=False)}
+        check_param_hooks(self._params, self._pname)
         # The DP layers hand their parameters' gradients to the engine, never to autograd: a gradient
         # autograd computes for one comes from a use outside them (x @ emb.weight.T), whose per-sample
         # norm nobody takes. Its .grad would be replaced at the end of the pass, the use silently dropped.
-        pname = {id(q): f"{n}.{k}" for n, m in modules.items() for k, q in m.named_parameters(recurse=False)}
         # (module, attribute, parameter) of each engine parameter: a wrapper that swaps a module's parameters
         # for new objects (FSDP's fully_shard, a re-assigned weight) would leave the engine noising stale ones.
         self._owned = [
             (m, k, q) for m in modules.values() for k, q in m.named_parameters(recurse=False) if id(q) in self._index
         ]
         for q in self._params:
-            q.register_hook(functools.partial(self._raw_use, pname.get(id(q), "?")))
+            hook = functools.partial(self._raw_use, self._pname.get(id(q), str(tuple(q.shape))))
+            hook._dpkernels_engine_hook = True  # type: ignore[attr-defined]
+            self._handles.append(q.register_hook(hook))
+
+    def __reduce__(self) -> tuple:
+        return (DetachedEngine, ())
+
+    # ------------------------------------------------------------------ one run across make_private calls
+    def check_replaceable(self) -> None:
+        """make_private again on this engine's model: refused while a logical step is half done."""
+        if self._micro > 0 or self._acc:
+            raise RuntimeError(
+                f"make_private was called again on a model with {self._micro} of {self.accumulation_steps} "
+                f"micro-batches of a step accumulated: call optimizer.step() first, so that no clipped sum is "
+                f"lost or carried into the new engine"
+            )
+
+    def attach(self, model: nn.Module) -> None:
+        """Attach to ``model``: its DP modules report here, and a forward pre-hook reads its batch size.
+        The hook of an earlier engine (make_private again), or of a copy's `DetachedEngine`, is removed."""
+        for k, h in list(model._forward_pre_hooks.items()):
+            if isinstance(h, functools.partial) and h.func is model_forward_hook:
+                del model._forward_pre_hooks[k]
+                model._forward_pre_hooks_with_kwargs.pop(k, None)
+        for m in self.modules.values():
+            m._dp_engine = self  # type: ignore[assignment]
+        hook = functools.partial(model_forward_hook, self)
+        self._handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def continue_from(self, old: Engine) -> None:
+        """Take over ``old``'s noise seed and step counter: one run, whose noise streams (functions of the
+        seed and the step) never repeat across make_private calls."""
+        self.seed = old.seed
+        self.steps = old.steps
+
+    def retire(self) -> None:
+        """Stop training (make_private was called again on the model): hooks removed, per-step state
+        dropped. Call it after the new engine is attached: the DP layers still attached to this one (frozen
+        since) get a `DetachedEngine` saying why."""
+        self._abort()
+        self._acc.clear()
+        self._noised.clear()
+        self.enabled = False
+        self.retired = "belongs to a model that a later make_private call made private again"
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for m in self.modules.values():
+            if m._dp_engine is self:
+                m._dp_engine = DetachedEngine(_LEFT_OUT)  # type: ignore[assignment]
+
+    def check_live(self) -> None:
+        if self.retired is not None:
+            raise RuntimeError(f"this DP optimizer {self.retired}: use the optimizer that call returned")
 
     # ------------------------------------------------------------------ forward
     def active(self) -> bool:
@@ -228,6 +431,7 @@ class Engine:
         self._done = [False] * len(self.groups)
 
     def _begin_backward(self) -> None:
+        self.check_live()
         if self.strategy == "two-pass" and self._phase is None:
             raise RuntimeError(
                 "strategy='two-pass' runs two backward passes: call optimizer.backward(loss) instead of loss.backward()"
@@ -237,6 +441,7 @@ class Engine:
                 f"a backward pass after {self.accumulation_steps} micro-batch(es) without optimizer.step(): "
                 f"noise was already added; pass accumulation_steps=k to make_private to accumulate k micro-batches"
             )
+        check_param_hooks(self._params, self._pname)
         self._in_backward = True
         if self._phase != "apply":  # the clipping pass of two-pass keeps the norms pass's factors
             self._factors = [None] * len(self.groups)
@@ -244,12 +449,13 @@ class Engine:
             self._left[gi] = sum(1 for t in ties if t.expected > 0)
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
-    def _check_batch(self, module: nn.Module, B: int) -> None:
+    def _check_batch(self, module: nn.Module, B: int, model_batch: int | None) -> None:
+        """``model_batch``: the model's batch at the forward of this use."""
         name = self._name_of.get(module, type(module).__name__)
         if self._batch is None:
             self._batch = B
-        if self._batch != B or (self.batch_size is not None and self.batch_size != B):
-            want = self.batch_size if self.batch_size is not None else self._batch
+        if self._batch != B or (model_batch is not None and model_batch != B):
+            want = model_batch if model_batch is not None else self._batch
             raise RuntimeError(
                 f"DP layer {name!r} saw a batch of {B} samples while the model's batch has {want}: an input "
                 f"broadcast across the batch (or a batch that is not the first dimension) loses the "
@@ -263,13 +469,36 @@ class Engine:
         """G that a layer sees is g_i * loss_scale^-1: B / S for a mean loss, 1 / S for a sum."""
         return (float(self._batch or 0) if self.loss_reduction == "mean" else 1.0) / self.static_loss_scale
 
-    def on_backward(self, module: nn.Module, saved: Any, g: Tensor) -> None:
-        """Called by a DP layer's backward with what its forward saved and its output gradient."""
+    def on_backward(self, module: nn.Module, saved: Any, g: Tensor, node: Any = None) -> None:
+        """Called by a DP layer's backward with what its forward saved, its output gradient and its
+        autograd node (``ctx``). Only a pass that asks for the layer's parameters' gradients counts
+        (`will_accumulate`): an input-gradient probe (``autograd.grad(loss, x)``) leaves the step as it was."""
+        tie = self._tie_of.get(module)
+        if tie is None:
+            raise RuntimeError(
+                f"{module._dp_name() if isinstance(module, DPModule) else type(module).__name__} reported to a DP "
+                f"engine that does not cover it: call make_private on the model again"
+            )
+        if not self._counts(tie, node):
+            return
         try:
-            self._on_backward(module, saved, g)
+            self._on_backward(module, tie, saved, g, node)
         except BaseException:
             self._abort()
             raise
+
+    def _counts(self, tie: Tie, node: Any) -> bool:
+        """Whether the pass running now asks for the gradients of ``tie``'s parameters; one answer per pass."""
+        if self._phase == "norms":  # the engine's own autograd.grad with respect to the parameters
+            return True
+        task = torch._C._current_graph_task_id()
+        if task != self._count_task:
+            self._count_task = task
+            self._counting = {}
+        hit = self._counting.get(tie)
+        if hit is None:
+            hit = self._counting[tie] = will_accumulate(tie.params, node)
+        return hit
 
     def _raw_use(self, name: str, grad: Tensor | None) -> None:
         if grad is None or not self.enabled:  # None: a DP layer's backward (it returns no parameter grads)
@@ -295,13 +524,29 @@ class Engine:
             tie.uses.clear()
             tie.summed.clear()
             tie.reported = False
+        self._factors = [None] * len(self.groups)
         self._reset_pass()
 
-    def _on_backward(self, module: nn.Module, saved: Any, g: Tensor) -> None:
+    def _on_backward(self, module: nn.Module, tie: Tie, saved: Any, g: Tensor, node: Any) -> None:
+        if node is not None and self._phase != "norms" and getattr(node, "_dp_counted", False):
+            name = self._name_of.get(module, type(module).__name__)
+            raise RuntimeError(
+                f"DP layer {name!r} is in a second backward pass over one forward (l1.backward(retain_graph="
+                f"True); l2.backward()): its samples were clipped and counted by the first, and would be again, "
+                f"each then contributing up to 2R. Sum the losses and call backward once ((l1 + l2).backward()); "
+                f"for micro-batches, run a forward per micro-batch (accumulation_steps)"
+            )
         if not self._in_backward:
             self._begin_backward()
-        self._check_batch(module, g.shape[0])
-        tie = self._tie_of[module]
+        self._check_batch(module, g.shape[0], getattr(node, "model_batch", self.batch_size))
+        for k, p in module._parameters.items():
+            if p is not None and p.requires_grad and id(p) not in self._index:
+                raise RuntimeError(
+                    f"parameter {k!r} of DP layer {self._name_of.get(module, type(module).__name__)!r} is not one "
+                    f"the engine was given (replaced by a new Parameter, or unfrozen, after make_private): its "
+                    f"gradient would be neither clipped nor noised, nor written. Call make_private again on the "
+                    f"model, with an optimizer holding the parameter"
+                )
         if not all(p.requires_grad for p in tie.params):
             name = self._name_of.get(module, type(module).__name__)
             raise RuntimeError(
@@ -321,6 +566,8 @@ class Engine:
                 f"torch.utils.checkpoint(..., use_reentrant=True) does. Use use_reentrant=False (Hugging Face: "
                 f"model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{'use_reentrant': False}}))"
             )
+        if node is not None and self._phase != "norms":
+            node._dp_counted = True  # this forward's use is in a step now; a later pass over it is refused
         if g.shape[0] > 0:  # an empty (Poisson) batch has no per-sample work: its step is noise only
             tie.uses.setdefault(module, []).append((saved, g))
         tie.arrived += 1
@@ -469,10 +716,12 @@ class Engine:
             tie.reported = False
         if self._phase != "norms":
             self._micro += 1
+            self._factors = [None] * len(self.groups)  # the batch's clip factors: secret, and used up
         self._reset_pass()
 
     def backward(self, loss: Tensor) -> None:
         """One micro-batch's backward; for "two-pass" the norms pass and then the clipping pass."""
+        self.check_live()
         if self.strategy != "two-pass":
             loss.backward()
             return
@@ -489,6 +738,7 @@ class Engine:
             loss.backward()
         finally:
             self._phase = None
+            self._factors = [None] * len(self.groups)
             self._reset_pass()
 
     # ------------------------------------------------------------------ step
@@ -513,6 +763,7 @@ class Engine:
 
     def finish_step(self) -> None:
         """Give every parameter not yet noised its noise (and scale); then start a new logical step."""
+        self.check_live()
         if self._acc_lost is not None:
             why, self._acc_lost = self._acc_lost, None
             self._acc.clear()
@@ -569,6 +820,29 @@ def tie_norms(tie: Tie) -> dict[int, Tensor]:
     return tied_norms(tie)
 
 
+def _check_dp_state(dp: Any) -> dict | None:
+    """The saved account of a DPOptimizer.state_dict()'s "dpkernels" entry (None if it has none), after
+    checking the entry's form: a bare KeyError or TypeError from a hand-made or truncated entry says nothing."""
+    if dp is None:
+        return None
+    bad = ValueError(
+        "the optimizer state's 'dpkernels' entry is malformed: expected {'steps': int >= 0, 'accountant': None or "
+        "{'mechanism': 'rdp' or 'pld', 'history': [(noise_multiplier, sample_rate, steps), ...]}}, as "
+        f"DPOptimizer.state_dict() writes it; got {dp!r:.200}"
+    )
+    if not isinstance(dp, dict) or not isinstance(dp.get("steps"), int) or dp["steps"] < 0:
+        raise bad
+    saved = dp.get("accountant")
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("mechanism"), str):
+        raise bad
+    history = saved.get("history")
+    if not isinstance(history, (list, tuple)) or not all(isinstance(h, (list, tuple)) and len(h) == 3 for h in history):
+        raise bad
+    return saved
+
+
 class DPOptimizer(torch.optim.Optimizer):
     """Wraps a torch optimizer so that ``loss.backward(); optimizer.step()`` is one DP step.
 
@@ -581,13 +855,23 @@ class DPOptimizer(torch.optim.Optimizer):
         # No super().__init__: the wrapped optimizer owns param_groups and state.
         self.original_optimizer = optimizer
         self.engine = engine
-        self.accountant = accountant
+        engine.accountant = accountant
         self.sample_rate = sample_rate
         self.budget: tuple[float, int] | None = None  # (target epsilon, steps sigma was calibrated for)
         self.parallel: Any = None  # dpkernels.distributed.DataParallelState when training data-parallel
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
+
+    @property
+    def accountant(self) -> Any:
+        """The privacy account (an `Accountant`, or None without a sampling rate); kept by the engine, so that
+        make_private again on the model continues it."""
+        return self.engine.accountant
+
+    @accountant.setter
+    def accountant(self, value: Any) -> None:
+        self.engine.accountant = value
 
     @property  # type: ignore[override]
     def param_groups(self):
@@ -597,6 +881,14 @@ class DPOptimizer(torch.optim.Optimizer):
     def state(self):
         return self.original_optimizer.state
 
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer's would keep param_groups and state only; the engine pickles as a DetachedEngine,
+        # and a copy takes no part in a data-parallel run (a process group does not pickle)
+        return dict(self.__dict__, parallel=None)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     def backward(self, loss: Tensor) -> None:
         """Backward for one micro-batch; needed for strategy="two-pass", equivalent to loss.backward() otherwise."""
         self.engine.backward(loss)
@@ -605,6 +897,7 @@ class DPOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
+        self.engine.check_live()
         if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
             self.__dict__.pop("grad_scale", None)
             self.__dict__.pop("found_inf", None)
@@ -647,8 +940,8 @@ class DPOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"no step was taken: {where} (shape {tuple(p.shape)}) was frozen after make_private, but the "
                     f"engine still clips and noises it with the others and the optimizer would step it. Freeze "
-                    f"parameters before make_private (a new model/optimizer pair through make_private when the "
-                    f"set of trainable parameters changes)."
+                    f"parameters before make_private, or call make_private again on the model (with "
+                    f"optimizer.original_optimizer) when the set of trainable parameters changes."
                 )
             if (p.requires_grad or p.grad is not None) and not self.engine.covers(p):
                 raise RuntimeError(
@@ -677,6 +970,12 @@ class DPOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         state = dict(state_dict)
         dp = state.pop("dpkernels", None)
+        saved = _check_dp_state(dp)
+        if self.accountant is not None and saved is not None and saved["mechanism"] != self.accountant.mechanism:
+            raise ValueError(
+                f"the saved privacy account uses {saved['mechanism']!r}, this optimizer's "
+                f"{self.accountant.mechanism!r}: make_private(..., accountant={saved['mechanism']!r})"
+            )
         self.original_optimizer.load_state_dict(state)
         if dp is None:
             warnings.warn(
@@ -686,14 +985,8 @@ class DPOptimizer(torch.optim.Optimizer):
             )
             return
         self.engine.steps = int(dp["steps"])
-        saved = dp.get("accountant")
         if self.accountant is not None and saved is not None:
-            if saved["mechanism"] != self.accountant.mechanism:
-                raise ValueError(
-                    f"the saved privacy account uses {saved['mechanism']!r}, this optimizer's "
-                    f"{self.accountant.mechanism!r}: make_private(..., accountant={saved['mechanism']!r})"
-                )
-            self.accountant.history = [tuple(h) for h in saved["history"]]
+            self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
         elif self.accountant is not None or saved is not None:
             warnings.warn(
                 "only one of the saved state and this optimizer has a privacy account (sample_rate or "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,14 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[tuple[Tensor | None, ...],
     dt = torch.get_autocast_dtype(dev)
     cast = tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
     return cast, torch.autocast(dev, enabled=False)
+
+
+def attach(ctx: Any, module: nn.Module) -> None:
+    """Keep on the autograd node of one use of ``module`` the module and the model's batch size at this
+    forward: backward checks the use's output gradient against it (another forward, an input-gradient
+    probe on a validation batch, may run before this backward)."""
+    ctx.module = module
+    ctx.model_batch = getattr(module._dp_engine, "batch_size", None)
 
 
 def trainable(module: nn.Module, name: str) -> nn.Parameter | None:

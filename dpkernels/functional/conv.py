@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ._common import trainable
+from ._common import attach, trainable
 
 # Elements of unfolded input per chunk when several uses are concatenated (as the reference op).
 _CHUNK_ELEMS = 1 << 26
@@ -66,7 +66,7 @@ class ConvFunction(torch.autograd.Function):
         groups: int,
     ) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.module = module
+        attach(ctx, module)
         ctx.geom = (tuple(weight.shape[2:]), stride, padding, dilation, groups)
         n = x.dim() - 2
         return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * n, groups)
@@ -93,7 +93,7 @@ class ConvFunction(torch.autograd.Function):
                 [True, False, False],
             )[0]
         saved = ConvSaved(x, kernel_size, stride, padding, dilation, groups)
-        ctx.module._dp_engine.on_backward(ctx.module, saved, g)
+        ctx.module._dp_engine.on_backward(ctx.module, saved, g, ctx)
         return gx, None, None, None, None, None, None, None
 
     @staticmethod

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ._common import trainable
+from ._common import attach, trainable
 
 
 def unsupported_reason(module: Any) -> str | None:
@@ -62,7 +62,7 @@ class EmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids: Tensor, weight: Tensor, module: Any) -> Tensor:
         ctx.save_for_backward(ids)
-        ctx.module = module
+        attach(ctx, module)
         # padding_idx only matters for torch's weight gradient, which this Function replaces.
         return F.embedding(ids, weight)
 
@@ -70,7 +70,7 @@ class EmbeddingFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g: Tensor):
         (ids,) = ctx.saved_tensors
-        ctx.module._dp_engine.on_backward(ctx.module, ids, g)
+        ctx.module._dp_engine.on_backward(ctx.module, ids, g, ctx)
         return None, None, None
 
     @staticmethod

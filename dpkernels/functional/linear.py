@@ -15,14 +15,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ._common import batch_rows, trainable
+from ._common import attach, batch_rows, trainable
 
 
 class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, module: Any) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.module = module
+        attach(ctx, module)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -30,7 +30,7 @@ class LinearFunction(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         x, weight = ctx.saved_tensors
         gx = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
-        ctx.module._dp_engine.on_backward(ctx.module, x, g)
+        ctx.module._dp_engine.on_backward(ctx.module, x, g, ctx)
         return gx, None, None, None
 
     @staticmethod

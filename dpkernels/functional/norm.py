@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ._common import trainable
+from ._common import attach, trainable
 
 AutocastState = tuple[str, bool, torch.dtype]
 
@@ -78,7 +78,7 @@ class _AffineNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, module: Any) -> Tensor:
         ctx.save_for_backward(x, weight, bias)
-        ctx.module = module
+        attach(ctx, module)
         ctx.autocast = autocast_state(x)
         return type(module).dp_function.op(module, x, weight, bias)
 
@@ -95,7 +95,7 @@ class _AffineNormFunction(torch.autograd.Function):
                 xr = x.detach().requires_grad_()
                 y = type(module).dp_function.op(module, xr, w, b)
             (gx,) = torch.autograd.grad(y, xr, g)
-        module._dp_engine.on_backward(module, (x, ctx.autocast), g)
+        module._dp_engine.on_backward(module, (x, ctx.autocast), g, ctx)
         return gx, None, None, None
 
     @classmethod

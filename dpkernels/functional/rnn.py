@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ._common import trainable
+from ._common import attach, trainable
 
 CELLS = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
 _KINDS = ("ih", "hh", "hr")
@@ -101,7 +101,8 @@ class RNNFunction(torch.autograd.Function):
         w_hr: Tensor | None,
     ):
         ctx.save_for_backward(x, w_ih)
-        ctx.module, ctx.rec = module, rec
+        attach(ctx, module)
+        ctx.rec = rec
         ctx.sep, ctx.proj = cell == "GRU", w_hr is not None
         gi = F.linear(x, w_ih, b_ih)
         B, T = x.shape[0], x.shape[1]
@@ -125,7 +126,7 @@ class RNNFunction(torch.autograd.Function):
         g_hr = rest[-1] if ctx.proj else None
         gx = g_ih @ w_ih.to(g_ih.dtype) if ctx.needs_input_grad[0] else None
         use = RNNUse(rec.layer, rec.suffix, x, rec.hprev, g_hh, rec.m, g_hr)
-        ctx.module._dp_engine.on_backward(ctx.module, use, g_ih)
+        ctx.module._dp_engine.on_backward(ctx.module, use, g_ih, ctx)
         return gx, None, None, None, None, None, None, None, None
 
     @staticmethod

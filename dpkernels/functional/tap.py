@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import ops
+from ._common import attach
 
 
 class TapFunction(torch.autograd.Function):
@@ -34,14 +35,14 @@ class TapFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, p: Tensor, batch: int, module: Any, name: str) -> Tensor:
-        ctx.module = module
+        attach(ctx, module)
         ctx.name = name
         return p.expand(batch, *p.shape[1:])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
-        ctx.module._dp_engine.on_backward(ctx.module, ctx.name, g)
+        ctx.module._dp_engine.on_backward(ctx.module, ctx.name, g, ctx)
         return None, None, None, None
 
     @staticmethod

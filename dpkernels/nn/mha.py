@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ..functional._common import autocast_inputs, batch_rows, trainable
+from ..functional._common import attach, autocast_inputs, batch_rows, trainable
 from ..functional.tap import TapFunction, raw_clipped_sum, raw_norms
 from ._base import DPModule, make_twin
 from .linear import DPLinear
@@ -50,7 +50,7 @@ class MHAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, module: Any, tag: str) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.module = module
+        attach(ctx, module)
         ctx.tag = tag
         return F.linear(x, weight, bias)
 
@@ -59,7 +59,7 @@ class MHAFunction(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         x, weight = ctx.saved_tensors
         gx = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None
-        ctx.module._dp_engine.on_backward(ctx.module, (ctx.tag, x), g)
+        ctx.module._dp_engine.on_backward(ctx.module, (ctx.tag, x), g, ctx)
         return gx, None, None, None, None
 
     @staticmethod

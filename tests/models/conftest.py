@@ -68,9 +68,9 @@ def dp_step(model: nn.Module, batch: Batch, loss_fn: LossFn, R: float, reduction
     reported: list[nn.Module] = []  # every module that handed per-sample work to the engine
     on_backward = eng.on_backward
 
-    def spy(module, saved, g):
+    def spy(module, saved, g, *node):
         reported.append(module)
-        on_backward(module, saved, g)
+        on_backward(module, saved, g, *node)
 
     eng.on_backward = spy
     opt.reported = reported  # type: ignore[attr-defined]
