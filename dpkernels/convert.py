@@ -307,7 +307,7 @@ def make_private(
         expected_batch_size = sample_rate * dataset_size
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier and target_epsilon")
-    previous, spent = _run_so_far(model, seed, sample_rate)
+    previous, spent = _run_so_far(model, sample_rate)
     if target_epsilon is not None:
         if target_delta is None or sample_rate is None:
             raise ValueError("target_epsilon needs target_delta and the sampling rate (sample_rate or dataset_size)")
@@ -388,18 +388,13 @@ def make_private(
     return model, dp_opt
 
 
-def _run_so_far(model: nn.Module, seed: int | None, sample_rate: float | None) -> tuple[Engine | None, list]:
+def _run_so_far(model: nn.Module, sample_rate: float | None) -> tuple[Engine | None, list]:
     """make_private on a model that is already private continues its run: the engine it had (to take over
-    its seed and step counter, so that no noise stream repeats) and the privacy account's history."""
+    its step counter and seed, so that no noise stream repeats) and the privacy account's history."""
     previous = attached_engine(model)
     if previous is None:
         return None, []
     previous.check_replaceable()
-    if seed is not None and int(seed) != previous.seed:
-        raise ValueError(
-            "the model is already private, and make_private again continues its run and its noise streams: "
-            "pass the first call's seed or none"
-        )
     if previous.accountant is None:
         if previous.steps > 0 and sample_rate is not None:
             warnings.warn(

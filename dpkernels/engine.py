@@ -108,10 +108,16 @@ def will_accumulate(params: Sequence[Tensor], node: Any = None) -> bool:
     params = [p for p in params if p.requires_grad]
     found: dict[int, Any] = {}
     if node is not None:
-        for fn, _ in node.next_functions:
+        # the parameters' AccumulateGrad nodes among the node's inputs, or behind a view or cast of one
+        # (w.t(), an autocast copy, a slice): nodes of a single input, at most three deep
+        todo = [(fn, 0) for fn, _ in node.next_functions if fn is not None]
+        while todo:
+            fn, depth = todo.pop()
             var = getattr(fn, "variable", None)  # an AccumulateGrad's parameter
             if var is not None:
                 found[id(var)] = fn
+            elif depth < 2 and len(fn.next_functions) == 1 and fn.next_functions[0][0] is not None:
+                todo.append((fn.next_functions[0][0], depth + 1))
     for p in params:
         if id(p) in found and _will_run(found[id(p)]):
             return True
@@ -351,10 +357,12 @@ class Engine:
         hook = functools.partial(model_forward_hook, self)
         self._handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def continue_from(self, old: Engine) -> None:
-        """Take over ``old``'s noise seed and step counter: one run, whose noise streams (functions of the
-        seed and the step) never repeat across make_private calls."""
-        self.seed = old.seed
+    def continue_from(self, old: Engine, keep_seed: bool) -> None:
+        """Take over ``old``'s step counter, and its noise seed if ``keep_seed`` (no seed given to this call):
+        one run, whose noise streams (functions of the seed and the step) never repeat across make_private
+        calls, as a run restarting its step counter with the same seed would."""
+        if keep_seed:
+            self.seed = old.seed
         self.steps = old.steps
 
     def retire(self) -> None:
@@ -995,6 +1003,8 @@ class DPOptimizer(torch.optim.Optimizer):
             )
 
     def __repr__(self) -> str:
+        if isinstance(self.engine, DetachedEngine):
+            return f"DPOptimizer({self.original_optimizer!r}, copied without its engine)"
         return (
             f"DPOptimizer({self.original_optimizer!r}, sigma={self.engine.noise_multiplier}, R={self.engine.r_total})"
         )

@@ -50,15 +50,24 @@ def test_mechanism_mismatch_loads_nothing():
     assert opt.param_groups[0]["lr"] == 0.1
 
 
-def test_parameter_replaced_after_make_private_is_named():
+@pytest.mark.parametrize("when", ["before forward", "between forward and backward"])
+def test_parameter_replaced_after_make_private_is_named(when):
     """A new Parameter object on a DP layer (assignment, load_state_dict(assign=True)) is not the engine's:
-    its gradient would be silently never written while the old one is noised."""
+    its gradient would be silently never written while the old one is noised. The model's forward checks
+    this; a replacement after the forward is caught at backward."""
     case = BY_NAME["mlp"]
     x, y = batch(case, 4)
     model, opt = _private(case.build())
-    model[2].weight = nn.Parameter(model[2].weight.detach().clone())
-    with pytest.raises(RuntimeError, match=r"parameter 'weight' of DP layer '2' is not one the engine was given.*"):
-        batch_loss(case, model(x), y, "mean").backward()
+    new = nn.Parameter(model[2].weight.detach().clone())
+    if when == "before forward":
+        model[2].weight = new
+        with pytest.raises(RuntimeError, match=r"parameter 2\.weight was replaced after make_private"):
+            model(x)
+    else:
+        loss = batch_loss(case, model(x), y, "mean")
+        model[2].weight = new
+        with pytest.raises(RuntimeError, match=r"parameter 'weight' of DP layer '2' is not one the engine was given"):
+            loss.backward()
     assert all(p.grad is None for p in model.parameters())
 
 
