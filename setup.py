@@ -19,6 +19,16 @@ DEVICE = ["csrc/kernels.cu"]
 GENCODE = ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
 
 
+def _build_helpers():
+    """dpkernels/ops/cuda/_build.py loaded by path (the package itself is not imported here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_dpk_build", "dpkernels/ops/cuda/_build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def cuda_extension():
     if not os.path.exists(HOST[0]) or os.environ.get("DPKERNELS_CUDA", "1") in ("0", "cpu"):
         return [], {}
@@ -32,6 +42,7 @@ def cuda_extension():
     ext = CUDAExtension(
         "dpkernels._C",
         HOST + DEVICE,
+        library_dirs=_build_helpers().cuda_lib_dirs(),
         extra_compile_args={
             "cxx": ["-O3", "-DDPK_WITH_CUDA"],
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *GENCODE],
