@@ -38,6 +38,22 @@ def _chunks(batch: int, per_sample: int):
         yield slice(start, min(batch, start + step))
 
 
+def group_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Group equal integer keys without a host sync (torch.unique's output size needs one).
+
+    Returns (inv, key_of), both of len(keys): inv[j] is the group of keys[j] (groups numbered in
+    sorted key order), key_of[k] the key of group k for k below the number of groups and -1 past
+    it. Buffers indexed by group can then have the static size len(keys).
+    """
+    sorted_keys, order = torch.sort(keys)
+    new = torch.ones_like(sorted_keys, dtype=torch.bool)
+    new[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    seg = torch.cumsum(new, 0) - 1
+    inv = torch.empty_like(seg).scatter_(0, order, seg)
+    key_of = torch.full_like(keys, -1).scatter_(0, seg, sorted_keys)  # a group's elements all write its key
+    return inv, key_of
+
+
 def gaussian(shape, seed: int, device, dtype=torch.float32) -> Tensor:
     """Standard normal noise, deterministic given ``seed`` (an int in [0, 2**63))."""
     gen = torch.Generator(device=device)

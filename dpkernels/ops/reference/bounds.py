@@ -42,7 +42,7 @@ from ..bounds import (
     underflow_eta,
     unit_roundoff,
 )
-from ._common import _chunks, acc_dtype
+from ._common import _chunks, acc_dtype, group_keys
 from .conv import _ntuple, conv_rows
 from .embedding import _pad_mask
 
@@ -238,9 +238,10 @@ def embedding_norms_bound(ids: Tensor, g: Tensor, *, num_embeddings: int, paddin
         rows = torch.where(keep[..., None], rows, 0)
     S = token_norms(rows).sum(dim=1) * round_up_factor(T + 4)
     keys = (torch.arange(B, device=ids.device)[:, None] * num_embeddings + ids).reshape(-1)
-    uniq, inv = torch.unique(keys, return_inverse=True)
-    summed = torch.zeros(uniq.numel(), D, device=g.device, dtype=F64).index_add_(0, inv, rows.reshape(-1, D))
-    value = torch.zeros(B, device=g.device, dtype=F64).index_add_(0, uniq // num_embeddings, summed.square().sum(1))
+    inv, key_of = group_keys(keys)
+    summed = torch.zeros(keys.numel(), D, device=g.device, dtype=F64).index_add_(0, inv, rows.reshape(-1, D))
+    sample = torch.where(key_of >= 0, key_of // num_embeddings, 0)  # unused groups are zero rows
+    value = torch.zeros(B, device=g.device, dtype=F64).index_add_(0, sample, summed.square().sum(1))
     abs_norm = gamma(T + 1, U64) * S + 3.0 * T * eta * math.sqrt(D)
     return _unscale(from_norm_error(value, gamma(T * D + 1, U64), abs_norm, S), s.square())
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _chunks, acc_dtype, finish
+from ._common import _chunks, acc_dtype, finish, group_keys
 
 
 def _pad_mask(ids: Tensor, padding_idx: int | None, num_embeddings: int) -> Tensor | None:
@@ -40,7 +40,7 @@ def embedding_norms(ids: Tensor, g: Tensor, *, num_embeddings: int, padding_idx:
         ||dW_i||^2 = sum_v || sum_{t: x_it = v} g_it ||^2 = sum_{t,s} [x_it = x_is] (g_it . g_is)
 
     with tokens equal to ``padding_idx`` excluded. Rows are summed per unique key i * V + x_it
-    (index_add into a (U, D) buffer, U <= B T), then squared and summed per sample.
+    (index_add into a (B T, D) buffer, one row per distinct key; no host sync), then squared and summed per sample.
     ids: (B, T) integer, g: (B, T, D). Returns (B,) in float32 (float64 for float64 g).
     """
     dt = acc_dtype(g)
@@ -51,9 +51,10 @@ def embedding_norms(ids: Tensor, g: Tensor, *, num_embeddings: int, padding_idx:
     D = g.shape[-1]
     rows = _masked_rows(ids, g, padding_idx, num_embeddings, dt).reshape(-1, D)
     keys = (torch.arange(B, device=ids.device)[:, None] * num_embeddings + ids).reshape(-1)
-    uniq, inv = torch.unique(keys, return_inverse=True)
-    summed = torch.zeros(uniq.numel(), D, device=g.device, dtype=dt).index_add_(0, inv, rows)
-    return out.index_add_(0, uniq // num_embeddings, summed.square().sum(dim=1))
+    inv, key_of = group_keys(keys)
+    summed = torch.zeros(keys.numel(), D, device=g.device, dtype=dt).index_add_(0, inv, rows)
+    sample = torch.where(key_of >= 0, key_of // num_embeddings, 0)  # unused groups are zero rows
+    return out.index_add_(0, sample, summed.square().sum(dim=1))
 
 
 def embedding_clipped_sum(
