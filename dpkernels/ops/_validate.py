@@ -19,9 +19,11 @@ torch.compile the ids range is not checked (a graph cannot branch on values).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -110,8 +112,26 @@ def _rows(op: str, a: Any, g: Any, a_name: str = "a") -> None:
         _device(op, a_name, a, "g", g)
 
 
+_ids_looked_up: contextvars.ContextVar[bool] = contextvars.ContextVar("dpkernels_ids_looked_up", default=False)
+
+
+@contextlib.contextmanager
+def ids_looked_up() -> Iterator[None]:
+    """Inside: every ids tensor reaching an op was looked up by a DP Embedding's forward, whose
+    F.embedding refused ids outside the table, so the range check (a host read of the ids' min and
+    max, a device sync on CUDA) is skipped. The engine's backward sets it; direct op and
+    dpkernels.api calls keep the check."""
+    token = _ids_looked_up.set(True)
+    try:
+        yield
+    finally:
+        _ids_looked_up.reset(token)
+
+
 def _ids_range(op: str, ids: Tensor, num_embeddings: int) -> None:
     """ids in [0, num_embeddings): checked last, after every check that reads no values."""
+    if _ids_looked_up.get():
+        return
     if ids.numel() and not torch.compiler.is_compiling():  # a traced graph cannot branch on values
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < 0 or hi >= num_embeddings:
