@@ -735,11 +735,11 @@ class Engine:
         if self._finite is None or bool(self._finite):
             return
         bad: set[int] = set()
-        for n2 in self._norm2:
-            if n2 is not None:
+        names: list[str] = []
+        for gi, n2 in enumerate(self._norm2):
+            if n2 is not None and not bool(torch.isfinite(n2).all()):
                 bad.update((~torch.isfinite(n2)).nonzero().flatten().tolist())
-        names = [self._name_of[m] for gi, ties in enumerate(self._ties_of_group) for t in ties for m in t.modules
-                 if self._norm2[gi] is not None and not bool(torch.isfinite(self._norm2[gi]).all())]  # fmt: skip
+                names += [self._name_of[m] for t in self._ties_of_group[gi] for m in t.modules]
         raise FloatingPointError(
             f"non-finite per-sample gradient in the clipping group(s) of {sorted(set(names))[:8]} for sample(s) "
             f"{sorted(bad)[:8]}: no step was taken; check the loss and inputs of those samples"
