@@ -53,7 +53,8 @@ class ForwardGuard:
 
     def __init__(self, model: nn.Module, probe: nn.Module):
         self.probe = probe
-        self.modules = [(n, m, _weight_only(m)) for n, m in model.named_modules() if m._buffers]
+        self.model = model
+        self.modules = [(n, m, _weight_only(m)) for n, m in model.named_modules()]
         self._before: list[list[tuple[str, nn.Module, str, Tensor, int]] | None] = []
 
     @staticmethod
@@ -71,8 +72,10 @@ class ForwardGuard:
         return guard
 
     def _training(self) -> bool:
+        """A forward of the model in train mode while DP training is enabled, with or without autograd
+        recording: a buffer written from the batch under torch.no_grad() is learned from it all the same."""
         eng: Any = self.probe._dp_engine
-        return eng is not None and bool(eng.active())
+        return eng is not None and (bool(eng.active()) or (bool(eng.enabled) and self.model.training))
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         stack = _local.__dict__.setdefault("inputs", [])
@@ -85,6 +88,7 @@ class ForwardGuard:
                 for k, b in m._buffers.items()
                 if b is not None and k not in skip
             ]
+            before += [(n, m, "", None, len(m._buffers)) for n, m, _ in self.modules]  # buffers registered in forward
         self._before.append(before)
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -93,6 +97,15 @@ class ForwardGuard:
         _local.inputs.pop()
         before = self._before.pop()
         for name, m, k, b, version in before or ():
+            if b is None:
+                if len(m._buffers) != version:
+                    raise RuntimeError(
+                        f"module {name or '<model>'!r} ({type(m).__name__}) registered a buffer during a DP training "
+                        f"forward: a buffer is released with the model, and one made from the batch is learned outside "
+                        f"the gradient, with no clipping and no noise. Register buffers before make_private, from "
+                        f"public data"
+                    )
+                continue
             if m._buffers.get(k) is not b or b._version != version:
                 where = f"{name}.{k}" if name else k
                 raise RuntimeError(

@@ -224,8 +224,8 @@ def test_a_buffer_written_in_a_training_forward_is_an_error_naming_it(how):
     model[1].eval()  # the fix the error names: the module no longer writes it
     model(torch.randn(B, 3)).square().sum().backward()
     opt.step()
-    with torch.no_grad():  # outside DP training no check runs
-        model[1].train()
+    model[1].train()  # a train-mode forward under no_grad writes it from the batch all the same: refused too
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"buffer '1\.0\.peak'"):
         model(torch.randn(B, 3))
 
 
@@ -268,3 +268,53 @@ def test_reparametrised_layers_are_refused_by_name(kind):
     model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(build()), nn.Linear(3, 1))
     with pytest.raises(ValueError, match=rf"module '1\.0' \(\w+\) has parameters reparametrised by .*{what}"):
         _private(model)
+
+
+class _LazyStats(nn.Module):
+    """Registers a buffer from the batch inside its forward (the guard's list of buffers predates it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if "peak" not in self._buffers:
+            self.register_buffer("peak", x.detach().abs().amax(0))
+        return self.lin(x)
+
+
+class _NoGradStats(nn.Module):
+    """Writes a buffer from the batch under torch.no_grad() in a train-mode forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.register_buffer("peak", torch.zeros(4))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.peak.copy_(x.abs().amax(0))
+        return self.lin(x)
+
+
+def test_a_buffer_registered_in_a_training_forward_is_refused():
+    model = _LazyStats()
+    model, _ = dpkernels.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, expected_batch_size=4
+    )
+    with pytest.raises(RuntimeError, match="registered a buffer during a DP training forward"):
+        model(torch.randn(4, 4))
+
+
+def test_a_buffer_written_under_no_grad_in_train_mode_is_refused():
+    """Grad mode off does not make the write public: the batch's maximum would sit in the state dict."""
+    model = _NoGradStats()
+    model, _ = dpkernels.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, expected_batch_size=4
+    )
+    with torch.no_grad(), pytest.raises(RuntimeError, match="buffer 'peak'"):
+        model(torch.randn(4, 4))
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(4, 4))  # eval mode: not a training forward
