@@ -282,6 +282,7 @@ class Engine:
         self.loss_reduction = loss_reduction
         self.accumulation_steps = accumulation_steps
         self.seed = secrets.randbits(63) if seed is None else int(seed)
+        self._per_sample_losses = False  # this backward is of sum_i l_i given per sample (see backward)
         self.world_size = 1  # data-parallel ranks summing their clipped sums (set by dpkernels.distributed)
         self.rank = 0
         self.enabled = True
@@ -476,8 +477,10 @@ class Engine:
     static_loss_scale = 1.0  # S of make_private(loss_scale=S): the loss was multiplied by S before backward
 
     def loss_scale(self) -> float:
-        """G that a layer sees is g_i * loss_scale^-1: B / S for a mean loss, 1 / S for a sum."""
-        return (float(self._batch or 0) if self.loss_reduction == "mean" else 1.0) / self.static_loss_scale
+        """G that a layer sees is g_i * loss_scale^-1: B / S for a mean loss, 1 / S for a sum (and for
+        per-sample losses given to `backward`, whose sum the engine backpropagates itself)."""
+        mean = self.loss_reduction == "mean" and not self._per_sample_losses
+        return (float(self._batch or 0) if mean else 1.0) / self.static_loss_scale
 
     def on_backward(self, module: nn.Module, saved: Any, g: Tensor, node: Any = None) -> None:
         """Called by a DP layer's backward with what its forward saved, its output gradient and its
@@ -746,8 +749,26 @@ class Engine:
         )
 
     def backward(self, loss: Tensor) -> None:
-        """One micro-batch's backward; for "two-pass" the norms pass and then the clipping pass."""
+        """One micro-batch's backward; for "two-pass" the norms pass and then the clipping pass.
+
+        ``loss`` is the scalar the loss_reduction says (the mean or the sum of the per-sample losses),
+        or the (B,) per-sample losses l_i themselves: then the engine backpropagates sum_i l_i, so each
+        G row is exactly sample i's, whatever scaling a hand-written reduction would have got wrong (a
+        sum under loss_reduction="mean" lets one sample move the step by ~B/E times too much)."""
         self.check_live()
+        if loss.dim() == 1:
+            B = self.batch_size
+            if B is not None and loss.shape[0] != B:
+                raise ValueError(
+                    f"optimizer.backward got {loss.shape[0]} per-sample losses for a batch of {B} samples: give "
+                    f"one loss per sample (shape ({B},)), or the reduced scalar loss"
+                )
+            self._per_sample_losses = True
+            try:
+                self.backward(loss.sum())
+            finally:
+                self._per_sample_losses = False
+            return
         if self.strategy != "two-pass":
             loss.backward()
             return
@@ -916,7 +937,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.__dict__.update(state)
 
     def backward(self, loss: Tensor) -> None:
-        """Backward for one micro-batch; needed for strategy="two-pass", equivalent to loss.backward() otherwise."""
+        """Backward for one micro-batch; needed for strategy="two-pass", equivalent to loss.backward() otherwise.
+        ``loss`` may also be the (B,) per-sample losses: the safe form (see Engine.backward)."""
         self.engine.backward(loss)
 
     # torch.amp.GradScaler.step then calls step() directly, with the scale in self.grad_scale: refused there.

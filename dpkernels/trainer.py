@@ -198,9 +198,9 @@ class DPTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         per = self.per_sample_loss(model, inputs)
-        loss = per.sum() / max(per.shape[0], 1)  # the micro-batch mean: the engine divides by q N, not by B
-        self.dp_optimizer.backward(loss)
-        return loss.detach() / self.args.gradient_accumulation_steps  # Trainer logs the sum over micro-batches
+        self.dp_optimizer.backward(per)  # per-sample losses: each G row exactly sample i's; divided by q N
+        loss = per.detach().sum() / max(per.shape[0], 1)
+        return loss / self.args.gradient_accumulation_steps  # Trainer logs the sum over micro-batches
 
     # --- logs
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
