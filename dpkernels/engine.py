@@ -471,7 +471,10 @@ class Engine:
                 f"DP layer {name!r} saw a batch of {B} samples while the model's batch has {want}: an input "
                 f"broadcast across the batch (or a batch that is not the first dimension) loses the "
                 f"per-sample gradients. Expand that input to the batch (x.expand({want}, ...)) before the layer; "
-                f"an input flattened with the batch (x.view(-1, d)) must keep it as its own dimension ((B, T, d))."
+                f"an input flattened with the batch (x.view(-1, d)) must keep it as its own dimension ((B, T, d)). "
+                f"The model's batch is read from dimension 0 of its first tensor input: a model whose input is "
+                f"sequence-first (an RNN or MultiheadAttention with batch_first=False at its start) must be given "
+                f"its input batch-first (batch_first=True)."
             )
 
     static_loss_scale = 1.0  # S of make_private(loss_scale=S): the loss was multiplied by S before backward
