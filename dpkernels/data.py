@@ -170,19 +170,29 @@ def poisson_loader(
     shuffle, sampler, batch_sampler and drop_last are refused, since they would change the
     sampling that the privacy accounting assumes.
     """
+    return poisson_dataloader(
+        "poisson_loader", dataset, lambda n: PoissonBatchSampler(n, sample_rate, steps=steps, generator=generator),
+        dataloader_kwargs,
+    )  # fmt: skip
+
+
+def poisson_dataloader(
+    name: str, dataset: Dataset, make_sampler: Callable[[int], Sampler[list[int]]], dataloader_kwargs: dict[str, Any]
+) -> DataLoader:
+    """A DataLoader over ``dataset`` whose batches come from ``make_sampler(len(dataset))`` (a Poisson batch
+    sampler), with empty batches that hold no field of any sample; ``name`` is the caller's, for errors."""
     bad = [k for k in _BATCHING_KWARGS if k in dataloader_kwargs]
     if bad:
         raise TypeError(
-            f"poisson_loader draws its own Poisson batches; remove {bad} (the batch size is "
+            f"{name} draws its own Poisson batches; remove {bad} (the batch size is "
             f"sample_rate * len(dataset) in expectation)"
         )
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
-        raise ValueError("poisson_loader needs a non-empty dataset (dataset[0] gives the shape of an empty batch)")
+        raise ValueError(f"{name} needs a non-empty dataset (dataset[0] gives the shape of an empty batch)")
     collate = EmptyBatchCollate(dataset, dataloader_kwargs.pop("collate_fn", None) or default_collate)
     collate.empty()  # refuse a batch structure that cannot be emptied now, not at the first empty step
-    sampler = PoissonBatchSampler(n, sample_rate, steps=steps, generator=generator)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **dataloader_kwargs)
+    return DataLoader(dataset, batch_sampler=make_sampler(n), collate_fn=collate, **dataloader_kwargs)
 
 
 __all__ = ["EmptyBatchCollate", "PoissonBatchSampler", "poisson_loader"]

@@ -28,7 +28,6 @@ the same epsilon.
 
 from __future__ import annotations
 
-import secrets
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -36,10 +35,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import DataLoader, Dataset
 
-from .data import EmptyBatchCollate
+from .data import PoissonBatchSampler, poisson_dataloader
 
 BUCKET_BYTES = 25 * 1024 * 1024  # like DDP's default bucket: few collectives, each large enough to run at bandwidth
 _FIXED_SIZE_STEPS = 8  # Poisson batches of the same size this many steps running are all but impossible
@@ -123,15 +121,15 @@ class DataParallelState:
             )
 
 
-class DistributedPoissonSampler(Sampler[list[int]]):
+class DistributedPoissonSampler(PoissonBatchSampler):
     """This rank's part of a Poisson batch over ``num_samples`` examples shared by ``world_size`` ranks.
 
     Rank r owns the indices r, r + W, r + 2W, ... and includes each independently with probability q,
     so every example is in a global step with probability q whatever W, and the global batch is the
-    union of the ranks' batches (expected size q N). A rank's batch may be empty. Each rank draws from
-    its own generator, seeded from the operating system's entropy unless ``generator`` is given (then
-    the draws are reproducible, and so known to whoever knows the seed: not for a release). Every rank
-    yields the same number of batches (``steps``), so their collectives line up.
+    union of the ranks' batches (expected size q N, `expected_batch_size`). A rank's batch may be
+    empty. Each rank draws from its own generator, seeded from the operating system's entropy unless
+    ``generator`` is given (see `PoissonBatchSampler`). Every rank yields the same number of batches
+    (``steps``), so their collectives line up.
     """
 
     def __init__(
@@ -144,40 +142,21 @@ class DistributedPoissonSampler(Sampler[list[int]]):
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ):
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
-            raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
-        if not (isinstance(sample_rate, int | float) and 0 < sample_rate <= 1):
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        super().__init__(num_samples, sample_rate, steps=steps, generator=generator)
         if world_size is None:
             world_size = dist.get_world_size() if dist.is_initialized() else 1
         if rank is None:
             rank = dist.get_rank() if dist.is_initialized() else 0
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if steps is None:
-            steps = max(1, round(1 / sample_rate))
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        self.num_samples = num_samples
-        self.sample_rate = float(sample_rate)
         self.rank = rank
         self.world_size = world_size
-        self.steps = steps
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
         self._shard = torch.arange(rank, num_samples, world_size)
-
-    def __len__(self) -> int:
-        return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
             mask = torch.rand(len(self._shard), generator=self.generator) < self.sample_rate
             yield self._shard[mask].tolist()
-
-    @property
-    def expected_batch_size(self) -> float:
-        """q * N: the global expected batch size every rank's step divides by."""
-        return self.sample_rate * self.num_samples
 
 
 def distributed_poisson_loader(
@@ -188,17 +167,12 @@ def distributed_poisson_loader(
     generator: torch.Generator | None = None,
     **dataloader_kwargs: Any,
 ) -> DataLoader:
-    """This rank's DataLoader of Poisson batches (see `DistributedPoissonSampler`); empty batches come as
-    zero-size tensors, as in `dpkernels.data.poisson_loader`."""
-    bad = [k for k in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last") if k in dataloader_kwargs]
-    if bad:
-        raise TypeError(f"distributed_poisson_loader draws its own Poisson batches; remove {bad}")
-    n = len(dataset)  # type: ignore[arg-type]
-    if n == 0:
-        raise ValueError("distributed_poisson_loader needs a non-empty dataset")
-    collate = EmptyBatchCollate(dataset, dataloader_kwargs.pop("collate_fn", None) or default_collate)
-    sampler = DistributedPoissonSampler(n, sample_rate, steps=steps, generator=generator)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **dataloader_kwargs)
+    """This rank's DataLoader of Poisson batches (see `DistributedPoissonSampler`); empty batches as in
+    `dpkernels.data.poisson_loader`."""
+    return poisson_dataloader(
+        "distributed_poisson_loader", dataset,
+        lambda n: DistributedPoissonSampler(n, sample_rate, steps=steps, generator=generator), dataloader_kwargs,
+    )  # fmt: skip
 
 
 __all__ = ["DataParallelState", "DistributedPoissonSampler", "distributed_poisson_loader", "resolve_group"]
