@@ -9,7 +9,7 @@ an nn.Linear on flattened patches (equal to a Conv2d with kernel = stride = patc
 Position ids are either indexed per sample, shape (B, T) (``pos_ids="batch"``), or broadcast,
 shape (1, T) as Hugging Face GPT-2 does (``pos_ids="broadcast"``): the (1, T, D) embedding is
 added to the (B, T, D) token embedding, so autograd sums its output gradient over the batch
-before the layer sees it. DP libraries must expand that input or refuse it (DESIGN.md).
+before the layer sees it. DP libraries must expand that input or refuse it (docs/design.md, section 2).
 
 `build(name, batch, device)` returns a `Workload`: the model, a fixed random batch, the loss.
 """

@@ -1,6 +1,6 @@
 """The per-step state of DP training, and the optimizer wrapper.
 
-Data flow of one logical step (DESIGN.md):
+Data flow of one logical step (docs/design.md, section 4):
 
     forward     every DP layer that will need per-sample work counts a *use*
     backward    each use hands (saved input, output gradient G) to `Engine.on_backward`;

@@ -1,4 +1,4 @@
-"""The privacy invariants of a DP step (DESIGN.md, "Privacy invariants tests must pin").
+"""The privacy invariants of a DP step (docs/design.md, section 9).
 
 - sensitivity: removing one example moves the noiseless update by at most R_total / expected_batch_size;
 - noise: N(0, (sigma R_total / expected_batch_size)^2) on every coordinate of every parameter, embedding

@@ -258,7 +258,7 @@ def reference_groups(model: nn.Module, spec) -> list[list[str]]:
 
 
 def clip(norms: Tensor, bound: float, clipping: str, gamma: float = 0.01) -> Tensor:
-    """DESIGN.md's clip functions, written out again for the oracle."""
+    """The clip functions of docs/design.md (section 3), written out again for the oracle."""
     if clipping == "abadi":
         return torch.minimum(torch.ones_like(norms), bound / (norms + 1e-6))
     assert clipping == "automatic"

@@ -261,7 +261,7 @@ def cast_inputs(op: str, *tensors: Tensor) -> tuple[list[Tensor], torch.dtype]:
 @triton.jit
 def clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, cols, mask_c, s_gc, ACC: tl.constexpr):
     """Rows (i, t) = divmod(rows, T) of g at columns ``cols``, each scaled by its sample's clip factor c_i
-    in ACC as it loads (no pass over g to scale it: DESIGN.md speed lever 1). Returns the (rows, cols)
+    in ACC as it loads (no pass over g to scale it: docs/design.md, speed lever 1). Returns the (rows, cols)
     tile c_i g_it and the rows' samples and positions."""
     sample = rows // T
     t = rows - sample * T

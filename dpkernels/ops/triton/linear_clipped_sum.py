@@ -5,7 +5,7 @@
     b = scale * (prev_b + sum_i c_i sum_t g_it + noise_std * z_b)         (p,)
 
 One matmul over the (B*T) reduction: the clip factor c_i is folded into G's rows as
-each tile is loaded (no pass over G to scale it: DESIGN.md speed lever 1); the bias is
+each tile is loaded (no pass over G to scale it: docs/design.md, speed lever 1); the bias is
 the column sum of the same scaled G tiles, taken by the programs of the first d-tile, so
 G is read once for both. The epilogue adds prev, the Philox noise (see add_noise.py) and
 the scale, and writes the gradient once. When the output has too few tiles to fill the
