@@ -11,6 +11,7 @@ import copy
 import subprocess
 import sys
 
+import oracle
 import pytest
 import torch
 from opacus import PrivacyEngine  # noqa: E402
@@ -62,13 +63,9 @@ def _model():
 
 
 def _naive_norms(model, x, y):
-    """Per-sample total gradient norms by autograd on batches of one (float64)."""
-    out = []
-    for i in range(x.shape[0]):
-        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
-        grads = torch.autograd.grad(loss, list(model.parameters()))
-        out.append(torch.sqrt(sum(g.square().sum() for g in grads)))
-    return torch.stack(out)
+    """Per-sample total gradient norms (tests/oracle.py)."""
+    ps = oracle.per_sample_grads(model, lambda m, s: nn.functional.cross_entropy(m(s[0]), s[1]), (x, y))
+    return oracle.sq_norms(ps).sqrt()
 
 
 def _train(model, R, reduction, steps=3):

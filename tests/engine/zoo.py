@@ -1,8 +1,8 @@
 """Small float64 models, one per DP layer type, and the naive per-sample-gradient oracle.
 
 Each `Case` builds a model of plain torch layers (make_private converts them), draws a
-batch, and defines the per-sample loss l_i. The oracle is torch.func: functional_call +
-vmap(grad) of l_i over the batch, in float64, on an unconverted copy of the model.
+batch, and defines the per-sample loss l_i. The oracle is the suite's one (tests/oracle.py): the
+autograd gradient of each l_i on a batch of one, in float64, on an unconverted copy of the model.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import oracle
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
 import dpkernels
 
@@ -207,16 +207,8 @@ def owners(model: nn.Module) -> dict[str, str]:
 
 
 def per_sample_grads(model: nn.Module, case: Case, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """Naive oracle: d l_i / d theta for each sample i, by vmap(grad) in float64. (B, *param.shape) each."""
-    model = copy.deepcopy(model)
-    params = {n: p.detach() for n, p in trainable(model).items()}
-
-    def loss_i(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        return case.loss(functional_call(model, p, (xi[None],)), yi[None])[0]
-
-    if x.shape[0] == 0:
-        return {n: torch.zeros(0, *p.shape, dtype=p.dtype) for n, p in params.items()}
-    return vmap(grad(loss_i), in_dims=(None, 0, 0))(params, x, y)
+    """Naive oracle (tests/oracle.py): d l_i / d theta for each sample i, on a copy. (B, *param.shape) each."""
+    return oracle.per_sample_grads(copy.deepcopy(model), lambda m, s: case.loss(m(s[0]), s[1]), (x, y))
 
 
 def batch_loss(case: Case, out: Tensor, y: Tensor, reduction: str) -> Tensor:
@@ -257,12 +249,7 @@ def reference_groups(model: nn.Module, spec) -> list[list[str]]:
     return list(out.values())
 
 
-def clip(norms: Tensor, bound: float, clipping: str, gamma: float = 0.01) -> Tensor:
-    """The clip functions of docs/design.md (section 3), written out again for the oracle."""
-    if clipping == "abadi":
-        return torch.minimum(torch.ones_like(norms), bound / (norms + 1e-6))
-    assert clipping == "automatic"
-    return bound / (norms + gamma)
+clip = oracle.clip  # the clip functions of docs/design.md (section 3), written out again for the oracle
 
 
 def reference_update(
@@ -273,13 +260,7 @@ def reference_update(
     divide_by: float,
 ) -> dict[str, Tensor]:
     """sum_i c_{i,g} grad_i / divide_by, with c_{i,g} from the per-sample norm over group g."""
-    out: dict[str, Tensor] = {}
-    for names, R in zip(groups, bounds, strict=True):
-        n = torch.stack([ps[k].flatten(1).square().sum(1) for k in names]).sum(0).sqrt()
-        c = clip(n, R, clipping)
-        for k in names:
-            out[k] = torch.einsum("b,b...->...", c, ps[k]) / divide_by
-    return out
+    return oracle.clipped_update(ps, groups, bounds, divide_by, clipping)
 
 
 def group_norms(ps: dict[str, Tensor], groups: list[list[str]]) -> Tensor:

@@ -1,6 +1,6 @@
 """DPConv1d/2d/3d through make_private (noise_multiplier=0) vs naively clipped per-sample gradients.
 
-The naive oracle: torch.func vmap(grad) of the per-sample loss of the unconverted model in float64,
+The naive oracle (tests/oracle.py): autograd of each sample's loss on the unconverted model in float64,
 per-sample total norm over all trainable parameters (all-layer clipping), c_i = min(1, R / (n_i + 1e-6)),
 expected gradient sum_i c_i grad_i (divided by the expected batch size for loss_reduction="mean").
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import copy
 
+import oracle
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 import dpkernels
 from dpkernels.functional.conv import ConvFunction
@@ -30,17 +30,8 @@ EBS = 3.5  # expected batch size, deliberately not the realised one
 
 
 def naive_per_sample(model, x, y):
-    """Per-sample gradients of loss_i = sum((model(x_i) - y_i)^2), as {name: (B, *shape)}."""
-    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
-    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
-
-    def loss(p, xi, yi):
-        out = functional_call(model, {**p, **frozen}, (xi[None],))
-        return ((out - yi[None]) ** 2).sum()
-
-    if x.shape[0] == 0:  # vmap cannot map over an empty batch; no sample, no gradient
-        return {k: v.new_zeros(0, *v.shape) for k, v in params.items()}
-    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x.detach(), y)
+    """Per-sample gradients of loss_i = sum((model(x_i) - y_i)^2), as {name: (B, *shape)} (tests/oracle.py)."""
+    return oracle.per_sample_grads(model, lambda m, s: ((m(s[0]) - s[1]) ** 2).sum(), (x.detach(), y))
 
 
 def expected_step(ps, R, reduction):
@@ -238,13 +229,8 @@ def test_dp_conv_autocast_bf16_norms():
     ref_conv = copy.deepcopy(conv).double()
 
     def ps_grad(xx, rr):
-        def f(w, b, xi, ri):
-            out = functional_call(ref_conv, {"weight": w, "bias": b}, (xi[None],))
-            return (out * ri[None]).sum()
-
-        return vmap(grad(f, argnums=(0, 1)), in_dims=(None, None, 0, 0))(
-            ref_conv.weight.detach(), ref_conv.bias.detach(), xx, rr
-        )
+        ps = oracle.per_sample_grads(ref_conv, lambda m, s: (m(s[0]) * s[1]).sum(), (xx, rr))
+        return ps["weight"], ps["bias"]
 
     gw, gb = ps_grad(x.double(), r.double())
     exact_w, exact_b = gw.flatten(1).norm(dim=1), gb.norm(dim=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 
+import oracle
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,29 +44,16 @@ def sq_loss(out, y):
 
 
 def per_sample_grads(ref, x, y, loss_fn):
-    """{name: (B, *shape)} gradients of each sample's loss, one sample at a time with torch's autograd."""
-    params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
-    per: dict[str, list[torch.Tensor]] = {n: [] for n in params}
-    for i in range(x.shape[0]):
-        ref.zero_grad(set_to_none=True)
-        loss_fn(ref(x[i : i + 1]), y[i : i + 1]).sum().backward()
-        for n, p in params.items():
-            per[n].append(p.grad.clone() if p.grad is not None else torch.zeros_like(p))
-    return {n: torch.stack(v) if v else torch.zeros(0, *params[n].shape, dtype=DT) for n, v in per.items()}
+    """{name: (B, *shape)} gradients of each sample's loss (the suite's oracle, tests/oracle.py)."""
+    return oracle.per_sample_grads(ref, lambda m, s: loss_fn(m(s[0]), s[1]), (x, y))
 
 
-def sq_norms(grads, names):
-    return sum(grads[n].flatten(1).square().sum(1) for n in names)
+sq_norms = oracle.sq_norms
 
 
 def clipped_sum(grads, groups, bounds):
     """Each group clipped (abadi) at its bound independently of dpkernels.clipping, and summed."""
-    out = {}
-    for names, R in zip(groups, bounds, strict=True):
-        c = (R / (sq_norms(grads, names).sqrt() + 1e-6)).clamp(max=1.0)
-        for n in names:
-            out[n] = torch.einsum("b,b...->...", c, grads[n])
-    return out
+    return oracle.clipped_update(grads, groups, bounds)
 
 
 def private(model, R, red="mean", **kw):

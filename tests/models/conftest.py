@@ -1,4 +1,4 @@
-"""Tiny real models (Hugging Face, torchvision) and the naive per-sample oracle for them.
+"""Tiny real models (Hugging Face, torchvision) and the suite's naive per-sample oracle (tests/oracle.py) on them.
 
 The oracle runs the *unconverted* float64 model once per sample (a batch of one, so nothing the
 batched code does can leak into it), takes torch.autograd.grad of that sample's loss, clips the
@@ -12,6 +12,7 @@ import copy
 import warnings
 from collections.abc import Callable
 
+import oracle
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,28 +29,19 @@ def batch_size(batch: Batch) -> int:
 
 
 def per_sample_grads(model: nn.Module, batch: Batch, loss_fn: LossFn) -> dict[str, Tensor]:
-    """{name: (B, *shape)} gradients of each sample's loss, by a loop over batches of one."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    out: dict[str, list[Tensor]] = {n: [] for n in params}
-    for i in range(batch_size(batch)):
-        sample = {k: v[i : i + 1] for k, v in batch.items()}
-        loss = loss_fn(model, sample).sum()
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for (n, p), g in zip(params.items(), grads, strict=True):
-            out[n].append(torch.zeros_like(p) if g is None else g)
-    B = batch_size(batch)
-    return {n: torch.stack(v) if v else torch.zeros(B, *params[n].shape, dtype=DT) for n, v in out.items()}
+    """{name: (B, *shape)} gradients of each sample's loss (the suite's one oracle, tests/oracle.py)."""
+    return oracle.per_sample_grads(model, loss_fn, batch)
 
 
 def per_sample_norms(ps: dict[str, Tensor]) -> Tensor:
-    return sum(g.flatten(1).square().sum(1) for g in ps.values()).sqrt()  # type: ignore[union-attr]
+    return oracle.sq_norms(ps).sqrt()
 
 
 def clipped_sum(ps: dict[str, Tensor], R: float, reduction: str, expected: float) -> tuple[dict[str, Tensor], Tensor]:
     """sum_i c_i g_i (divided by the expected batch size for a mean loss), c_i = min(1, R / (||g_i|| + 1e-6))."""
-    c = (R / (per_sample_norms(ps) + 1e-6)).clamp(max=1.0)
+    c = oracle.clip(per_sample_norms(ps), R)
     div = expected if reduction == "mean" else 1.0
-    return {n: torch.einsum("b,b...->...", c, g) / div for n, g in ps.items()}, c
+    return oracle.clipped_update(ps, [list(ps)], [R], div), c
 
 
 def dp_step(model: nn.Module, batch: Batch, loss_fn: LossFn, R: float, reduction: str, **kw):
