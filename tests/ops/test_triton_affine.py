@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 
+import _naive as naive
 import pytest
 import torch
 import torch.nn as nn
@@ -36,22 +37,6 @@ def _case(B, T, C, dtype=torch.float64, seed=0):
     return x, g, c
 
 
-def _naive(x, g):
-    """Per-sample weight and bias gradients, (B, C) each, one sample at a time in float64 from autograd
-    of sum(y * g) with y = x * w + b (the affine part of the norm layers)."""
-    gw, gb = [], []
-    C = g.shape[2]
-    for i in range(g.shape[0]):
-        w = torch.ones(C, dtype=torch.float64, requires_grad=True)
-        b = torch.zeros(C, dtype=torch.float64, requires_grad=True)
-        ((x[i].double() * w + b) * g[i].double()).sum().backward()
-        gw.append(w.grad)
-        gb.append(b.grad)
-    if not gw:
-        return torch.zeros(0, C, dtype=torch.float64), torch.zeros(0, C, dtype=torch.float64)
-    return torch.stack(gw), torch.stack(gb)
-
-
 def _snr_db(x, ref_x):
     err = (x.double() - ref_x.double()).square().sum()
     return (10 * torch.log10(ref_x.double().square().sum() / err)).item() if err > 0 else float("inf")
@@ -68,7 +53,7 @@ FP32 = dict(rtol=1e-4, atol=1e-5)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_norms_fp64_match_naive(shape):
     x, g, _ = _case(*shape)
-    gw, gb = _naive(x, g)
+    gw, gb = naive.affine(x, g)
     for weight, bias in FLAGS:
         w, b = tt.affine_norms(x, g, weight=weight, bias=bias)
         assert (w is None) != weight and (b is None) != bias
@@ -82,7 +67,7 @@ def test_norms_fp64_match_naive(shape):
 def test_norms_fp32_and_strided():
     """GroupNorm's rows are a transposed view, (B, C, HW) -> (B, HW, C): read through the strides."""
     x, g, _ = _case(3, 17, 20, torch.float32)
-    gw, gb = _naive(x, g)
+    gw, gb = naive.affine(x, g)
     xs = x.transpose(1, 2).contiguous().transpose(1, 2)
     gs = g.transpose(1, 2).contiguous().transpose(1, 2)
     assert xs.stride() == (340, 1, 17)
@@ -98,7 +83,7 @@ def test_norms_half(dtype):
     # are as accurate as fp32 ones (> 100 dB); 60 dB fails a kernel that rounds xhat * g or the
     # per-sample sums to 16 bits (~50 dB for bf16).
     x, g, _ = _case(3, 17, 130, dtype)
-    gw, gb = _naive(x, g)
+    gw, gb = naive.affine(x, g)
     w, b = tt.affine_norms(x, g, weight=True, bias=True)
     assert w.dtype == torch.float32
     assert _snr_db(w, gw.square().sum(1)) > 60
@@ -112,7 +97,7 @@ def test_clipped_sum_fp64_matches_naive(shape, splits):
     add_noise.finish (three) give the same result."""
     B, T, C = shape
     x, g, c = _case(*shape)
-    gw, gb = _naive(x, g)
+    gw, gb = naive.affine(x, g)
     prev_w, prev_b = torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64)
     exp_w = 0.25 * (prev_w + (c[:, None] * gw).sum(0))
     exp_b = 0.25 * (prev_b + (c[:, None] * gb).sum(0))
@@ -135,7 +120,7 @@ def test_clipped_sum_low_precision(dtype, min_db):
     # 6e-8, SNR ~ 140 dB for every input dtype. The bars keep >= 20 dB of margin and fail any 16-bit
     # rounding of the products (bf16: ~59 dB).
     x, g, c = _case(3, 17, 130, dtype)
-    gw, gb = _naive(x, g)
+    gw, gb = naive.affine(x, g)
     w, b = tt.affine_clipped_sum(x, g, c, weight=True, bias=True)
     assert w.dtype == torch.float32
     assert _snr_db(w, (c.double()[:, None] * gw).sum(0)) > min_db

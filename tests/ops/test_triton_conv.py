@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import math
 
+import _naive as naive
 import pytest
 import torch
 import torch.nn as nn
@@ -63,24 +64,6 @@ def _make(name, dtype=torch.float64, seed=0):
     return x, g, c, geom, (cout, cin // groups, *k), bias
 
 
-def _naive(x, g, weight_shape, geom):
-    """Per-sample weight and bias gradients of sum(conv(x_i, W) * g_i), one sample at a time, in float64."""
-    x, g = x.double(), g.double()
-    n = x.dim() - 2
-    w = torch.zeros(weight_shape, dtype=torch.float64)
-    gw, gb = [], []
-    for i in range(x.shape[0]):
-        wi = w.clone().requires_grad_(True)
-        bi = torch.zeros(weight_shape[0], dtype=torch.float64, requires_grad=True)
-        y = CONV[n](x[i : i + 1], wi, bi, **geom)
-        a, b = torch.autograd.grad((y * g[i : i + 1]).sum(), (wi, bi))
-        gw.append(a)
-        gb.append(b)
-    if not gw:
-        return torch.zeros(0, *weight_shape, dtype=torch.float64), torch.zeros(0, weight_shape[0], dtype=torch.float64)
-    return torch.stack(gw), torch.stack(gb)
-
-
 def _csum(c, gw):
     """sum_i c_i grad_i, in float64."""
     return (c.double().view(-1, *[1] * (gw.dim() - 1)) * gw).sum(0)
@@ -107,7 +90,7 @@ def test_fp64_match_naive(name):
     """Norms (ghost and inst) and the clipped sum with prev and scale, against per-sample gradients."""
     x, g, c, geom, ws, bias = _make(name)
     B = x.shape[0]
-    gw, gb = _naive(x, g, ws, geom)
+    gw, gb = naive.conv(x, g, ws, **geom)
     for method in ("ghost", "inst"):
         nw, nb = tt.conv_norms(x, g, kernel_size=ws[2:], bias=bias, method=method, **geom)
         assert nw.dtype == torch.float64 and nw.shape == (B,)
@@ -145,7 +128,7 @@ def test_split_k_matches_fused():
 @pytest.mark.parametrize("name", ["2d-3x3-T81", "2d-aniso-g3"])
 def test_fp32(name):
     x, g, c, geom, ws, bias = _make(name, torch.float32)
-    gw, gb = _naive(x, g, ws, geom)  # float64 truth on the same (fp32-representable) inputs
+    gw, gb = naive.conv(x, g, ws, **geom)  # float64 truth on the same (fp32-representable) inputs
     for method in ("ghost", "inst"):
         nw, nb = tt.conv_norms(x, g, kernel_size=ws[2:], bias=True, method=method, **geom)
         assert nw.dtype == torch.float32
@@ -166,7 +149,7 @@ def test_half_by_snr(dtype, sum_db):
     # <= 2^-9 (bf16) / 2^-12 (fp16) relative per term, so SNR ~ 59 / ~77 dB; the bars keep ~20 dB of
     # margin and still fail a dropped tile or a missing clip factor (<< 40 dB). The bias sums in fp32.
     x, g, c, geom, ws, _ = _make("2d-3x3-T81", dtype)
-    gw, gb = _naive(x, g, ws, geom)
+    gw, gb = naive.conv(x, g, ws, **geom)
     for method in ("ghost", "inst"):
         nw, nb = tt.conv_norms(x, g, kernel_size=ws[2:], bias=True, method=method, **geom)
         assert nw.dtype == torch.float32  # half inputs accumulate and return in fp32, as the reference
@@ -185,7 +168,7 @@ def test_clipped_sum_fp16_products_stay_in_range(c_scale):
     as accurate as c in [0, 1], the bar of test_half_by_snr, with and without split-K."""
     x, g, c, geom, ws, _ = _make("2d-3x3-T81", torch.float16)
     g, c = g * 16, c.float() * c_scale
-    gw, _ = _naive(x, g, ws, geom)
+    gw, _ = naive.conv(x, g, ws, **geom)
     for splits in (1, 3):
         w, _ = tconv.launch_clipped_sum(
             x,
@@ -211,7 +194,7 @@ def test_strided_and_mixed_inputs():
     x, g, c, geom, ws, _ = _make("2d-aniso-g3")
     xc = x.to(memory_format=torch.channels_last)
     assert not xc.is_contiguous()
-    gw, _ = _naive(x, g, ws, geom)
+    gw, _ = naive.conv(x, g, ws, **geom)
     nw, _ = tt.conv_norms(xc, g, kernel_size=ws[2:], bias=False, method="inst", **geom)
     torch.testing.assert_close(nw, gw.flatten(1).square().sum(1), **FP64)
     w, _ = tt.conv_clipped_sum(xc, g, c, weight_shape=ws, bias=False, **geom)

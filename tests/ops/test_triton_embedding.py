@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 
+import _naive as naive
 import pytest
 import torch
 import torch.nn as nn
@@ -49,16 +50,6 @@ def _case(B, T, V, D, dtype=torch.float64, seed=0):
     return ids, g, c
 
 
-def _naive(ids, g, V, padding_idx):
-    """(B, V, D) per-sample weight gradients from torch's own embedding backward, one sample at a time."""
-    out = []
-    for i in range(ids.shape[0]):
-        W = torch.zeros(V, g.shape[-1], dtype=torch.float64, requires_grad=True)
-        (F.embedding(ids[i], W, padding_idx=padding_idx) * g[i].double()).sum().backward()
-        out.append(W.grad)
-    return torch.stack(out) if out else torch.zeros(0, V, g.shape[-1], dtype=torch.float64)
-
-
 def _snr_db(x, ref_x):
     err = (x.double() - ref_x.double()).square().sum()
     return (10 * torch.log10(ref_x.double().square().sum() / err)).item() if err > 0 else float("inf")
@@ -77,7 +68,7 @@ FP32 = dict(rtol=1e-4, atol=1e-5)
 def test_norms_fp64_match_naive(shape):
     B, T, V, D, pad = shape
     ids, g, _ = _case(B, T, V, D)
-    expected = _naive(ids, g, V, pad).flatten(1).square().sum(1)
+    expected = naive.embedding(ids, g, V, pad).flatten(1).square().sum(1)
     for method in _methods(T):
         n = temb.launch_norms(ids, g, V, pad, method)
         assert n.dtype == torch.float64 and n.shape == (B,)
@@ -94,15 +85,15 @@ def test_transposed_ids(T):
     ids_tb, g_tb, c = _case(T, B, V, D)  # (T, B) ids and (T, B, D) rows, then viewed batch-first
     ids, g, c = ids_tb.T, g_tb.transpose(0, 1), c[:B]
     assert not ids.is_contiguous() and not g.is_contiguous()
-    expected = _naive(ids, g, V, 1).flatten(1).square().sum(1)
+    expected = naive.embedding(ids, g, V, 1).flatten(1).square().sum(1)
     for method in _methods(T):
         torch.testing.assert_close(temb.launch_norms(ids, g, V, 1, method), expected, **FP64)
     out = tt.embedding_clipped_sum(ids, g, c, num_embeddings=V, padding_idx=1)
-    torch.testing.assert_close(out, (c[:, None, None] * _naive(ids, g, V, 1)).sum(0), **FP64)
+    torch.testing.assert_close(out, (c[:, None, None] * naive.embedding(ids, g, V, 1)).sum(0), **FP64)
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(4, B, D, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE).transpose(0, 1)
     gh = torch.randn(4, B, V, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE).transpose(0, 1)
-    expected = (_naive(ids, g, V, 1) * torch.einsum("bsv,bsd->bvd", gh, a)).sum(dim=(1, 2))
+    expected = (naive.embedding(ids, g, V, 1) * torch.einsum("bsv,bsd->bvd", gh, a)).sum(dim=(1, 2))
     torch.testing.assert_close(tt.embedding_linear_cross(ids, g, a, gh, padding_idx=1), expected, **FP64)
 
 
@@ -110,7 +101,7 @@ def test_transposed_ids(T):
 def test_norms_fp32_and_int32_ids(shape):
     B, T, V, D, pad = shape
     ids, g, _ = _case(B, T, V, D, torch.float32)
-    expected = _naive(ids, g, V, pad).flatten(1).square().sum(1)
+    expected = naive.embedding(ids, g, V, pad).flatten(1).square().sum(1)
     for method in _methods(T):
         n = temb.launch_norms(ids.int(), g, V, pad, method)
         assert n.dtype == torch.float32
@@ -123,7 +114,7 @@ def test_norms_half(dtype):
     # as accurate as fp32 ones (> 100 dB). 60 dB still fails a kernel that rounds run sums or Gram tiles
     # to 16 bits (~50 dB for bf16).
     ids, g, _ = _case(2, 40, 5, 20, dtype)
-    expected = _naive(ids, g, 5, 1).flatten(1).square().sum(1)
+    expected = naive.embedding(ids, g, 5, 1).flatten(1).square().sum(1)
     for method in ("gram", "scan"):
         n = temb.launch_norms(ids, g, 5, 1, method)
         assert n.dtype == torch.float32
@@ -142,7 +133,7 @@ def test_norms_non_finite(method):
     n = temb.launch_norms(ids, g, 4, 0, method)
     clean = g.clone()
     clean[0, 1] = 0
-    torch.testing.assert_close(n[0], _naive(ids[:1], clean[:1], 4, 0).square().sum(), **FP64)
+    torch.testing.assert_close(n[0], naive.embedding(ids[:1], clean[:1], 4, 0).square().sum(), **FP64)
     assert not torch.isfinite(n[1])
 
 
@@ -151,12 +142,12 @@ def test_clipped_sum_fp64_matches_naive(shape):
     B, T, V, D, pad = shape
     ids, g, c = _case(B, T, V, D)
     prev = torch.randn(V, D, dtype=torch.float64)
-    expected = 0.25 * (prev + (c[:, None, None] * _naive(ids, g, V, pad)).sum(0))
+    expected = 0.25 * (prev + (c[:, None, None] * naive.embedding(ids, g, V, pad)).sum(0))
     out = tt.embedding_clipped_sum(ids, g, c, num_embeddings=V, padding_idx=pad, scale=0.25, prev=prev)
     assert out.dtype == torch.float64 and out.shape == (V, D)
     torch.testing.assert_close(out, expected, **FP64)
     out = tt.embedding_clipped_sum(ids.int(), g, c, num_embeddings=V, padding_idx=pad)  # int32 ids, no prev
-    torch.testing.assert_close(out, (c[:, None, None] * _naive(ids, g, V, pad)).sum(0), **FP64)
+    torch.testing.assert_close(out, (c[:, None, None] * naive.embedding(ids, g, V, pad)).sum(0), **FP64)
 
 
 @pytest.mark.parametrize("dtype, min_db", [(torch.float32, 120), (torch.bfloat16, 90), (torch.float16, 90)])
@@ -165,7 +156,7 @@ def test_clipped_sum_low_precision(dtype, min_db):
     # fp32 rows: relative error ~ sqrt(#terms) * 6e-8, SNR ~ 140 dB. The bars keep >= 20 dB of margin
     # and fail a 16-bit rounding of c_i g_it (bf16: ~59 dB) or a dropped token (<< 60 dB).
     ids, g, c = _case(3, 40, 37, 20, dtype)
-    expected = (c.double()[:, None, None] * _naive(ids, g, 37, 5)).sum(0)
+    expected = (c.double()[:, None, None] * naive.embedding(ids, g, 37, 5)).sum(0)
     out = tt.embedding_clipped_sum(ids, g, c, num_embeddings=37, padding_idx=5)
     assert out.dtype == torch.float32
     assert _snr_db(out, expected) > min_db
@@ -222,7 +213,7 @@ def test_cross_fp64_matches_naive(B, Te, Th, V, D, pad):
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(B, Th, D, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE)
     gh = torch.randn(B, Th, V, generator=gen, dtype=torch.float64, device="cpu").to(DEVICE)
-    dE = _naive(ids, ge, V, pad)
+    dE = naive.embedding(ids, ge, V, pad)
     dH = torch.einsum("bsv,bsd->bvd", gh, a)  # the head's per-sample weight gradient G_i^T A_i
     expected = (dE * dH).sum(dim=(1, 2))
     out = tt.embedding_linear_cross(ids, ge, a, gh, padding_idx=pad)

@@ -7,6 +7,7 @@ T = 1 and odd sizes. Noise is tested in test_triton_noise.py; here noise_std = 0
 
 from __future__ import annotations
 
+import _naive as naive
 import pytest
 import torch
 import torch.nn as nn
@@ -42,18 +43,6 @@ def _inputs(B, T, d, p, dtype, seed=0):
     return a, g, c
 
 
-def _naive(a, g):
-    """Per-sample weight and bias gradients, materialised one sample at a time in float64."""
-    a, g = a.double(), g.double()
-    gw = (
-        torch.stack([g[i].T @ a[i] for i in range(a.shape[0])])
-        if a.shape[0]
-        else a.new_zeros(0, g.shape[2], a.shape[2])
-    )
-    gb = torch.stack([g[i].sum(0) for i in range(a.shape[0])]) if a.shape[0] else a.new_zeros(0, g.shape[2])
-    return gw, gb
-
-
 def _snr_db(x, ref_x):
     """Signal-to-noise ratio of x against ref_x in dB (inf when equal)."""
     err = (x.double() - ref_x.double()).square().sum()
@@ -74,7 +63,7 @@ FP32 = dict(rtol=1e-4, atol=1e-5)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_norms_fp64_match_naive(shape, method):
     a, g, _ = _inputs(*shape, torch.float64)
-    gw, gb = _naive(a, g)
+    gw, gb = naive.linear(a, g)
     w, b = tt.linear_norms(a, g, bias=True, method=method)
     assert w.dtype == b.dtype == torch.float64 and w.shape == b.shape == (shape[0],)
     torch.testing.assert_close(w, gw.flatten(1).square().sum(1), **FP64)
@@ -88,7 +77,7 @@ def test_norms_fp64_match_naive(shape, method):
 @pytest.mark.parametrize("shape", SHAPES[2:4])  # the edge cases are covered in float64 above
 def test_norms_fp32(shape, method):
     a, g, _ = _inputs(*shape, torch.float32)
-    gw, gb = _naive(a, g)  # float64 truth on the same (fp32-representable) inputs
+    gw, gb = naive.linear(a, g)  # float64 truth on the same (fp32-representable) inputs
     w, b = tt.linear_norms(a, g, bias=True, method=method)
     assert w.dtype == torch.float32
     torch.testing.assert_close(w.double(), gw.flatten(1).square().sum(1), **FP32)
@@ -103,7 +92,7 @@ def test_norms_half(dtype, method):
     # worst-case fp32 summation bound n * eps with n ~ 5000 terms is 3e-4 relative, i.e. 70 dB
     # (measured: > 100 dB). A dropped or double-counted tile gives < 20 dB.
     a, g, _ = _inputs(2, 70, 20, 33, dtype)
-    gw, gb = _naive(a, g)
+    gw, gb = naive.linear(a, g)
     w, b = tt.linear_norms(a, g, bias=True, method=method)
     assert w.dtype == torch.float32  # half inputs accumulate and return in fp32, as the reference
     assert _snr_db(w, gw.flatten(1).square().sum(1)) > 70
@@ -113,7 +102,7 @@ def test_norms_half(dtype, method):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_bias_norms(shape):
     _, g, _ = _inputs(*shape, torch.float64)
-    _, gb = _naive(torch.zeros(*shape[:2], 1, dtype=torch.float64), g)
+    _, gb = naive.linear(torch.zeros(*shape[:2], 1, dtype=torch.float64), g)
     torch.testing.assert_close(tt.bias_norms(g), gb.square().sum(1), **FP64)
     torch.testing.assert_close(tt.bias_norms(g.float()).double(), gb.square().sum(1), **FP32)
 
@@ -125,7 +114,7 @@ def test_clipped_sum_fp64_matches_naive(shape, splits):
     workspace + finish kernel (splits 3) give the same result."""
     B, T, d, p = shape
     a, g, c = _inputs(*shape, torch.float64)
-    gw, gb = _naive(a, g)
+    gw, gb = naive.linear(a, g)
     prev_w = torch.randn(p, d, dtype=torch.float64)
     prev_b = torch.randn(p, dtype=torch.float64)
     exp_w = 0.25 * (prev_w + (c[:, None, None] * gw).sum(0))
@@ -147,7 +136,7 @@ def test_clipped_sum_fp64_matches_naive(shape, splits):
 def test_clipped_sum_fp32(shape):
     B, T, d, p = shape
     a, g, c = _inputs(*shape, torch.float32)
-    gw, gb = _naive(a, g)
+    gw, gb = naive.linear(a, g)
     w, b = tt.linear_clipped_sum(a, g, c, bias=True)
     assert w.dtype == b.dtype == torch.float32
     # entries are sums of B*T <= 140 products: well inside the FP32 tolerance's reasoning above
@@ -162,7 +151,7 @@ def test_clipped_sum_half(dtype, min_db):
     # the bars keep ~20 dB of margin and still fail a dropped tile or a missing clip factor
     # (<< 40 dB). The bias is summed in fp32 before any rounding.
     a, g, c = _inputs(3, 70, 20, 130, dtype)
-    gw, gb = _naive(a, g)
+    gw, gb = naive.linear(a, g)
     w, b = tt.linear_clipped_sum(a, g, c, bias=True)
     assert w.dtype == torch.float32
     assert _snr_db(w, (c.double()[:, None, None] * gw).sum(0)) > min_db
@@ -179,7 +168,7 @@ def test_clipped_sum_fp16_products_stay_in_range(c_scale, splits):
     so the result is as accurate as for c in [0, 1]: the bar of test_clipped_sum_half."""
     a, g, c = _inputs(3, 70, 20, 130, torch.float16)
     g, c = g * 16, c.float() * c_scale
-    gw, _ = _naive(a, g)
+    gw, _ = naive.linear(a, g)
     expected = (c.double()[:, None, None] * gw).sum(0)
     w, _ = launch_clipped_sum(a, g, c, False, 0.0, 1.0, 0, 0, None, None, splits=splits)
     assert torch.isfinite(w).all()
@@ -209,7 +198,7 @@ def test_mixed_and_strided_inputs():
     """a and g of different dtypes are promoted; non-contiguous inputs are read through their strides."""
     a, g, c = _inputs(2, 9, 5, 6, torch.float64)
     at = a.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (45, 1, 9)
-    gw, gb = _naive(a, g)
+    gw, gb = naive.linear(a, g)
     for method in METHODS:
         w, _ = tt.linear_norms(at, g, bias=False, method=method)
         torch.testing.assert_close(w, gw.flatten(1).square().sum(1), **FP64)
