@@ -29,7 +29,7 @@ from .bounds import (
 from .conv import conv_clipped_sum, conv_norms, conv_rows, conv_unfold
 from .embedding import embedding_clipped_sum, embedding_linear_cross, embedding_norms
 from .linear import bias_clipped_sum, bias_norms, linear_clipped_sum, linear_norm_method, linear_norms
-from .norm import affine_clipped_sum, affine_norms
+from .affine import affine_clipped_sum, affine_norms
 
 __all__ = [
     "affine_norms_bound",
