@@ -18,6 +18,7 @@ with ``z`` drawn from a generator keyed by ``seed`` (one seed per output tensor)
 from __future__ import annotations
 
 from ._common import acc_dtype, add_noise, finish, gaussian
+from .affine import affine_clipped_sum, affine_norms
 from .bounds import (
     affine_norms_bound,
     bias_norms_bound,
@@ -29,7 +30,6 @@ from .bounds import (
 from .conv import conv_clipped_sum, conv_norms, conv_rows, conv_unfold
 from .embedding import embedding_clipped_sum, embedding_linear_cross, embedding_norms
 from .linear import bias_clipped_sum, bias_norms, linear_clipped_sum, linear_norm_method, linear_norms
-from .affine import affine_clipped_sum, affine_norms
 
 __all__ = [
     "affine_norms_bound",
