@@ -9,6 +9,11 @@ together: with n_i the per-sample norm over the group and R_g its bound,
 and every parameter of the group receives sum_i c_i grad_i. Both keep
 ||c_i grad_i|| <= R_g, so one sample moves the whole update by at most
 R_total = sqrt(sum_g R_g^2).
+
+Perturbed clipping (make_private(..., perturb_k=k), Chen, Wu & Hong 2020; dpkernels.perturb) clips
+v_i = g_i + k zeta_i, zeta_i ~ N(0, I) over the group's parameters, by the same functions: c_i from a
+certified upper bound on ||v_i||, and every parameter receives sum_i c_i v_i, the same zeta_i in the
+norm and in the sum. ||c_i v_i|| <= R_g holds for every zeta_i, so the sensitivity is unchanged.
 """
 
 from __future__ import annotations

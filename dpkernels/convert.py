@@ -273,6 +273,7 @@ def make_private(
     backend: str | None = None,
     distributed: bool | object = False,
     loss_scale: float = 1.0,
+    perturb_k: float = 0.0,
 ) -> tuple[nn.Module, DPOptimizer]:
     """Make ``model`` and ``optimizer`` train with DP-SGD.
 
@@ -292,6 +293,15 @@ def make_private(
     gradients would underflow); the engine divides the output gradients it sees by S before taking
     norms and clipped sums, so R bounds the unscaled per-sample gradients and the noise is unchanged.
     torch.amp.GradScaler (a scale that changes with the data) is refused at the step.
+
+    ``perturb_k`` k > 0: perturbed clipping (Chen, Wu & Hong 2020; dpkernels.perturb): each sample's
+    contribution to a clipping group is c_i (g_i + k zeta_i), zeta_i ~ N(0, I) over the group's parameters
+    and c_i the clip factor of ||g_i + k zeta_i|| (certified), so that the same zeta_i enters the norm and
+    the sum. ||c_i (g_i + k zeta_i)|| <= R_g still holds for every sample: the sensitivity, the noise and
+    the privacy account are those of plain clipping. It removes most of the clipping bias of asymmetric
+    per-sample gradient distributions at the cost of variance k^2 per coordinate and sample. It runs on
+    the reference ops (per-sample instantiation, B layer calls per pass) whatever the backend.
+    k = 0 (the default) is plain clipping.
     """
     if clipping not in CLIP_FUNCTIONS:
         raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
@@ -349,6 +359,7 @@ def make_private(
         loss_reduction=loss_reduction,
         accumulation_steps=accumulation_steps,
         seed=seed,
+        perturb_k=perturb_k,
     )
     parallel = None
     if distributed is not False:
@@ -367,6 +378,7 @@ def make_private(
                 "loss_reduction": loss_reduction,
                 "accumulation_steps": accumulation_steps,
                 "accountant": accountant,
+                "perturb_k": perturb_k,
             }
         )
         parallel.broadcast_model(model)

@@ -41,6 +41,7 @@ from . import ops
 from .clipping import clip_factors
 from .nn import DPModule
 from .ops._validate import ids_looked_up
+from .perturb import Perturbation
 
 STRATEGIES = ("bk", "two-pass")
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -259,6 +260,7 @@ class Engine:
         loss_reduction: str = "mean",
         accumulation_steps: int = 1,
         seed: int | None = None,
+        perturb_k: float = 0.0,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -289,6 +291,8 @@ class Engine:
         self.batch_size: int | None = None  # the model's batch, read by a forward pre-hook
         self.steps = 0
         self.r_total = math.sqrt(sum(b * b for b in self.bounds))
+        # clip(g_i + k zeta_i) (dpkernels.perturb); None: plain clipping
+        self.perturb = Perturbation(perturb_k) if perturb_k != 0.0 else None
 
         self._tie_of = {m: t for t in ties for m in t.modules}
         self._name_of = {m: n for n, m in modules.items()}
@@ -542,6 +546,8 @@ class Engine:
             tie.summed.clear()
             tie.reported = False
         self._factors = [None] * len(self.groups)
+        if self.perturb is not None:
+            self.perturb.clear()
         self._reset_pass()
 
     def _on_backward(self, module: nn.Module, tie: Tie, saved: Any, g: Tensor, node: Any) -> None:
@@ -599,7 +605,7 @@ class Engine:
             self._sum_params(tie, tie.params)
             tie.uses.clear()
             return
-        norms = tie_norms(tie) if tie.uses else {}
+        norms = (tie_norms(tie) if self.perturb is None else self.perturb.norms(self, tie)) if tie.uses else {}
         if self._phase == "norms" and tie.uses:
             self._normed.add(id(tie))
         s2 = self.loss_scale() ** 2
@@ -679,6 +685,9 @@ class Engine:
         chains their contributions through ``prev`` and gets its noise once, in the last.
         """
         last = self._micro + 1 == self.accumulation_steps
+        if self.perturb is not None:
+            self.perturb.sum_params(self, tie, params, last)
+            return
         by_module: dict[nn.Module, list[nn.Parameter]] = {}
         for p in params:
             tie.summed.add(id(p))
@@ -731,6 +740,8 @@ class Engine:
         if self._phase != "norms":
             self._micro += 1
             self._factors = [None] * len(self.groups)  # the batch's clip factors: secret, and used up
+            if self.perturb is not None:
+                self.perturb.clear()
         self._reset_pass()
 
     def _check_finite(self) -> None:
