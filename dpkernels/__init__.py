@@ -5,6 +5,7 @@ Public API: `make_private`, the DP layers (`DPLinear`, ...), `set_backend` / `us
 
 from . import api as api  # functional API for other libraries: api.per_sample_norms, api.clipped_sum
 from . import data as data  # Poisson sampling: data.poisson_loader, data.PoissonBatchSampler
+from . import pruning as pruning  # magnitude pruning: pruning.magnitude_masks, pruning.apply_masks
 from .accounting import Accountant, get_epsilon, get_noise_multiplier
 from .convert import make_private
 from .engine import DPOptimizer, Engine

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, pruning
 from .clipping import clip_factors
 from .nn import DPModule
 from .ops._validate import ids_looked_up
@@ -79,8 +79,10 @@ class Tie:
 
 
 def dp_function(module: Any) -> Any:
-    """The autograd Function class (with its ``norms`` and ``clipped_sum``) of a DP module."""
-    return type(module).dp_function
+    """The autograd Function class (with its ``norms`` and ``clipped_sum``) of a DP module; for a module with
+    pruning masks on its parameters, their masked norms and sums (dpkernels.pruning)."""
+    fn = type(module).dp_function
+    return pruning.masked_function(module, fn) if pruning.has_masks(module) else fn
 
 
 def _mix64(*xs: int) -> int:
@@ -848,7 +850,7 @@ class Engine:
                 device=p.device,
                 dtype=prev.dtype if prev is not None else ops.acc_dtype(p),  # never round a float64 sum to fp32
             )
-            p.grad = out.to(p.dtype)
+            p.grad = pruning.masked_grad(p, out).to(p.dtype)  # pruned coordinates: no noise
         self._acc.clear()
         self._noised.clear()
         self._micro = 0
@@ -878,6 +880,7 @@ def tie_norms(tie: Tie) -> dict[int, Tensor]:
         return dp_function(m).norms(m, tie.uses.get(m, []))
     from .functional.tied import tied_norms
 
+    pruning.refuse_tied(tie.names, tie.params)
     return tied_norms(tie)
 
 

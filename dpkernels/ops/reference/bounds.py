@@ -127,13 +127,17 @@ def _ghost(a: Tensor, g: Tensor) -> Bound:
     return _unscale(b, (sa * sg).square())
 
 
-def _inst(a: Tensor, g: Tensor) -> Bound:
+def _inst(a: Tensor, g: Tensor, keep: Tensor | None = None) -> Bound:
     """Instantiated ||G^T A||_F^2 of each row block with its bound; a: (b, T, d), g: (b, T, p).
 
     W = sum over chunks c of _CHUNK tokens of fl(G_c^T A_c), summed in float64. Entrywise,
     |W - G^T A| <= (gamma_256 + gamma_{T/256}(2^-53)(1 + gamma_256)) (|G|^T |A|) + T eta, and
     || |G|^T |A| ||_F <= sum_t |a_t| |g_t| = S (triangle inequality), so
     ||G^T A|| <= sqrt(fl(sum W^2)(1 + gamma_{pd}(2^-53))) + gamma' S + T eta sqrt(p d).
+
+    ``keep`` (k, p, d) bool, k dividing b (block j uses keep[j % k]): the norm of the kept entries
+    only, ||keep * G^T A|| (pruning, dpkernels.pruning). Zeroing entries is a projection: it shrinks
+    the error term and the exact norm alike, so every bound above holds for the masked norm unchanged.
     """
     dt = acc_dtype(a, g)
     T, d, p = a.shape[1], a.shape[2], g.shape[2]
@@ -143,6 +147,8 @@ def _inst(a: Tensor, g: Tensor) -> Bound:
     W = torch.zeros(a.shape[0], p, d, device=a.device, dtype=F64)
     for t0 in range(0, T, _CHUNK):
         W += (G[:, t0 : t0 + _CHUNK].transpose(1, 2) @ A[:, t0 : t0 + _CHUNK]).to(F64)
+    if keep is not None:
+        W = torch.where(keep, W.view(-1, *keep.shape), 0.0).view(W.shape)
     value = W.square().sum(dim=(1, 2))
     n_chunks = max(1, math.ceil(T / _CHUNK))
     g_dot = dot_gamma(min(T, _CHUNK), u, u_in)
