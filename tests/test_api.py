@@ -317,3 +317,42 @@ def test_noise_seed_defaults_to_fresh_per_call():
     s1 = api.clipped_sum(m, x, g, c, noise_std=1.0, seed=5)
     s2 = api.clipped_sum(m, x, g, c, noise_std=1.0, seed=5)
     assert all(torch.equal(s1[p], s2[p]) for p in s1)
+
+
+def test_op_entry_points_carry_the_reference_signatures():
+    """mypy and IDEs see each op's real arguments: the dispatcher's entry point has the reference op's signature."""
+    import inspect
+
+    from dpkernels.ops import reference
+
+    for op in ops.OPS:
+        if op == "add_noise":  # its entry point adds the device-less case (prev None): see ops.add_noise
+            continue
+        assert inspect.signature(getattr(ops, op)) == inspect.signature(getattr(reference, op)), op
+
+
+def test_a_backend_with_a_drifted_signature_is_refused(monkeypatch):
+    import types
+
+    fake = types.ModuleType("dpkernels.ops.fake")
+    fake.__all__ = ["bias_norms"]
+    fake.bias_norms = lambda g, extra: g  # type: ignore[attr-defined]
+    monkeypatch.setitem(ops._loaded, "fake", fake)
+    monkeypatch.delitem(ops._served, "fake", raising=False)
+    with pytest.raises(TypeError, match="fake.*bias_norms"):
+        ops.served("fake")
+
+
+def test_a_forced_backend_without_the_op_warns_and_the_reference_serves(monkeypatch):
+    import types
+
+    fake = types.ModuleType("dpkernels.ops.fake")
+    fake.__all__ = []
+    monkeypatch.setitem(ops._loaded, "fake", fake)
+    monkeypatch.setitem(ops._served, "fake", {})
+    monkeypatch.setattr(ops, "_warned", set())
+    g = torch.randn(2, 3, 4)
+    with pytest.warns(UserWarning, match="'fake' has no bias_norms"):
+        out = ops.bias_norms(g, backend="fake")
+    assert ops.last_backend["bias_norms"] == "reference"
+    torch.testing.assert_close(out, ops.reference.bias_norms(g))

@@ -4,8 +4,10 @@ Backends: ``reference`` (plain PyTorch, any device, the ground truth), ``triton`
 (CUDA tensors, or the CPU under TRITON_INTERPRET=1) and ``cuda`` (the csrc
 extension). ``auto`` picks per call by device and availability; `set_backend`
 forces one process-wide, `use_backend` for the calls of one thread (or asyncio task)
-inside a ``with`` block. An op a backend lacks falls back to the reference;
-`last_backend` says which backend served each op most recently, so the choice is visible.
+inside a ``with`` block. Each backend registers its ops by name in its module's ``__all__`` (checked
+against the reference's signatures when it loads); an op a backend lacks is served by the reference,
+with a warning when that backend was asked for; `last_backend` says which backend served each op most
+recently, so the choice is visible. The entry points below carry the reference ops' signatures.
 Every op's inputs are checked once, here, before any backend runs (`_validate`): all backends
 accept and refuse the same inputs, with the same errors.
 """
@@ -14,9 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
-from collections.abc import Iterator
+import inspect
+import warnings
+from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import ParamSpec, TypeVar, cast
 
 from torch import Tensor
 
@@ -96,15 +102,67 @@ def _auto(device_type: str) -> list[str]:
     return ["reference"]
 
 
+# The ops every backend may serve, with the reference's signatures (add_noise: see below).
+OPS = (
+    "linear_norms",
+    "linear_clipped_sum",
+    "bias_norms",
+    "bias_clipped_sum",
+    "conv_norms",
+    "conv_clipped_sum",
+    "embedding_norms",
+    "embedding_clipped_sum",
+    "embedding_linear_cross",
+    "affine_norms",
+    "affine_clipped_sum",
+    "add_noise",
+)
+_served: dict[str, dict[str, Callable]] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def _signature(fn: Callable) -> list[tuple[str, object]]:
+    return [(q.name, q.kind) for q in inspect.signature(fn).parameters.values()]
+
+
+def served(name: str) -> dict[str, Callable]:
+    """The ops backend ``name`` registers: the names in its module's ``__all__`` that are ops, each checked
+    to take the reference's arguments (a backend whose signature drifted is a bug, refused when it loads)."""
+    if name not in _served:
+        mod = _load(name)
+        table: dict[str, Callable] = {}
+        for op in getattr(mod, "__all__", ()) if mod is not None else ():
+            if op not in OPS:
+                continue
+            fn = getattr(mod, op)
+            if name != "reference" and _signature(fn) != _signature(getattr(reference, op)):
+                raise TypeError(
+                    f"backend {name!r} registers {op} with arguments {inspect.signature(fn)}, not the reference's "
+                    f"{inspect.signature(getattr(reference, op))}"
+                )
+            table[op] = fn
+        _served[name] = table
+    return _served[name]
+
+
 def resolve(op: str, tensor: Tensor, backend: str | None = None):
-    """The callable that serves ``op`` for ``tensor``'s device, and its backend's name."""
+    """The callable that serves ``op`` for ``tensor``'s device, and records its backend in `last_backend`.
+
+    A backend that was asked for (``backend=``, `use_backend`, `set_backend`) and does not register ``op``
+    leaves it to the reference, with a warning the first time (never a silent substitution)."""
     local = _local.get()
     chosen = backend or (_forced if local is None else None if local == "auto" else local)
     order = [chosen] if chosen else _auto(tensor.device.type)
     for name in order + ["reference"]:
-        mod = _load(name)
-        fn = getattr(mod, op, None) if mod is not None else None
+        fn = served(name).get(op)
         if fn is not None:
+            if chosen and name != chosen and (chosen, op) not in _warned:
+                _warned.add((chosen, op))
+                warnings.warn(
+                    f"backend {chosen!r} has no {op}: the reference serves it (dpkernels.ops.last_backend says "
+                    f"which backend served each op)",
+                    stacklevel=3,
+                )
             last_backend[op] = name
             return fn
     raise NotImplementedError(op)
@@ -116,15 +174,26 @@ def resolve_named(op: str, tensor: Tensor, backend: str | None = None):
     return fn, last_backend[op]
 
 
-def _dispatch(op: str):
-    validate = getattr(_validate, op)  # the op's input checks: the same inputs refused, the same way, everywhere
+P = ParamSpec("P")
+R = TypeVar("R")
 
-    def call(*args, backend: str | None = None, **kwargs):
+
+def _entry(ref: Callable[P, R]) -> Callable[P, R]:
+    """The dispatching entry point of the reference op ``ref``, with its signature (so type checkers and
+    IDEs see the real arguments) and one extra keyword, ``backend=`` (a backend for this call only).
+    The op's inputs are checked here, once, before any backend runs."""
+    op = ref.__name__
+    validate = getattr(_validate, op)  # the same inputs refused, the same way, whichever backend serves
+
+    @functools.wraps(ref)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        backend = cast("str | None", kwargs.pop("backend", None))
         validate(*args, **kwargs)
-        return resolve(op, args[0], backend)(*args, **kwargs)
+        return resolve(op, cast(Tensor, args[0]), backend)(*args, **kwargs)
 
-    call.__name__ = op
-    call.__doc__ = f"Dispatches to ``{op}`` of the chosen backend; see dpkernels.ops.reference.{op}."
+    call.__doc__ = f"Dispatches to ``{op}`` of the chosen backend (keyword ``backend=`` for this call).\n\n" + (
+        ref.__doc__ or ""
+    )
     return call
 
 
@@ -132,19 +201,17 @@ def _dispatch(op: str):
 linear_norm_method = reference.linear_norm_method
 acc_dtype = reference.acc_dtype
 
-# The ops. Each backend module defines the ones it implements under these names,
-# with the reference's signature (first positional argument: a tensor on the target device).
-linear_norms = _dispatch("linear_norms")
-linear_clipped_sum = _dispatch("linear_clipped_sum")
-bias_norms = _dispatch("bias_norms")
-bias_clipped_sum = _dispatch("bias_clipped_sum")
-conv_norms = _dispatch("conv_norms")
-conv_clipped_sum = _dispatch("conv_clipped_sum")
-embedding_norms = _dispatch("embedding_norms")
-embedding_clipped_sum = _dispatch("embedding_clipped_sum")
-embedding_linear_cross = _dispatch("embedding_linear_cross")
-affine_norms = _dispatch("affine_norms")
-affine_clipped_sum = _dispatch("affine_clipped_sum")
+linear_norms = _entry(reference.linear_norms)
+linear_clipped_sum = _entry(reference.linear_clipped_sum)
+bias_norms = _entry(reference.bias_norms)
+bias_clipped_sum = _entry(reference.bias_clipped_sum)
+conv_norms = _entry(reference.conv_norms)
+conv_clipped_sum = _entry(reference.conv_clipped_sum)
+embedding_norms = _entry(reference.embedding_norms)
+embedding_clipped_sum = _entry(reference.embedding_clipped_sum)
+embedding_linear_cross = _entry(reference.embedding_linear_cross)
+affine_norms = _entry(reference.affine_norms)
+affine_clipped_sum = _entry(reference.affine_clipped_sum)
 
 
 def add_noise(
