@@ -856,6 +856,17 @@ class Engine:
         self._micro = 0
         self.steps += 1
 
+    def abandon_step(self) -> None:
+        """Drop the logical step in progress (a refused step): its micro-batches' sums and the gradients
+        already written, so that the next backward starts a new step and no half-made gradient is stepped."""
+        self._abort()
+        self._acc.clear()
+        self._noised.clear()
+        self._micro = 0
+        self._acc_lost = None
+        for p in self._params:
+            p.grad = None
+
     def report(self) -> str:
         """Per layer: type, norm method chosen at the last backward, clipping group."""
         rows = ["layer | type | norm method | group"]
@@ -966,6 +977,7 @@ class DPOptimizer(torch.optim.Optimizer):
         if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
             self.__dict__.pop("grad_scale", None)
             self.__dict__.pop("found_inf", None)
+            self.engine.abandon_step()
             raise RuntimeError(
                 "no step was taken: torch.amp.GradScaler cannot drive a DP step. The per-sample gradients are "
                 "clipped during backward, where they still carry the scaler's factor S (clipping bound R would "

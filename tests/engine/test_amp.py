@@ -86,3 +86,22 @@ def test_float16_autocast_with_a_fixed_loss_scale_trains_like_float32():
     # forward and backward: 8u = 3.9e-3 bounds the relative error (4.7e-4 measured); a scale not divided
     # out gives a relative error of S - 1
     assert float((got - want).norm() / want.norm()) < 8 * 2.0**-11
+
+
+def test_after_a_refused_grad_scaler_step_the_next_step_is_a_fresh_one():
+    """The refused step is dropped whole: its (scaled) gradients are not left for a later plain step() to apply,
+    and the next loss.backward(); step() is the step a fresh private model takes on that batch."""
+    x, y = batch(CASE, B)
+    model, opt = _private(noise=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(batch_loss(CASE, model(x), y, "mean")).backward()
+    with pytest.raises(RuntimeError, match="GradScaler"):
+        scaler.step(opt)
+    assert all(p.grad is None for p in model.parameters())  # a plain opt.step() now would be a noise-only step
+    batch_loss(CASE, model(x), y, "mean").backward()
+    opt.step()
+    fresh, fresh_opt = _private(noise=0.0)
+    batch_loss(CASE, fresh(x), y, "mean").backward()
+    fresh_opt.step()
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)  # the same computation on the same inputs
