@@ -95,12 +95,16 @@ def _mix64(*xs: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+class ParameterGradRequested(RuntimeError):
+    """torch.autograd.grad(..., inputs=[p]) with a DP parameter p among the inputs."""
+
+
 def _will_run(node: Any) -> bool:
     """Whether the backward pass running now will execute autograd node ``node``."""
     try:
         return torch._C._will_engine_execute_node(node)
-    except RuntimeError:  # autograd.grad(..., inputs=[p]) on p's AccumulateGrad: the pass asks for p's gradient
-        return True
+    except RuntimeError as e:  # autograd.grad(..., inputs=[p]) on p's AccumulateGrad: it asks for p's gradient
+        raise ParameterGradRequested() from e
 
 
 def will_accumulate(params: Sequence[Tensor], node: Any = None) -> bool:
@@ -205,7 +209,11 @@ class DetachedEngine:
         self.batch_size = None
 
     def on_backward(self, module: nn.Module, saved: Any, g: Tensor, node: Any = None) -> None:
-        if will_accumulate(list(module.parameters(recurse=False)), node):
+        try:
+            asks = will_accumulate(list(module.parameters(recurse=False)), node)
+        except ParameterGradRequested:
+            asks = True
+        if asks:
             raise RuntimeError(f"DP layer {type(module).__name__} {self.why}.")
 
     def check_live(self) -> None:
@@ -520,7 +528,18 @@ class Engine:
             self._counting = {}
         hit = self._counting.get(tie)
         if hit is None:
-            hit = self._counting[tie] = will_accumulate(tie.params, node)
+            try:
+                hit = self._counting[tie] = will_accumulate(tie.params, node)
+            except ParameterGradRequested:
+                self._abort()
+                names = [self._pname.get(id(p), str(tuple(p.shape))) for p in tie.params]
+                raise RuntimeError(
+                    f"torch.autograd.grad was asked for the gradient of DP parameter(s) {names}: a DP layer never "
+                    f"hands its parameters' gradients to autograd (it would have to return the non-private sum over "
+                    f"the batch), so autograd.grad would return None and the batch would be counted as a step. Call "
+                    f"loss.backward() (or optimizer.backward(per_sample_losses)) and read p.grad, which is private; "
+                    f"for input gradients, ask autograd.grad for the inputs only"
+                ) from None
         return hit
 
     def _raw_use(self, name: str, grad: Tensor | None) -> None:

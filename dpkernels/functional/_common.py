@@ -13,12 +13,14 @@ with ``uses`` the list of (saved, G) of every call of the module in this pass
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._C import _functions
 
 
 def autocast_inputs(*tensors: Tensor | None) -> tuple[tuple[Tensor | None, ...], AbstractContextManager]:
@@ -51,3 +53,30 @@ def trainable(module: nn.Module, name: str) -> nn.Parameter | None:
 def batch_rows(x: Tensor) -> Tensor:
     """(B, ..., d) -> (B, T, d) with T the product of the middle dimensions."""
     return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])  # not -1: B may be 0
+
+
+def first_order_only(backward: Any) -> Any:
+    """torch's ``once_differentiable`` for a DP Function's backward, with an error that names the layer and
+    what to do when its gradient is differentiated again (create_graph=True, as a gradient penalty does):
+    a DP layer gives per-sample first-order gradients only, and the gradient of a penalty with respect to
+    its parameters would have no per-sample norm."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *args: Any) -> Any:
+        with torch.no_grad():
+            outputs = backward(ctx, *args)
+        if not torch.is_grad_enabled() or not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return outputs
+        outs = outputs if isinstance(outputs, tuple) else (outputs,)
+        module = getattr(ctx, "module", None)
+        name = module._dp_name() if hasattr(module, "_dp_name") else type(module).__name__
+        err = _functions.DelayedError(
+            f"DP layer {name} was differentiated twice (a backward with create_graph=True, e.g. a gradient penalty, "
+            f"then a backward through that gradient): DP layers compute first-order per-sample gradients only, and "
+            f"the penalty's gradient with respect to their parameters would be neither clipped nor noised. Drop the "
+            f"penalty, or compute it through layers that are not private (a non-DP copy of the model)".encode(),
+            len(outs),
+        )
+        return err(*[None if v is None else v.detach().requires_grad_() for v in outs])
+
+    return wrapper

@@ -18,10 +18,9 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ._common import attach, trainable
+from ._common import attach, first_order_only, trainable
 
 # Elements of unfolded input per chunk when several uses are concatenated (as the reference op).
 _CHUNK_ELEMS = 1 << 26
@@ -72,7 +71,7 @@ class ConvFunction(torch.autograd.Function):
         return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * n, groups)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g: Tensor):
         x, weight = ctx.saved_tensors
         kernel_size, stride, padding, dilation, groups = ctx.geom

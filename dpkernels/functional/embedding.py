@@ -13,10 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ._common import attach, trainable
+from ._common import attach, first_order_only, trainable
 
 
 def unsupported_reason(module: Any) -> str | None:
@@ -67,7 +66,7 @@ class EmbeddingFunction(torch.autograd.Function):
         return F.embedding(ids, weight)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g: Tensor):
         (ids,) = ctx.saved_tensors
         ctx.module._dp_engine.on_backward(ctx.module, ids, g, ctx)

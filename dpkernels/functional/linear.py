@@ -12,10 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ._common import attach, batch_rows, trainable
+from ._common import attach, batch_rows, first_order_only, trainable
 
 
 class LinearFunction(torch.autograd.Function):
@@ -26,7 +25,7 @@ class LinearFunction(torch.autograd.Function):
         return F.linear(x, weight, bias)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g: Tensor):
         x, weight = ctx.saved_tensors
         gx = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None

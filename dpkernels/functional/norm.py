@@ -24,10 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ._common import attach, trainable
+from ._common import attach, first_order_only, trainable
 
 AutocastState = tuple[str, bool, torch.dtype]
 
@@ -83,7 +82,7 @@ class _AffineNormFunction(torch.autograd.Function):
         return type(module).dp_function.op(module, x, weight, bias)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g: Tensor):
         x, weight, bias = ctx.saved_tensors
         module = ctx.module

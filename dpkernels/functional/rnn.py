@@ -35,10 +35,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ._common import attach, trainable
+from ._common import attach, first_order_only, trainable
 
 CELLS = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
 _KINDS = ("ih", "hh", "hr")
@@ -118,7 +117,7 @@ class RNNFunction(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g_ih: Tensor, *rest: Tensor):
         x, w_ih = ctx.saved_tensors
         rec = ctx.rec

@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ._common import attach
+from ._common import attach, first_order_only
 
 
 class TapFunction(torch.autograd.Function):
@@ -40,7 +39,7 @@ class TapFunction(torch.autograd.Function):
         return p.expand(batch, *p.shape[1:])
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g: Tensor):
         ctx.module._dp_engine.on_backward(ctx.module, ctx.name, g, ctx)
         return None, None, None, None

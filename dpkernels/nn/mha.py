@@ -27,10 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ..functional._common import attach, autocast_inputs, batch_rows, trainable
+from ..functional._common import attach, autocast_inputs, batch_rows, first_order_only, trainable
 from ..functional.tap import TapFunction, raw_clipped_sum, raw_norms
 from ._base import DPModule, make_twin
 from .linear import DPLinear
@@ -55,7 +54,7 @@ class MHAFunction(torch.autograd.Function):
         return F.linear(x, weight, bias)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g: Tensor):
         x, weight = ctx.saved_tensors
         gx = g @ weight.to(g.dtype) if ctx.needs_input_grad[0] else None

@@ -167,3 +167,41 @@ def test_second_backward_over_one_forward_is_refused(k):
     expected = _expected(case, x, y)
     for n, p in trainable(model).items():
         torch.testing.assert_close(p.grad / k, expected[n], **TOL, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["mlp", "tied", "conv2d"])
+@pytest.mark.parametrize("with_input", [False, True], ids=["params", "params-and-input"])
+def test_autograd_grad_of_dp_parameters_is_refused_and_counts_nothing(name, with_input):
+    """torch.autograd.grad(loss, params): a DP layer returns no parameter gradient to autograd, so the answer
+    would be None while the batch was counted as a micro-batch. Refused naming the parameters; the next
+    training step is the oracle's (nothing of the refused pass is carried)."""
+    case = BY_NAME[name]
+    x, y = batch(case, 7, seed=0)
+    model, opt = _make(case)
+    params = list(trainable(model).values())
+    inputs = params + ([x.clone().requires_grad_(True)] if with_input and x.is_floating_point() else [])
+    xi = inputs[-1] if len(inputs) > len(params) else x
+    with pytest.raises(RuntimeError, match=r"autograd\.grad was asked for the gradient of DP param.*loss\.backward"):
+        torch.autograd.grad(batch_loss(case, model(xi), y, "mean"), inputs, allow_unused=True)
+    assert opt.engine._micro == 0 and all(p.grad is None for p in model.parameters())
+    batch_loss(case, model(x), y, "mean").backward()
+    opt.step()
+    expected = _expected(case, x, y)
+    for n, p in trainable(model).items():
+        torch.testing.assert_close(p.grad, expected[n], **TOL, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv2d", "layernorm", "groupnorm"])
+def test_gradient_penalty_through_dp_layers_is_refused_by_name(name):
+    """create_graph=True then a backward through that gradient (a WGAN-GP-style penalty): refused with the DP
+    layer's name and what to do, not torch's bare once_differentiable message. The first-order input gradient
+    taken with create_graph=True is still exact."""
+    case = BY_NAME[name]
+    x, y = batch(case, 5, seed=0)
+    model, opt = _make(case)
+    xi = x.clone().requires_grad_(True)
+    loss = batch_loss(case, model(xi), y, "mean")
+    (gx,) = torch.autograd.grad(loss, xi, create_graph=True)
+    torch.testing.assert_close(gx.detach(), _input_grad(case, x, y), **TOL)
+    with pytest.raises(RuntimeError, match=r"DP layer .* differentiated twice .*gradient penalty.*Drop the penalty"):
+        (loss + gx.square().sum()).backward()
