@@ -68,7 +68,7 @@ def first_order_only(backward: Any) -> Any:
         if not torch.is_grad_enabled() or not any(isinstance(a, Tensor) and a.requires_grad for a in args):
             return outputs
         outs = outputs if isinstance(outputs, tuple) else (outputs,)
-        module = getattr(ctx, "module", None)
+        module: Any = getattr(ctx, "module", None)
         name = module._dp_name() if hasattr(module, "_dp_name") else type(module).__name__
         err = _functions.DelayedError(
             f"DP layer {name} was differentiated twice (a backward with create_graph=True, e.g. a gradient penalty, "
@@ -77,6 +77,6 @@ def first_order_only(backward: Any) -> Any:
             f"penalty, or compute it through layers that are not private (a non-DP copy of the model)".encode(),
             len(outs),
         )
-        return err(*[None if v is None else v.detach().requires_grad_() for v in outs])
+        return err(*[None if v is None else v.detach().requires_grad_() for v in outs])  # type: ignore[arg-type]
 
     return wrapper
