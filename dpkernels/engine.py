@@ -330,6 +330,9 @@ class Engine:
         self._count_task = -1  # the graph task _counting describes
         self._counting: dict[Tie, bool] = {}  # per tie: does that pass ask for its parameters' gradients
         self._reset_pass()
+        # (ok flag on the device, check raising by name): module state compared by value around a training
+        # forward (dpkernels.guard), read with the backward pass's one host read
+        self.deferred_checks: list[tuple[Tensor, Callable[[], None]]] = []
         self.accountant: Any = None  # the privacy account, kept here so that make_private again continues it
         self.retired: str | None = None  # why this engine no longer trains its model
         self._handles: list[Any] = []  # hooks to remove when retired
@@ -770,6 +773,15 @@ class Engine:
 
         Each group's summed squared norms are non-finite exactly when a term is (norms are >= 0), so one
         flag per group, and-ed on the device, replaces a read per parameter (149 on GPT-2-small)."""
+        pending = list(self.deferred_checks)
+        self.deferred_checks.clear()
+        ok = self._finite
+        for flag, _ in pending:
+            ok = flag if ok is None else ok & flag
+        if ok is None or bool(ok):
+            return
+        for _, check in pending:
+            check()
         if self._finite is None or bool(self._finite):
             return
         bad: set[int] = set()

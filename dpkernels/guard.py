@@ -4,17 +4,27 @@
   (or a view of one) holds one id per sample; one made inside the forward (nanoGPT's
   ``wpe(torch.arange(T))``) holds positions shared by every sample, which nothing can tell from the
   batch when T equals the batch size. `dpkernels.nn.DPEmbedding` refuses the latter.
-- No buffer may be written during a training forward: a buffer is released with the model, and one
-  written from the batch (a quantization observer's min/max, running statistics) is learned outside
-  the gradient, without clipping or noise. Each buffer's identity and version counter are compared
-  around the forward: no copy, no host sync, one Python read per buffer.
+- No module state may be written during a training forward: buffers, tensors kept as plain module
+  attributes (``self.stats = torch.zeros(4)``, not registered) and parameters. Such state is released
+  with the model, and state written from the batch (a quantization observer's min/max, running
+  statistics, a parameter nudged in forward) is learned outside the gradient, without clipping or
+  noise. Around the forward, each such tensor's identity, version counter and storage (address,
+  offset, shape) are compared, which catches in-place ops, reassignment and ``t.data = x``: one Python
+  read each, no host sync. A write through ``t.data`` (``t.data.copy_(x)``) bumps no version counter,
+  so buffers and tensor attributes (small: statistics, masks) are also compared by value against a
+  copy taken before the forward; the result is read with the engine's one read at the end of the
+  backward pass (at once for a forward with no backward to follow). Parameters are not copied (that
+  would double the memory traffic of every forward): a ``p.data`` in-place write in forward is the
+  one write not detected.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
@@ -36,15 +46,71 @@ def storage_of(t: Tensor) -> int:
 
 
 def _weight_only(m: nn.Module) -> frozenset[str]:
-    """Buffers of ``m`` that its forward writes from its weights alone, never from the batch: spectral
-    normalisation's power-iteration vectors (a function of the private weights, so private too)."""
+    """Buffers and tensor attributes of ``m`` that its forward writes from its weights alone, never from the
+    batch: spectral normalisation's power-iteration vectors (a function of the private weights, so private
+    too), and the weight that the old spectral_norm / weight_norm hooks recompute as a plain attribute."""
     from torch.nn.utils.parametrizations import _SpectralNorm
     from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
 
-    names = {f"{h.name}_{s}" for h in m._forward_pre_hooks.values() if isinstance(h, SpectralNorm) for s in "uv"}
+    hooks = list(m._forward_pre_hooks.values())
+    names = {f"{h.name}_{s}" for h in hooks if isinstance(h, SpectralNorm) for s in "uv"}
+    names |= {
+        h.name for h in hooks if isinstance(h, (SpectralNorm, WeightNorm))
+    }  # the weight recomputed as an attribute
     if isinstance(m, _SpectralNorm):
         names |= {"_u", "_v"}
     return frozenset(names)
+
+
+class _Watched(NamedTuple):
+    """One tensor of module state as it was before the forward."""
+
+    module_name: str
+    module: nn.Module
+    kind: str  # "buffer", "attribute" or "parameter"
+    key: str
+    tensor: Tensor
+    version: int
+    where: tuple[int, int, tuple[int, ...]]  # storage address, offset, shape
+    copy: Tensor | None  # a copy of the values (buffers and attributes)
+
+    def describe(self) -> str:
+        where = f"{self.module_name}.{self.key}" if self.module_name else self.key
+        return f"{self.kind} {where!r} of module {self.module_name or '<model>'!r} ({type(self.module).__name__})"
+
+    def current(self) -> Any:
+        if self.kind == "buffer":
+            return self.module._buffers.get(self.key)
+        if self.kind == "parameter":
+            return self.module._parameters.get(self.key)
+        return self.module.__dict__.get(self.key)
+
+
+def _placement(t: Tensor) -> tuple[int, int, tuple[int, ...]]:
+    return (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape))
+
+
+def _changed(now: Tensor, before: Tensor) -> Tensor:
+    """A 0-d bool tensor: any value of ``now`` differs from ``before`` (NaN equal to NaN), on the device."""
+    diff = now != before
+    if now.is_floating_point() or now.is_complex():
+        diff = diff & ~(now.isnan() & before.isnan())
+    return diff.any()
+
+
+def _tensor_attributes(m: nn.Module) -> list[tuple[str, Tensor]]:
+    return [(k, v) for k, v in m.__dict__.items() if isinstance(v, Tensor) and not isinstance(v, nn.Parameter)]
+
+
+def _written_error(w: _Watched, how: str) -> RuntimeError:
+    return RuntimeError(
+        f"{w.describe()} was written during a DP training forward ({how}): module state is released with the model, "
+        f"and state written from the batch is learned outside the gradient, with no clipping and no noise (its value "
+        f"now depends on this batch: do not release this model's state). Put that module in eval mode "
+        f"(module.eval()) or disable what writes it (torch.ao.quantization.disable_observer) before training, "
+        f"compute the value from public data, or, for a parameter, let the optimizer alone change it"
+    )
 
 
 class ForwardGuard:
@@ -55,7 +121,7 @@ class ForwardGuard:
         self.probe = probe
         self.model = model
         self.modules = [(n, m, _weight_only(m)) for n, m in model.named_modules()]
-        self._before: list[list[tuple[str, nn.Module, str, Tensor, int]] | None] = []
+        self._before: list[tuple[list[_Watched], list[tuple[str, nn.Module, int]]] | None] = []
 
     @staticmethod
     def attach(model: nn.Module, probe: nn.Module) -> ForwardGuard:
@@ -82,37 +148,74 @@ class ForwardGuard:
         stack.append((args, kwargs))
         before = None
         if self._training():
-            before = [
-                (n, m, k, b, b._version)
-                for n, m, skip in self.modules
-                for k, b in m._buffers.items()
-                if b is not None and k not in skip
-            ]
-            before += [(n, m, "", None, len(m._buffers)) for n, m, _ in self.modules]  # buffers registered in forward
-        self._before.append(before)
+            self._check_deferred()  # a forward whose backward never came
+            before = []
+            with torch.no_grad():
+                for n, m, skip in self.modules:
+                    state = [("buffer", k, b) for k, b in m._buffers.items() if b is not None and k not in skip]
+                    state += [("attribute", k, t) for k, t in _tensor_attributes(m) if k not in skip]
+                    for kind, k, t in state:
+                        before.append(_Watched(n, m, kind, k, t, t._version, _placement(t), t.clone()))
+                    for k, p in m._parameters.items():
+                        if p is not None:
+                            before.append(_Watched(n, m, "parameter", k, p, p._version, _placement(p), None))
+            counts = [(n, m, len(m._buffers)) for n, m, _ in self.modules]  # buffers registered in forward
+            self._before.append((before, counts))
+        else:
+            self._before.append(None)
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._before:  # a pre-hook registered before ours raised: ours never ran
             return
         _local.inputs.pop()
-        before = self._before.pop()
-        for name, m, k, b, version in before or ():
-            if b is None:
-                if len(m._buffers) != version:
-                    raise RuntimeError(
-                        f"module {name or '<model>'!r} ({type(m).__name__}) registered a buffer during a DP training "
-                        f"forward: a buffer is released with the model, and one made from the batch is learned outside "
-                        f"the gradient, with no clipping and no noise. Register buffers before make_private, from "
-                        f"public data"
-                    )
-                continue
-            if m._buffers.get(k) is not b or b._version != version:
-                where = f"{name}.{k}" if name else k
+        entry = self._before.pop()
+        if entry is None:
+            return
+        before, counts = entry
+        for name, m, count in counts:
+            if len(m._buffers) != count:
                 raise RuntimeError(
-                    f"buffer {where!r} of module {name or '<model>'!r} ({type(m).__name__}) was written during a DP "
-                    f"training forward: a buffer is released with the model, and one written from the batch is "
-                    f"learned outside the gradient, with no clipping and no noise (its value now depends on this "
-                    f"batch: do not release this model's state). Put that module in eval mode (module.eval()) or "
-                    f"disable what writes it (torch.ao.quantization.disable_observer) before training, or compute "
-                    f"the value from public data"
+                    f"module {name or '<model>'!r} ({type(m).__name__}) registered a buffer during a DP training "
+                    f"forward: a buffer is released with the model, and one made from the batch is learned outside "
+                    f"the gradient, with no clipping and no noise. Register buffers before make_private, from "
+                    f"public data"
                 )
+        valued = []
+        for w in before:
+            now = w.current()
+            if now is not w.tensor:
+                raise _written_error(w, "replaced by another tensor" if now is not None else "deleted")
+            if now._version != w.version:
+                raise _written_error(w, "in place")
+            if _placement(now) != w.where:
+                raise _written_error(w, "through .data")
+            if w.copy is not None:
+                valued.append(w)
+        if not valued:
+            return
+        with torch.no_grad():
+            flag = torch.stack([_changed(w.tensor, w.copy) for w in valued if w.copy is not None]).any()
+        check = functools.partial(_check_values, flag, valued)
+        eng: Any = self.probe._dp_engine
+        if torch.is_grad_enabled() and isinstance(vars(eng).get("deferred_checks") if eng is not None else None, list):
+            eng.deferred_checks.append((~flag, check))  # read with the backward pass's one host read
+        else:
+            check()
+
+    def _check_deferred(self) -> None:
+        eng: Any = self.probe._dp_engine
+        pending = vars(eng).get("deferred_checks") if eng is not None else None
+        if pending:
+            checks = list(pending)
+            pending.clear()
+            for _, check in checks:
+                check()
+
+
+def _check_values(flag: Tensor, watched: list[_Watched]) -> None:
+    """Raise if ``flag`` says a value changed: names the first tensor whose values differ from its copy."""
+    if not bool(flag):
+        return
+    for w in watched:
+        if w.copy is not None and bool(_changed(w.tensor, w.copy)):
+            raise _written_error(w, "through .data, which bumps no version counter")

@@ -318,3 +318,63 @@ def test_a_buffer_written_under_no_grad_in_train_mode_is_refused():
     model.eval()
     with torch.no_grad():
         model(torch.randn(4, 4))  # eval mode: not a training forward
+
+
+class _Writer(nn.Module):
+    """Writes some module state from the batch in a training forward, one way per ``how``."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.lin = nn.Linear(4, 2)
+        self.register_buffer("peak", torch.zeros(4))
+        self.stats = torch.zeros(4)  # a plain tensor attribute: not registered, not in the state dict
+
+    def forward(self, x):
+        m = x.detach().abs().amax(0)
+        with torch.no_grad():
+            if self.how == "buffer.data.copy_":
+                self.peak.data.copy_(m)
+            elif self.how == "buffer.data=":
+                self.peak.data = m.clone()
+            elif self.how == "attribute.copy_":
+                self.stats.copy_(m)
+            elif self.how == "attribute=":
+                self.stats = m
+            elif self.how == "attribute.data.copy_":
+                self.stats.data.copy_(m)
+            elif self.how == "parameter.add_":
+                self.lin.bias.add_(m[:2])
+            elif self.how == "parameter.data=":
+                self.lin.bias.data = self.lin.bias + m[:2]
+        return self.lin(x)
+
+
+WRITES = {  # how -> (the error's subject, how it says it was written)
+    "buffer.data.copy_": (r"buffer 'peak'", r"through \.data, which bumps no version counter"),
+    "buffer.data=": (r"buffer 'peak'", r"through \.data"),
+    "attribute.copy_": (r"attribute 'stats'", r"in place"),
+    "attribute=": (r"attribute 'stats'", r"replaced by another tensor"),
+    "attribute.data.copy_": (r"attribute 'stats'", r"through \.data, which bumps no version counter"),
+    "parameter.add_": (r"parameter 'lin\.bias' of module 'lin' \(DPLinear\)", r"in place"),
+    "parameter.data=": (r"parameter 'lin\.bias' of module 'lin' \(DPLinear\)", r"through \.data"),
+}
+
+
+@pytest.mark.parametrize("how", list(WRITES))
+def test_module_state_written_in_a_training_forward_is_an_error_naming_it(how):
+    """Buffers, plain tensor attributes and parameters, written in place, replaced or through .data (which
+    bumps no version counter: compared by value, read at the end of the backward pass). No gradient is
+    written; in eval mode the same model trains."""
+    subject, said = WRITES[how]
+    model, opt = _private(_Writer(how))
+    match = rf"{subject} .*was written during a DP training forward \({said}\)"
+    with pytest.raises(RuntimeError, match=match):
+        model(torch.randn(B, 4)).square().sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    model.how = "nothing"
+    model(torch.randn(B, 4)).square().sum().backward()  # the engine is left consistent: the next step works
+    opt.step()
+    model.how = how
+    with torch.no_grad(), pytest.raises(RuntimeError, match=match):  # a train-mode forward with no backward
+        model(torch.randn(B, 4))
