@@ -18,8 +18,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "kernels.h"
 
@@ -48,6 +50,36 @@ void for_each(const Tensor& like, int64_t n, const F& f, int64_t grain = 2048) {
       for (int64_t j = lo; j < hi; ++j) f(j);
     });
   }
+}
+
+// A block-synchronous tile functor (kernels.h, ClippedGemm) over `blocks` blocks on `like`'s device: a
+// CUDA kernel with a barrier between phases, or on the CPU the same phases thread after thread (each
+// phase of every thread before the next phase: what the barriers guarantee), blocks in parallel.
+template <class F>
+void for_each_tile(const Tensor& like, int64_t blocks, const F& f) {
+  if (blocks <= 0) return;
+  if (like.is_cuda()) {
+#ifdef DPK_WITH_CUDA
+    launch_tiles_cuda(f, blocks, like.device().index());
+#else
+    TORCH_CHECK(false, "dpkernels cuda backend: this build has no CUDA kernels (built without nvcc); rebuild with "
+                       "nvcc on the PATH (python -m dpkernels.ops.cuda.build) or use another backend");
+#endif
+    return;
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    auto sm = std::make_unique<typename F::Smem>();
+    std::vector<typename F::Regs> regs(F::THREADS);
+    for (int64_t b = lo; b < hi; ++b) {
+      for (auto& r : regs) f.zero(r);
+      const int64_t steps = f.steps(b);
+      for (int64_t k = 0; k < steps; ++k) {
+        for (int tid = 0; tid < F::THREADS; ++tid) f.load(*sm, b, k, tid);
+        for (int tid = 0; tid < F::THREADS; ++tid) f.mma(*sm, regs[tid], b, tid);
+      }
+      for (int tid = 0; tid < F::THREADS; ++tid) f.store(regs[tid], b, tid);
+    }
+  });
 }
 
 // Threads per CPU chunk so that a chunk does about 2^14 inner steps of `work` each.

@@ -23,6 +23,45 @@ void launch_cuda(const F& f, int64_t n, int device) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// A block-synchronous tile functor (kernels.h, ClippedGemm): one block per tile b, barriers between phases.
+template <class F>
+__global__ void __launch_bounds__(F::THREADS) tile_kernel(F f) {
+  __shared__ typename F::Smem sm;
+  const int tid = threadIdx.x;
+  const int64_t b = blockIdx.x;
+  typename F::Regs r;
+  f.zero(r);
+  const int64_t steps = f.steps(b);
+  for (int64_t k = 0; k < steps; ++k) {
+    f.load(sm, b, k, tid);
+    __syncthreads();
+    f.mma(sm, r, b, tid);
+    __syncthreads();
+  }
+  f.store(r, b, tid);
+}
+
+template <class F>
+void launch_tiles_cuda(const F& f, int64_t blocks, int device) {
+  if (blocks <= 0) return;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "dpkernels cuda backend: ", blocks, " tiles exceed the grid");
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  tile_kernel<F><<<static_cast<unsigned>(blocks), F::THREADS, 0, c10::cuda::getCurrentCUDAStream(device)>>>(f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+int cuda_sm_count(int device) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return n;
+}
+
+#define DPK_INST_TILES(...) template void launch_tiles_cuda<__VA_ARGS__>(const __VA_ARGS__&, int64_t, int);
+DPK_INST_TILES(ClippedGemm<c10::Half, float>)
+DPK_INST_TILES(ClippedGemm<c10::BFloat16, float>)
+DPK_INST_TILES(ClippedGemm<float, float>)
+DPK_INST_TILES(ClippedGemm<double, double>)
+
 #define DPK_INST(...) template void launch_cuda<__VA_ARGS__>(const __VA_ARGS__&, int64_t, int);
 #define DPK_INST_IN(F)                 \
   DPK_INST(F<c10::Half, float>)        \
@@ -40,6 +79,8 @@ DPK_INST(RowSum<float>)
 DPK_INST(RowSum<double>)
 DPK_INST(WeightedSum<float>)
 DPK_INST(WeightedSum<double>)
+DPK_INST(SplitFinish<float>)
+DPK_INST(SplitFinish<double>)
 DPK_INST_IN(EmbNormPart)
 DPK_INST_IN(EmbScatter)
 DPK_INST_IN(EmbCross)

@@ -247,11 +247,129 @@ struct EmbCross {
   }
 };
 
+// ----------------------------------------------------------------------------- Linear clipped sum (tiles)
+
+// Block-synchronous kernels. A tile functor describes one thread block's work in phases separated by
+// barriers: zero(regs); per step k of steps(b): load(smem, b, k, tid) for every thread, barrier,
+// mma(smem, regs, b, tid), barrier; then store(regs, b, tid). kernels.cu runs a block per b with
+// THREADS threads and __syncthreads() as the barrier; the CPU (dpk.h's for_each_tile) runs the same
+// phases thread after thread. So the CPU build runs the GPU's device code, barrier for barrier.
+
+// W = sum_k c_{i(k)} g_k^T a_k over the B*T rows k = (i, t): one (BP x BD) tile of W per block
+// (p0, d0), over the rows [k_lo, k_hi) of one split. The clip factor is folded into G's rows as the
+// tile is loaded (c_i g_itp rounded once to acc_t, as the reference's g.to(acc) * c), every operand
+// is converted to acc_t before the product (fp32 products of 16-bit inputs: c_i g_it cannot leave
+// fp16's range because it never is fp16), and each output is a sequential fp32 (fp64) sum over k
+// in increasing order. Unsplit, the epilogue scale * (v + prev + noise_std * z) is applied in
+// registers and W written once; split, the raw partial sums go to a (S, P, D) workspace that
+// SplitFinish sums in a fixed order before the same epilogue (deterministic).
+//
+// 256 threads, a 16 x 16 grid, each owning 4 x 4 outputs strided by 16 (p = p0 + ty + 16 r,
+// d = d0 + tx + 16 s: a warp reads 16 consecutive words of a shared row, no bank conflicts, and
+// stores 16 consecutive columns). A load step brings BK rows of G and A: thread (kk = tid / 16)
+// loads row k0 + kk, so one division k -> (i, t) per thread and step.
+template <class in_t, class acc_t>
+struct ClippedGemm {
+  static constexpr int BP = 64, BD = 64, BK = 16, THREADS = 256, TP = 4, TD = 4;
+  struct Smem {  // rows padded by 16 words: the two half-warps of a load step write disjoint banks
+    acc_t g[BK][BP + 16];
+    acc_t a[BK][BD + 16];
+  };
+  struct Regs {
+    acc_t v[TP][TD];
+  };
+  const in_t* a;     // (B, T, D) strided
+  const in_t* g;     // (B, T, P) strided
+  const acc_t* clip;  // (B,)
+  acc_t* out;        // (P, D), or (S, P, D) partial sums when split
+  Noise<acc_t> epi;  // unused when split
+  int64_t T, P, D, K, k_per, tiles_d, tiles;  // K = B * T rows; k_per rows per split, a multiple of BK
+  int64_t sab, sat, sad, sgb, sgt, sgp;
+  bool split;
+
+  DPK_HD void zero(Regs& r) const {
+    for (int x = 0; x < TP; ++x)
+      for (int y = 0; y < TD; ++y) r.v[x][y] = 0;
+  }
+  DPK_HD int64_t k_lo(int64_t b) const { return (b / tiles) * k_per; }
+  DPK_HD int64_t k_hi(int64_t b) const { return k_lo(b) + k_per < K ? k_lo(b) + k_per : K; }
+  DPK_HD int64_t steps(int64_t b) const { return (k_hi(b) - k_lo(b) + BK - 1) / BK; }
+  DPK_HD void origin(int64_t b, int64_t& p0, int64_t& d0) const {
+    const int64_t tile = b % tiles;
+    p0 = (tile / tiles_d) * BP;
+    d0 = (tile % tiles_d) * BD;
+  }
+  DPK_HD void load(Smem& sm, int64_t b, int64_t step, int tid) const {
+    int64_t p0, d0;
+    origin(b, p0, d0);
+    const int kk = tid / 16, lane = tid % 16;
+    const int64_t k = k_lo(b) + step * BK + kk;
+    const bool row = k < k_hi(b);
+    const int64_t i = row ? k / T : 0, t = row ? k - i * T : 0;
+    const acc_t ci = row ? clip[i] : acc_t(0);
+    const in_t* gr = g + i * sgb + t * sgt;
+    const in_t* ar = a + i * sab + t * sat;
+    for (int q = 0; q < BP / 16; ++q) {
+      const int64_t p = p0 + lane + 16 * q;
+      sm.g[kk][lane + 16 * q] = row && p < P ? ci * static_cast<acc_t>(gr[p * sgp]) : acc_t(0);
+    }
+    for (int q = 0; q < BD / 16; ++q) {
+      const int64_t d = d0 + lane + 16 * q;
+      sm.a[kk][lane + 16 * q] = row && d < D ? static_cast<acc_t>(ar[d * sad]) : acc_t(0);
+    }
+  }
+  DPK_HD void mma(const Smem& sm, Regs& r, int64_t, int tid) const {
+    const int ty = tid / 16, tx = tid % 16;
+    for (int kk = 0; kk < BK; ++kk) {
+      acc_t gv[TP], av[TD];
+      for (int x = 0; x < TP; ++x) gv[x] = sm.g[kk][ty + 16 * x];
+      for (int y = 0; y < TD; ++y) av[y] = sm.a[kk][tx + 16 * y];
+      for (int x = 0; x < TP; ++x)
+        for (int y = 0; y < TD; ++y) r.v[x][y] += gv[x] * av[y];
+    }
+  }
+  DPK_HD void store(const Regs& r, int64_t b, int tid) const {
+    int64_t p0, d0;
+    origin(b, p0, d0);
+    const int ty = tid / 16, tx = tid % 16;
+    acc_t* o = split ? out + (b / tiles) * P * D : out;
+    for (int x = 0; x < TP; ++x) {
+      const int64_t p = p0 + ty + 16 * x;
+      if (p >= P) continue;
+      for (int y = 0; y < TD; ++y) {
+        const int64_t d = d0 + tx + 16 * y;
+        if (d >= D) continue;
+        const int64_t j = p * D + d;
+        o[j] = split ? r.v[x][y] : epi(r.v[x][y], j);
+      }
+    }
+  }
+};
+
+// out[j] = epi(sum_s ws[s, j], j), the splits summed in order; one j per output element.
+template <class acc_t>
+struct SplitFinish {
+  const acc_t* ws;  // (S, n)
+  acc_t* out;       // (n,)
+  int64_t S, n;
+  Noise<acc_t> epi;
+  DPK_HD void operator()(int64_t j) const {
+    acc_t v = 0;
+    for (int64_t s = 0; s < S; ++s) v += ws[s * n + j];
+    out[j] = epi(v, j);
+  }
+};
+
 // ----------------------------------------------------------------------------- launch
 
 // Defined in kernels.cu for every functor type it instantiates: f(j) for j in [0, n) on the current
 // CUDA stream of `device`.
 template <class F>
 void launch_cuda(const F& f, int64_t n, int device);
+// And for every tile functor: `blocks` blocks of F::THREADS threads (see ClippedGemm).
+template <class F>
+void launch_tiles_cuda(const F& f, int64_t blocks, int device);
+// The number of streaming multiprocessors of `device` (to size split-K).
+int cuda_sm_count(int device);
 
 }  // namespace dpk

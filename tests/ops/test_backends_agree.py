@@ -1,6 +1,8 @@
 """Differential test of the backends: every op of dpkernels.ops, run by the Triton backend (under
-TRITON_INTERPRET=1) and by the reference on the same random inputs, gives the same answer within a
-stated rounding bound, and both accept and refuse the same inputs.
+TRITON_INTERPRET=1) or the compiled one (csrc/, its CPU build: the same functors its CUDA kernels run)
+and by the reference on the same random inputs, gives the same answer within a stated rounding bound,
+and both accept and refuse the same inputs. The compiled Linear clipped sum is checked on both of
+its paths (the ATen matmul the CPU uses and the tile kernel CUDA uses, split and unsplit).
 
 Inputs (hypothesis, derandomized so that CI is deterministic): random shapes (odd sizes, B = 0 and 1,
 T = 1, long T > 64), layouts (contiguous, transposed / every stride reversed, strided views,
@@ -19,17 +21,19 @@ computed by the reference op in float64 on |inputs|; n is a count of the roundin
 path, per op (`_terms`). The clipped sums of 16-bit inputs add one rounding of c_i g_it to the
 16-bit operand of a tensor-core dot (one ulp: 2^-7 relative for bfloat16, 2^-10 for float16), and for float16
 the block scale's floor (2^-38 times the largest |c_i g_it|, times sum_k |a_k|: see
-dpkernels.ops.triton._common.fp16_block_scale).
+dpkernels.ops.triton._common.fp16_block_scale). The compiled backend multiplies in the accumulation
+dtype (c_i g_it rounded once to fp32, which the count n holds) and gets no extra term.
 
-Noise: both backends draw z from counter-based generators keyed by the seed, but not the same ones
-(the reference torch.Generator's Philox stream, the Triton kernels tl.randn's Philox keyed by the
-element's offset), so the numbers differ for the same seed: `test_noise_statistics_agree` compares
+Noise: the backends draw z from counter-based generators keyed by the seed, but not the same ones
+(the reference torch.Generator's Philox stream, the Triton kernels and the compiled backend tl.randn's
+Philox keyed by the element's offset), so the numbers differ for the same seed: `test_noise_statistics_agree` compares
 the noise of every op by its mean and standard deviation instead.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -41,6 +45,25 @@ from dpkernels import ops
 from dpkernels.ops import reference as ref
 
 pytest.importorskip("dpkernels.ops.triton")
+
+BACKENDS = ["triton", "cuda"]  # each against the reference
+
+
+def _available(name: str) -> str:
+    """``name``, after skipping the test where that backend cannot be loaded (the compiled one cannot be
+    built everywhere; where CI requires it, DPKERNELS_REQUIRE_COMPILED=1, its absence is an error)."""
+    if name not in ops.available_backends():
+        if name == "cuda" and os.environ.get("DPKERNELS_REQUIRE_COMPILED"):
+            pytest.fail(f"the compiled backend is required but unavailable: {ops._errors.get(name)}")
+        pytest.skip(f"backend {name} unavailable here: {ops._errors.get(name)}")
+    return name
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """A backend under test."""
+    return _available(request.param)
+
 
 FAST = settings(
     max_examples=4,
@@ -197,10 +220,27 @@ def _floor16(op: str, args: tuple, kw: dict, out_shape) -> torch.Tensor | float:
     return FP16_FLOOR * cg_max * w * abs(kw.get("scale", 1.0))
 
 
-def _compare(op: str, args: tuple, kw: dict) -> None:
-    """Both backends' results on (args, kw), within 2 gamma_n M (+ the 16-bit operand terms)."""
-    out_t = getattr(ops, op)(*args, **kw, backend="triton")
-    assert ops.last_backend[op] == "triton"
+def _tiles(args: tuple, kw: dict, splits: int):
+    """The compiled Linear clipped sum on its tile path (CUDA's, path=1) with ``splits`` forced (0: automatic)."""
+    a, g, c = args
+    w, b = torch.ops.dpkernels.cuda_linear_clipped_sum(
+        a, g, c, kw["bias"], 0.0, kw["scale"], 0, 0, kw.get("prev_w"), kw.get("prev_b"), 1, splits
+    )
+    return w, (b if kw["bias"] else None)
+
+
+def _compare(op: str, args: tuple, kw: dict, backend: str) -> None:
+    """The backend's results on (args, kw) and the reference's, within 2 gamma_n M (+ the 16-bit operand terms)."""
+    out_t = getattr(ops, op)(*args, **kw, backend=backend)
+    assert ops.last_backend[op] == backend
+    if backend == "cuda" and op == "linear_clipped_sum":  # and CUDA's path, split and unsplit, on the same inputs
+        ops.linear_clipped_sum(*args, **kw, backend="reference")  # (the dispatcher's input checks)
+        for splits in (0, 3):
+            _check(op, args, kw, backend, _tiles(args, kw, splits))
+    _check(op, args, kw, backend, out_t)
+
+
+def _check(op: str, args: tuple, kw: dict, backend: str, out_t) -> None:
     out_r = getattr(ops, op)(*args, **kw, backend="reference")
     M = getattr(ref, op)(*[_abs(v) for v in args], **{k: _abs(v) for k, v in kw.items()})
     tensors = [t for t in args if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -218,7 +258,7 @@ def _compare(op: str, args: tuple, kw: dict) -> None:
         assert t.shape == r.shape and t.dtype == r.dtype, (op, i, t.shape, r.shape, t.dtype, r.dtype)
         bound = 2 * gamma * m
         is_weight = i == 0 and op in ("linear_clipped_sum", "conv_clipped_sum")
-        if clipped and half and is_weight:
+        if clipped and half and is_weight and backend == "triton":
             # the weight's tensor-core dot rounds c_i g_it to the 16-bit operand once (biases sum in fp32)
             bound = bound + max(OPERAND[d] for d in half) * m
             if torch.float16 in half:
@@ -226,7 +266,7 @@ def _compare(op: str, args: tuple, kw: dict) -> None:
         err = (t.double() - r.double()).abs()
         assert torch.isfinite(r).all() and torch.isfinite(t).all(), (op, i)
         worst = (err - bound).max().item() if err.numel() else 0.0
-        assert worst <= 0, f"{op} output {i}: |triton - reference| exceeds the bound by {worst:.3g} (n = {n}, u = {u})"
+        assert worst <= 0, f"{op} output {i}: |{backend} - reference| exceeds the bound by {worst:.3g} (n = {n}, u = {u})"
 
 
 # ----------------------------------------------------------------------------- cases, one per op
@@ -337,25 +377,25 @@ def test_every_op_is_covered():
     assert dispatched == set(CASES), dispatched ^ set(CASES)
 
 
-def _agree(op: str, data: st.DataObject) -> None:
+def _agree(op: str, data: st.DataObject, backend: str) -> None:
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     args, kw = CASES[op](data, dtype, op)
-    _compare(op, args, kw)
+    _compare(op, args, kw, backend)
 
 
 @pytest.mark.parametrize("op", list(CASES))
 @FAST
 @given(data=st.data())
-def test_backends_agree(op, data):
-    _agree(op, data)
+def test_backends_agree(op, backend, data):
+    _agree(op, data, backend)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("op", list(CASES))
 @SLOW
 @given(data=st.data())
-def test_backends_agree_many(op, data):
-    _agree(op, data)
+def test_backends_agree_many(op, backend, data):
+    _agree(op, data, backend)
 
 
 class Pinned:
@@ -390,8 +430,8 @@ HARD_OPS = {
 
 
 @pytest.mark.parametrize("case, op", [(case, op) for case, ops_ in HARD_OPS.items() for op in ops_])
-def test_backends_agree_on_hard_cases(case, op):
-    _agree(op, Pinned(**HARD[case]))  # type: ignore[arg-type]
+def test_backends_agree_on_hard_cases(case, op, backend):
+    _agree(op, Pinned(**HARD[case]), backend)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -438,38 +478,39 @@ def _mutations(op: str, args: tuple, kw: dict) -> dict:
     return out
 
 
-def _refuse(op: str, data: st.DataObject) -> None:
+def _refuse(op: str, data: st.DataObject, backend: str) -> None:
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     args, kw = CASES[op](data, dtype, op)
     muts = _mutations(op, args, kw)
     name = data.draw(st.sampled_from(sorted(muts)), label="mutation")
     bad_args, bad_kw = muts[name]
-    t = _outcome(lambda: getattr(ops, op)(*bad_args, **bad_kw, backend="triton"))
+    t = _outcome(lambda: getattr(ops, op)(*bad_args, **bad_kw, backend=backend))
     r = _outcome(lambda: getattr(ops, op)(*bad_args, **bad_kw, backend="reference"))
-    assert t is r, f"{op}, {name}: triton -> {t}, reference -> {r}"
+    assert t is r, f"{op}, {name}: {backend} -> {t}, reference -> {r}"
 
 
 @pytest.mark.parametrize("op", list(CASES))
 @FAST
 @given(data=st.data())
-def test_backends_refuse_alike(op, data):
-    _refuse(op, data)
+def test_backends_refuse_alike(op, backend, data):
+    _refuse(op, data, backend)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("op", list(CASES))
 @SLOW
 @given(data=st.data())
-def test_backends_refuse_alike_many(op, data):
-    _refuse(op, data)
+def test_backends_refuse_alike_many(op, backend, data):
+    _refuse(op, data, backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_inputs_one_backend_accepted(backend):
     """Inputs one backend once accepted and the other refused, now refused by both with one error:
     a batch mismatch (the reference's ghost norm broadcast a 1-sample a against g), a prev that only
     broadcasts to the output (the reference added it to every row), ids past the table (the Triton
     clipped sum dropped them) and int16 ids (the reference's unique and index_add took them)."""
+    _available(backend)
     a, g, c = torch.randn(1, 3, 4), torch.randn(2, 3, 5), torch.rand(2)
     with pytest.raises(ValueError, match=r"linear_norms: a must be \(B, T, d\) with g's \(B, T\) \(2, 3\)"):
         ops.linear_norms(a, g, bias=False, method="ghost", backend=backend)
@@ -517,11 +558,12 @@ def _standard(z: torch.Tensor, what: str) -> None:
     assert abs(z.std().item() - 1) < Z * math.sqrt(1 / (2 * n)), f"{what}: noise std {z.std().item():.3g} over {n}"
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 @pytest.mark.parametrize("op", list(_noise_cases()) + ["add_noise"])
 def test_noise_statistics_agree(op, backend):
     """Every op's noise is noise_std * z with z standard normal, on every output, in both backends (their
     streams differ for one seed: compared by mean and std), and a seed repeats its stream."""
+    _available(backend)
     std, scale = 3.0, 0.5
     if op == "add_noise":
         prev = torch.randn(20, 25)

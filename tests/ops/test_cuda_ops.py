@@ -71,6 +71,94 @@ def test_linear_clipped_sum_f64(bias):
         _close(got, want)
 
 
+# The Linear clipped sum's two paths (op arguments path=1 tiles, 2 aten; splits forces split-K): the
+# tile functor (kernels.h ClippedGemm) is the device code of the CUDA kernel, run here phase by phase.
+TILES, ATEN = 1, 2
+
+
+def _clipped_sum_path(a, g, c, path, splits=0, bias=True, noise_std=0.0, scale=1.0, seed_w=0, prev_w=None):
+    w, b = torch.ops.dpkernels.cuda_linear_clipped_sum(
+        a, g, c, bias, noise_std, scale, seed_w, 1, prev_w, None, path, splits
+    )
+    return w, (b if bias else None)
+
+
+def _layout(x, kind):
+    if kind == "transposed":  # a (T, B, d) batch seen as (B, T, d): every stride reversed
+        return x.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    if kind == "strided":
+        return torch.cat([x, x], dim=-1)[..., ::2]
+    if kind == "expanded":  # stride 0 over T
+        return x[:, :1].expand(x.shape)
+    return x
+
+
+@pytest.mark.parametrize(
+    "B, T, p, d",
+    [(3, 7, 5, 9), (2, 40, 65, 130), (5, 3, 64, 1), (1, 1, 1, 70), (9, 17, 33, 64)],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided", "expanded"])
+@pytest.mark.parametrize("splits", [0, 1, 3, 1000])
+def test_linear_clipped_sum_tiles_f64(B, T, p, d, layout, splits):
+    """Tiles across the (p, d) output's edges (64 x 64 tiles), rows across the 16-row load steps, any
+    number of splits (1000: capped at one per load step), every layout: equal to the reference."""
+    a, g = _layout(_randn(B, T, d, seed=60), layout), _layout(_randn(B, T, p, seed=61), layout)
+    c = _c(B)
+    kw = dict(bias=False, noise_std=0.0, scale=1 / 3, prev_w=_randn(p, d, seed=62))
+    want = ref.linear_clipped_sum(a, g, c, **kw)
+    _close(_clipped_sum_path(a, g, c, TILES, splits, **kw)[0], want[0])
+    _close(_clipped_sum_path(a, g, c, ATEN, **kw)[0], want[0])
+
+
+@pytest.mark.parametrize("path", [TILES, ATEN])
+def test_linear_clipped_sum_empty(path):
+    """B = 0 (the noise-only step of an empty Poisson batch) and T = 0: scale * prev; p = 0, d = 0: empty."""
+    for B, T, p, d in [(0, 4, 3, 5), (2, 0, 3, 5), (2, 4, 0, 5), (2, 4, 3, 0)]:
+        a, g, c = _randn(B, T, d, seed=63), _randn(B, T, p, seed=64), _c(B)
+        prev = _randn(p, d, seed=65)
+        w, b = _clipped_sum_path(a, g, c, path, scale=0.5, prev_w=prev)
+        _close(w, 0.5 * prev)  # (the reference cannot reshape an empty p or d)
+        _close(b, ref.bias_clipped_sum(g, c, scale=0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_linear_clipped_sum_tiles_half(dtype, splits):
+    """16-bit inputs, fp32 accumulation, by SQNR against the reference in float64 on the same rounded
+    values (SQNR_DB: products c_i g a of 16-bit values in fp32 round once, the sums are fp32's). The clip
+    factors span 1e-8..1e3 so that c_i g_it leaves fp16's range both ways (past 65504, below 6e-8):
+    the tiles multiply in fp32, where it never is fp16, so nothing overflows or flushes."""
+    B, T, p, d = 6, 11, 70, 40
+    a = _randn(B, T, d, seed=66, dtype=dtype)
+    g = (_randn(B, T, p, seed=67) * 1e3).to(dtype)
+    c = torch.tensor([1e-8, 1e-6, 1e-3, 1.0, 50.0, 1e3], dtype=torch.float32)
+    w, b = _clipped_sum_path(a, g, c, TILES, splits)
+    wr, br = ref.linear_clipped_sum(a.double(), g.double(), c.double(), bias=True)
+    assert w.dtype == torch.float32 and torch.isfinite(w).all()
+    assert _sqnr(w, wr) > SQNR_DB and _sqnr(b, br) > SQNR_DB
+    # every sample counts, the tiny ones too: drop the largest and compare again
+    w5, _ = _clipped_sum_path(a[:5], g[:5], c[:5], TILES, splits)
+    assert _sqnr(w5, ref.linear_clipped_sum(a[:5].double(), g[:5].double(), c[:5].double(), bias=False)[0]) > SQNR_DB
+
+
+def test_linear_clipped_sum_tiles_noise():
+    """The tiles' epilogue (unsplit and split) draws add_noise's z for seed_w, element by element."""
+    a, g, c = _randn(3, 20, 70, seed=68), _randn(3, 20, 66, seed=69), _c(3)
+    z = cu.add_noise(None, (66, 70), noise_std=1.0, scale=1.0, seed=77, device="cpu", dtype=F64)
+    for splits in (1, 2):
+        w1, _ = _clipped_sum_path(a, g, c, TILES, splits, noise_std=0.7, scale=0.5, seed_w=77)
+        w0, _ = _clipped_sum_path(a, g, c, TILES, splits, scale=0.5, seed_w=77)
+        _close(w1 - w0, 0.35 * z)
+
+
+def test_linear_clipped_sum_path_refused():
+    a, g, c = _randn(2, 3, 4, seed=1), _randn(2, 3, 5, seed=2), _c(2)
+    with pytest.raises(ValueError, match="path must be 0"):
+        _clipped_sum_path(a, g, c, 3)
+    with pytest.raises(ValueError, match="splits must be >= 0"):
+        _clipped_sum_path(a, g, c, TILES, -1)
+
+
 def test_bias_ops_f64():
     g, c = _randn(5, 7, 3, seed=7), _c(5)
     _close(cu.bias_norms(g), ref.bias_norms(g))
@@ -250,6 +338,11 @@ def _opcheck_cases():
     ops = torch.ops.dpkernels
     yield "linear_norms", ops.cuda_linear_norms.default, (a, g, True, "ghost")
     yield "linear_clipped_sum", ops.cuda_linear_clipped_sum.default, (a, g, c, True, 1.0, 0.5, 1, 2, None, None)
+    yield (
+        "linear_clipped_sum_tiles",
+        ops.cuda_linear_clipped_sum.default,
+        (a, g, c, True, 1.0, 0.5, 1, 2, torch.ones(5, 4), None, 1, 2),
+    )
     yield "bias_norms", ops.cuda_bias_norms.default, (g,)
     yield "bias_clipped_sum", ops.cuda_bias_clipped_sum.default, (g, c, 1.0, 1.0, 3, torch.zeros(5))
     yield "conv_norms", ops.cuda_conv_norms.default, (x, gc, list(k), *st, True, "inst")

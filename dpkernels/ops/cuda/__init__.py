@@ -47,7 +47,7 @@ def _(a, g, bias, method):
 
 
 @_fake("linear_clipped_sum")
-def _(a, g, c, bias, noise_std, scale, seed_w, seed_b, prev_w, prev_b):
+def _(a, g, c, bias, noise_std, scale, seed_w, seed_b, prev_w, prev_b, path=0, splits=0):
     dt = acc_dtype(a, g)
     return g.new_empty((g.shape[-1], a.shape[-1]), dtype=dt), _vec(g, g.shape[-1], dt, bias)
 
