@@ -59,7 +59,7 @@ def _available(name: str) -> str:
     return name
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(scope="module", params=BACKENDS)
 def backend(request) -> str:
     """A backend under test."""
     return _available(request.param)
