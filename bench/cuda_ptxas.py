@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_90a", "sm_80")
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\w+)'")
 _USED = re.compile(r"Used (\d+) registers")
+_SMEM = re.compile(r"(\d+) bytes smem")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
@@ -56,17 +57,20 @@ def ptxas_report() -> list[dict]:
     rows, cur = [], None
     for line in res.stderr.splitlines():
         if m := _ENTRY.search(line):
-            cur = dict(kernel=m.group(1), arch=m.group(2), registers=None, spill_stores=0, spill_loads=0)
+            cur = dict(kernel=m.group(1), arch=m.group(2), registers=None, smem=0, spill_stores=0, spill_loads=0)
             rows.append(cur)
         elif cur is not None and (m := _SPILL.search(line)):
             cur["spill_stores"], cur["spill_loads"] = int(m.group(1)), int(m.group(2))
         elif cur is not None and (m := _USED.search(line)):
             cur["registers"] = int(m.group(1))
+            if s := _SMEM.search(line):
+                cur["smem"] = int(s.group(1))
     names = [r["kernel"] for r in rows]
     if shutil.which("c++filt") and names:
         out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
         for r, n in zip(rows, out, strict=True):
-            name = n.replace("dpk::each_kernel<dpk::", "").replace(">(", "(").split("(")[0]
+            name = n.replace("dpk::each_kernel<dpk::", "").replace("dpk::tile_kernel<dpk::", "tiles: ")
+            name = name.replace(">(", "(").split("(")[0]
             r["kernel"] = name.removeprefix("void ").strip()
     return rows
 
@@ -80,14 +84,18 @@ def main() -> int:
     lines = [
         "# Compiled backend (csrc/kernels.cu): ptxas -v",
         "",
-        "`python -m bench.cuda_ptxas`: every kernel (one grid-stride kernel per functor and dtype, 256 threads)",
-        f"compiled for {', '.join(ARCHS)} with -O3. Spilling kernels: {len(spills)}.",
+        "`python -m bench.cuda_ptxas`: every kernel (one grid-stride kernel per functor and dtype, and the",
+        "block-synchronous tile kernels, `tiles:`, of the Linear clipped sum; 256 threads each) compiled for",
+        f"{', '.join(ARCHS)} with -O3. Spilling kernels: {len(spills)}.",
         "",
-        "| kernel | arch | registers | spill stores (B) | spill loads (B) |",
-        "|---|---|---|---|---|",
+        "| kernel | arch | registers | static smem (B) | spill stores (B) | spill loads (B) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["arch"], r["kernel"])):
-        lines.append(f"| `{r['kernel']}` | {r['arch']} | {r['registers']} | {r['spill_stores']} | {r['spill_loads']} |")
+        lines.append(
+            f"| `{r['kernel']}` | {r['arch']} | {r['registers']} | {r['smem']} | {r['spill_stores']} "
+            f"| {r['spill_loads']} |"
+        )
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if spills or not rows else 0

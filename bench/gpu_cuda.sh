@@ -7,9 +7,12 @@
 #   bash bench/gpu_cuda.sh tests       # ON THE DEVICE: test_cuda_* on CUDA (gpu-marked included)
 #   bash bench/gpu_cuda.sh sanitize    # ON THE DEVICE: compute-sanitizer memcheck and racecheck on them
 #   bash bench/gpu_cuda.sh ops         # ON THE DEVICE: op benchmarks, cuda vs triton vs reference
+#   bash bench/gpu_cuda.sh linear      # ON THE DEVICE: the Linear clipped sum's paths (tiles, cuBLAS + epilogue,
+#                                      # Triton, reference): decides csrc/linear_clipped_sum.cpp's CUDA default
 #
-# Device call (run tool): command "bash bench/gpu_cuda.sh tests sanitize ops", carry ["dpkernels/_C.so"],
-# timeout ~540 s (tests ~1 min, sanitizers ~3 min, ops ~4 min on an H100-class part). Without a carried
+# Device call (run tool): command "bash bench/gpu_cuda.sh tests sanitize linear ops", carry ["dpkernels/_C.so"],
+# timeout ~540 s (tests ~1 min, sanitizers ~3 min (racecheck: the tile kernel's shared memory), linear
+# ~20 s, ops ~4 min on an H100-class part). Without a carried
 # library the device builds it (needs nvcc there; minutes). Results under $OUT (or
 # bench/results/gpu-cuda/): copy them to bench/results/<device>/ and commit them naming the device.
 # DRY=1 prints the commands instead of running them.
@@ -50,15 +53,19 @@ ops() {  # every op, every backend available there (reference, triton, cuda), do
     run python3 -m bench.ops --device cuda --dtype bf16,fp32 --backends reference,triton,cuda --csv "$OUT/ops.csv" 2>&1 | tee "$OUT/ops.md"
 }
 
-[[ $# -ge 1 ]] || { sed -n '2,17p' "$0"; exit 2; }
+linear() {  # the compiled Linear clipped sum's tile kernel against its cuBLAS path, Triton and the reference
+    run python3 -m bench.cuda_cpu --linear-only cuda --out "$OUT/linear_paths.md" 2>&1 | tee "$OUT/linear_paths.log"
+}
+
+[[ $# -ge 1 ]] || { sed -n '2,20p' "$0"; exit 2; }
 if [[ "$1" == prepare ]]; then
     prepare
     exit 0
 fi
 for stage in "$@"; do
     case "$stage" in
-        tests | sanitize | ops) ;;
-        *) echo "unknown stage: $stage (tests, sanitize, ops; or prepare)" >&2; exit 2 ;;
+        tests | sanitize | linear | ops) ;;
+        *) echo "unknown stage: $stage (tests, sanitize, linear, ops; or prepare)" >&2; exit 2 ;;
     esac
 done
 setup

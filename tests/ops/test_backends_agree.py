@@ -266,7 +266,7 @@ def _check(op: str, args: tuple, kw: dict, backend: str, out_t) -> None:
         err = (t.double() - r.double()).abs()
         assert torch.isfinite(r).all() and torch.isfinite(t).all(), (op, i)
         worst = (err - bound).max().item() if err.numel() else 0.0
-        assert worst <= 0, f"{op} output {i}: |{backend} - reference| exceeds the bound by {worst:.3g} (n = {n}, u = {u})"
+        assert worst <= 0, f"{op} output {i}: |{backend} - reference| exceeds the bound by {worst:.3g} ({n = }, {u = })"
 
 
 # ----------------------------------------------------------------------------- cases, one per op

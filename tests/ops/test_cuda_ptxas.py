@@ -22,9 +22,9 @@ def test_no_kernel_spills():
     from bench.cuda_ptxas import ARCHS, ptxas_report
 
     rows = ptxas_report()
-    # one kernel per DPK_INST line of kernels.cu (DPK_INST_IN: four dtypes), per arch
+    # one kernel per DPK_INST / DPK_INST_TILES line of kernels.cu (DPK_INST_IN: four dtypes), per arch
     src = (REPO / "csrc" / "kernels.cu").read_text()
-    n_inst = len(re.findall(r"^DPK_INST\(", src, re.M)) + 4 * len(re.findall(r"^DPK_INST_IN\(", src, re.M))
+    n_inst = len(re.findall(r"^DPK_INST(_TILES)?\(", src, re.M)) + 4 * len(re.findall(r"^DPK_INST_IN\(", src, re.M))
     assert len(rows) == n_inst * len(ARCHS)
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, spilling
