@@ -19,6 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu-cuda}"
+[[ -z "${DRY:-}" ]] || OUT="$(mktemp -d)"  # a dry run's logs (the commands) stay out of the repository
 run() { if [[ -n "${DRY:-}" ]]; then printf '+'; printf ' %q' "$@"; echo; else "$@"; fi; }
 
 prepare() {
