@@ -16,6 +16,7 @@ import torch
 
 from bench.papers import automatic_clipping as AC
 from bench.papers import group_clipping as GC
+from bench.papers import perturbed_clipping as PC
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -108,3 +109,27 @@ def test_corpus_is_deterministic_and_blocks_are_disjoint():
     every = ids[: n * 16].view(n, 16)
     held = torch.arange(n) % GC.HOLDOUT_EVERY == GC.HOLDOUT_EVERY - 1
     assert torch.equal(train, every[~held]) and torch.equal(val, every[held])
+
+
+def test_perturbed_clipping_quick(tmp_path):
+    assert PC.main(["--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    data, md = _outputs(tmp_path, "perturbed_clipping_quick")
+    cfg, m, d = data["config"], data["mean"], data["digits"]
+    assert cfg["seeds"] == 3
+    # (a): every k over 3 seeds at the calibrated epsilon; the noiseless plain-clipping fixed point of this data
+    # is away from the mean (3/4 of the points near (-1, 0), 1/4 near (3, 1): about 0.7 at R = 1)
+    assert [p["k"] for p in m["points"]] == cfg["mean_k"] and all(p["distance"]["n"] == 3 for p in m["points"])
+    assert 0.5 < m["plain_fixed_point_distance"] < 1.0
+    for r in m["runs"]:
+        assert _spent_target(r["epsilon"], cfg["epsilon"]), r
+        assert math.isfinite(r["distance"])
+    # (b): plain and perturbed runs, 3 seeds each, a symmetry trace per run with finite measures
+    assert [p["k"] for p in d["points"]] == [0.0, cfg["k"]] and all(p["accuracy"]["n"] == 3 for p in d["points"])
+    for r in d["runs"]:
+        assert _spent_target(r["epsilon"], cfg["epsilon"]), r
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["steps"] == d["steps"] > 0
+        assert [t["step"] for t in r["trace"]] == [*range(0, d["steps"], cfg["probe_every"]), d["steps"]]
+        for t in r["trace"]:
+            assert all(math.isfinite(v) for v in t.values()), t
+            assert abs(t["bias_plain"]) < 1.0 and t["skew_random"] >= 0.0
+    assert "## (b) digits" in md
