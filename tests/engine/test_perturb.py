@@ -276,3 +276,24 @@ def test_clip_factors_bound_the_perturbed_vector():
     n = torch.tensor([0.0, 1e-300, 1.0, 1e300, 7.3], dtype=torch.float64)
     c = clip_factors(n, 0.5)
     assert bool((c * n <= 0.5).all())
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_the_mechanism_noise_is_unchanged(accumulation_steps):
+    """With perturb_k > 0 the Gaussian mechanism adds the very noise of plain clipping (same seeds, std
+    sigma R_total / E): the two updates differ by at most the two clipped sums, 2 n R / E for n samples, while
+    the noise is ~sigma R sqrt(P) / E ~ 1400 R / E (another draw would differ by ~2000 R / E)."""
+    case = CASES[0]
+    x, y = batch(case, 2 * B)
+    R, sigma = 1e-3, 100.0
+    grads = []
+    for k in (0.0, 5.0):
+        model = case.build()
+        model, opt = _make(model, k=k, noise_multiplier=sigma, max_grad_norm=R, accumulation_steps=accumulation_steps)
+        for sl in torch.arange(2 * B).chunk(accumulation_steps):
+            batch_loss(case, model(x[sl]), y[sl], "mean").backward()
+        opt.step()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert float(grads[0].norm()) > 500 * R / EBS
+    assert float((grads[0] - grads[1]).norm()) <= 2 * (2 * B) * R / EBS * (1 + 1e-6)
+    assert 0.8 < float(grads[0].std() * EBS / (sigma * R)) < 1.2  # ~200 coordinates: std within 20 %
