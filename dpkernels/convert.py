@@ -14,6 +14,7 @@ from . import ops
 from .accounting import Accountant, get_noise_multiplier
 from .clipping import CLIP_FUNCTIONS, GroupSpec, group_bounds, resolve_groups
 from .engine import DPOptimizer, Engine, Tie, attached_engine, optimizer_params
+from .fsdp import ShardedParams, check_module, fsdp_modules, is_fsdp2
 from .guard import ForwardGuard
 from .nn import DP_LAYERS, DPModule
 from .nn.tap import tap_known
@@ -63,13 +64,14 @@ def dp_class(m: nn.Module) -> type[DPModule] | None:
 # --- end of third-party layers
 
 
-def convert_layers(model: nn.Module) -> nn.Module:
+def convert_layers(model: nn.Module, in_place: bool = False) -> nn.Module:
     """Replace every supported torch layer (exact type) by its DP twin, in place; returns the model.
     A model that is itself such a layer becomes its twin in place (the same object, as from_module does
     with a copy), so a reference the caller kept stays the converted model.
 
     Modules listed in nn.tap.TAPPED_PARAMETERS (the model itself included) keep their class's code but
-    get exact per-sample gradients for their batch-broadcast raw parameters (see dpkernels.nn.tap)."""
+    get exact per-sample gradients for their batch-broadcast raw parameters (see dpkernels.nn.tap).
+    ``in_place``: every layer becomes its twin in place (FSDP2 keeps references to the layers it shards)."""
     root = dp_class(model)
     if root is not None:
         return root.from_module(model, in_place=True)
@@ -77,9 +79,9 @@ def convert_layers(model: nn.Module) -> nn.Module:
     for name, child in list(model.named_children()):
         dp_cls = dp_class(child)
         if dp_cls is not None:
-            setattr(model, name, dp_cls.from_module(child))
+            setattr(model, name, dp_cls.from_module(child, in_place=in_place))
         else:
-            convert_layers(child)
+            convert_layers(child, in_place)
     return model
 
 
@@ -153,15 +155,26 @@ def _refusal(m: nn.Module, in_fake_quant: bool) -> str | None:
     return None
 
 
-def validate(model: nn.Module) -> dict[str, nn.Module]:  # values are DPModules
-    """The DP modules with trainable parameters, by name; raises on what cannot be made private."""
+def validate(model: nn.Module, sharded: bool = False) -> dict[str, nn.Module]:  # values are DPModules
+    """The DP modules with trainable parameters, by name; raises on what cannot be made private.
+    ``sharded``: FSDP2 (fully_shard) modules are accepted as containers (make_private(distributed=True))."""
     from torch.ao.quantization import FakeQuantizeBase
 
     fqs = [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
     in_fake_quant = {id(c) for fq in fqs for c in fq.modules() if c is not fq}
     for name, m in model.named_modules():
         parallel = isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel))
-        if parallel or type(m).__module__.startswith("torch.distributed.fsdp"):
+        fsdp = type(m).__module__.startswith("torch.distributed.fsdp")
+        if fsdp and sharded and is_fsdp2(m):
+            check_module(name, m)
+        elif fsdp:
+            raise ValueError(
+                f"module {name or '<model>'!r} is a {type(m).__name__} (FSDP2's fully_shard): make_private needs "
+                f"distributed=True for a sharded model, so that the ranks' clipped sums are reduce-scattered to the "
+                f"shards. Call fully_shard first, build the optimizer, then make_private(..., distributed=True) on "
+                f"every rank; the legacy FullyShardedDataParallel wrapper is not supported"
+            )
+        elif parallel:
             raise ValueError(
                 f"module {name or '<model>'!r} is a {type(m).__name__}: data-parallel training is not supported. "
                 f"The engine writes each parameter's private gradient at the end of backward, outside the "
@@ -337,8 +350,9 @@ def make_private(
     if backend is not None:
         ops.set_backend(backend)
 
-    convert_layers(model)
-    modules = validate(model)
+    sharded = distributed is not False and bool(fsdp_modules(model))  # FSDP2: see dpkernels.fsdp
+    convert_layers(model, in_place=sharded)
+    modules = validate(model, sharded=sharded)
     if not modules:
         raise ValueError("the model has no trainable parameters in a DP layer: nothing to train privately")
     ties = build_ties(modules)
@@ -383,6 +397,8 @@ def make_private(
         )
         parallel.broadcast_model(model)
         engine.world_size, engine.rank = parallel.world_size, parallel.rank
+        if sharded:
+            engine.sharding = parallel.sharded = ShardedParams(model, engine, parallel.group)
     engine.static_loss_scale = float(loss_scale)
     if previous is not None:
         engine.continue_from(previous, keep_seed=seed is None)

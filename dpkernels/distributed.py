@@ -60,6 +60,7 @@ class DataParallelState:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.sharded: Any = None  # dpkernels.fsdp.ShardedParams when the model is sharded by fully_shard
         self._sizes: list[int] = []
         self._warned = False
 
@@ -77,21 +78,37 @@ class DataParallelState:
                 )
 
     def broadcast_model(self, model: torch.nn.Module) -> None:
-        """Rank 0's parameters and buffers on every rank, as DistributedDataParallel does at construction."""
+        """Rank 0's parameters and buffers on every rank, as DistributedDataParallel does at construction.
+        Parameters sharded by fully_shard (DTensors) are left alone: each rank holds its own shard."""
+        from torch.distributed.tensor import DTensor
+
         src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(t.data, src=src, group=self.group)
+                if not isinstance(t, DTensor):
+                    dist.broadcast(t.data, src=src, group=self.group)
+
+    def sum_grads(self, params: Sequence[Tensor]) -> None:
+        """The step's sum over ranks: sharded parameters' shares reduce-scattered to their shards, the others'
+        .grad all-reduced."""
+        if self.sharded is not None:
+            self.sharded.reduce_scatter(params)
+            params = [p for p in params if not self.sharded.manages(p)]
+        self.all_reduce([p.grad for p in params if p.grad is not None])
 
     def all_reduce(self, grads: Sequence[Tensor]) -> None:
         """Sum ``grads`` over the ranks in place, bucketed: one collective per ~25 MiB of one dtype/device."""
         buckets: dict[tuple[torch.dtype, torch.device], list[list[Tensor]]] = {}
+        filled: dict[tuple[torch.dtype, torch.device], int] = {}  # bytes in each key's last bucket
         for g in grads:
-            lists = buckets.setdefault((g.dtype, g.device), [[]])
-            size = sum(t.numel() * t.element_size() for t in lists[-1])
-            if lists[-1] and size + g.numel() * g.element_size() > BUCKET_BYTES:
+            key = (g.dtype, g.device)
+            lists = buckets.setdefault(key, [[]])
+            nbytes = g.numel() * g.element_size()
+            if lists[-1] and filled.get(key, 0) + nbytes > BUCKET_BYTES:
                 lists.append([])
+                filled[key] = 0
             lists[-1].append(g)
+            filled[key] = filled.get(key, 0) + nbytes
         works = []
         for lists in buckets.values():
             for bucket in lists:

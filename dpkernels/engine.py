@@ -26,6 +26,7 @@ kept between the passes).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import secrets
@@ -297,6 +298,7 @@ class Engine:
         self._per_sample_losses = False  # this backward is of sum_i l_i given per sample (see backward)
         self.world_size = 1  # data-parallel ranks summing their clipped sums (set by dpkernels.distributed)
         self.rank = 0
+        self.sharding: Any = None  # dpkernels.fsdp.ShardedParams when the model is sharded by fully_shard
         self.enabled = True
         self.batch_size: int | None = None  # the model's batch, read by a forward pre-hook
         self.steps = 0
@@ -434,7 +436,7 @@ class Engine:
                 f"all-reduce, which would then overwrite or miss it. Use make_private(model, optimizer, ..., "
                 f"distributed=True) on the unwrapped model instead: it sums the clipped gradients across ranks."
             )
-        for m, k, q in self._owned:
+        for m, k, q in () if self.sharding is not None else self._owned:  # sharded: checked by sharding.canonical
             if m._parameters.get(k) is not q:
                 raise RuntimeError(
                     f"parameter {self._name_of.get(m, type(m).__name__)}.{k} was replaced after make_private (by "
@@ -515,7 +517,7 @@ class Engine:
         if not self._counts(tie, node):
             return
         try:
-            with ids_looked_up():  # the uses' ids passed F.embedding's own range check in forward
+            with ids_looked_up(), self._canonical():  # ids: passed F.embedding's own range check in forward
                 self._on_backward(module, tie, saved, g, node)
         except BaseException:
             self._abort()
@@ -532,7 +534,7 @@ class Engine:
         hit = self._counting.get(tie)
         if hit is None:
             try:
-                hit = self._counting[tie] = will_accumulate(tie.params, node)
+                hit = self._counting[tie] = will_accumulate(self._graph_params(tie.params), node)
             except ParameterGradRequested:
                 self._abort()
                 names = [self._pname.get(id(p), str(tuple(p.shape))) for p in tie.params]
@@ -544,6 +546,23 @@ class Engine:
                     f"for input gradients, ask autograd.grad for the inputs only"
                 ) from None
         return hit
+
+    def _graph_params(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """The tensors autograd sees for ``params`` (FSDP2's unsharded parameters for sharded ones)."""
+        return list(params) if self.sharding is None else self.sharding.graph_params(params)
+
+    def _canonical(self) -> Any:
+        """With FSDP2, the engine's own (sharded) parameters on the DP modules while it works on them."""
+        if self.sharding is None:
+            return contextlib.nullcontext()
+        return self.sharding.canonical(self._owned, self._name_of)
+
+    def _write_grad(self, p: nn.Parameter, grad: Tensor) -> None:
+        """A parameter's final (noised) gradient: its .grad, or with FSDP2 the share awaiting the reduce-scatter."""
+        if self.sharding is not None and self.sharding.manages(p):
+            self.sharding.write(p, grad)
+        else:
+            p.grad = grad
 
     def _raw_use(self, name: str, grad: Tensor | None) -> None:
         if grad is None or not self.enabled:  # None: a DP layer's backward (it returns no parameter grads)
@@ -696,7 +715,7 @@ class Engine:
 
     def _commit(self, p: nn.Parameter, result: Tensor, last: bool) -> None:
         if last:
-            p.grad = result
+            self._write_grad(p, result)
             self._noised.add(id(p))
             self._acc.pop(id(p), None)
         else:
@@ -736,7 +755,7 @@ class Engine:
     def _end_backward(self) -> None:
         """End of a backward pass: finish what is still open, then reset the per-pass state."""
         try:
-            with ids_looked_up():
+            with ids_looked_up(), self._canonical():
                 self._finish_pass()
         except BaseException:
             self._abort()
@@ -826,7 +845,10 @@ class Engine:
             # (an input that requires grad would otherwise get its gradient twice). The DP parameters
             # as inputs make autograd run every DP layer's backward; they receive None.
             torch.autograd.grad(
-                loss, [p for p in self._params if p.requires_grad], retain_graph=True, allow_unused=True
+                loss,
+                self._graph_params([p for p in self._params if p.requires_grad]),
+                retain_graph=True,
+                allow_unused=True,
             )
             self._phase = "apply"
             loss.backward()
@@ -881,7 +903,7 @@ class Engine:
                 device=p.device,
                 dtype=prev.dtype if prev is not None else ops.acc_dtype(p),  # never round a float64 sum to fp32
             )
-            p.grad = pruning.masked_grad(p, out).to(p.dtype)  # pruned coordinates: no noise
+            self._write_grad(p, pruning.masked_grad(p, out).to(p.dtype))  # pruned coordinates: no noise
         self._acc.clear()
         self._noised.clear()
         self._micro = 0
@@ -895,6 +917,8 @@ class Engine:
         self._noised.clear()
         self._micro = 0
         self._acc_lost = None
+        if self.sharding is not None:
+            self.sharding.pending.clear()
         for p in self._params:
             p.grad = None
 
@@ -1026,7 +1050,7 @@ class DPOptimizer(torch.optim.Optimizer):
             self.parallel.observe_batch(self.engine.batch_size)
         self.engine.finish_step()
         if self.parallel is not None:  # every rank's noised share summed: one DP step of the global batch
-            self.parallel.all_reduce([p.grad for p in self.engine._params if p.grad is not None])
+            self.parallel.sum_grads(self.engine._params)
         self.original_optimizer.step()
         if self.accountant is not None and self.sample_rate is not None:
             self.accountant.step(noise_multiplier=self.engine.noise_multiplier, sample_rate=self.sample_rate)

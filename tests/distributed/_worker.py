@@ -44,6 +44,107 @@ def _step(case, model, x, y, *, distributed, strategy="bk", groups="all-layer", 
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]), opt
 
 
+def _sharded(model: nn.Module, mp=None) -> nn.Module:
+    """``model`` under FSDP2: a Sequential's layers in two blocks, each fully_shard-ed, and the root (whose group
+    holds what is left, e.g. a tied embedding/head). Same parameters, same order, same function."""
+    from torch.distributed.fsdp import fully_shard
+
+    kw = {} if mp is None else {"mp_policy": mp}
+    if isinstance(model, nn.Sequential) and len(model) > 2:
+        k = len(model) // 2
+        model = nn.Sequential(nn.Sequential(*model[:k]), nn.Sequential(*model[k:]))
+        for block in model:
+            fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def _fsdp_step(case, model, x, y, *, strategy="bk", groups="all-layer", sigma=0.0, seed=None, accum=1, mp=None):
+    """One DP step of the FSDP2-sharded ``model``: the full gradient (its shards all-gathered)."""
+    model = _sharded(model, mp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, opt = dpkernels.make_private(
+        model,
+        opt,
+        noise_multiplier=sigma,
+        max_grad_norm=R,
+        expected_batch_size=float(B),
+        strategy=strategy,
+        groups=groups,
+        accumulation_steps=accum,
+        seed=seed,
+        distributed=True,
+    )
+    for xs, ys in zip(x.tensor_split(accum), y.tensor_split(accum), strict=True):
+        opt.backward(batch_loss(case, model(xs), ys, "mean"))
+    opt.step()
+    return torch.cat([p.grad.full_tensor().flatten() for p in model.parameters() if p.requires_grad]), opt
+
+
+def fsdp_exact(case_name, rank, world, *, strategy="bk", groups="all-layer", empty_rank=None, accum=1, mp=False):
+    """Max relative error of the FSDP2 step (reduce-scattered, all-gathered back) against one process on the
+    union of the ranks' batches."""
+    case = BY_NAME[case_name]
+    x, y = batch(case, B)
+    policy = None
+    if mp:  # float64 parameters computed in float32: the single process runs a float32 copy
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.float32)
+    mine, opt = _fsdp_step(
+        case,
+        case.build(),
+        _split(x, rank, world, empty_rank),
+        _split(y, rank, world, empty_rank),
+        strategy=strategy,
+        groups=groups,
+        accum=accum,
+        mp=policy,
+    )
+    grad_dtypes = sorted({str(p.grad.dtype) for p in opt.engine._params})
+    local = [p.grad.to_local().shape[0] for p in opt.engine._params]
+    full = [p.shape[0] for p in opt.engine._params]
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    same = all(torch.equal(every[0], e) for e in every)
+    if empty_rank is None:
+        x = torch.cat([x[r::world] for r in range(world)])
+        y = torch.cat([y[r::world] for r in range(world)])
+    model = case.build()
+    if mp:
+        model, x, y = model.float(), x.float() if x.is_floating_point() else x, y.float()
+    single, _ = _step(case, model, x, y, distributed=False, strategy=strategy, groups=groups, accum=accum)
+    err = ((mine - single.to(mine.dtype)).norm() / single.norm()).item()
+    return {"rel_err": err, "ranks_equal": same, "norm": single.norm().item(), "grad_dtypes": grad_dtypes,
+            "local_rows": local, "full_rows": full}  # fmt: skip
+
+
+def fsdp_noise(rank, world):
+    """Std of the reduce-scattered noise of empty steps on a sharded (65, 64) Linear (uneven shards): sigma R / B."""
+    torch.manual_seed(0)
+    out = []
+    x = torch.zeros(0, 64, dtype=DT)
+    for _ in range(10):
+        g, _ = _fsdp_step(BY_NAME["mlp"], nn.Sequential(nn.Linear(64, 65)).to(DT), x, x[:, :1], sigma=1.0)
+        out.append(g)
+    g = torch.cat(out)
+    return {"std": g.std().item(), "expected": 1.0 * R / B, "n": g.numel()}
+
+
+def fsdp_sensitivity(rank, world):
+    """Remove-one across ranks on the sharded MLP: an adversarially large sample on rank 1 moves the update by R / B."""
+    case = BY_NAME["mlp"]
+    x, y = batch(case, B)
+    x = x.clone()
+    x[1] *= 1e4
+    with_it, _ = _fsdp_step(case, case.build(), x[rank::world], y[rank::world])
+    keep = [i for i in range(B) if i != 1]
+    xs, ys = x[keep], y[keep]
+    sub = [i for i in range(len(keep)) if keep[i] % world == rank]
+    without, _ = _fsdp_step(case, case.build(), xs[sub], ys[sub])
+    return {"delta_times_B": ((with_it - without).norm() * B).item(), "R": R}
+
+
 def _split(x: torch.Tensor, rank: int, world: int, empty_rank: int | None) -> torch.Tensor:
     if empty_rank is not None:
         return x[:0] if rank == empty_rank else x
@@ -138,6 +239,17 @@ def main() -> None:
     results["exact/tied/layer-wise"] = exact("tied", rank, world, groups="layer-wise")
     results["exact/mlp/empty-rank"] = exact("mlp", rank, world, empty_rank=1)
     results["exact/mlp/accumulation"] = exact("mlp", rank, world, accum=2)
+    for case in ("mlp", "conv2d", "embedding", "layernorm", "tied"):
+        results[f"fsdp/{case}/bk"] = fsdp_exact(case, rank, world)
+    results["fsdp/mlp/two-pass"] = fsdp_exact("mlp", rank, world, strategy="two-pass")
+    results["fsdp/tied/two-pass"] = fsdp_exact("tied", rank, world, strategy="two-pass")
+    results["fsdp/mlp/layer-wise"] = fsdp_exact("mlp", rank, world, groups="layer-wise")
+    results["fsdp/tied/layer-wise"] = fsdp_exact("tied", rank, world, groups="layer-wise")
+    results["fsdp/mlp/empty-rank"] = fsdp_exact("mlp", rank, world, empty_rank=1)
+    results["fsdp/mlp/accumulation"] = fsdp_exact("mlp", rank, world, accum=2)
+    results["fsdp/mlp/mixed-precision"] = fsdp_exact("mlp", rank, world, mp=True)
+    results["fsdp/noise"] = fsdp_noise(rank, world)
+    results["fsdp/sensitivity"] = fsdp_sensitivity(rank, world)
     results["noise/os-seeds"] = noise(rank, world, seed=None)
     results["noise/same-seed"] = noise(rank, world, seed=1234)
     results["sensitivity"] = sensitivity(rank, world)

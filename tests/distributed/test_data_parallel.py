@@ -67,6 +67,60 @@ def test_two_ranks_equal_one_process_on_the_union(two_ranks, key):
     assert r["rel_err"] < 1e-12
 
 
+FSDP = [
+    "fsdp/mlp/bk",
+    "fsdp/conv2d/bk",
+    "fsdp/embedding/bk",
+    "fsdp/layernorm/bk",
+    "fsdp/tied/bk",
+    "fsdp/mlp/two-pass",
+    "fsdp/tied/two-pass",
+    "fsdp/mlp/layer-wise",
+    "fsdp/tied/layer-wise",
+    "fsdp/mlp/empty-rank",
+    "fsdp/mlp/accumulation",
+]
+
+
+@pytest.mark.parametrize("key", FSDP)
+def test_fsdp2_step_equals_one_process_on_the_union(two_ranks, key):
+    """FSDP2 (fully_shard on two blocks and the root, then make_private(distributed=True)), float64, noise off: the
+    reduce-scattered shards, all-gathered back, equal the single-process step on the union of the batches. 1e-12 as
+    for DDP: only the order of float64 additions differs. The shards are real: the gradients are DTensors whose local
+    rows are the rank's part of dimension 0 (rank 0 holds ceil(rows / 2))."""
+    r = two_ranks[key]
+    assert r["norm"] > 0.01
+    assert r["ranks_equal"], "ranks hold different gradients"
+    assert r["rel_err"] < 1e-12
+    assert r["grad_dtypes"] == ["torch.float64"]
+    assert r["local_rows"] == [r["full_rows"][k] - r["full_rows"][k] // 2 for k in range(len(r["full_rows"]))]
+
+
+def test_fsdp2_mixed_precision_param_dtype(two_ranks):
+    """MixedPrecisionPolicy(param_dtype=float32) on float64 parameters: the DP layers compute in float32 (the step
+    equals a float32 single process to float32 rounding: relative 1e-5 is ~100 float32 ulps for sums of a few hundred
+    terms), and the gradient written to the float64 shards is float64."""
+    r = two_ranks["fsdp/mlp/mixed-precision"]
+    assert r["norm"] > 0.01 and r["ranks_equal"]
+    assert r["rel_err"] < 1e-5
+    assert r["grad_dtypes"] == ["torch.float64"]
+
+
+def test_fsdp2_noise_is_added_once_per_element(two_ranks):
+    """Empty steps on a sharded (65, 64) Linear (shards of 33 and 32 rows): every element of the reduce-scattered
+    gradient has noise std sigma R / B, not sqrt(2) off. 42,250 draws: relative standard error 0.34%, so 3% is ~9 of
+    them, and sqrt(2) is 40% away."""
+    r = two_ranks["fsdp/noise"]
+    assert r["n"] > 40_000
+    assert abs(r["std"] / r["expected"] - 1) < 0.03
+
+
+def test_fsdp2_remove_one_sensitivity_across_ranks(two_ranks):
+    """As for DDP: one adversarially large sample on rank 1 moves the sharded model's update by exactly R / B."""
+    r = two_ranks["fsdp/sensitivity"]
+    assert r["R"] * (1 - 1e-5) <= r["delta_times_B"] <= r["R"] * (1 + 1e-5)
+
+
 @pytest.mark.parametrize("key", ["noise/os-seeds", "noise/same-seed"])
 def test_noise_is_added_once_for_the_global_step(two_ranks, key):
     """Empty steps on both ranks: the summed noise has std sigma R / B, not sqrt(2) times more (both ranks adding
@@ -142,6 +196,55 @@ def test_fully_shard_after_make_private_is_refused_by_name(one_process_group):
     fully_shard(model)
     with pytest.raises(RuntimeError, match=r"parameter 0.weight was replaced.*fully_shard.*distributed=True"):
         model(torch.randn(4, 4))
+
+
+def test_fully_shard_without_distributed_is_refused(one_process_group):
+    from torch.distributed.fsdp import fully_shard
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    fully_shard(model)
+    with pytest.raises(ValueError, match=r"FSDP2's fully_shard.*distributed=True"):
+        dpkernels.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, expected_batch_size=4
+        )
+
+
+def test_fully_shard_on_a_layer_itself_is_refused_by_name(one_process_group):
+    """fully_shard(layer) changes the layer's class (FSDPLinear): it cannot become a DP layer; apply it to blocks."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    fully_shard(model[1])
+    fully_shard(model)
+    with pytest.raises(ValueError, match=r"module '1' is a Linear that fully_shard was applied to directly"):
+        dpkernels.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, expected_batch_size=4,
+            distributed=True,
+        )  # fmt: skip
+
+
+def test_fsdp2_world_size_one_matches_the_plain_path(one_process_group):
+    """One rank, fully_shard on a block and the root: the same step as the unsharded model (same seed, same noise)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    grads = []
+    for sharded in (False, True):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 3))
+        if sharded:
+            fully_shard(model[0])
+            fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, opt = dpkernels.make_private(
+            model, opt, noise_multiplier=1.0, expected_batch_size=5, seed=7, distributed=sharded
+        )
+        model(x).square().sum(1).mean().backward()
+        opt.step()
+        grads.append(torch.cat([getattr(p.grad, "full_tensor", p.grad.detach)().flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
 def test_distributed_without_process_group_is_a_clear_error():
