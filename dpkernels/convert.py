@@ -351,6 +351,11 @@ def make_private(
         ops.set_backend(backend)
 
     sharded = distributed is not False and bool(fsdp_modules(model))  # FSDP2: see dpkernels.fsdp
+    if sharded and perturb_k:
+        raise ValueError(
+            "perturb_k with a model sharded by fully_shard is not supported: perturbed clipping instantiates "
+            "per-sample gradients from the layers' weights, which FSDP holds as shards. Use perturb_k=0"
+        )
     convert_layers(model, in_place=sharded)
     modules = validate(model, sharded=sharded)
     if not modules:
