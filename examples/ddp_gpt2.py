@@ -3,6 +3,7 @@ the clipped sums are all-reduced, the noise is added once (dpkernels.distributed
 
     torchrun --nproc_per_node 2 examples/ddp_gpt2.py            # CPU, gloo; a minute or two
     torchrun --nproc_per_node 2 examples/ddp_gpt2.py --quick    # a few steps
+    torchrun --nproc_per_node 2 examples/ddp_gpt2.py --fsdp     # FSDP2: each block and the root fully_shard-ed
 
 Nothing is downloaded: a Hugging Face GPT2LMHeadModel from a tiny config, trained on the bytes of
 the Python standard library's own source (argparse and textwrap, read from disk), split into
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2's fully_shard (dpkernels.fsdp)")
     args = ap.parse_args(argv)
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -56,6 +58,13 @@ def main(argv: list[str] | None = None) -> dict:
     steps = 4 if args.quick else math.ceil(args.epochs / q)
     size = dict(n_embd=32, n_layer=1, n_head=2) if args.quick else dict(n_embd=64, n_layer=2, n_head=4)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=T, **size))
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if args.fsdp:  # shard first (blocks, then the root), then the optimizer, then make_private
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     model, optimizer = dpkernels.make_private(
         model, optimizer, target_epsilon=args.epsilon, target_delta=1 / n, sample_rate=q, dataset_size=n,
@@ -72,6 +81,13 @@ def main(argv: list[str] | None = None) -> dict:
         losses.append(loss.item() if len(xb) else float("nan"))
         if rank == 0 and (step % 10 == 0 or step == steps - 1):
             print(f"step {step + 1}/{steps}  rank-0 batch {len(xb)}  loss {losses[-1]:.3f}", flush=True)
+    local = [getattr(p, "to_local", p.detach)() for p in model.parameters()]
+    mine = sum(t.numel() * t.element_size() for t in local) + sum(
+        getattr(v, "to_local", v.detach)().numel() * v.element_size()
+        for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0
+    )  # fmt: skip
+    if rank == 0:
+        print(f"rank 0 holds {mine / 2**20:.2f} MiB of parameters and Adam state (unsharded: {3 * full_bytes / 2**20:.2f})")
     eps = optimizer.accountant.get_epsilon(1 / n)
     every = [None] * world
     dist.all_gather_object(every, eps)

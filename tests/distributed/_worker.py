@@ -145,6 +145,49 @@ def fsdp_sensitivity(rank, world):
     return {"delta_times_B": ((with_it - without).norm() * B).item(), "R": R}
 
 
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=8, n_embd=16, n_layer=2, n_head=2)
+    cfg.attn_pdrop = cfg.resid_pdrop = cfg.embd_pdrop = 0.0  # the same function on every rank
+    return GPT2LMHeadModel(cfg).to(DT)
+
+
+def gpt2_exact(rank, world, *, fsdp, strategy="bk", groups="all-layer"):
+    """A tiny Hugging Face GPT-2 (tied wte/lm_head, Conv1D, LayerNorm, two blocks), DDP or FSDP2 (each block and the
+    root fully_shard-ed) against one process on the union of the batches."""
+    import torch.nn.functional as F
+
+    x = torch.randint(0, 40, (B, 8), generator=torch.Generator().manual_seed(0))
+
+    def run(model, ids, distributed):
+        if fsdp and distributed:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.transformer.h:
+                fully_shard(block)
+            fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        model, opt = dpkernels.make_private(
+            model, opt, noise_multiplier=0.0, max_grad_norm=R, expected_batch_size=float(B), strategy=strategy,
+            groups=groups, distributed=distributed,
+        )  # fmt: skip
+        logits = model(ids).logits[:, :-1]
+        per_sample = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1)
+        opt.backward(per_sample.mean(1))
+        opt.step()
+        full = [getattr(p.grad, "full_tensor", p.grad.detach)() for p in model.parameters() if p.requires_grad]
+        return torch.cat([g.flatten() for g in full])
+
+    mine = run(_gpt2(), x[rank::world], True)
+    single = run(_gpt2(), torch.cat([x[r::world] for r in range(world)]), False)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    same = all(torch.equal(every[0], e) for e in every)
+    return {"rel_err": ((mine - single).norm() / single.norm()).item(), "ranks_equal": same, "norm": single.norm().item()}
+
+
 def _split(x: torch.Tensor, rank: int, world: int, empty_rank: int | None) -> torch.Tensor:
     if empty_rank is not None:
         return x[:0] if rank == empty_rank else x
@@ -226,11 +269,20 @@ def fixed_size_warning(rank, world):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--gpt2", action="store_true", help="only the Hugging Face GPT-2 scenarios (slow: transformers)")
     args = ap.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     results = {}
+    if args.gpt2:
+        for fsdp in (False, True):
+            kind = "fsdp" if fsdp else "ddp"
+            results[f"gpt2/{kind}/bk"] = gpt2_exact(rank, world, fsdp=fsdp)
+            results[f"gpt2/{kind}/two-pass"] = gpt2_exact(rank, world, fsdp=fsdp, strategy="two-pass")
+            results[f"gpt2/{kind}/layer-wise"] = gpt2_exact(rank, world, fsdp=fsdp, groups="layer-wise")
+        _write(args.out, rank, world, results)
+        return
     for case in ("mlp", "conv2d", "embedding", "layernorm", "tied"):
         results[f"exact/{case}/bk"] = exact(case, rank, world)
     results["exact/mlp/two-pass"] = exact("mlp", rank, world, strategy="two-pass")
@@ -254,8 +306,12 @@ def main() -> None:
     results["noise/same-seed"] = noise(rank, world, seed=1234)
     results["sensitivity"] = sensitivity(rank, world)
     results["fixed_size_warning"] = fixed_size_warning(rank, world)
+    _write(args.out, rank, world, results)
+
+
+def _write(out, rank, world, results) -> None:
     if rank == 0:
-        with open(args.out, "w") as f:
+        with open(out, "w") as f:
             json.dump({"world": world, **results}, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()

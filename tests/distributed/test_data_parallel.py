@@ -29,17 +29,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "results.json"
+def _launch(out: Path, *extra: str) -> dict:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "tests.distributed._worker", "--out", str(out),
+        "--master_port", str(_free_port()), "-m", "tests.distributed._worker", "--out", str(out), *extra,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])  # tests/oracle.py
+    env = {**os.environ, "PYTHONPATH": path}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("ddp") / "results.json")
 
 
 EXACT = [
@@ -275,13 +279,34 @@ def test_world_size_one_matches_the_plain_path(one_process_group):
 
 
 @pytest.mark.slow  # transformers' import and two processes: ~1-2 min on 2 cores
-def test_ddp_gpt2_example_runs_under_torchrun(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_ddp_gpt2_example_runs_under_torchrun(tmp_path, extra):
     pytest.importorskip("transformers")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(ROOT / "examples" / "ddp_gpt2.py"), "--quick",
+        "--master_port", str(_free_port()), str(ROOT / "examples" / "ddp_gpt2.py"), "--quick", *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "on every rank: True" in run.stdout and "world size 2" in run.stdout
+    assert "MiB of parameters and Adam state" in run.stdout
+
+
+@pytest.fixture(scope="module")
+def gpt2_ranks(tmp_path_factory):
+    pytest.importorskip("transformers")
+    return _launch(tmp_path_factory.mktemp("gpt2") / "results.json", "--gpt2")
+
+
+@pytest.mark.slow  # transformers' import in two processes: ~1 min on 2 cores
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_hf_gpt2_two_ranks_equal_one_process(gpt2_ranks, kind):
+    """A tiny Hugging Face GPT-2 (tied wte/lm_head, Conv1D, LayerNorm), DDP and FSDP2 (each block and the root
+    fully_shard-ed), float64, noise off: equal to one process on the union of the batches (1e-12: only the order of
+    float64 additions differs), for book-keeping, two-pass and layer-wise groups."""
+    r = gpt2_ranks
+    for how in ("bk", "two-pass", "layer-wise"):
+        res = r[f"gpt2/{kind}/{how}"]
+        assert res["norm"] > 0.01 and res["ranks_equal"], how
+        assert res["rel_err"] < 1e-12, how
