@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0
     )  # fmt: skip
     if rank == 0:
-        print(f"rank 0 holds {mine / 2**20:.2f} MiB of parameters and Adam state (unsharded: {3 * full_bytes / 2**20:.2f})")
+        unsharded = 3 * full_bytes / 2**20  # parameters and Adam's two moments
+        print(f"rank 0 holds {mine / 2**20:.2f} MiB of parameters and Adam state (unsharded: {unsharded:.2f})")
     eps = optimizer.accountant.get_epsilon(1 / n)
     every = [None] * world
     dist.all_gather_object(every, eps)

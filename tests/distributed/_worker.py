@@ -185,7 +185,8 @@ def gpt2_exact(rank, world, *, fsdp, strategy="bk", groups="all-layer"):
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     same = all(torch.equal(every[0], e) for e in every)
-    return {"rel_err": ((mine - single).norm() / single.norm()).item(), "ranks_equal": same, "norm": single.norm().item()}
+    err = ((mine - single).norm() / single.norm()).item()
+    return {"rel_err": err, "ranks_equal": same, "norm": single.norm().item()}
 
 
 def _split(x: torch.Tensor, rank: int, world: int, empty_rank: int | None) -> torch.Tensor:
