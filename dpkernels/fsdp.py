@@ -119,6 +119,15 @@ class ShardedParams:
             hook._dpkernels_engine_hook = True  # type: ignore[attr-defined]
             engine._handles.append(fp._unsharded_param.register_hook(hook))
         self.pending: dict[int, Tensor] = {}  # full-size noised shares, until the step's reduce-scatter
+        self._of_tensor = {id(t): fp for fp in self.fsdp.values() for t in (fp.sharded_param, fp._unsharded_param)}
+
+    def local_shard(self, t: Tensor) -> Tensor | None:
+        """This rank's shard of the parameter ``t`` stands for in a module (the sharded parameter itself, or the
+        unsharded or post-forward tensor FSDP put in its place), or None if ``t`` is none of FSDP's."""
+        fp = self._of_tensor.get(id(t))
+        if fp is None:
+            fp = next((f for f in self.fsdp.values() if getattr(f, "_sharded_post_forward_param", None) is t), None)
+        return None if fp is None else fp.sharded_param._local_tensor
 
     def manages(self, p: Tensor) -> bool:
         return id(p) in self.fsdp

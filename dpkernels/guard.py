@@ -68,7 +68,7 @@ class _Watched(NamedTuple):
 
     module_name: str
     module: nn.Module
-    kind: str  # "buffer", "attribute" or "parameter"
+    kind: str  # "buffer", "attribute", "parameter" or "sharded parameter" (FSDP2: its local shard is watched)
     key: str
     tensor: Tensor
     version: int
@@ -82,12 +82,13 @@ class _Watched(NamedTuple):
     def current(self) -> Any:
         if self.kind == "buffer":
             return self.module._buffers.get(self.key)
-        if self.kind == "parameter":
+        if self.kind in ("parameter", "sharded parameter"):
             return self.module._parameters.get(self.key)
         return self.module.__dict__.get(self.key)
 
 
 def _placement(t: Tensor) -> tuple[int, int, tuple[int, ...]]:
+    t = getattr(t, "_local_tensor", t)  # a DTensor's storage is its local shard's
     return (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape))
 
 
@@ -149,6 +150,7 @@ class ForwardGuard:
         before = None
         if self._training():
             self._check_deferred()  # a forward whose backward never came
+            sharding: Any = getattr(self.probe._dp_engine, "sharding", None)  # dpkernels.fsdp.ShardedParams
             before = []
             with torch.no_grad():
                 for n, m, skip in self.modules:
@@ -157,7 +159,13 @@ class ForwardGuard:
                     for kind, k, t in state:
                         before.append(_Watched(n, m, kind, k, t, t._version, _placement(t), t.clone()))
                     for k, p in m._parameters.items():
-                        if p is not None:
+                        if p is None:
+                            continue
+                        shard = sharding.local_shard(p) if sharding is not None else None
+                        if shard is not None:  # FSDP2 swaps the module's tensor; its shard is the state
+                            before.append(_Watched(n, m, "sharded parameter", k, shard, shard._version,
+                                                   _placement(shard), None))  # fmt: skip
+                        else:
                             before.append(_Watched(n, m, "parameter", k, p, p._version, _placement(p), None))
             counts = [(n, m, len(m._buffers)) for n, m, _ in self.modules]  # buffers registered in forward
             self._before.append((before, counts))
@@ -181,8 +189,11 @@ class ForwardGuard:
                     f"public data"
                 )
         valued = []
+        sharding: Any = getattr(self.probe._dp_engine, "sharding", None)
         for w in before:
             now = w.current()
+            if w.kind == "sharded parameter":
+                now = sharding.local_shard(now) if now is not None else None
             if now is not w.tensor:
                 raise _written_error(w, "replaced by another tensor" if now is not None else "deleted")
             if now._version != w.version:
