@@ -59,31 +59,34 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def clipped_sum(module: Any, uses, specs) -> dict[int, Tensor]:
         a, g = LinearFunction._rows(uses)
-        w, b = trainable(module, "weight"), trainable(module, "bias")
-        sw = specs.get(id(w)) if w is not None else None
-        sb = specs.get(id(b)) if b is not None else None
-        out: dict[int, Tensor] = {}
-        if sw is not None and sb is not None and sw.c is sb.c:  # one call for both (same clip factors)
-            rw, rb = ops.linear_clipped_sum(
-                a,
-                g,
-                sw.c,
-                bias=True,
-                noise_std=sw.noise_std,
-                scale=sw.scale,
-                seed_w=sw.seed,
-                seed_b=sb.seed,
-                prev_w=sw.prev,
-                prev_b=sb.prev,
-            )
-            assert rb is not None
-            return {id(w): rw, id(b): rb}
-        if sw is not None:
-            out[id(w)], _ = ops.linear_clipped_sum(
-                a, g, sw.c, bias=False, noise_std=sw.noise_std, scale=sw.scale, seed_w=sw.seed, prev_w=sw.prev
-            )
-        if sb is not None:
-            out[id(b)] = ops.bias_clipped_sum(
-                g, sb.c, noise_std=sb.noise_std, scale=sb.scale, seed=sb.seed, prev=sb.prev
-            )
-        return out
+        return fused_linear_sum(a, g, trainable(module, "weight"), trainable(module, "bias"), specs)
+
+
+def fused_linear_sum(a: Tensor, g: Tensor, w: Tensor | None, b: Tensor | None, specs) -> dict[int, Tensor]:
+    """{id(p): scale * (prev + sum_i c_i grad_i p + noise_std * z)} for the weight w (grad G_i^T A_i) and
+    bias b (grad sum_t g_it) a spec asks for: one fused op for both when they share clip factors."""
+    sw = specs.get(id(w)) if w is not None else None
+    sb = specs.get(id(b)) if b is not None else None
+    out: dict[int, Tensor] = {}
+    if sw is not None and sb is not None and sw.c is sb.c:  # one call for both (same clip factors)
+        rw, rb = ops.linear_clipped_sum(
+            a,
+            g,
+            sw.c,
+            bias=True,
+            noise_std=sw.noise_std,
+            scale=sw.scale,
+            seed_w=sw.seed,
+            seed_b=sb.seed,
+            prev_w=sw.prev,
+            prev_b=sb.prev,
+        )
+        assert rb is not None
+        return {id(w): rw, id(b): rb}
+    if sw is not None:
+        out[id(w)], _ = ops.linear_clipped_sum(
+            a, g, sw.c, bias=False, noise_std=sw.noise_std, scale=sw.scale, seed_w=sw.seed, prev_w=sw.prev
+        )
+    if sb is not None:
+        out[id(b)] = ops.bias_clipped_sum(g, sb.c, noise_std=sb.noise_std, scale=sb.scale, seed=sb.seed, prev=sb.prev)
+    return out

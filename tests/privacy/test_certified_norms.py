@@ -287,7 +287,7 @@ def test_tied_embedding_and_head(dtype, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_mha_in_projection(dtype, kind):
     """nn.MultiheadAttention's packed in-projection (q, k, v blocks of one weight, separate inputs)."""
-    from dpkernels.nn.mha import MHAFunction
+    from dpkernels.functional.mha import MHAFunction
 
     gen = _gen((str(dtype), kind))
     E, T = 4, 6
