@@ -296,6 +296,7 @@ class Engine:
         self.accumulation_steps = accumulation_steps
         self.seed = secrets.randbits(63) if seed is None else int(seed)
         self._per_sample_losses = False  # this backward is of sum_i l_i given per sample (see backward)
+        self._warned_16bit_mean = False
         self.world_size = 1  # data-parallel ranks summing their clipped sums (set by dpkernels.distributed)
         self.rank = 0
         self.sharding: Any = None  # dpkernels.fsdp.ShardedParams when the model is sharded by fully_shard
@@ -605,6 +606,17 @@ class Engine:
         if not self._in_backward:
             self._begin_backward()
         self._check_batch(module, g.shape[0], getattr(node, "model_batch", self.batch_size))
+        mean = self.loss_reduction == "mean" and not self._per_sample_losses
+        if mean and g.dtype in (torch.bfloat16, torch.float16) and not self._warned_16bit_mean:
+            self._warned_16bit_mean = True
+            warnings.warn(
+                f"DP layer {self._name_of.get(module, type(module).__name__)!r} got 16-bit output gradients of a "
+                f"mean loss: each is rounded as g_i / B, which depends on the batch size, so one sample moves the "
+                f"others' clipped gradients (by up to 2^-8 of each: the step's sensitivity exceeds R and grows "
+                f"with B). Give the per-sample losses to optimizer.backward(losses) (the engine backpropagates "
+                f"their sum: no 1/B), or use loss_reduction='sum' with a summed loss",
+                stacklevel=2,
+            )
         for k, p in module._parameters.items():
             if p is not None and p.requires_grad and id(p) not in self._index:
                 raise RuntimeError(
