@@ -185,12 +185,23 @@ def linear_norms_bound(a: Tensor, g: Tensor, *, bias: bool, method: str) -> tupl
         raise ValueError(f"linear_norms: method must be 'ghost' or 'inst', got {method!r}")
     B, T, d = a.shape
     p = g.shape[-1]
+    if T == 1 and acc_dtype(a, g) != F64:
+        return _one_token(a, g), (bias_norms_bound(g) if bias else None)
     parts = []
     per_sample = 4 * T * T if method == "ghost" else 2 * p * d + T * (d + p)
     for sl in _chunks(B, per_sample):
         parts.append((_ghost if method == "ghost" else _inst)(a[sl], g[sl]))
     w = Bound(*(torch.cat([getattr(b, f) for b in parts]) for f in Bound._fields)) if parts else _empty(a)
     return w, (bias_norms_bound(g) if bias else None)
+
+
+def _one_token(a: Tensor, g: Tensor) -> Bound:
+    """One token per sample (a Linear on vectors: MLPs, a CNN's head): the exact squared norm is
+    |g_1 a_1^T|_F^2 = |a_1|^2 |g_1|^2, bounded by the product of the float64 token norms (`token_norms`:
+    upper bounds, no overflow or underflow for float32 and 16-bit values): no Gram, no matmul, and
+    tight to float64 rounding, so it is both the value and the cap."""
+    up = (token_norms(a)[:, 0] * token_norms(g)[:, 0] * round_up_factor(2)).square() * round_up_factor(2)
+    return Bound(up, torch.zeros_like(up), up)
 
 
 def _empty(x: Tensor) -> Bound:
