@@ -6,6 +6,7 @@ import importlib
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -287,6 +288,7 @@ def make_private(
     distributed: bool | object = False,
     loss_scale: float = 1.0,
     perturb_k: float = 0.0,
+    adaptive_clipping: Any = None,
 ) -> tuple[nn.Module, DPOptimizer]:
     """Make ``model`` and ``optimizer`` train with DP-SGD.
 
@@ -315,6 +317,12 @@ def make_private(
     per-sample gradient distributions at the cost of variance k^2 per coordinate and sample. It runs on
     the reference ops (per-sample instantiation, B layer calls per pass) whatever the backend.
     k = 0 (the default) is plain clipping.
+
+    ``adaptive_clipping``: a `dpkernels.adaptive.AdaptiveClipping` or a dict of its fields (count_noise_multiplier,
+    target_quantile, lr): each group's bound starts at its ``max_grad_norm`` share and follows the target quantile
+    of its per-sample norms, from privately counted clip fractions; noise_multiplier (or the one target_epsilon
+    calibrates) stays the accounted sigma and the gradient gets (sigma^-2 - G (2 sigma_b)^-2)^-1/2 (see
+    dpkernels.adaptive). ``optimizer.max_grad_norm`` gives the bounds as they are now.
     """
     if clipping not in CLIP_FUNCTIONS:
         raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
@@ -380,6 +388,10 @@ def make_private(
         seed=seed,
         perturb_k=perturb_k,
     )
+    if adaptive_clipping is not None:
+        from .adaptive import attach as attach_adaptive
+
+        attach_adaptive(engine, adaptive_clipping)
     parallel = None
     if distributed is not False:
         from .distributed import DataParallelState, resolve_group
@@ -398,6 +410,7 @@ def make_private(
                 "accumulation_steps": accumulation_steps,
                 "accountant": accountant,
                 "perturb_k": perturb_k,
+                "adaptive_clipping": repr(engine.adaptive.config) if engine.adaptive is not None else None,
             }
         )
         parallel.broadcast_model(model)

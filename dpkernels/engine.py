@@ -287,7 +287,9 @@ class Engine:
         self.ties = ties
         self.groups = groups
         self.bounds = list(bounds)
-        self.noise_multiplier = float(noise_multiplier)
+        self.noise_multiplier = float(noise_multiplier)  # the accounted one
+        self.grad_noise_multiplier = self.noise_multiplier  # the gradient's: higher with adaptive clipping
+        self.adaptive: Any = None  # dpkernels.adaptive.AdaptiveState with adaptive clipping
         self.expected_batch_size = float(expected_batch_size)
         self.clipping = clipping
         self.gamma = gamma
@@ -476,6 +478,8 @@ class Engine:
         self._in_backward = True
         if self._phase != "apply":  # the clipping pass of two-pass keeps the norms pass's factors
             self._factors = [None] * len(self.groups)
+            if self.adaptive is not None:
+                self.adaptive.begin_pass()
         for gi, ties in enumerate(self._ties_of_group):
             self._left[gi] = sum(1 for t in ties if t.expected > 0)
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
@@ -579,6 +583,8 @@ class Engine:
         """Forget the pass in progress after an error in backward (its end-of-pass callback will not
         run), so that the next forward/backward starts clean instead of mixing with stale uses."""
         self._staged.clear()
+        if self.adaptive is not None:
+            self.adaptive.drop()
         if self._acc_touched:
             self._acc.clear()
             self._acc_lost = "an error in a backward pass after part of the accumulated sums had been replaced"
@@ -688,6 +694,8 @@ class Engine:
         self._finite = ok if self._finite is None else self._finite & ok
         c = clip_factors(n2.sqrt(), self.bounds[gi], self.clipping, self.gamma) * self.loss_scale()
         self._factors[gi] = c
+        if self.adaptive is not None:
+            self.adaptive.observe(gi, n2, self.bounds[gi])
         if self._phase == "norms":
             return
         for tie in self._ties_of_group[gi]:
@@ -784,6 +792,8 @@ class Engine:
         for p, result, last in self._staged:
             self._commit(p, result, last)
         self._staged.clear()
+        if self.adaptive is not None and self._phase != "norms":
+            self.adaptive.commit(self._params[0].device)
         self._acc_touched = False
         for tie in self.ties:
             if self._phase != "norms":
@@ -882,12 +892,12 @@ class Engine:
     def rank_noise_std(self) -> float:
         """sigma R_total / sqrt(world): each rank's share of the noise, whose sum over ranks is N(0, sigma^2 R^2)
         (dpkernels.distributed); sigma R_total on one process."""
-        return self.noise_multiplier * self.r_total / math.sqrt(self.world_size)
+        return self.grad_noise_multiplier * self.r_total / math.sqrt(self.world_size)
 
     def noise_std(self) -> float:
         """Standard deviation of the noise on each coordinate of the final gradient."""
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
-        return self.noise_multiplier * self.r_total * scale
+        return self.grad_noise_multiplier * self.r_total * scale
 
     def finish_step(self) -> None:
         """Give every parameter not yet noised its noise (and scale); then start a new logical step."""
@@ -895,6 +905,8 @@ class Engine:
         if self._acc_lost is not None:
             why, self._acc_lost = self._acc_lost, None
             self._acc.clear()
+            if self.adaptive is not None:
+                self.adaptive.clear()
             self._noised.clear()
             self._micro = 0
             raise RuntimeError(
@@ -919,6 +931,8 @@ class Engine:
         self._acc.clear()
         self._noised.clear()
         self._micro = 0
+        if self.adaptive is not None:  # the noisy counts, keyed like a parameter's noise (index past the last)
+            self.adaptive.release(self, _mix64(self.seed, self.steps, len(self._params), self.rank))
         self.steps += 1
 
     def abandon_step(self) -> None:
@@ -1061,8 +1075,13 @@ class DPOptimizer(torch.optim.Optimizer):
         if self.parallel is not None:
             self.parallel.observe_batch(self.engine.batch_size)
         self.engine.finish_step()
+        adaptive = self.engine.adaptive
         if self.parallel is not None:  # every rank's noised share summed: one DP step of the global batch
             self.parallel.sum_grads(self.engine._params)
+            if adaptive is not None:  # the noisy clip counts, summed like the gradients
+                self.parallel.all_reduce([adaptive.released])
+        if adaptive is not None:
+            adaptive.update(self.engine)
         self.original_optimizer.step()
         if self.accountant is not None and self.sample_rate is not None:
             self.accountant.step(noise_multiplier=self.engine.noise_multiplier, sample_rate=self.sample_rate)
@@ -1075,6 +1094,13 @@ class DPOptimizer(torch.optim.Optimizer):
                     stacklevel=2,
                 )
         return loss
+
+    @property
+    def max_grad_norm(self) -> float | list[float]:
+        """The clipping bound R (one group) or the bounds R_g per group, as they are now (they move with
+        adaptive clipping, dpkernels.adaptive)."""
+        bounds = list(self.engine.bounds)
+        return bounds[0] if len(bounds) == 1 else bounds
 
     def _check_params(self) -> None:
         """No parameter the engine does not cover may carry a gradient into the step (one added to the

@@ -250,6 +250,57 @@ def sensitivity(rank, world):
     return {"delta_times_B": ((with_it - without).norm() * B).item(), "R": R}
 
 
+def adaptive(rank, world, *, strategy):
+    """Adaptive clipping across the ranks, noise off: each step's bounds and gradients (3 steps, the bounds moving)
+    against one process on the union of the ranks' batches; the counts are summed like the gradients."""
+    case = BY_NAME["mlp"]
+
+    def run(distributed):
+        model = case.build()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        model, opt = dpkernels.make_private(
+            model, opt, noise_multiplier=0.0, max_grad_norm=R, expected_batch_size=float(B), groups="layer-wise",
+            strategy=strategy, distributed=distributed,
+            adaptive_clipping=dict(count_noise_multiplier=0.0, target_quantile=0.5, lr=0.5),
+        )  # fmt: skip
+        out = []
+        for t in range(3):
+            x, y = batch(case, B, seed=t)
+            if distributed:
+                x, y = x[rank::world], y[rank::world]
+            else:
+                x = torch.cat([x[r::world] for r in range(world)])
+                y = torch.cat([y[r::world] for r in range(world)])
+            opt.backward(batch_loss(case, model(x), y, "mean"))
+            opt.step()
+            out.append(torch.tensor(opt.max_grad_norm, dtype=DT))
+            out += [p.grad.flatten() for p in model.parameters() if p.requires_grad]
+            opt.zero_grad()
+        return torch.cat(out)
+
+    mine, single = run(True), run(False)
+    bounds = [mine[:3].tolist()]  # the bounds after step 1, to show they moved
+    return {"rel_err": ((mine - single).norm() / single.norm()).item(), "bounds": bounds, "R": R}
+
+
+def adaptive_count_noise(rank, world):
+    """Empty steps, sigma_b = 3: the summed released counts have std sigma_b whatever the number of ranks."""
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)]).to(DT)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, opt = dpkernels.make_private(
+        model, opt, noise_multiplier=0.0, max_grad_norm=R, expected_batch_size=float(B), groups="param-wise",
+        distributed=True, adaptive_clipping=dict(count_noise_multiplier=3.0, lr=1e-3),
+    )  # fmt: skip
+    x = torch.zeros(0, 2, dtype=DT)
+    counts = []
+    for _ in range(300):
+        model(x).sum().backward()
+        opt.step()
+        counts.append(opt.engine.adaptive.released.clone())
+    c = torch.cat(counts)
+    return {"std": c.std().item(), "n": c.numel()}
+
+
 def fixed_size_warning(rank, world):
     case = BY_NAME["mlp"]
     x, y = batch(case, B)
@@ -307,6 +358,9 @@ def main() -> None:
     results["noise/same-seed"] = noise(rank, world, seed=1234)
     results["sensitivity"] = sensitivity(rank, world)
     results["fixed_size_warning"] = fixed_size_warning(rank, world)
+    results["adaptive/bk"] = adaptive(rank, world, strategy="bk")
+    results["adaptive/two-pass"] = adaptive(rank, world, strategy="two-pass")
+    results["adaptive/count-noise"] = adaptive_count_noise(rank, world)
     _write(args.out, rank, world, results)
 
 

@@ -142,6 +142,23 @@ def test_remove_one_sensitivity_across_ranks(two_ranks):
     assert r["R"] * (1 - 1e-5) <= r["delta_times_B"] <= r["R"] * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("key", ["adaptive/bk", "adaptive/two-pass"])
+def test_adaptive_clipping_across_ranks_equals_one_process(two_ranks, key):
+    """Adaptive clipping, noise off: 3 steps of bounds and gradients on 2 ranks equal one process on the union (the
+    counts summed across the ranks, as the gradients are; 1e-12 as above). The bounds moved from R."""
+    r = two_ranks[key]
+    assert r["rel_err"] < 1e-12
+    assert all(abs(b / (r["R"] / 3**0.5) - 1) > 0.05 for b in r["bounds"][0])
+
+
+def test_adaptive_count_noise_is_added_once(two_ranks):
+    """2400 summed counts of empty steps: std sigma_b = 3 (relative standard error 1.4%, so 8% is ~5.5 of them),
+    not sqrt(2) sigma_b (each rank adding all of it) nor sigma_b / sqrt(2) (the shares not summed)."""
+    r = two_ranks["adaptive/count-noise"]
+    assert r["n"] == 2400
+    assert abs(r["std"] / 3.0 - 1) < 0.08
+
+
 def test_fixed_size_batches_warn_that_the_accountant_assumes_poisson(two_ranks):
     assert two_ranks["fixed_size_warning"]["warned"], "no warning for 8 fixed-size batches in a row"
 
