@@ -3,10 +3,11 @@
 
 The demo CNN (dpkernels.demo.make_cnn on 8x8 digits, batch 64) and gpt2-tiny (bench.models, batch 4 and
 32), make_private(strategy="bk"), one thread; each backend's median of ``--steps`` steps after warm-up.
-Then the Linear clipped sum alone on its three CPU implementations (the reference, the compiled
-backend's ATen path, its tile kernel run on the CPU), rounds interleaved so that the ratios share the
-machine's state. The result decides the automatic backend order on the CPU (dpkernels.ops._auto) and
-the compiled backend's CPU path for the Linear clipped sum (csrc/linear_clipped_sum.cpp).
+Then the Linear and Conv2d clipped sums alone on their three CPU implementations (the reference, the
+compiled backend's ATen path, its tile kernel run on the CPU), rounds interleaved so that the ratios
+share the machine's state. The result decides the automatic backend order on the CPU
+(dpkernels.ops._auto) and the compiled backend's CPU paths of the clipped sums (csrc/linear_clipped_sum.cpp,
+csrc/conv.cpp). ``--linear-only cuda`` times those tables on a GPU, with Triton.
 """
 
 from __future__ import annotations
@@ -64,30 +65,52 @@ def step_times(make, backend: str, steps: int, warmup: int = 3) -> list[float]:
 # (B, T, d, p) of the Linear clipped sum: a gpt2-tiny MLP layer at B=32, its attention projection at
 # B=4, the demo CNN's classifier head, a long sequence with a small output (split-K on a GPU)
 LINEAR_SHAPES = [(32, 64, 128, 512), (4, 64, 128, 128), (64, 1, 128, 10), (8, 512, 64, 64)]
+# (B, C_in, H, W, C_out, k, stride) of the Conv2d clipped sum: the demo CNN's two convs at B=64, a
+# ResNet-style 3x3 layer
+CONV_SHAPES = [(64, 1, 8, 8, 16, 3, 1), (64, 16, 8, 8, 32, 3, 2), (32, 64, 16, 16, 64, 3, 1)]
 
 
-def _impls(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> dict:
+def _linear_impls(a: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> dict:
     from dpkernels.ops import reference as ref
 
     op = torch.ops.dpkernels.cuda_linear_clipped_sum
+    kw = dict(bias=True, noise_std=1.0, seed_w=1, seed_b=2)
     impls = {
-        "ref": lambda: ref.linear_clipped_sum(a, g, c, bias=True, noise_std=1.0, seed_w=1, seed_b=2),
+        "ref": lambda: ref.linear_clipped_sum(a, g, c, **kw),
         "aten": lambda: op(a, g, c, True, 1.0, 1.0, 1, 2, None, None, 2, 0),
         "tiles": lambda: op(a, g, c, True, 1.0, 1.0, 1, 2, None, None, 1, 0),
     }
     if a.is_cuda:
         from dpkernels.ops import triton as tr
 
-        impls["triton"] = lambda: tr.linear_clipped_sum(a, g, c, bias=True, noise_std=1.0, seed_w=1, seed_b=2)
+        impls["triton"] = lambda: tr.linear_clipped_sum(a, g, c, **kw)
     return impls
 
 
-def linear_clipped_sum_times(rounds: int, device: str = "cpu") -> list[str]:
-    """Median ms per call of the implementations of the Linear clipped sum (float32, bias, noise): the
-    reference, the compiled backend's ATen path and its tiles (on CUDA also Triton), and GFLOP/s (2 B T d p)."""
+def _conv_impls(x: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ws: list[int], stride: int) -> dict:
+    from dpkernels.ops import reference as ref
+
+    op = torch.ops.dpkernels.cuda_conv_clipped_sum
+    geo = [[stride], [ws[-1] // 2], [1], 1]
+    kw = dict(weight_shape=ws, stride=stride, padding=ws[-1] // 2, dilation=1, groups=1, bias=True, noise_std=1.0)
+    impls = {
+        "ref": lambda: ref.conv_clipped_sum(x, g, c, **kw),
+        "aten": lambda: op(x, g, c, ws, *geo, True, 1.0, 1.0, 1, 2, None, None, 2, 0),
+        "tiles": lambda: op(x, g, c, ws, *geo, True, 1.0, 1.0, 1, 2, None, None, 1, 0),
+    }
+    if x.is_cuda:
+        from dpkernels.ops import triton as tr
+
+        impls["triton"] = lambda: tr.conv_clipped_sum(x, g, c, **kw)
+    return impls
+
+
+def _table(cases, rounds: int, device: str, head: str) -> list[str]:
+    """Median ms per call of each implementation (rounds interleaved) and the tiles' GFLOP/s; ``cases``
+    yields (label, impls, flops)."""
     names = ["ref", "aten", "tiles"] + (["triton"] if device == "cuda" else [])
     rows = [
-        "| B, T, d, p | "
+        f"| {head} | "
         + " | ".join(f"{n} ms" for n in names)
         + " | "
         + " | ".join(f"{n} / ref" for n in names[1:])
@@ -95,10 +118,7 @@ def linear_clipped_sum_times(rounds: int, device: str = "cpu") -> list[str]:
         "|---|" + "---|" * (2 * len(names)),
     ]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for B, T, d, p in LINEAR_SHAPES:
-        gen = torch.Generator().manual_seed(0)
-        a, g = torch.randn(B, T, d, generator=gen), torch.randn(B, T, p, generator=gen)
-        impls = _impls(a.to(device), g.to(device), torch.rand(B, generator=gen).to(device))
+    for label, impls, flops in cases:
         times: dict[str, list[float]] = {k: [] for k in impls}
         for _ in range(rounds + 1):  # the first round warms up
             for k, fn in impls.items():
@@ -108,16 +128,44 @@ def linear_clipped_sum_times(rounds: int, device: str = "cpu") -> list[str]:
                 sync()
                 times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v[1:]) * 1e3 for k, v in times.items()}
-        gflops = 2 * B * T * d * p / (med["tiles"] * 1e-3) / 1e9
         rows.append(
-            f"| {B}, {T}, {d}, {p} | "
+            f"| {label} | "
             + " | ".join(f"{med[n]:.3f}" for n in names)
             + " | "
             + " | ".join(f"{med[n] / med['ref']:.2f}" for n in names[1:])
-            + f" | {gflops:.1f} |"
+            + f" | {flops / (med['tiles'] * 1e-3) / 1e9:.1f} |"
         )
         print(rows[-1], flush=True)
     return rows
+
+
+def linear_clipped_sum_times(rounds: int, device: str = "cpu") -> list[str]:
+    """Median ms per call of the Linear clipped sum (float32, bias, noise): the reference, the compiled
+    backend's ATen path and its tiles (on CUDA also Triton), and the tiles' GFLOP/s (2 B T d p)."""
+
+    def cases():
+        for B, T, d, p in LINEAR_SHAPES:
+            gen = torch.Generator().manual_seed(0)
+            a, g = torch.randn(B, T, d, generator=gen), torch.randn(B, T, p, generator=gen)
+            c = torch.rand(B, generator=gen)
+            yield f"{B}, {T}, {d}, {p}", _linear_impls(a.to(device), g.to(device), c.to(device)), 2 * B * T * d * p
+
+    return _table(cases(), rounds, device, "B, T, d, p")
+
+
+def conv_clipped_sum_times(rounds: int, device: str = "cpu") -> list[str]:
+    """The same for the Conv2d clipped sum (padding k // 2); GFLOP/s 2 B O C_out C_in k^2."""
+
+    def cases():
+        for B, cin, H, W, cout, k, s in CONV_SHAPES:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(B, cin, H, W, generator=gen)
+            Ho, Wo = (H + 2 * (k // 2) - k) // s + 1, (W + 2 * (k // 2) - k) // s + 1
+            g, c = torch.randn(B, cout, Ho, Wo, generator=gen), torch.rand(B, generator=gen)
+            impls = _conv_impls(x.to(device), g.to(device), c.to(device), [cout, cin, k, k], s)
+            yield f"{B}, {cin}, {H}x{W}, {cout}, {k}, {s}", impls, 2 * B * Ho * Wo * cout * cin * k * k
+
+    return _table(cases(), rounds, device, "B, C_in, HxW, C_out, k, stride")
 
 
 def main() -> None:
@@ -125,17 +173,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="bench/results/cuda_cpu_vs_reference.md")
     p.add_argument("--quick", action="store_true", help="2 steps of the demo CNN and 2 rounds of the ops (smoke test)")
-    p.add_argument("--linear-only", metavar="DEVICE", help="only the Linear clipped sum table, on DEVICE (cpu, cuda)")
+    p.add_argument(
+        "--linear-only", metavar="DEVICE", help="only the Linear and Conv clipped sum tables, on DEVICE (cpu, cuda)"
+    )
     args = p.parse_args()
     if args.quick:
         args.steps = 2
     import dpkernels.ops.cuda  # noqa: F401  (builds the library on first use, outside the timings)
 
     if args.linear_only:
-        rows = linear_clipped_sum_times(2 if args.quick else 4 * args.steps, args.linear_only)
+        rounds = 2 if args.quick else 4 * args.steps
+        rows = linear_clipped_sum_times(rounds, args.linear_only)
+        rows += ["", "Conv2d clipped sum:", ""] + conv_clipped_sum_times(rounds, args.linear_only)
         name = torch.cuda.get_device_name() if args.linear_only == "cuda" else "CPU"
         Path(args.out).write_text(
-            f"# Linear clipped sum on {name}: the compiled backend's paths\n\n"
+            f"# Linear and Conv2d clipped sums on {name}: the compiled backend's paths\n\n"
             f"`python -m bench.cuda_cpu --linear-only {args.linear_only}`, torch {torch.__version__}, median per "
             "call, float32 inputs, bias, noise.\n\n" + "\n".join(rows) + "\n"
         )
@@ -150,6 +202,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     rows += ["", "Linear clipped sum alone (float32, bias, noise; median per call):", ""]
     rows += linear_clipped_sum_times(2 if args.quick else 4 * args.steps)
+    rows += ["", "Conv2d clipped sum alone (float32, bias, noise; median per call):", ""]
+    rows += conv_clipped_sum_times(2 if args.quick else 4 * args.steps)
     head = (
         "# Compiled backend's CPU path vs the reference: DP step time (CPU)\n\n"
         f"`python -m bench.cuda_cpu --steps {args.steps}`: median step (forward, DP backward, step) of "

@@ -7,8 +7,8 @@
 #   bash bench/gpu_cuda.sh tests       # ON THE DEVICE: test_cuda_* on CUDA (gpu-marked included)
 #   bash bench/gpu_cuda.sh sanitize    # ON THE DEVICE: compute-sanitizer memcheck and racecheck on them
 #   bash bench/gpu_cuda.sh ops         # ON THE DEVICE: op benchmarks, cuda vs triton vs reference
-#   bash bench/gpu_cuda.sh linear      # ON THE DEVICE: the Linear clipped sum's paths (tiles, cuBLAS + epilogue,
-#                                      # Triton, reference): decides csrc/linear_clipped_sum.cpp's CUDA default
+#   bash bench/gpu_cuda.sh linear      # ON THE DEVICE: the Linear and Conv clipped sums' paths (tiles, cuBLAS /
+#                                      # cuDNN + epilogue, Triton, reference): decides their CUDA default
 #
 # Device call (run tool): command "bash bench/gpu_cuda.sh tests sanitize linear ops", carry ["dpkernels/_C.so"],
 # timeout ~540 s (tests ~1 min, sanitizers ~3 min (racecheck: the tile kernel's shared memory), linear
@@ -54,7 +54,7 @@ ops() {  # every op, every backend available there (reference, triton, cuda), do
     run python3 -m bench.ops --device cuda --dtype bf16,fp32 --backends reference,triton,cuda --csv "$OUT/ops.csv" 2>&1 | tee "$OUT/ops.md"
 }
 
-linear() {  # the compiled Linear clipped sum's tile kernel against its cuBLAS path, Triton and the reference
+linear() {  # the compiled clipped sums' tile kernels against their cuBLAS / cuDNN path, Triton and the reference
     run python3 -m bench.cuda_cpu --linear-only cuda --out "$OUT/linear_paths.md" 2>&1 | tee "$OUT/linear_paths.log"
 }
 

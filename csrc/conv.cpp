@@ -6,11 +6,14 @@
 //
 //     weight norm:  sum_j ||G_ij^T A_ij||_F^2   (linear_norms.cpp's ghost or inst per (i, j))
 //     bias norm:    ||sum_t g_it||^2            (bias.cpp on g viewed as (B, T, C_out))
-//     clipped sum:  the weight gradient of the conv with g's samples scaled by c_i (one
-//                   convolution_backward in the accumulation dtype), then the epilogue functor.
+//     clipped sum:  W_j = sum_{i, t} c_i g_ijt^T A_ijt per group, then the epilogue.
 //
-// The unfold is materialised per chunk of samples (bounded as in the reference); an implicit-GEMM
-// kernel that never writes it is future work.
+// The norms materialise the unfold per chunk of samples (bounded as in the reference, on both
+// devices); an implicit-GEMM norm kernel that never writes it is future work. The clipped sum never
+// unfolds: on CUDA (path 1, tiles) ClippedGemm over ConvOperands (kernels.h) gathers each tile of the
+// unfold from x as it loads it, c_i folded into g's rows, the epilogue in registers, W written once
+// (as the Linear clipped sum's tiles); on the CPU (path 2, aten) one convolution_backward of the
+// c_i-scaled g in the accumulation dtype (oneDNN), then the epilogue functor in place.
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/convolution_backward.h>
 
@@ -58,6 +61,56 @@ Tensor unfold(Tensor x, const std::vector<int64_t>& k, const std::vector<int64_t
     K *= k[i];
   }
   return x.permute(order).reshape({B, T, C * K});
+}
+
+// W (weight_shape, contiguous, acc) = scale * (prev + sum_i c_i dW_i + noise_std * z) by implicit-GEMM tiles.
+Tensor conv_weight_tiles(const Tensor& x, const Tensor& g, const Tensor& cc, const OptTensor& pw,
+                         at::IntArrayRef weight_shape, const std::vector<int64_t>& s, const std::vector<int64_t>& pad,
+                         const std::vector<int64_t>& dil, int64_t groups, double noise_std, double scale,
+                         int64_t seed, at::ScalarType acc, int64_t splits) {
+  const int n = static_cast<int>(x.dim() - 2);
+  const int64_t B = x.size(0), C_in = x.size(1), C_out = g.size(1);
+  Tensor w = at::empty(weight_shape, x.options().dtype(acc));
+  int64_t O = 1, K = 1;
+  for (int q = 0; q < n; ++q) {
+    const int64_t want = (x.size(2 + q) + 2 * pad[q] - dil[q] * (weight_shape[2 + q] - 1) - 1) / s[q] + 1;
+    TORCH_CHECK_VALUE(g.size(2 + q) == want, "conv_clipped_sum: output gradient of shape ", g.sizes(),
+                      " does not match an input ", x.sizes(), " and weight ", weight_shape, " with stride=", at::IntArrayRef(s),
+                      ", padding=", at::IntArrayRef(pad), ", dilation=", at::IntArrayRef(dil));
+    O *= g.size(2 + q);
+    K *= weight_shape[2 + q];
+  }
+  const bool mixed = x.scalar_type() != g.scalar_type();
+  const Tensor xi = mixed ? x.to(acc) : x, gi = mixed ? g.to(acc) : g;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gi.scalar_type(), "dpk_conv_clipped_gemm", [&] {
+    using acc_t = acc_of<scalar_t>;
+    TORCH_INTERNAL_ASSERT(w.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
+    ConvOperands<scalar_t, acc_t> ops{};
+    ops.x = xi.data_ptr<scalar_t>();
+    ops.g = gi.data_ptr<scalar_t>();
+    ops.n = n;
+    ops.O = O;
+    ops.cin_g = C_in / groups;
+    ops.cout_g = C_out / groups;
+    ops.sxb = xi.stride(0);
+    ops.sxc = xi.stride(1);
+    ops.sgb = gi.stride(0);
+    ops.sgc = gi.stride(1);
+    for (int q = 0; q < 3; ++q) {  // unused dims: size 1, stride 0, so a fixed trip count reads nothing wrong
+      const bool used = q < n;
+      ops.out[q] = used ? gi.size(2 + q) : 1;
+      ops.in[q] = used ? xi.size(2 + q) : 1;
+      ops.k[q] = used ? weight_shape[2 + q] : 1;
+      ops.stride[q] = used ? s[q] : 1;
+      ops.pad[q] = used ? pad[q] : 0;
+      ops.dil[q] = used ? dil[q] : 1;
+      ops.sx[q] = used ? xi.stride(2 + q) : 0;
+      ops.sg[q] = used ? gi.stride(2 + q) : 0;
+    }
+    clipped_gemm<acc_t>(w, ops, cc, pw, noise_std, scale, seed, C_out / groups, C_in / groups * K, B * O, groups,
+                        splits);
+  });
+  return w;
 }
 
 }  // namespace
@@ -108,8 +161,11 @@ std::tuple<Tensor, Tensor> conv_clipped_sum(const Tensor& x, const Tensor& g, co
                                             at::IntArrayRef weight_shape, at::IntArrayRef stride,
                                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                             bool bias, double noise_std, double scale, int64_t seed_w,
-                                            int64_t seed_b, const OptTensor& prev_w, const OptTensor& prev_b) {
+                                            int64_t seed_b, const OptTensor& prev_w, const OptTensor& prev_b,
+                                            int64_t path, int64_t splits) {
   const char* op = "conv_clipped_sum";
+  TORCH_CHECK_VALUE(path >= 0 && path <= 2, op, ": path must be 0 (automatic), 1 (tiles) or 2 (aten), got ", path);
+  TORCH_CHECK_VALUE(splits >= 0, op, ": splits must be >= 0 (0: automatic), got ", splits);
   TORCH_CHECK_VALUE(x.dim() >= 3 && x.dim() <= 5 && g.dim() == x.dim(), op,
                     ": x must be (B, C_in, *S) and g (B, C_out, *out) with 1 to 3 spatial dims, got ", x.sizes(),
                     " and ", g.sizes());
@@ -120,19 +176,26 @@ std::tuple<Tensor, Tensor> conv_clipped_sum(const Tensor& x, const Tensor& g, co
   check_float(op, "g", g);
   check_same_device(op, "x", x, "g", g);
   const int64_t n = x.dim() - 2, B = x.size(0), C_out = g.size(1);
+  TORCH_CHECK_VALUE(groups >= 1 && x.size(1) % groups == 0 && C_out % groups == 0, "conv: groups=", groups,
+                    " must divide C_in=", x.size(1), " and C_out=", C_out);
   const auto acc = acc_type({x.scalar_type(), g.scalar_type()});
   const Tensor cc = clip_factors(op, c, g, acc);
   const auto pw = prev_acc(op, "prev_w", prev_w, weight_shape, g.device(), acc);
   prev_acc(op, "prev_b", prev_b, {C_out}, g.device(), acc);  // checked here to name prev_b in the error
-  std::vector<int64_t> cshape(x.dim(), 1);
-  cshape[0] = B;
-  const Tensor gs = g.to(acc).mul(cc.view(cshape));
-  const Tensor weight = at::empty(weight_shape, x.options().dtype(acc));  // only its shape is read
-  auto grads = at::convolution_backward(gs, x.to(acc), weight, c10::nullopt, ntuple(stride, n, "stride"),
-                                        ntuple(padding, n, "padding"), ntuple(dilation, n, "dilation"), false,
-                                        std::vector<int64_t>(n, 0), groups, {false, true, false});
-  Tensor w = std::get<1>(grads).contiguous();
-  finish(w, w, pw, noise_std, scale, seed_w);
+  const auto s = ntuple(stride, n, "stride"), pad = ntuple(padding, n, "padding"), dil = ntuple(dilation, n, "dilation");
+  Tensor w;
+  if (path == 1 || (path == 0 && g.is_cuda())) {
+    w = conv_weight_tiles(x, g, cc, pw, weight_shape, s, pad, dil, groups, noise_std, scale, seed_w, acc, splits);
+  } else {
+    std::vector<int64_t> cshape(x.dim(), 1);
+    cshape[0] = B;
+    const Tensor gs = g.to(acc).mul(cc.view(cshape));
+    const Tensor weight = at::empty(weight_shape, x.options().dtype(acc));  // only its shape is read
+    auto grads = at::convolution_backward(gs, x.to(acc), weight, c10::nullopt, s, pad, dil, false,
+                                          std::vector<int64_t>(n, 0), groups, {false, true, false});
+    w = std::get<1>(grads).contiguous();
+    finish(w, w, pw, noise_std, scale, seed_w);
+  }
   int64_t T = 1;
   for (int64_t i = 0; i < n; ++i) T *= g.size(2 + i);
   Tensor b = bias ? bias_clipped_sum(g.reshape({B, C_out, T}).transpose(1, 2), c, noise_std, scale, seed_b, prev_b)
@@ -154,6 +217,6 @@ TORCH_LIBRARY_FRAGMENT(dpkernels, m) {
   m.def(
       "cuda_conv_clipped_sum(Tensor x, Tensor g, Tensor c, int[] weight_shape, int[] stride, int[] padding, "
       "int[] dilation, int groups, bool bias, float noise_std, float scale, int seed_w, int seed_b, Tensor? prev_w, "
-      "Tensor? prev_b) -> (Tensor, Tensor)");
+      "Tensor? prev_b, int path=0, int splits=0) -> (Tensor, Tensor)");
 }
 DPK_REGISTER(dpk::conv_impls)

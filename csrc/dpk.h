@@ -160,6 +160,41 @@ inline void finish(const Tensor& out, const OptTensor& x, const OptTensor& prev,
   });
 }
 
+// Rows of a clipped sum's reduction per split (a multiple of BK) for `tiles` output tiles: one split
+// unless the tiles leave `units` (2 x SMs; CPU threads) idle, then enough to fill them, each of at
+// least 16 load steps; `splits` > 0 forces their number (tests).
+inline int64_t rows_per_split(int64_t tiles, int64_t K, int64_t units, int64_t splits, int64_t BK) {
+  const int64_t steps = std::max<int64_t>(1, (K + BK - 1) / BK);
+  int64_t S = splits;
+  if (S <= 0) S = tiles < units ? std::min((units + tiles - 1) / tiles, std::max<int64_t>(1, steps / 16)) : 1;
+  S = std::min(S, steps);
+  return (steps + S - 1) / S * BK;
+}
+
+// w (contiguous (groups * P, D), acc_t) = scale * (prev + sum_k c_i(k) g_k^T a_k + noise_std * z) by
+// ClippedGemm tiles over `ops` (kernels.h), split-K through a workspace when the tiles are too few.
+template <class acc_t, class Ops>
+void clipped_gemm(const Tensor& w, const Ops& ops, const Tensor& cc, const OptTensor& pw, double noise_std,
+                  double scale, int64_t seed, int64_t P, int64_t D, int64_t K, int64_t groups, int64_t splits) {
+  using G = ClippedGemm<acc_t, Ops>;
+  if (P == 0 || D == 0 || groups == 0) return;
+  const int64_t tiles_d = (D + G::BD - 1) / G::BD, tiles = (P + G::BP - 1) / G::BP * tiles_d;
+  int64_t units = at::get_num_threads();
+#ifdef DPK_WITH_CUDA
+  if (w.is_cuda()) units = 2 * cuda_sm_count(w.device().index());
+#endif
+  const int64_t k_per = rows_per_split(tiles * groups, K, units, splits, G::BK);
+  const int64_t S = std::max<int64_t>(1, (K + k_per - 1) / k_per);
+  const Tensor ws = S > 1 ? at::empty({S, groups * P, D}, w.options()) : w;
+  const auto epi = noise_of<acc_t>(pw, noise_std, scale, seed);
+  const G f{ops, cc.data_ptr<acc_t>(), ws.data_ptr<acc_t>(), epi, P, D, K, k_per, tiles_d, tiles, groups, S > 1};
+  for_each_tile(w, S * groups * tiles, f);
+  if (S > 1) {
+    SplitFinish<acc_t> fin{ws.data_ptr<acc_t>(), w.data_ptr<acc_t>(), S, groups * P * D, epi};
+    for_each(w, groups * P * D, fin, grain_for(S));
+  }
+}
+
 // ----------------------------------------------------------------------------- across families
 
 // Per-sample column sums s[i, c] = sum_t (x[i, t, c] *) g[i, t, c] of (B, T, C) views: (B, C) in acc.

@@ -57,10 +57,14 @@ int cuda_sm_count(int device) {
 }
 
 #define DPK_INST_TILES(...) template void launch_tiles_cuda<__VA_ARGS__>(const __VA_ARGS__&, int64_t, int);
-DPK_INST_TILES(ClippedGemm<c10::Half, float>)
-DPK_INST_TILES(ClippedGemm<c10::BFloat16, float>)
-DPK_INST_TILES(ClippedGemm<float, float>)
-DPK_INST_TILES(ClippedGemm<double, double>)
+DPK_INST_TILES(ClippedGemm<float, LinearOperands<c10::Half, float>>)
+DPK_INST_TILES(ClippedGemm<float, LinearOperands<c10::BFloat16, float>>)
+DPK_INST_TILES(ClippedGemm<float, LinearOperands<float, float>>)
+DPK_INST_TILES(ClippedGemm<double, LinearOperands<double, double>>)
+DPK_INST_TILES(ClippedGemm<float, ConvOperands<c10::Half, float>>)
+DPK_INST_TILES(ClippedGemm<float, ConvOperands<c10::BFloat16, float>>)
+DPK_INST_TILES(ClippedGemm<float, ConvOperands<float, float>>)
+DPK_INST_TILES(ClippedGemm<double, ConvOperands<double, double>>)
 
 #define DPK_INST(...) template void launch_cuda<__VA_ARGS__>(const __VA_ARGS__&, int64_t, int);
 #define DPK_INST_IN(F)                 \

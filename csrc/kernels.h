@@ -255,20 +255,91 @@ struct EmbCross {
 // THREADS threads and __syncthreads() as the barrier; the CPU (dpk.h's for_each_tile) runs the same
 // phases thread after thread. So the CPU build runs the GPU's device code, barrier for barrier.
 
-// W = sum_k c_{i(k)} g_k^T a_k over the B*T rows k = (i, t): one (BP x BD) tile of W per block
-// (p0, d0), over the rows [k_lo, k_hi) of one split. The clip factor is folded into G's rows as the
-// tile is loaded (c_i g_itp rounded once to acc_t, as the reference's g.to(acc) * c), every operand
-// is converted to acc_t before the product (fp32 products of 16-bit inputs: c_i g_it cannot leave
+// The operands of a clipped sum as a matrix product W = sum_k c_{i(k)} g_k^T a_k: `row(k, grp, r)` finds
+// row k of the reduction (for group grp) and returns its sample i, `g_at(r, p)` and `a_at(r, d)` read
+// its entries in acc_t.
+
+// Linear: row k = (i, t) of (B, T, *) strided views.
+template <class in_t, class acc_t>
+struct LinearOperands {
+  const in_t* a;  // (B, T, D)
+  const in_t* g;  // (B, T, P)
+  int64_t T, sab, sat, sad, sgb, sgt, sgp;
+  struct Row {
+    const in_t* g;
+    const in_t* a;
+  };
+  DPK_HD int64_t row(int64_t k, int64_t, Row& r) const {
+    const int64_t i = k / T, t = k - i * T;
+    r.g = g + i * sgb + t * sgt;
+    r.a = a + i * sab + t * sat;
+    return i;
+  }
+  DPK_HD acc_t g_at(const Row& r, int64_t p) const { return static_cast<acc_t>(r.g[p * sgp]); }
+  DPK_HD acc_t a_at(const Row& r, int64_t d) const { return static_cast<acc_t>(r.a[d * sad]); }
+};
+
+// Conv1d/2d/3d, implicit GEMM: row k = (i, o), o an output position; group grp's columns d = (ci, k_1..k_n)
+// of its flattened weight read x at o * stride - padding + k * dilation (0 outside x), so the unfold
+// is gathered tile by tile and never written.
+template <class in_t, class acc_t>
+struct ConvOperands {
+  const in_t* x;  // (B, C_in, *S) strided
+  const in_t* g;  // (B, C_out, *out) strided
+  int n;          // spatial dims, 1 to 3
+  int64_t O, cin_g, cout_g;  // output positions per sample, channels per group
+  int64_t out[3], in[3], k[3], stride[3], pad[3], dil[3];
+  int64_t sxb, sxc, sx[3], sgb, sgc, sg[3];
+  struct Row {
+    const in_t* g;
+    const in_t* x;
+    int64_t base[3];  // o * stride - padding per spatial dim
+  };
+  DPK_HD int64_t row(int64_t kk, int64_t grp, Row& r) const {
+    const int64_t i = kk / O;
+    int64_t o = kk - i * O, goff = i * sgb + grp * cout_g * sgc;
+    for (int q = 2; q >= 0; --q) {  // a fixed trip count: unrolled, the arrays stay in registers
+      if (q >= n) continue;
+      const int64_t oq = o % out[q];
+      o /= out[q];
+      goff += oq * sg[q];
+      r.base[q] = oq * stride[q] - pad[q];
+    }
+    r.g = g + goff;
+    r.x = x + i * sxb + grp * cin_g * sxc;
+    return i;
+  }
+  DPK_HD acc_t g_at(const Row& r, int64_t p) const { return static_cast<acc_t>(r.g[p * sgc]); }
+  DPK_HD acc_t a_at(const Row& r, int64_t d) const {
+    int64_t off = 0;
+    for (int q = 2; q >= 0; --q) {
+      if (q >= n) continue;
+      const int64_t kq = d % k[q];
+      d /= k[q];
+      const int64_t pos = r.base[q] + kq * dil[q];
+      if (pos < 0 || pos >= in[q]) return acc_t(0);
+      off += pos * sx[q];
+    }
+    return static_cast<acc_t>(r.x[d * sxc + off]);  // d is now the channel within the group
+  }
+};
+
+// W = sum_k c_{i(k)} g_k^T a_k over the rows k of the reduction (Linear: the B*T rows (i, t); Conv: the
+// B*O (sample, output position) rows, per group): one (BP x BD) tile of group grp's (P, D) block of W per
+// thread block, over the rows [k_lo, k_hi) of one split. The clip factor is folded into G's rows as the
+// tile is loaded (c_i g_kp rounded once to acc_t, as the reference's g.to(acc) * c), every operand
+// is converted to acc_t before the product (fp32 products of 16-bit inputs: c_i g_kp cannot leave
 // fp16's range because it never is fp16), and each output is a sequential fp32 (fp64) sum over k
 // in increasing order. Unsplit, the epilogue scale * (v + prev + noise_std * z) is applied in
-// registers and W written once; split, the raw partial sums go to a (S, P, D) workspace that
-// SplitFinish sums in a fixed order before the same epilogue (deterministic).
+// registers and W written once; split, the raw partial sums go to a (S, groups * P, D) workspace that
+// SplitFinish sums in a fixed order before the same epilogue (deterministic). W is (groups * P, D)
+// row-major: a conv weight (C_out, C_in / groups * prod(k)) as it is laid out.
 //
 // 256 threads, a 16 x 16 grid, each owning 4 x 4 outputs strided by 16 (p = p0 + ty + 16 r,
 // d = d0 + tx + 16 s: a warp reads 16 consecutive words of a shared row, no bank conflicts, and
 // stores 16 consecutive columns). A load step brings BK rows of G and A: thread (kk = tid / 16)
-// loads row k0 + kk, so one division k -> (i, t) per thread and step.
-template <class in_t, class acc_t>
+// loads row k0 + kk, so one row lookup k -> (i, t) per thread and step.
+template <class acc_t, class Ops>
 struct ClippedGemm {
   static constexpr int BP = 64, BD = 64, BK = 16, THREADS = 256, TP = 4, TD = 4;
   struct Smem {  // rows padded by 16 words: the two half-warps of a load step write disjoint banks
@@ -278,22 +349,22 @@ struct ClippedGemm {
   struct Regs {
     acc_t v[TP][TD];
   };
-  const in_t* a;     // (B, T, D) strided
-  const in_t* g;     // (B, T, P) strided
+  Ops ops;
   const acc_t* clip;  // (B,)
-  acc_t* out;        // (P, D), or (S, P, D) partial sums when split
-  Noise<acc_t> epi;  // unused when split
-  int64_t T, P, D, K, k_per, tiles_d, tiles;  // K = B * T rows; k_per rows per split, a multiple of BK
-  int64_t sab, sat, sad, sgb, sgt, sgp;
+  acc_t* out;         // (groups * P, D), or (S, groups * P, D) partial sums when split
+  Noise<acc_t> epi;   // unused when split
+  int64_t P, D, K, k_per, tiles_d, tiles, groups;  // K rows; k_per rows per split, a multiple of BK
   bool split;
 
   DPK_HD void zero(Regs& r) const {
     for (int x = 0; x < TP; ++x)
       for (int y = 0; y < TD; ++y) r.v[x][y] = 0;
   }
-  DPK_HD int64_t k_lo(int64_t b) const { return (b / tiles) * k_per; }
+  // block b = (split, group, tile) = (b / (groups tiles), b / tiles % groups, b % tiles)
+  DPK_HD int64_t k_lo(int64_t b) const { return (b / (tiles * groups)) * k_per; }
   DPK_HD int64_t k_hi(int64_t b) const { return k_lo(b) + k_per < K ? k_lo(b) + k_per : K; }
   DPK_HD int64_t steps(int64_t b) const { return (k_hi(b) - k_lo(b) + BK - 1) / BK; }
+  DPK_HD int64_t group(int64_t b) const { return (b / tiles) % groups; }
   DPK_HD void origin(int64_t b, int64_t& p0, int64_t& d0) const {
     const int64_t tile = b % tiles;
     p0 = (tile / tiles_d) * BP;
@@ -304,18 +375,16 @@ struct ClippedGemm {
     origin(b, p0, d0);
     const int kk = tid / 16, lane = tid % 16;
     const int64_t k = k_lo(b) + step * BK + kk;
-    const bool row = k < k_hi(b);
-    const int64_t i = row ? k / T : 0, t = row ? k - i * T : 0;
-    const acc_t ci = row ? clip[i] : acc_t(0);
-    const in_t* gr = g + i * sgb + t * sgt;
-    const in_t* ar = a + i * sab + t * sat;
+    const bool ok = k < k_hi(b);
+    typename Ops::Row r{};
+    const acc_t ci = ok ? clip[ops.row(k, group(b), r)] : acc_t(0);
     for (int q = 0; q < BP / 16; ++q) {
       const int64_t p = p0 + lane + 16 * q;
-      sm.g[kk][lane + 16 * q] = row && p < P ? ci * static_cast<acc_t>(gr[p * sgp]) : acc_t(0);
+      sm.g[kk][lane + 16 * q] = ok && p < P ? ci * ops.g_at(r, p) : acc_t(0);
     }
     for (int q = 0; q < BD / 16; ++q) {
       const int64_t d = d0 + lane + 16 * q;
-      sm.a[kk][lane + 16 * q] = row && d < D ? static_cast<acc_t>(ar[d * sad]) : acc_t(0);
+      sm.a[kk][lane + 16 * q] = ok && d < D ? ops.a_at(r, d) : acc_t(0);
     }
   }
   DPK_HD void mma(const Smem& sm, Regs& r, int64_t, int tid) const {
@@ -332,14 +401,15 @@ struct ClippedGemm {
     int64_t p0, d0;
     origin(b, p0, d0);
     const int ty = tid / 16, tx = tid % 16;
-    acc_t* o = split ? out + (b / tiles) * P * D : out;
+    acc_t* o = split ? out + (b / (tiles * groups)) * groups * P * D : out;
+    const int64_t row0 = group(b) * P;
     for (int x = 0; x < TP; ++x) {
       const int64_t p = p0 + ty + 16 * x;
       if (p >= P) continue;
       for (int y = 0; y < TD; ++y) {
         const int64_t d = d0 + tx + 16 * y;
         if (d >= D) continue;
-        const int64_t j = p * D + d;
+        const int64_t j = (row0 + p) * D + d;
         o[j] = split ? r.v[x][y] : epi(r.v[x][y], j);
       }
     }

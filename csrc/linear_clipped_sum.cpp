@@ -26,63 +26,21 @@ namespace dpk {
 namespace {
 
 enum Path : int64_t { AUTO = 0, TILES = 1, ATEN = 2 };
-using Tiles = ClippedGemm<float, float>;  // the tile shape (the same for every dtype)
-
-// Rows of the B*T reduction per split (a multiple of BK): one split unless the output's `tiles`
-// leave `units` idle, then enough splits to fill them, each of at least 16 load steps; `splits` > 0
-// forces their number (tests).
-int64_t rows_per_split(int64_t tiles, int64_t K, int64_t units, int64_t splits) {
-  const int64_t steps = std::max<int64_t>(1, (K + Tiles::BK - 1) / Tiles::BK);
-  int64_t S = splits;
-  if (S <= 0) S = tiles < units ? std::min((units + tiles - 1) / tiles, std::max<int64_t>(1, steps / 16)) : 1;
-  S = std::min(S, steps);
-  return (steps + S - 1) / S * Tiles::BK;
-}
 
 Tensor weight_tiles(const Tensor& a, const Tensor& g, const Tensor& cc, const OptTensor& pw, double noise_std,
                     double scale, int64_t seed, at::ScalarType acc, int64_t splits) {
-  const int64_t B = g.size(0), T = g.size(1), P = g.size(2), D = a.size(2), K = B * T;
+  const int64_t B = g.size(0), T = g.size(1), P = g.size(2), D = a.size(2);
   Tensor w = at::empty({P, D}, g.options().dtype(acc));
-  if (P == 0 || D == 0) return w;
   // one input dtype for the functor: mixed inputs (rare) both in the accumulation dtype
   const bool mixed = a.scalar_type() != g.scalar_type();
   const Tensor ai = mixed ? a.to(acc) : a, gi = mixed ? g.to(acc) : g;
-  const int64_t tiles_d = (D + Tiles::BD - 1) / Tiles::BD, tiles = (P + Tiles::BP - 1) / Tiles::BP * tiles_d;
-  int64_t units = at::get_num_threads();
-#ifdef DPK_WITH_CUDA
-  if (g.is_cuda()) units = 2 * cuda_sm_count(g.device().index());
-#endif
-  const int64_t k_per = rows_per_split(tiles, K, units, splits);
-  const int64_t S = std::max<int64_t>(1, (K + k_per - 1) / k_per);
-  const Tensor ws = S > 1 ? at::empty({S, P, D}, w.options()) : w;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gi.scalar_type(), "dpk_clipped_gemm", [&] {
     using acc_t = acc_of<scalar_t>;
     TORCH_INTERNAL_ASSERT(w.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
-    const auto epi = noise_of<acc_t>(pw, noise_std, scale, seed);
-    ClippedGemm<scalar_t, acc_t> f{ai.data_ptr<scalar_t>(),
-                                   gi.data_ptr<scalar_t>(),
-                                   cc.data_ptr<acc_t>(),
-                                   ws.data_ptr<acc_t>(),
-                                   epi,
-                                   T,
-                                   P,
-                                   D,
-                                   K,
-                                   k_per,
-                                   tiles_d,
-                                   tiles,
-                                   ai.stride(0),
-                                   ai.stride(1),
-                                   ai.stride(2),
-                                   gi.stride(0),
-                                   gi.stride(1),
-                                   gi.stride(2),
-                                   S > 1};
-    for_each_tile(g, S * tiles, f);
-    if (S > 1) {
-      SplitFinish<acc_t> fin{ws.data_ptr<acc_t>(), w.data_ptr<acc_t>(), S, P * D, epi};
-      for_each(g, P * D, fin, grain_for(S));
-    }
+    const LinearOperands<scalar_t, acc_t> ops{ai.data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), T,
+                                              ai.stride(0),            ai.stride(1),            ai.stride(2),
+                                              gi.stride(0),            gi.stride(1),            gi.stride(2)};
+    clipped_gemm<acc_t>(w, ops, cc, pw, noise_std, scale, seed, P, D, B * T, 1, splits);
   });
   return w;
 }

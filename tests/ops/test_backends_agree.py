@@ -1,8 +1,9 @@
 """Differential test of the backends: every op of dpkernels.ops, run by the Triton backend (under
 TRITON_INTERPRET=1) or the compiled one (csrc/, its CPU build: the same functors its CUDA kernels run)
 and by the reference on the same random inputs, gives the same answer within a stated rounding bound,
-and both accept and refuse the same inputs. The compiled Linear clipped sum is checked on both of
-its paths (the ATen matmul the CPU uses and the tile kernel CUDA uses, split and unsplit).
+and both accept and refuse the same inputs. The compiled Linear and Conv clipped sums are checked on both
+of their paths (the ATen matmul / convolution the CPU uses and the tile kernel CUDA uses, split and
+unsplit).
 
 Inputs (hypothesis, derandomized so that CI is deterministic): random shapes (odd sizes, B = 0 and 1,
 T = 1, long T > 64), layouts (contiguous, transposed / every stride reversed, strided views,
@@ -220,12 +221,17 @@ def _floor16(op: str, args: tuple, kw: dict, out_shape) -> torch.Tensor | float:
     return FP16_FLOOR * cg_max * w * abs(kw.get("scale", 1.0))
 
 
-def _tiles(args: tuple, kw: dict, splits: int):
-    """The compiled Linear clipped sum on its tile path (CUDA's, path=1) with ``splits`` forced (0: automatic)."""
-    a, g, c = args
-    w, b = torch.ops.dpkernels.cuda_linear_clipped_sum(
-        a, g, c, kw["bias"], 0.0, kw["scale"], 0, 0, kw.get("prev_w"), kw.get("prev_b"), 1, splits
-    )
+def _tiles(op: str, args: tuple, kw: dict, splits: int):
+    """The compiled Linear or Conv clipped sum on its tile path (CUDA's, path=1) with ``splits`` forced
+    (0: automatic)."""
+    epi = (0.0, kw["scale"], 0, 0, kw.get("prev_w"), kw.get("prev_b"), 1, splits)
+    if op == "linear_clipped_sum":
+        w, b = torch.ops.dpkernels.cuda_linear_clipped_sum(*args, kw["bias"], *epi)
+    else:
+        geo = [[v] if isinstance(v, int) else list(v) for v in (kw["stride"], kw["padding"], kw["dilation"])]
+        w, b = torch.ops.dpkernels.cuda_conv_clipped_sum(
+            *args, list(kw["weight_shape"]), *geo, kw["groups"], kw["bias"], *epi
+        )
     return w, (b if kw["bias"] else None)
 
 
@@ -233,10 +239,10 @@ def _compare(op: str, args: tuple, kw: dict, backend: str) -> None:
     """The backend's results on (args, kw) and the reference's, within 2 gamma_n M (+ the 16-bit operand terms)."""
     out_t = getattr(ops, op)(*args, **kw, backend=backend)
     assert ops.last_backend[op] == backend
-    if backend == "cuda" and op == "linear_clipped_sum":  # and CUDA's path, split and unsplit, on the same inputs
-        ops.linear_clipped_sum(*args, **kw, backend="reference")  # (the dispatcher's input checks)
+    if backend == "cuda" and op in ("linear_clipped_sum", "conv_clipped_sum"):
+        # and CUDA's path (the tiles), split and unsplit, on the same (valid: checked above) inputs
         for splits in (0, 3):
-            _check(op, args, kw, backend, _tiles(args, kw, splits))
+            _check(op, args, kw, backend, _tiles(op, args, kw, splits))
     _check(op, args, kw, backend, out_t)
 
 

@@ -210,6 +210,59 @@ def test_conv_clipped_sum_f64(case):
         _close(got, want)
 
 
+def _conv_clipped_path(x, g, c, wshape, geom, path, splits=0, noise_std=0.0, seed_w=0, scale=0.5, prev_w=None):
+    geo = [[v] if isinstance(v, int) else list(v) for v in (geom["stride"], geom["padding"], geom["dilation"])]
+    w, _ = torch.ops.dpkernels.cuda_conv_clipped_sum(
+        x, g, c, list(wshape), *geo, geom["groups"], False, noise_std, scale, seed_w, 0, prev_w, None, path, splits
+    )
+    return w
+
+
+# the CONV_CASES and a 2-d case wider than one 64 x 64 tile (C_out / groups = 70, C_in / groups * k = 5 * 16)
+CONV_TILE_CASES = CONV_CASES + [((2, 10, 9, 8), 140, 4, (2, 1), (1, 2), 1, 2)]
+
+
+@pytest.mark.parametrize("case", CONV_TILE_CASES)
+@pytest.mark.parametrize("splits", [0, 1, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_clipped_sum_tiles_f64(case, splits, channels_last):
+    """The implicit-GEMM tiles (CUDA's conv clipped sum: the unfold gathered by the loader) and the ATen
+    path against the reference, 1-3 spatial dims, stride / padding / dilation / groups, channels_last."""
+    x, g, _, wshape, geom = _conv_inputs(case)
+    if channels_last and x.dim() in (4, 5):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+    c, prev = _c(x.shape[0]), _randn(*wshape, seed=80)
+    want, _ = ref.conv_clipped_sum(x, g, c, weight_shape=wshape, bias=False, scale=0.5, prev_w=prev, **geom)
+    _close(_conv_clipped_path(x, g, c, wshape, geom, TILES, splits, prev_w=prev), want)
+    _close(_conv_clipped_path(x, g, c, wshape, geom, ATEN, prev_w=prev), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_conv_clipped_sum_tiles_half(dtype):
+    """16-bit inputs through the implicit-GEMM tiles, fp32 accumulation (SQNR_DB as for the Linear tiles),
+    clip factors 1e-8 and 1e3 (c_i g leaves fp16's range both ways; the tiles multiply in fp32)."""
+    x, g, _, wshape, geom = _conv_inputs(CONV_TILE_CASES[-1], dtype=dtype)
+    g = (g.double() * 50).to(dtype)
+    c = torch.tensor([1e-8, 1e3], dtype=torch.float32)
+    got = _conv_clipped_path(x, g, c, wshape, geom, TILES, 2)
+    want, _ = ref.conv_clipped_sum(
+        x.double(), g.double(), c.double(), weight_shape=wshape, bias=False, scale=0.5, **geom
+    )
+    assert got.dtype == torch.float32 and torch.isfinite(got).all() and _sqnr(got, want) > SQNR_DB
+
+
+def test_conv_clipped_sum_tiles_noise():
+    """The implicit-GEMM tiles' epilogue draws add_noise's z for seed_w (split and unsplit)."""
+    x, g, _, wshape, geom = _conv_inputs(CONV_TILE_CASES[-1])
+    c = _c(x.shape[0])
+    z = cu.add_noise(None, wshape, noise_std=1.0, scale=1.0, seed=78, device="cpu", dtype=F64)
+    for splits in (1, 2):
+        w1 = _conv_clipped_path(x, g, c, wshape, geom, TILES, splits, noise_std=0.7, seed_w=78)
+        w0 = _conv_clipped_path(x, g, c, wshape, geom, TILES, splits, seed_w=78)
+        _close(w1 - w0, 0.35 * z)
+
+
 # ----------------------------------------------------------------------------- Embedding
 
 V = 11
@@ -462,3 +515,28 @@ def test_linear_clipped_sum_tiles_on_cuda(dtype):
         on_gpu = _clipped_sum_path(a.cuda(), g.cuda(), c.cuda(), TILES, splits, noise_std=0.7, seed_w=5)[0].cpu()
         # the same functor, the same Philox; device logf/cosf within 2 ulp of the host's (0.7 * 4e-6)
         torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-10, atol=4e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_conv_clipped_sum_tiles_on_cuda(dtype):
+    """The implicit-GEMM conv tiles on the GPU (automatic path: tiles on CUDA; split and unsplit) against
+    the reference in float64 on the same rounded inputs, channels_last too."""
+    if not torch.cuda.is_available() or not cu.info["cuda"]:
+        pytest.skip("needs a GPU and the CUDA build of the library")
+    for case in CONV_TILE_CASES:
+        for channels_last in (False, True):
+            x, g, _, wshape, geom = _conv_inputs(case, dtype=dtype)
+            if channels_last and x.dim() in (4, 5):
+                fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+                x, g = x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+            c = _c(x.shape[0], dtype=F64 if dtype == F64 else torch.float32)
+            want, _ = ref.conv_clipped_sum(
+                x.double(), g.double(), c.double(), weight_shape=wshape, bias=False, scale=0.5, **geom
+            )
+            for splits in (0, 1, 3):
+                got = _conv_clipped_path(x.cuda(), g.cuda(), c.cuda(), wshape, geom, 0, splits).cpu()
+                if dtype == F64:
+                    torch.testing.assert_close(got, want, **TIGHT)
+                else:
+                    assert _sqnr(got, want) > SQNR_DB, (case, channels_last, splits)

@@ -69,7 +69,25 @@ def _(x, g, kernel_size, stride, padding, dilation, groups, bias, method):
 
 
 @_fake("conv_clipped_sum")
-def _(x, g, c, weight_shape, stride, padding, dilation, groups, bias, noise_std, scale, seed_w, seed_b, prev_w, prev_b):
+def _(
+    x,
+    g,
+    c,
+    weight_shape,
+    stride,
+    padding,
+    dilation,
+    groups,
+    bias,
+    noise_std,
+    scale,
+    seed_w,
+    seed_b,
+    prev_w,
+    prev_b,
+    path=0,
+    splits=0,
+):
     dt = acc_dtype(x, g)
     return x.new_empty(tuple(weight_shape), dtype=dt), _vec(x, g.shape[1], dt, bias)
 
