@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .. import ops
 from ._common import attach, first_order_only, trainable
+from .linear import fused_linear_sum
 
 CELLS = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
 _KINDS = ("ih", "hh", "hr")
@@ -181,7 +182,7 @@ class RNNFunction(torch.autograd.Function):
             for kind, (a, g) in parts.items():
                 w = trainable(module, names[f"w_{kind}"])
                 b = trainable(module, names[f"b_{kind}"]) if kind != "hr" else None
-                out.update(_linear_clipped_sum(a, g, w, b, specs))
+                out.update(fused_linear_sum(a, g, w, b, specs))
         for pid, spec in specs.items():  # a parameter no call reached still gets its prev and noise
             if pid not in out:
                 p = next(q for q in module.parameters() if id(q) == pid)
@@ -195,35 +196,6 @@ class RNNFunction(torch.autograd.Function):
                     dtype=spec.prev.dtype if spec.prev is not None else ops.acc_dtype(p),
                 )
         return out
-
-
-def _linear_clipped_sum(a: Tensor, g: Tensor, w: Any, b: Any, specs) -> dict[int, Tensor]:
-    """The clipped sums of a Linear-like (weight, bias) pair, in one call when they share clip factors."""
-    sw = specs.get(id(w)) if w is not None else None
-    sb = specs.get(id(b)) if b is not None else None
-    if sw is not None and sb is not None and sw.c is sb.c:
-        rw, rb = ops.linear_clipped_sum(
-            a,
-            g,
-            sw.c,
-            bias=True,
-            noise_std=sw.noise_std,
-            scale=sw.scale,
-            seed_w=sw.seed,
-            seed_b=sb.seed,
-            prev_w=sw.prev,
-            prev_b=sb.prev,
-        )
-        assert rb is not None
-        return {id(w): rw, id(b): rb}
-    out: dict[int, Tensor] = {}
-    if sw is not None:
-        out[id(w)], _ = ops.linear_clipped_sum(
-            a, g, sw.c, bias=False, noise_std=sw.noise_std, scale=sw.scale, seed_w=sw.seed, prev_w=sw.prev
-        )
-    if sb is not None:
-        out[id(b)] = ops.bias_clipped_sum(g, sb.c, noise_std=sb.noise_std, scale=sb.scale, seed=sb.seed, prev=sb.prev)
-    return out
 
 
 def recurrence(
