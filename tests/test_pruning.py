@@ -1,9 +1,9 @@
 """Magnitude pruning (dpkernels.pruning): masked norms, sums, noise and sensitivity.
 
-Oracles: per-sample gradients of the unconverted float64 model by torch.func (tests/layers/test_conv.py's
-naive_per_sample), multiplied by the masks, clipped with c_i = min(1, R / (n_i + 1e-6)) over the masked
-norms (expected_step). Tolerance in float64: rtol 1e-9 as in tests/layers (the same sums in another order,
-~1e-13 relative apart; a wrong norm or a missed coordinate moves them by >= 1e-2).
+Oracle: per-sample gradients of the unconverted float64 model, one sample at a time (tests/oracle.py),
+multiplied by the masks, clipped with c_i = min(1, R / (n_i + 1e-6)) over the masked norms (clipped_update).
+Tolerance in float64: rtol 1e-9 as in tests/layers (the same sums in another order, ~1e-13 relative
+apart; a wrong norm or a missed coordinate moves them by >= 1e-2).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 import dpkernels
 from dpkernels import pruning
 from dpkernels.pruning import Mask, apply_masks, magnitude_masks, mask_of
-from tests.layers.test_conv import expected_step, naive_per_sample
+from tests.oracle import clipped_update, per_sample_grads, sq_norms
 from tests.privacy.test_certified_norms import _check, _gen, _tokens
 
 DT = torch.float64
@@ -81,11 +81,12 @@ def _dp_grads(model, x, y, masks, R, strategy="bk", noise=0.0, **kw):
 
 
 def _expected(model, x, y, masks):
-    ps = naive_per_sample(copy.deepcopy(model), x, y)
+    """The masked clipped update of tests/oracle.py's per-sample gradients (all-layer, R = median norm)."""
+    ref = copy.deepcopy(model)
+    ps = per_sample_grads(ref, lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(), (x, y))
     ps = {k: v * masks[k].to(DT) if k in masks else v for k, v in ps.items()}
-    n = sum(v.flatten(1).square().sum(1) for v in ps.values()).sqrt()
-    R = float(n.median())  # some samples clipped, some not
-    return expected_step(ps, R, "mean")[0], R
+    R = float(sq_norms(ps).sqrt().median())  # some samples clipped, some not
+    return clipped_update(ps, [list(ps)], [R], divisor=EBS), R
 
 
 CASES = [
