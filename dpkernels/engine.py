@@ -351,6 +351,7 @@ class Engine:
         self._owned = [
             (m, k, q) for m in modules.values() for k, q in m.named_parameters(recurse=False) if id(q) in self._index
         ]
+        self._owner_of = {id(q): (m, k) for m, k, q in self._owned}  # a parameter's module: its pruning mask
         for q in self._params:
             hook = functools.partial(self._raw_use, self._pname.get(id(q), str(tuple(q.shape))))
             hook._dpkernels_engine_hook = True  # type: ignore[attr-defined]
@@ -927,7 +928,8 @@ class Engine:
                 device=p.device,
                 dtype=prev.dtype if prev is not None else ops.acc_dtype(p),  # never round a float64 sum to fp32
             )
-            self._write_grad(p, pruning.masked_grad(p, out).to(p.dtype))  # pruned coordinates: no noise
+            m, k = self._owner_of[id(p)]
+            self._write_grad(p, pruning.masked_grad(m, k, out).to(p.dtype))  # pruned coordinates: no noise
         self._acc.clear()
         self._noised.clear()
         self._micro = 0
@@ -972,7 +974,7 @@ def tie_norms(tie: Tie) -> dict[int, Tensor]:
         return dp_function(m).norms(m, tie.uses.get(m, []))
     from .functional.tied import tied_norms
 
-    pruning.refuse_tied(tie.names, tie.params)
+    pruning.refuse_tied(tie.names, tie.modules)
     return tied_norms(tie)
 
 

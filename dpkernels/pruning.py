@@ -32,6 +32,8 @@ dpkernels/ops/bounds.py):
 - Linear, Conv, any other (unstructured) mask: there is no ghost identity for ||m * G^T A||; the
   per-sample gradients are instantiated in chunks of samples, masked and squared (the reference's
   certified instantiation with the mask applied before the squares, ops.reference.bounds._inst).
+  With one token per sample (T = 1: an MLP on tables) the rank-1 identity
+  ||m * g a^T||^2 = (g^2)^T m (a^2) needs one GEMM and no per-sample matrix (`_rank1`).
 - Embedding, any mask: the table's gradient row v is sum_{t: x_t = v} g_t, so masking it is masking
   each token's g_t with m[x_t]; the embedding norm runs on the masked G (repeated tokens stay exact).
 - Biases: a bias mask slices G's columns (a bias is a 1-d "row" mask).
@@ -55,7 +57,18 @@ from .functional._common import trainable
 from .functional.conv import ConvFunction
 from .functional.embedding import EmbeddingFunction
 from .functional.linear import LinearFunction
-from .ops.bounds import Bound
+from .ops.bounds import (
+    F64,
+    U64,
+    Bound,
+    from_norm_error,
+    gamma,
+    pow2_scale,
+    round_up_factor,
+    scale_rows,
+    token_norms,
+    underflow_eta,
+)
 from .ops.reference._common import _CHUNK_ELEMS
 from .ops.reference.bounds import _inst
 
@@ -106,9 +119,11 @@ class Mask:
         return (self.rows is not None and self.rows.numel() == 0) or (self.cols is not None and self.cols.numel() == 0)
 
 
-def mask_of(p: Tensor | None) -> Mask | None:
-    """The mask `apply_masks` put on parameter ``p``, or None."""
-    return None if p is None else getattr(p, "_dp_mask", None)
+def mask_of(module: nn.Module, name: str) -> Mask | None:
+    """The mask `apply_masks` put on ``module``'s parameter ``name``, or None. Masks live in the module's
+    ``_dp_masks`` dict: they survive deepcopy, pickling and make_private's conversion (a copied module
+    keeps them; a copied Parameter would not)."""
+    return module.__dict__.get("_dp_masks", {}).get(name)
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -262,7 +277,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor], *, zero: bool = T
         if keep.dtype != torch.bool and not bool(((keep == 0) | (keep == 1)).all()):
             raise ValueError(f"apply_masks: the mask of {name!r} must be boolean or 0/1 (True/1 = kept)")
         mask = Mask.of(keep.to(p.device))
-        p._dp_mask = mask  # type: ignore[attr-defined]
+        m.__dict__.setdefault("_dp_masks", {})[attr] = mask
         if zero:
             p.masked_fill_(~mask.keep, 0)
     return model
@@ -270,18 +285,16 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Tensor], *, zero: bool = T
 
 def remove_masks(model: nn.Module) -> nn.Module:
     """Forget every mask on the model's parameters (the weights keep their values)."""
-    for p in model.parameters():
-        if hasattr(p, "_dp_mask"):
-            del p._dp_mask  # type: ignore[attr-defined]
+    for m in model.modules():
+        m.__dict__.pop("_dp_masks", None)
     return model
 
 
 def sparsity_of(model: nn.Module) -> float:
     """The fraction of the masked parameters' coordinates that are pruned (0.0 with no masks)."""
     n = kept = 0
-    for p in model.parameters():
-        m = mask_of(p)
-        if m is not None:
+    for mod in model.modules():
+        for m in mod.__dict__.get("_dp_masks", {}).values():
             n += m.keep.numel()
             kept += int(m.keep.sum())
     return 1.0 - kept / n if n else 0.0
@@ -291,17 +304,17 @@ def sparsity_of(model: nn.Module) -> float:
 
 
 def has_masks(module: nn.Module) -> bool:
-    return any(getattr(p, "_dp_mask", None) is not None for p in module._parameters.values())
+    return bool(module.__dict__.get("_dp_masks"))
 
 
-def masked_grad(p: Tensor, out: Tensor) -> Tensor:
-    """``out`` with the pruned coordinates of ``p`` set to exactly 0 (no mask: ``out`` itself)."""
-    m = mask_of(p)
+def masked_grad(module: nn.Module, name: str, out: Tensor) -> Tensor:
+    """``out`` with the pruned coordinates of ``module``'s parameter ``name`` set to exactly 0 (no mask: ``out``)."""
+    m = mask_of(module, name)
     return out if m is None else torch.where(m.to(out.device).keep, out, 0)
 
 
-def refuse_tied(names: list[str], params: list[nn.Parameter]) -> None:
-    if any(mask_of(p) is not None for p in params):
+def refuse_tied(names: list[str], modules: list[nn.Module]) -> None:
+    if any(has_masks(m) for m in modules):
         raise ValueError(
             f"modules {names} share a parameter that has a pruning mask: masks on shared (tied) parameters are not "
             f"supported. dpkernels.pruning.remove_masks, or untie them"
@@ -331,10 +344,36 @@ def _rows_norms(module: Any, a: Tensor, g: Tensor, mask: Mask) -> Tensor:
         module.dp_norm_method = f"sliced-{method}"
         nw, _ = ops.certified.linear_norms(a_s, g_s, bias=False, method=method)
         return nw
+    if a.shape[1] == 1:  # one token per sample (an MLP on tables): the rank-1 identity, one GEMM
+        module.dp_norm_method = "masked-rank1"
+        M = mask.keep.reshape(g.shape[2], a.shape[2]).to(torch.float64)
+        step = max(1, _CHUNK_ELEMS // max(1, 4 * (a.shape[2] + g.shape[2])))
+        return torch.cat([_rank1(a[s : s + step, 0], g[s : s + step, 0], M) for s in range(0, B, step)])
     module.dp_norm_method = "masked-inst"
     keep = mask.keep.reshape(1, g.shape[2], a.shape[2])
     step = max(1, _CHUNK_ELEMS // max(1, 2 * keep.numel() + a.shape[1] * (a.shape[2] + g.shape[2])))
     return _certify([_inst(a[s : s + step], g[s : s + step], keep) for s in range(0, B, step)], 1)
+
+
+def _rank1(a: Tensor, g: Tensor, M: Tensor) -> Tensor:
+    """Certified ||M * g_i a_i^T||^2 = sum_{o,j} M_oj g_io^2 a_ij^2 for one token per sample; a (B, d), g (B, p).
+
+    Each sample's a_i, g_i are scaled by powers of two s (max |entry| in [1/2, 1), `pow2_scale`) and
+    squared in float64, value = sum_j ((G^2 M)_j A_j^2): non-negative terms only, so no cancellation;
+    relative error <= gamma_{p+d+4}(2^-53) (squares, a length-p and a length-d sum). Absolute error
+    from underflow (float64 inputs only: float32 squares are exact in float64) <= eta (2 p d + d), and
+    scaling float64 entries into the subnormal range moves the norm by <= 2 eta sqrt(p d) (as in _inst).
+    Bounded via `from_norm_error`, capped by |a_i| |g_i| (the triangle inequality), then unscaled."""
+    p, d = g.shape[1], a.shape[1]
+    sa, sg = pow2_scale(a, F64), pow2_scale(g, F64)
+    A, G = scale_rows(a, sa, F64), scale_rows(g, sg, F64)
+    value = ((G.square() @ M) * A.square()).sum(dim=1)
+    eta = underflow_eta(F64)
+    delta = 2.0 * eta * math.sqrt(p * d)
+    abs_norm = math.sqrt(eta * (2 * p * d + d) * round_up_factor(4)) + delta
+    cap = token_norms(A[:, None]).flatten() * token_norms(G[:, None]).flatten() * round_up_factor(4)
+    b = from_norm_error(value, gamma(p + d + 4, U64), torch.full_like(value, abs_norm), cap + delta)
+    return Bound(*(t / (sa * sg).square() for t in b)).certified()
 
 
 def _bias_norms(g: Tensor, mask: Mask | None) -> Tensor:
@@ -352,7 +391,7 @@ def _linear_norms(module: Any, uses: list) -> dict[int, Tensor]:
     w, b = trainable(module, "weight"), trainable(module, "bias")
     out: dict[int, Tensor] = {}
     if w is not None:
-        mw = mask_of(w)
+        mw = mask_of(module, "weight")
         if mw is None:
             method = ops.linear_norm_method(a.shape[1], a.shape[2], g.shape[2])
             module.dp_norm_method = method
@@ -360,7 +399,7 @@ def _linear_norms(module: Any, uses: list) -> dict[int, Tensor]:
         else:
             out[id(w)] = _rows_norms(module, a, g, mw.to(a.device))
     if b is not None:
-        mb = mask_of(b)
+        mb = mask_of(module, "bias")
         out[id(b)] = _bias_norms(g, None if mb is None else mb.to(g.device))
     return out
 
@@ -371,7 +410,7 @@ def _conv_norms(module: Any, uses: list) -> dict[int, Tensor]:
     B, groups, dev = g0.shape[0], s0.groups, g0.device
     out: dict[int, Tensor] = {}
     if w is not None:
-        mw = mask_of(w)
+        mw = mask_of(module, "weight")
         if mw is None:
             out.update({k: v for k, v in ConvFunction.norms(module, uses).items() if k == id(w)})
         elif groups == 1:  # the Linear view: unfolded rows of every use, concatenated along T, per chunk
@@ -398,7 +437,7 @@ def _conv_norms(module: Any, uses: list) -> dict[int, Tensor]:
             out[id(w)] = _certify(bounds, groups) if bounds else _zeros(0, dev)
     if b is not None:
         gs = [g.flatten(2).transpose(1, 2) for _, g in uses]
-        mb = mask_of(b)
+        mb = mask_of(module, "bias")
         out[id(b)] = _bias_norms(gs[0] if len(gs) == 1 else torch.cat(gs, 1), None if mb is None else mb.to(dev))
     return out
 
@@ -408,7 +447,7 @@ def _embedding_norms(module: Any, uses: list) -> dict[int, Tensor]:
     if w is None or not uses:
         return {}
     ids, g = EmbeddingFunction.rows(uses)
-    mw = mask_of(w)
+    mw = mask_of(module, "weight")
     if mw is not None:
         keep = mw.to(g.device).keep
         # row v of sample i's gradient is sum_{t: x_t = v} g_t, so m * (that row) = sum_t m[x_t] * g_t; ids out
@@ -439,7 +478,7 @@ class MaskedFunction:
         return _NORMS[self.kind](module, uses)
 
     def clipped_sum(self, module: Any, uses: list, specs: dict[int, Any]) -> dict[int, Tensor]:
-        masked = {id(p): m for p in module._parameters.values() if (m := mask_of(p)) is not None}
+        masked = {id(p): m for k, p in module._parameters.items() if (m := mask_of(module, k)) is not None}
         # every parameter's epilogue here (a layer's op may serve weight and bias in one call with one scale)
         inner = {k: replace(s, prev=None, noise_std=0.0, scale=1.0) for k, s in specs.items()}
         out = self.base.clipped_sum(module, uses, inner)
@@ -462,7 +501,7 @@ def masked_function(module: nn.Module, base: Any) -> MaskedFunction:
     """The masked norms and sums for ``module`` (which has masked parameters), or a ValueError naming it."""
     kind = _FUNCTION_KINDS.get(base)
     if kind is None or getattr(type(module), "torch_layer", None) not in {t for t, _ in _TORCH_KINDS}:
-        names = [k for k, p in module._parameters.items() if mask_of(p) is not None]
+        names = sorted(module.__dict__.get("_dp_masks", {}))
         raise ValueError(
             f"{getattr(module, '_dp_name', lambda: type(module).__name__)()} has pruning masks on {names}: masks are "
             f"supported on {_SUPPORTED} only. dpkernels.pruning.remove_masks, or leave that layer out of the masks"

@@ -17,6 +17,7 @@ import torch
 from bench.papers import automatic_clipping as AC
 from bench.papers import group_clipping as GC
 from bench.papers import perturbed_clipping as PC
+from bench.papers import pruning as PR
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -133,3 +134,33 @@ def test_perturbed_clipping_quick(tmp_path):
             assert all(math.isfinite(v) for v in t.values()), t
             assert abs(t["bias_plain"]) < 1.0 and t["skew_random"] >= 0.0
     assert "## (b) digits" in md
+
+
+def test_pruning_quick(tmp_path):
+    assert PR.main(["--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    data, md = _outputs(tmp_path, "pruning_quick")
+    cfg = data["config"]
+    E, k = cfg["epochs"], cfg["seeds"]
+    assert set(data["ablation"]) == set(PR.VARIANTS)
+    for v, rec in data["ablation"].items():
+        assert len(rec["runs"]) == k and rec["final"]["n"] == k, v
+        for r in rec["runs"]:
+            assert len(r["accuracy"]) == len(r["train_loss"]) == E
+            assert all(0.0 <= a <= 1.0 for a in r["accuracy"]) and all(math.isfinite(x) for x in r["train_loss"])
+        assert f"| {v} |" in md
+    # only the DP-SGD runs (dense and pruned) are private, and each spent the target epsilon
+    assert len(data["epsilon_spent"]) == k * (1 + len(cfg["structures"]) * (len(cfg["sparsities"]) - 1))
+    assert all(_spent_target(e, cfg["epsilon"]) for e in data["epsilon_spent"]), data["epsilon_spent"]
+    assert "epsilon" not in data["ablation"]["noise only"]["runs"][0]
+    # the switched runs share their first half with the pure runs of the same seed (same seeds, same phases)
+    ab = data["ablation"]
+    for a, b in (("DP-SGD -> SGD", "DP-SGD"), ("SGD -> DP-SGD", "neither")):
+        for ra, rb in zip(ab[a]["runs"], ab[b]["runs"], strict=True):
+            assert ra["accuracy"][: E // 2] == rb["accuracy"][: E // 2], (a, b)
+    # plain SGD on digits is far above chance (0.1) after two epochs: the runs train
+    assert ab["neither"]["final"]["mean"] > 0.5
+    curves = data["sparsity_curves"]
+    assert set(curves) == {"False", "rows", "post-processing"}
+    for name, pts in curves.items():
+        assert [p["sparsity"] for p in pts] == cfg["sparsities"], name
+        assert all(p["accuracy"]["n"] == k for p in pts)

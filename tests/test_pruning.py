@@ -33,6 +33,9 @@ def _models(kind: str):
     if kind == "mlp":
         model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
         x, y = torch.randn(6, 4, 6), torch.randn(6, 4, 3)
+    elif kind == "mlp-flat":  # one token per sample: unstructured masks take the rank-1 path
+        model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 3))
+        x, y = torch.randn(6, 6), torch.randn(6, 3)
     elif kind == "conv":
         model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 2, 2))
         x, y = torch.randn(6, 3, 5, 5), torch.randn(6, 2, 4, 4)
@@ -93,6 +96,7 @@ CASES = [
     ("mlp", False, "bk"),
     ("mlp", "rows", "two-pass"),
     ("mlp", "cols", "bk"),
+    ("mlp-flat", False, "bk"),
     ("conv", False, "two-pass"),
     ("conv", "rows", "bk"),
     ("conv", "cols", "bk"),
@@ -111,11 +115,14 @@ def test_masked_step_matches_naive_per_sample_gradients(kind, structured, strate
     expect, R = _expected(model, x, y, masks)
     got, dp_model = _dp_grads(model, x, y, masks, R, strategy)
     for k, m in masks.items():
-        assert mask_of(dict(dp_model.named_parameters())[k]).structured == (structured in ("rows", "cols") or m.all())
+        mod, attr = k.rsplit(".", 1)
+        assert mask_of(dp_model.get_submodule(mod), attr).structured == (structured in ("rows", "cols") or m.all())
     for k in expect:
         torch.testing.assert_close(got[k], expect[k], **F64, msg=lambda s, k=k: f"{k}: {s}")
         if k in masks:
             assert bool((got[k][~masks[k]] == 0).all()), k  # exactly zero, not small
+    if kind == "mlp-flat":
+        assert {m.dp_norm_method for m in dp_model if hasattr(m, "dp_norm_method")} == {"masked-rank1"}
     if structured in ("rows", "cols") and kind in ("mlp", "conv"):
         assert all(m.dp_norm_method.startswith("sliced-") for m in dp_model if hasattr(m, "dp_norm_method")), [
             m.dp_norm_method for m in dp_model if hasattr(m, "dp_norm_method")
@@ -131,9 +138,9 @@ def test_row_mask_structured_and_unstructured_paths_agree(kind):
         m = copy.deepcopy(model)
         apply_masks(m, masks)
         if force_unstructured:  # the same keep pattern, treated as an arbitrary mask: masked instantiation
-            for p in m.parameters():
-                if p.dim() > 1:
-                    p._dp_mask = Mask(mask_of(p).keep, None, None, False)
+            for mod in m.modules():
+                if pruning.has_masks(mod):
+                    mod._dp_masks["weight"] = Mask(mask_of(mod, "weight").keep, None, None, False)
         got, dp = _dp_grads(m, x, y, masks, 0.5)
         methods = {mod.dp_norm_method for mod in dp if hasattr(mod, "dp_norm_method")}
         assert all(s.startswith("masked-inst" if force_unstructured else "sliced-") for s in methods), methods
@@ -147,17 +154,18 @@ def test_row_mask_structured_and_unstructured_paths_agree(kind):
 
 @pytest.mark.parametrize("kind", ["natural", "cancel", "huge", "tiny"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("structured", [False, "rows", "cols"])
-def test_masked_linear_norms_are_certified_upper_bounds(structured, dtype, kind):
+@pytest.mark.parametrize("structured,T", [(False, 24), (False, 1), ("rows", 24), ("cols", 24)])
+def test_masked_linear_norms_are_certified_upper_bounds(structured, T, dtype, kind):
     """certified_i >= exact_i (no tolerance), exact = ||m * G_i^T A_i||^2 of the stored tensors in float64;
-    within 1e-3 of it on natural data (tests/privacy/test_certified_norms.py's _check)."""
-    T, d, p = 24, 6, 5
-    gen = _gen(("prune", structured, str(dtype), kind))
+    within 1e-3 of it on natural data (tests/privacy/test_certified_norms.py's _check). T = 1 with an
+    unstructured mask is the rank-1 path; T = 24 the masked instantiation (or slicing, for rows/columns)."""
+    d, p = 6, 5
+    gen = _gen(("prune", structured, T, str(dtype), kind))
     a, g = _tokens(kind, dtype, T, d, p, gen)
     lin = nn.Linear(d, p)
     keep = _random_masks(lin, gen, structured)["weight"]
     apply_masks(lin, {"weight": keep}, zero=False)
-    got = pruning._rows_norms(lin, a, g, mask_of(lin.weight))
+    got = pruning._rows_norms(lin, a, g, mask_of(lin, "weight"))
     exact = torch.stack([((gi.double().T @ ai.double()) * keep).square().sum() for ai, gi in zip(a, g, strict=True)])
     _check(got, exact, kind, f"masked Linear ({structured}, {dtype}, {kind})")
 
@@ -322,7 +330,9 @@ def test_magnitude_masks_prune_the_smallest_weights_exactly():
     assert int(rows.sum()) == 10
     apply_masks(model, r)
     assert bool((model[0].weight[~r["0.weight"]] == 0).all()) and pruning.sparsity_of(model) > 0
-    assert mask_of(model[0].weight).structured and mask_of(model[0].weight).rows.numel() == 10
+    assert mask_of(model[0], "weight").structured and mask_of(model[0], "weight").rows.numel() == 10
+    # masks live on the module: a deep copy keeps them (make_private on a copy still prunes)
+    assert torch.equal(mask_of(copy.deepcopy(model)[0], "weight").keep, r["0.weight"])
 
 
 def test_masks_on_unsupported_or_shared_parameters_are_refused_by_name():
@@ -344,6 +354,6 @@ def test_masks_on_unsupported_or_shared_parameters_are_refused_by_name():
         model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
         expected_batch_size=2,
     )  # fmt: skip
-    model[1].weight._dp_mask = Mask.of(torch.ones(4, dtype=torch.bool))
+    model[1]._dp_masks = {"weight": Mask.of(torch.ones(4, dtype=torch.bool))}
     with pytest.raises(ValueError, match=r"DPLayerNorm '1' has pruning masks on \['weight'\]"):
         model(torch.randn(2, 4)).sum().backward()

@@ -325,7 +325,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
         label = {"False": "masks at init, unstructured", "rows": "masks at init, rows"}.get(k, k)
         ax.errorbar(xs, m, yerr=s, fmt="o-", color=f"C{i}", label=label, capsize=3)
     eps = max(res["epsilon_spent"])
-    ax.set(xlabel="sparsity (fraction of weights pruned)", ylabel="test accuracy")
+    ax.set(xlabel="sparsity (weights pruned; rows: hidden units pruned)", ylabel="test accuracy")
     ax.set_title(f"DP-SGD at epsilon {eps:.2f} (delta {DELTA:g}), {cfg['seeds']} seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
@@ -337,7 +337,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.papers.pruning", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 epochs, 2 sparsities, hidden 32, 2 seeds: a smoke run")
+    p.add_argument(
+        "--quick", action="store_true", help="2 epochs of batch 256, 2 sparsities, hidden 32, 2 seeds: a smoke run"
+    )
     p.add_argument("--epsilon", type=float, default=2.0, help=f"target epsilon at delta={DELTA:g}")
     p.add_argument("--seeds", type=int, default=3, help="runs per point (seeds 0..k-1)")
     p.add_argument("--epochs", type=int, default=16)
@@ -351,7 +353,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no per-run progress on stderr")
     a = p.parse_args(argv)
     if a.quick:
-        a.epochs, a.sparsities, a.hidden, a.seeds = 2, [0.0, 0.9], 32, 2
+        a.epochs, a.sparsities, a.hidden, a.seeds, a.batch = 2, [0.0, 0.9], 32, 2, 256
     a.structures = [False if s == "False" else s for s in a.structures]
     if a.seeds < 1 or a.epochs < 2:
         p.error("--seeds must be >= 1 and --epochs >= 2")
