@@ -667,6 +667,8 @@ class Engine:
             self._sum_params(tie, tie.params)
             tie.uses.clear()
             return
+        if self.perturb is not None:
+            pruning.refuse_perturbed(tie.names, tie.modules)
         norms = (tie_norms(tie) if self.perturb is None else self.perturb.norms(self, tie)) if tie.uses else {}
         if self._phase == "norms" and tie.uses:
             self._normed.add(id(tie))

@@ -321,6 +321,15 @@ def refuse_tied(names: list[str], modules: list[nn.Module]) -> None:
         )
 
 
+def refuse_perturbed(names: list[str], modules: list[nn.Module]) -> None:
+    if any(has_masks(m) for m in modules):
+        raise ValueError(
+            f"modules {names} have pruning masks and the engine clips perturbed gradients (perturb_k): the two are "
+            f"not combined yet (the perturbation would reach the pruned coordinates). Use perturb_k=0, or "
+            f"dpkernels.pruning.remove_masks"
+        )
+
+
 def _zeros(B: int, device: torch.device) -> Tensor:
     return torch.zeros(B, device=device, dtype=torch.float64)
 

@@ -357,3 +357,14 @@ def test_masks_on_unsupported_or_shared_parameters_are_refused_by_name():
     model[1]._dp_masks = {"weight": Mask.of(torch.ones(4, dtype=torch.bool))}
     with pytest.raises(ValueError, match=r"DPLayerNorm '1' has pruning masks on \['weight'\]"):
         model(torch.randn(2, 4)).sum().backward()
+
+
+def test_pruning_with_perturbed_clipping_is_refused():
+    model = nn.Sequential(nn.Linear(4, 3))
+    apply_masks(model, magnitude_masks(model, 0.5))
+    model, opt = dpkernels.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
+        expected_batch_size=2, perturb_k=0.1,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="pruning masks and the engine clips perturbed gradients"):
+        model(torch.randn(2, 4)).sum().backward()
