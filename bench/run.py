@@ -70,6 +70,13 @@ def parser() -> argparse.ArgumentParser:
         "ratios stay those of the run that measured them (use it to split a long GPU benchmark into runs)",
     )
     p.add_argument(
+        "--nproc",
+        default=None,
+        help="comma list of process counts (e.g. 1,2): data-parallel DP training under torchrun, per-rank time and "
+        "memory and the scaling from 1 (bench/distributed.py; writes distributed.json/.md)",
+    )
+    p.add_argument("--sharding", default="ddp,fsdp", help="with --nproc: comma list of ddp, fsdp (FSDP2)")
+    p.add_argument(
         "--inline",
         action="store_true",
         help="debug / CI: run every case in this process instead of one process each (faster; the peak memory "
@@ -276,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {args.steps} timed step(s): medians and IQRs over fewer than 10 steps mean little", flush=True)
     if args.fastdp_path and not (Path(args.fastdp_path) / "fastDP" / "__init__.py").exists():
         raise SystemExit(f"--fastdp-path {args.fastdp_path!r} has no fastDP/__init__.py")
+    if args.nproc:
+        from . import distributed
+
+        return distributed.main(args, argv)
     mode_list, skipped = M.expand(_csv(args.modes), args.device, args.fastdp_path)
     if skipped:
         print(f"{M.FASTDP_SKIP}: not running {', '.join(skipped)}", flush=True)
