@@ -415,6 +415,7 @@ def make_private(
         )
         parallel.broadcast_model(model)
         engine.world_size, engine.rank = parallel.world_size, parallel.rank
+        engine.parallel = parallel
         if sharded:
             engine.sharding = parallel.sharded = ShardedParams(model, engine, parallel.group)
     engine.static_loss_scale = float(loss_scale)

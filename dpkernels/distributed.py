@@ -20,6 +20,12 @@ factors, clipping groups, ties and two-pass are all per sample, hence per rank: 
 crosses ranks. Parameters and buffers are broadcast from rank 0 at make_private, so every rank
 steps the same model with the same summed gradient.
 
+The all-reduce is bucketed (~25 MiB) and overlaps with backward: a parameter's share is final as soon
+as its clipping group's sums are (noise fused), and each bucket starts once its shares are final and
+the buckets before it have started, in an order fixed for the run, so every rank issues the same
+collectives in the same order (see `DataParallelState.final`); ``step()`` waits for them. A rank that
+changes a gradient between backward and ``step()`` has it overwritten by the sum.
+
 Sampling: `DistributedPoissonSampler` gives every example of the dataset probability q of being in a
 global step, independently, whatever W: rank r draws over its shard (indices r, r + W, ...) with its
 own secret generator. The accountant counts global steps with the global q, so every rank reports
@@ -61,6 +67,8 @@ class DataParallelState:
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.sharded: Any = None  # dpkernels.fsdp.ShardedParams when the model is sharded by fully_shard
+        self.bucket_bytes = BUCKET_BYTES
+        self.launches: list[int] = []  # per bucket launched: the DP layers still to run backward then (-1: at step)
         self._sizes: list[int] = []
         self._warned = False
 
@@ -88,38 +96,74 @@ class DataParallelState:
                 if not isinstance(t, DTensor):
                     dist.broadcast(t.data, src=src, group=self.group)
 
+    # ---------------------------------------------------------------- all-reduce overlapped with backward
+    # The unsharded parameters' all-reduce buckets are fixed for the run (``bucket_bytes`` of one dtype/device,
+    # in reverse parameter order: backward finishes the last layers first), and every rank launches them in
+    # that order, bucket k once its parameters' final shares are known and buckets 0..k-1 launched. So the
+    # ranks issue the same collectives in the same order whenever each becomes ready (during backward where a
+    # clipping group finishes early, or at step() on a rank with an empty batch that skipped backward), and no
+    # collective ever pairs one rank's bucket with another's. step() waits for them.
+
+    def _plan(self, params: Sequence[Tensor]) -> None:
+        buckets: list[list[Tensor]] = []
+        key, size = None, 0
+        for p in reversed(params):
+            if self.sharded is not None and self.sharded.manages(p):
+                continue
+            nbytes = p.numel() * p.element_size()
+            if not buckets or (p.dtype, p.device) != key or size + nbytes > self.bucket_bytes:
+                buckets.append([])
+                key, size = (p.dtype, p.device), 0
+            buckets[-1].append(p)
+            size += nbytes
+        self._buckets = buckets
+        self._bucket_of = {id(p): k for k, b in enumerate(buckets) for p in b}
+        self.reset_step()
+
+    def reset_step(self) -> None:
+        """Forget the step's shares and launched buckets (a step abandoned after an error)."""
+        self._ready: dict[int, Tensor] = {}  # this step's final shares, by parameter
+        self._left = [len(b) for b in getattr(self, "_buckets", [])]
+        self._next = 0
+        self._works: list[tuple[Any, Tensor, list[Tensor]]] = []
+
+    def final(self, params: Sequence[Tensor], p: Tensor, grad: Tensor, progress: int = -1) -> None:
+        """``grad`` is rank's final (noised) share of ``p``'s gradient for this step: launch every bucket now
+        complete, in order. ``progress``: the backward's progress at this point (for the record of launches)."""
+        if getattr(self, "_buckets", None) is None:
+            self._plan(params)
+        k = self._bucket_of.get(id(p))
+        if k is None or id(p) in self._ready:
+            return
+        self._ready[id(p)] = grad
+        self._left[k] -= 1
+        while self._next < len(self._buckets) and self._left[self._next] == 0:
+            bucket = self._buckets[self._next]
+            flat = torch.cat([self._ready[id(q)].reshape(-1) for q in bucket])
+            self._works.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, bucket))
+            self.launches.append(progress)
+            self._next += 1
+
     def sum_grads(self, params: Sequence[Tensor]) -> None:
         """The step's sum over ranks: sharded parameters' shares reduce-scattered to their shards, the others'
-        .grad all-reduced."""
+        buckets (launched as they became final; every share is final now) waited for and copied to .grad."""
         if self.sharded is not None:
             self.sharded.reduce_scatter(params)
-            params = [p for p in params if not self.sharded.manages(p)]
-        self.all_reduce([p.grad for p in params if p.grad is not None])
-
-    def all_reduce(self, grads: Sequence[Tensor]) -> None:
-        """Sum ``grads`` over the ranks in place, bucketed: one collective per ~25 MiB of one dtype/device."""
-        buckets: dict[tuple[torch.dtype, torch.device], list[list[Tensor]]] = {}
-        filled: dict[tuple[torch.dtype, torch.device], int] = {}  # bytes in each key's last bucket
-        for g in grads:
-            key = (g.dtype, g.device)
-            lists = buckets.setdefault(key, [[]])
-            nbytes = g.numel() * g.element_size()
-            if lists[-1] and filled.get(key, 0) + nbytes > BUCKET_BYTES:
-                lists.append([])
-                filled[key] = 0
-            lists[-1].append(g)
-            filled[key] = filled.get(key, 0) + nbytes
-        works = []
-        for lists in buckets.values():
-            for bucket in lists:
-                flat = torch.cat([g.reshape(-1) for g in bucket])
-                works.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, bucket))
-        for work, flat, bucket in works:
+        if getattr(self, "_buckets", None) is None:
+            self._plan(params)
+        for p in params:  # the shares finish_step wrote (parameters no sample of this rank reached)
+            if p.grad is None and id(p) in self._bucket_of:
+                raise RuntimeError(f"no gradient share for a parameter of shape {tuple(p.shape)} at the step")
+            if p.grad is not None:
+                self.final(params, p, p.grad)
+        for work, flat, bucket in self._works:
             work.wait()
             offset = 0
-            for g in bucket:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+            for q in bucket:
+                if q.grad is not None:
+                    q.grad.copy_(flat[offset : offset + q.numel()].view_as(q.grad))
+                offset += q.numel()
+        self.reset_step()
 
     def observe_batch(self, size: int | None) -> None:
         """Warn once when the batches look fixed-size: the accountant assumes Poisson sampling."""

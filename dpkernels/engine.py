@@ -302,6 +302,7 @@ class Engine:
         self.world_size = 1  # data-parallel ranks summing their clipped sums (set by dpkernels.distributed)
         self.rank = 0
         self.sharding: Any = None  # dpkernels.fsdp.ShardedParams when the model is sharded by fully_shard
+        self.parallel: Any = None  # dpkernels.distributed.DataParallelState when training data-parallel
         self.enabled = True
         self.batch_size: int | None = None  # the model's batch, read by a forward pre-hook
         self.steps = 0
@@ -476,6 +477,8 @@ class Engine:
                 f"noise was already added; pass accumulation_steps=k to make_private to accumulate k micro-batches"
             )
         check_param_hooks(self._params, self._pname)
+        if self.parallel is not None and self._micro == 0 and self._phase != "apply":
+            self.parallel.reset_step()  # a new logical step: nothing of an abandoned one is all-reduced
         self._in_backward = True
         if self._phase != "apply":  # the clipping pass of two-pass keeps the norms pass's factors
             self._factors = [None] * len(self.groups)
@@ -583,6 +586,8 @@ class Engine:
     def _abort(self) -> None:
         """Forget the pass in progress after an error in backward (its end-of-pass callback will not
         run), so that the next forward/backward starts clean instead of mixing with stale uses."""
+        if self.parallel is not None:
+            self.parallel.reset_step()
         self._staged.clear()
         if self.adaptive is not None:
             self.adaptive.drop()
@@ -729,7 +734,10 @@ class Engine:
 
     def _store(self, p: nn.Parameter, result: Tensor, last: bool) -> None:
         if last:
-            self._staged.append((p, result.to(p.dtype), True))
+            final = result.to(p.dtype)
+            self._staged.append((p, final, True))
+            if self.parallel is not None:  # data-parallel: its bucket's all-reduce may start now, during backward
+                self.parallel.final(self._params, p, final, sum(t.expected > 0 and not t.reported for t in self.ties))
         elif self._stage:
             self._staged.append((p, result, False))
         else:

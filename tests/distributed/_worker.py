@@ -145,6 +145,39 @@ def fsdp_sensitivity(rank, world):
     return {"delta_times_B": ((with_it - without).norm() * B).item(), "R": R}
 
 
+def overlap(rank, world, *, groups, idle_rank=None, strategy="bk"):
+    """DDP with one-parameter all-reduce buckets: each launched when its clipping group's sums are final (during
+    backward for layer-wise groups); ``idle_rank`` has an empty batch and runs no forward or backward at all, so
+    its buckets are all launched at step(). Against one process on the union of the batches."""
+    case = BY_NAME["mlp"]
+    x, y = batch(case, B)
+    xs, ys = (
+        (x[:0], y[:0]) if rank == idle_rank else (x, y) if idle_rank is not None else (x[rank::world], y[rank::world])
+    )
+    model = case.build()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, opt = dpkernels.make_private(
+        model, opt, noise_multiplier=0.0, max_grad_norm=R, expected_batch_size=float(B), groups=groups,
+        strategy=strategy, distributed=True,
+    )  # fmt: skip
+    opt.parallel.bucket_bytes = 1  # one parameter per bucket
+    if rank != idle_rank:
+        opt.backward(batch_loss(case, model(xs), ys, "mean"))
+    opt.step()
+    mine = torch.cat([p.grad.flatten() for p in model.parameters()])
+    if idle_rank is None:
+        x = torch.cat([x[r::world] for r in range(world)])
+        y = torch.cat([y[r::world] for r in range(world)])
+    single, _ = _step(case, case.build(), x, y, distributed=False, groups=groups, strategy=strategy)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    launches = [None] * world
+    dist.all_gather_object(launches, opt.parallel.launches)
+    return {"rel_err": ((mine - single).norm() / single.norm()).item(), "norm": single.norm().item(),
+            "ranks_equal": all(torch.equal(every[0], e) for e in every), "launches": launches,
+            "n_params": len(list(model.parameters())), "n_layers": len(opt.engine.ties)}  # fmt: skip
+
+
 def _gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -354,6 +387,10 @@ def main() -> None:
     results["fsdp/mlp/mixed-precision"] = fsdp_exact("mlp", rank, world, mp=True)
     results["fsdp/noise"] = fsdp_noise(rank, world)
     results["fsdp/sensitivity"] = fsdp_sensitivity(rank, world)
+    results["overlap/layer-wise"] = overlap(rank, world, groups="layer-wise")
+    results["overlap/layer-wise/two-pass"] = overlap(rank, world, groups="layer-wise", strategy="two-pass")
+    results["overlap/all-layer"] = overlap(rank, world, groups="all-layer")
+    results["overlap/layer-wise/idle-rank"] = overlap(rank, world, groups="layer-wise", idle_rank=1)
     results["noise/os-seeds"] = noise(rank, world, seed=None)
     results["noise/same-seed"] = noise(rank, world, seed=1234)
     results["sensitivity"] = sensitivity(rank, world)

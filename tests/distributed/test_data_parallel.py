@@ -125,6 +125,32 @@ def test_fsdp2_remove_one_sensitivity_across_ranks(two_ranks):
     assert r["R"] * (1 - 1e-5) <= r["delta_times_B"] <= r["R"] * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("key", ["overlap/layer-wise", "overlap/layer-wise/two-pass"])
+def test_layer_wise_buckets_are_all_reduced_during_backward(two_ranks, key):
+    """One-parameter buckets, layer-wise groups on a 3-layer MLP: each layer's two buckets start when its group's
+    sums are final, while the layers below it have yet to run backward (2, then 1, then 0 of them), in the fixed
+    reverse-parameter order on both ranks; the result is still the single-process step on the union (1e-12)."""
+    r = two_ranks[key]
+    assert r["norm"] > 0.01 and r["ranks_equal"] and r["rel_err"] < 1e-12
+    assert r["n_params"] == 6 and r["n_layers"] == 3
+    assert r["launches"] == [[2, 2, 1, 1, 0, 0]] * 2
+
+
+def test_all_layer_buckets_start_when_the_one_group_is_final(two_ranks):
+    """All-layer clipping: no sum is final before every layer's norm is in, so every bucket starts at the last."""
+    r = two_ranks["overlap/all-layer"]
+    assert r["norm"] > 0.01 and r["ranks_equal"] and r["rel_err"] < 1e-12
+    assert r["launches"] == [[0] * 6] * 2
+
+
+def test_a_rank_without_backward_launches_the_same_buckets_at_the_step(two_ranks):
+    """Rank 1 has an empty batch and runs no forward or backward: its noise-only shares are final at step(), where it
+    launches the buckets in the same order rank 0 launched them during backward; the sum is exact."""
+    r = two_ranks["overlap/layer-wise/idle-rank"]
+    assert r["norm"] > 0.01 and r["ranks_equal"] and r["rel_err"] < 1e-12
+    assert r["launches"] == [[2, 2, 1, 1, 0, 0], [-1] * 6]
+
+
 @pytest.mark.parametrize("key", ["noise/os-seeds", "noise/same-seed"])
 def test_noise_is_added_once_for_the_global_step(two_ranks, key):
     """Empty steps on both ranks: the summed noise has std sigma R / B, not sqrt(2) times more (both ranks adding
