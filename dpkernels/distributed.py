@@ -165,6 +165,11 @@ class DataParallelState:
                 offset += q.numel()
         self.reset_step()
 
+    def all_reduce(self, tensors: Sequence[Tensor]) -> None:
+        """Sum ``tensors`` over the ranks in place (small state all-reduced at step(), adaptive clipping's counts)."""
+        for t in tensors:
+            dist.all_reduce(t, group=self.group)
+
     def observe_batch(self, size: int | None) -> None:
         """Warn once when the batches look fixed-size: the accountant assumes Poisson sampling."""
         if self._warned or size is None:
