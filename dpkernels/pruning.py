@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -91,12 +91,27 @@ SCOPES = ("layer", "global")
 class Mask:
     """A parameter's pruning mask. ``keep``: bool, the parameter's shape. Seen as a matrix (dim 0 by the
     other dims flattened), it is *structured* when it is rows x columns (keep[o, j] = r[o] and c[j]); then
-    ``rows``/``cols`` are the kept indices (None: all kept) and norms keep the ghost rule by slicing."""
+    ``rows``/``cols`` are the kept indices (None: all kept) and norms keep the ghost rule by slicing.
+
+    The engine reads a private copy (``to``): norms (from rows/cols) and sums (from keep) must see one mask,
+    or a sample's kept coordinates could exceed the ones its norm counted. An in-place edit of the public
+    tensors is refused at the next use (their version counters); one the counters miss (``.data``, numpy)
+    is ignored. To change a mask, call apply_masks again."""
 
     keep: Tensor
     rows: Tensor | None
     cols: Tensor | None
     structured: bool
+    _private: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._private:
+            return
+        cl = lambda t: None if t is None else t.detach().clone()  # noqa: E731
+        for f in ("keep", "rows", "cols"):  # fresh tensors: version 0 until someone writes into them
+            object.__setattr__(self, f, cl(getattr(self, f)))
+        snap = Mask(self.keep.detach().clone(), cl(self.rows), cl(self.cols), self.structured, True)
+        object.__setattr__(self, "_snap", snap)
 
     @staticmethod
     def of(keep: Tensor) -> Mask:
@@ -109,10 +124,20 @@ class Mask:
         return Mask(keep, rows, cols, structured)
 
     def to(self, device: torch.device) -> Mask:
+        """The engine's view: the private copy on ``device`` (an edited public tensor: ValueError)."""
+        if not self._private:
+            edited = [f for f in ("keep", "rows", "cols") if (t := getattr(self, f)) is not None and t._version]
+            if edited:
+                raise ValueError(
+                    f"a pruning mask of shape {tuple(self.keep.shape)} had its {edited} edited in place after "
+                    f"apply_masks: its norms and sums would disagree. To change a mask, call "
+                    f"dpkernels.pruning.apply_masks(model, {{name: new_keep}}) again"
+                )
+            return self._snap.to(device)  # type: ignore[attr-defined]
         if self.keep.device == device:
             return self
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Mask(self.keep.to(device), mv(self.rows), mv(self.cols), self.structured)
+        return Mask(self.keep.to(device), mv(self.rows), mv(self.cols), self.structured, True)
 
     def empty(self) -> bool:
         """Nothing kept."""
