@@ -17,11 +17,7 @@ R = 1.0
 
 
 def _mask(module: nn.Module, name: str) -> pruning.Mask:
-    """The Mask on ``module``'s parameter ``name`` (masks hang on the parameter or, later, on its module)."""
-    try:
-        m = pruning.mask_of(module, name)  # type: ignore[call-arg]
-    except TypeError:
-        m = pruning.mask_of(getattr(module, name))
+    m = pruning.mask_of(module, name)
     assert m is not None
     return m
 
