@@ -231,6 +231,8 @@ def magnitude_masks(
     structured: False prunes single weights by |w|; "rows" prunes whole output units (Linear) or output
         channels (Conv) by the RMS of their row, sqrt(mean_j w_oj^2), and the bias entries of the pruned
         rows with them. Row masks keep the ghost norm (slicing); single-weight masks need instantiation.
+        The rows of an output layer are its outputs (a classifier's classes): name the hidden layers in
+        ``include`` for row pruning.
     include: names of the modules to prune; default every Linear and Conv layer with a trainable weight
         (Embedding tables only when named).
     """
