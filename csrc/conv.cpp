@@ -89,7 +89,7 @@ Tensor conv_weight_tiles(const Tensor& x, const Tensor& g, const Tensor& cc, con
     ops.x = xi.data_ptr<scalar_t>();
     ops.g = gi.data_ptr<scalar_t>();
     ops.n = n;
-    ops.O = O;
+    ops.O = Divisor::of(O);
     ops.cin_g = C_in / groups;
     ops.cout_g = C_out / groups;
     ops.sxb = xi.stride(0);
@@ -98,9 +98,9 @@ Tensor conv_weight_tiles(const Tensor& x, const Tensor& g, const Tensor& cc, con
     ops.sgc = gi.stride(1);
     for (int q = 0; q < 3; ++q) {  // unused dims: size 1, stride 0, so a fixed trip count reads nothing wrong
       const bool used = q < n;
-      ops.out[q] = used ? gi.size(2 + q) : 1;
+      ops.out[q] = Divisor::of(used ? gi.size(2 + q) : 1);
       ops.in[q] = used ? xi.size(2 + q) : 1;
-      ops.k[q] = used ? weight_shape[2 + q] : 1;
+      ops.k[q] = Divisor::of(used ? weight_shape[2 + q] : 1);
       ops.stride[q] = used ? s[q] : 1;
       ops.pad[q] = used ? pad[q] : 0;
       ops.dil[q] = used ? dil[q] : 1;

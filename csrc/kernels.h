@@ -255,6 +255,21 @@ struct EmbCross {
 // THREADS threads and __syncthreads() as the barrier; the CPU (dpk.h's for_each_tile) runs the same
 // phases thread after thread. So the CPU build runs the GPU's device code, barrier for barrier.
 
+// a / d for 0 <= a < 2^52 and 0 < d by a multiplication with d's reciprocal and a +-1 correction: no
+// 64-bit integer division, which is a called subroutine on the GPU (its call spilled registers in the
+// tile loader) and slow.
+struct Divisor {
+  int64_t d;
+  double inv;
+  static Divisor of(int64_t d) { return Divisor{d, 1.0 / static_cast<double>(d > 0 ? d : 1)}; }
+  DPK_HD int64_t div(int64_t a) const {
+    int64_t q = static_cast<int64_t>(static_cast<double>(a) * inv);
+    if (q * d > a) --q;
+    if ((q + 1) * d <= a) ++q;
+    return q;
+  }
+};
+
 // The operands of a clipped sum as a matrix product W = sum_k c_{i(k)} g_k^T a_k: `row(k, grp, r)` finds
 // row k of the reduction (for group grp) and returns its sample i, `g_at(r, p)` and `a_at(r, d)` read
 // its entries in acc_t.
@@ -264,13 +279,14 @@ template <class in_t, class acc_t>
 struct LinearOperands {
   const in_t* a;  // (B, T, D)
   const in_t* g;  // (B, T, P)
-  int64_t T, sab, sat, sad, sgb, sgt, sgp;
+  Divisor T;
+  int64_t sab, sat, sad, sgb, sgt, sgp;
   struct Row {
     const in_t* g;
     const in_t* a;
   };
   DPK_HD int64_t row(int64_t k, int64_t, Row& r) const {
-    const int64_t i = k / T, t = k - i * T;
+    const int64_t i = T.div(k), t = k - i * T.d;
     r.g = g + i * sgb + t * sgt;
     r.a = a + i * sab + t * sat;
     return i;
@@ -287,8 +303,10 @@ struct ConvOperands {
   const in_t* x;  // (B, C_in, *S) strided
   const in_t* g;  // (B, C_out, *out) strided
   int n;          // spatial dims, 1 to 3
-  int64_t O, cin_g, cout_g;  // output positions per sample, channels per group
-  int64_t out[3], in[3], k[3], stride[3], pad[3], dil[3];
+  Divisor O;                 // output positions per sample
+  int64_t cin_g, cout_g;     // channels per group
+  Divisor out[3], k[3];      // output and kernel sizes
+  int64_t in[3], stride[3], pad[3], dil[3];
   int64_t sxb, sxc, sx[3], sgb, sgc, sg[3];
   struct Row {
     const in_t* g;
@@ -296,12 +314,12 @@ struct ConvOperands {
     int64_t base[3];  // o * stride - padding per spatial dim
   };
   DPK_HD int64_t row(int64_t kk, int64_t grp, Row& r) const {
-    const int64_t i = kk / O;
-    int64_t o = kk - i * O, goff = i * sgb + grp * cout_g * sgc;
+    const int64_t i = O.div(kk);
+    int64_t o = kk - i * O.d, goff = i * sgb + grp * cout_g * sgc;
     for (int q = 2; q >= 0; --q) {  // a fixed trip count: unrolled, the arrays stay in registers
       if (q >= n) continue;
-      const int64_t oq = o % out[q];
-      o /= out[q];
+      const int64_t o_next = out[q].div(o), oq = o - o_next * out[q].d;
+      o = o_next;
       goff += oq * sg[q];
       r.base[q] = oq * stride[q] - pad[q];
     }
@@ -314,8 +332,8 @@ struct ConvOperands {
     int64_t off = 0;
     for (int q = 2; q >= 0; --q) {
       if (q >= n) continue;
-      const int64_t kq = d % k[q];
-      d /= k[q];
+      const int64_t d_next = k[q].div(d), kq = d - d_next * k[q].d;
+      d = d_next;
       const int64_t pos = r.base[q] + kq * dil[q];
       if (pos < 0 || pos >= in[q]) return acc_t(0);
       off += pos * sx[q];

@@ -37,7 +37,7 @@ Tensor weight_tiles(const Tensor& a, const Tensor& g, const Tensor& cc, const Op
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gi.scalar_type(), "dpk_clipped_gemm", [&] {
     using acc_t = acc_of<scalar_t>;
     TORCH_INTERNAL_ASSERT(w.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
-    const LinearOperands<scalar_t, acc_t> ops{ai.data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), T,
+    const LinearOperands<scalar_t, acc_t> ops{ai.data_ptr<scalar_t>(), gi.data_ptr<scalar_t>(), Divisor::of(T),
                                               ai.stride(0),            ai.stride(1),            ai.stride(2),
                                               gi.stride(0),            gi.stride(1),            gi.stride(2)};
     clipped_gemm<acc_t>(w, ops, cc, pw, noise_std, scale, seed, P, D, B * T, 1, splits);
