@@ -4,7 +4,7 @@
 
 (a) time: per-sample squared norms of each layer, raw (dpkernels.ops.reference.*_norms, the plain
     float32 formulas) and certified (dpkernels.ops.certified.*, what the engine clips by), median of
-    --repeat runs, one thread;
+    --repeat runs taken in turn, one thread;
 (b) inflation: certified / exact - 1 per sample (exact: float64 per-sample gradients of the same float32
     tensors), max over the batch, and raw / exact - 1 for comparison.
 
@@ -27,14 +27,18 @@ from dpkernels import ops
 from dpkernels.ops import reference as ref
 
 
-def _time(fn, repeat: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
+def _time(fns, repeat: int) -> list[float]:
+    """Median time of each of ``fns``, run in turn within each repetition: a change in the machine's load
+    during the run moves them alike, not one of them."""
+    for fn in fns:
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    ts: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for k, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in ts]
 
 
 def _exact_linear(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -42,7 +46,7 @@ def _exact_linear(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def _row(name: str, raw, cert, exact, repeat: int) -> str:
-    t_raw, t_cert = _time(raw, repeat), _time(cert, repeat)
+    t_raw, t_cert = _time([raw, cert], repeat)
     r, c = raw(), cert()
     r = r[0] if isinstance(r, tuple) else r
     c = c[0] if isinstance(c, tuple) else c

@@ -128,7 +128,8 @@ def pow2_scale(x: Tensor, dtype: torch.dtype) -> Tensor:
     B = x.shape[0]
     if x.numel() == 0:
         return torch.ones(B, device=x.device, dtype=F64)
-    m = x.detach().abs().amax(dim=tuple(range(1, x.dim()))).to(F64)
+    # max |x| per sample without a full-size |x| temporary (on the CPU, allocating it cost as much as a Gram)
+    m = torch.linalg.vector_norm(x.detach(), ord=math.inf, dim=tuple(range(1, x.dim()))).to(F64)
     _, e = torch.frexp(m)
     e = torch.where(torch.isfinite(m), e, torch.zeros_like(e))
     emax = 1021 if dtype == torch.float64 else 125

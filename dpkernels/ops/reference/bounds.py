@@ -15,8 +15,9 @@ unit of the accumulation dtype, float32 or float64; gamma_n = n u / (1 - n u)):
   errs by at most gamma_N(2^-53) of their absolute sum.
 - Every bound is also capped by the per-token triangle inequality, n <= (sum_t |x_t| |y_t|)^2.
 
-On natural data the certified squared norm exceeds the exact one by ~2e-4 (GPT-2-shaped ghost norms
-on random activations), ~4e-3 when all tokens share a large common direction, 1e-4 on the demo CNN;
+On natural data the certified squared norm exceeds the exact one by ~7.5e-4 (GPT-2-shaped ghost norms
+on random activations, float32 dots of length _CHUNK = 1024), more when all tokens share a large common
+direction, 1e-4 on the demo CNN;
 python -m bench.certify_norms measures it and the cost.
 """
 
@@ -48,9 +49,11 @@ from .embedding import _pad_mask
 
 # Length of the float32 dot products: the ghost Grams' d- and p-long dots and the instantiated norm's
 # T-long ones are cut into chunks of this length whose results are summed in float64, so the float32
-# error is gamma_256 (1.5e-5), not gamma_d or gamma_T (d = 3072: 1.8e-4; T = 1e5 pixels: no bound).
-# 128 halves the inflation again but made the GPT-2 Grams ~2x slower than one matmul on the CPU, 256 ~1.4x.
-_CHUNK = 256
+# error is gamma_1024 (6.1e-5), not gamma_d or gamma_T (d = 3072: 1.8e-4; T = 1e5 pixels: no bound).
+# Measured on GPT-2 block shapes (bench/certify_norms.py, B=4, T=256, one CPU thread), certified time /
+# raw time and certified / exact - 1: 256: 2.0-2.3x, 2.0e-4; 1024: 1.6x, 7.5e-4 (a norm 0.04% high, far
+# below the noise); 4096: 1.5x, 1.7e-3. Each chunk is a separate matmul plus a float64 accumulation.
+_CHUNK = 1024
 
 
 def _unscale(b: Bound, s2: Tensor) -> Bound:
@@ -76,7 +79,7 @@ def _gram(x: Tensor, u: float, u_in: float, eta: float) -> tuple[Tensor, float, 
     Each chunk's Gram is one matmul in the accumulation dtype, error <= gamma_K |a_t^c||a_s^c| + K eta;
     the chunks are summed in float64 (gamma_{nc}(2^-53) more), and sum_c |a_t^c||a_s^c| <= |a_t||a_s|
     (Cauchy-Schwarz twice). Cutting the d-long dot products into K-long ones is what makes the bound
-    tight: gamma_K instead of gamma_d (d = 3072: 1.5e-5 relative at K = 256 against 1.8e-4)."""
+    tight: gamma_K instead of gamma_d (d = 3072: 6.1e-5 relative at K = 1024 against 1.8e-4)."""
     d = x.shape[2]
     X = torch.zeros(x.shape[0], x.shape[1], x.shape[1], device=x.device, dtype=F64)
     for k0 in range(0, d, _CHUNK):
@@ -131,7 +134,7 @@ def _inst(a: Tensor, g: Tensor, keep: Tensor | None = None) -> Bound:
     """Instantiated ||G^T A||_F^2 of each row block with its bound; a: (b, T, d), g: (b, T, p).
 
     W = sum over chunks c of _CHUNK tokens of fl(G_c^T A_c), summed in float64. Entrywise,
-    |W - G^T A| <= (gamma_256 + gamma_{T/256}(2^-53)(1 + gamma_256)) (|G|^T |A|) + T eta, and
+    |W - G^T A| <= (gamma_K + gamma_{T/K}(2^-53)(1 + gamma_K)) (|G|^T |A|) + T eta (K = _CHUNK), and
     || |G|^T |A| ||_F <= sum_t |a_t| |g_t| = S (triangle inequality), so
     ||G^T A|| <= sqrt(fl(sum W^2)(1 + gamma_{pd}(2^-53))) + gamma' S + T eta sqrt(p d).
 
