@@ -85,10 +85,10 @@ class ShardedParams:
         self.world_size = dist.get_world_size(group)
         mods = fsdp_modules(model)
         # FSDP creates a parameter's unsharded tensor at its first all-gather and keeps that object for the
-        # rest of training: gather once here so that autograd's view of every parameter is known up front.
+        # rest of training: gather once here so that autograd's view of every parameter is known up front,
+        # one module at a time (never more than one module's full weights in memory).
         for m in mods:
             m.unshard()  # type: ignore[operator]
-        for m in mods:
             m.reshard()  # type: ignore[operator]
         self.fsdp: dict[int, Any] = {}  # id(sharded parameter) -> FSDPParam
         for m in mods:
