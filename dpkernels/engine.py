@@ -949,7 +949,11 @@ class Engine:
 
     def abandon_step(self) -> None:
         """Drop the logical step in progress (a refused step): its micro-batches' sums and the gradients
-        already written, so that the next backward starts a new step and no half-made gradient is stepped."""
+        already written, so that the next backward starts a new step and no half-made gradient is stepped.
+        Noise already in a .grad was readable (GradScaler's unscale_ reads it): the step counter, which keys
+        the noise streams, moves on, or the next step's update minus this one would cancel their noise."""
+        if self._noised:
+            self.steps += 1
         self._abort()
         self._acc.clear()
         self._noised.clear()
