@@ -92,11 +92,12 @@ def available_backends() -> list[str]:
 
 
 def _auto(device_type: str) -> list[str]:
-    """The automatic order. CPU: the reference only. The compiled backend's CPU path measured 1.8x
-    slower on the demo CNN's DP step and 0.7-0.9x on gpt2-tiny's (bench/results/cuda_cpu_vs_reference.md):
-    no uniform win, and its first use compiles it (minutes). CUDA: triton, then the reference; the
-    compiled backend serves only when asked for by name until its kernels have run and been
-    benchmarked on a GPU (bench/gpu_cuda.sh)."""
+    """The automatic order. CPU: the reference only. The compiled backend's CPU path measured 0.70x the
+    reference's DP step time on the demo CNN and 0.55x / 1.00x on gpt2-tiny at B=4 / 32 in the latest
+    run (bench/results/cuda_cpu_vs_reference.md), 1.8x / 0.9x / 0.7x in the one before, both on a
+    shared, loaded machine: not a stable win yet, and its first use compiles it (minutes). CUDA:
+    triton, then the reference; the compiled backend serves only when asked for by name until its
+    kernels have run and been benchmarked on a GPU (bench/gpu_cuda.sh)."""
     if device_type == "cuda":
         return ["triton", "reference"]
     return ["reference"]
