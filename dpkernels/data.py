@@ -20,6 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from .padding import PaddingCollate
+
 _BATCHING_KWARGS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
 
 
@@ -158,6 +160,7 @@ def poisson_loader(
     *,
     steps: int | None = None,
     generator: torch.Generator | None = None,
+    pad_to: int | None = None,
     **dataloader_kwargs: Any,
 ) -> DataLoader:
     """A DataLoader whose batches are Poisson samples of ``dataset`` with rate ``sample_rate``.
@@ -168,16 +171,22 @@ def poisson_loader(
     Empty batches hold no field of any sample: zero-size tensors, empty lists (see `EmptyBatchCollate`). Other keyword
     arguments go to DataLoader (num_workers, pin_memory, collate_fn, ...); batch_size,
     shuffle, sampler, batch_sampler and drop_last are refused, since they would change the
-    sampling that the privacy accounting assumes.
+    sampling that the privacy accounting assumes. ``pad_to=P``: static shapes, each batch padded with zero
+    rows to a multiple of P and yielded as ``(batch, mask)`` for ``optimizer.backward(loss, sample_mask=mask)``
+    (see `dpkernels.padding`).
     """
     return poisson_dataloader(
         "poisson_loader", dataset, lambda n: PoissonBatchSampler(n, sample_rate, steps=steps, generator=generator),
-        dataloader_kwargs,
+        dataloader_kwargs, pad_to=pad_to,
     )  # fmt: skip
 
 
 def poisson_dataloader(
-    name: str, dataset: Dataset, make_sampler: Callable[[int], Sampler[list[int]]], dataloader_kwargs: dict[str, Any]
+    name: str,
+    dataset: Dataset,
+    make_sampler: Callable[[int], Sampler[list[int]]],
+    dataloader_kwargs: dict[str, Any],
+    pad_to: int | None = None,
 ) -> DataLoader:
     """A DataLoader over ``dataset`` whose batches come from ``make_sampler(len(dataset))`` (a Poisson batch
     sampler), with empty batches that hold no field of any sample; ``name`` is the caller's, for errors."""
@@ -192,7 +201,13 @@ def poisson_dataloader(
         raise ValueError(f"{name} needs a non-empty dataset (dataset[0] gives the shape of an empty batch)")
     collate = EmptyBatchCollate(dataset, dataloader_kwargs.pop("collate_fn", None) or default_collate)
     collate.empty()  # refuse a batch structure that cannot be emptied now, not at the first empty step
-    return DataLoader(dataset, batch_sampler=make_sampler(n), collate_fn=collate, **dataloader_kwargs)
+    collate_fn: Callable[[list[Any]], Any] = collate
+    if pad_to is not None:
+        s0 = dataset[0]
+        one, two = collate.collate_fn([s0]), collate.collate_fn([s0, s0])
+        collate_fn = PaddingCollate(collate, one, two, pad_to)
+        collate_fn([])  # refuse a batch structure that cannot be padded now
+    return DataLoader(dataset, batch_sampler=make_sampler(n), collate_fn=collate_fn, **dataloader_kwargs)
 
 
 __all__ = ["EmptyBatchCollate", "PoissonBatchSampler", "poisson_loader"]

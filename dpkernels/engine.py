@@ -299,6 +299,7 @@ class Engine:
         self.seed = secrets.randbits(63) if seed is None else int(seed)
         self._per_sample_losses = False  # this backward is of sum_i l_i given per sample (see backward)
         self._warned_16bit_mean = False
+        self._sample_mask: Tensor | None = None  # padded rows False: their clip factor is 0 (dpkernels.padding)
         self.world_size = 1  # data-parallel ranks summing their clipped sums (set by dpkernels.distributed)
         self.rank = 0
         self.sharding: Any = None  # dpkernels.fsdp.ShardedParams when the model is sharded by fully_shard
@@ -701,6 +702,8 @@ class Engine:
         ok = torch.isfinite(n2).all()
         self._finite = ok if self._finite is None else self._finite & ok
         c = clip_factors(n2.sqrt(), self.bounds[gi], self.clipping, self.gamma) * self.loss_scale()
+        if self._sample_mask is not None:
+            c = c * sample_mask(self._sample_mask, c)
         self._factors[gi] = c
         if self.adaptive is not None:
             self.adaptive.observe(gi, n2, self.bounds[gi])
@@ -847,14 +850,23 @@ class Engine:
             f"{sorted(bad)[:8]}: no step was taken; check the loss and inputs of those samples"
         )
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, sample_mask: Tensor | None = None) -> None:
         """One micro-batch's backward; for "two-pass" the norms pass and then the clipping pass.
+
+        ``sample_mask``: (B,) bool, False on padding rows (dpkernels.padding): their clip factors are 0.
 
         ``loss`` is the scalar the loss_reduction says (the mean or the sum of the per-sample losses),
         or the (B,) per-sample losses l_i themselves: then the engine backpropagates sum_i l_i, so each
         G row is exactly sample i's, whatever scaling a hand-written reduction would have got wrong (a
         sum under loss_reduction="mean" lets one sample move the step by ~B/E times too much)."""
         self.check_live()
+        if sample_mask is not None:
+            self._sample_mask = sample_mask
+            try:
+                self.backward(loss)
+            finally:
+                self._sample_mask = None
+            return
         if loss.dim() == 1:
             B = self.batch_size
             if B is not None and loss.shape[0] != B:
@@ -974,6 +986,18 @@ class Engine:
         return "\n".join(rows)
 
 
+def sample_mask(mask: Tensor, c: Tensor) -> Tensor:
+    """``mask`` as 0 / 1 in ``c``'s dtype and device, after checking its shape against the clip factors'
+    (shapes only: no host read of the mask)."""
+    if mask.dtype != torch.bool or mask.shape != c.shape:
+        raise ValueError(
+            f"sample_mask must be a bool tensor of shape ({c.shape[0]},), one entry per row of the batch the model "
+            f"saw (False on padding rows), got {mask.dtype} of shape {tuple(mask.shape)}: pass the mask that "
+            f"poisson_loader(..., pad_to=...) yields with the batch"
+        )
+    return mask.to(device=c.device, dtype=c.dtype)
+
+
 def optimizer_params(optimizer: Any) -> Iterator[tuple[str, Tensor]]:
     """Each parameter an optimizer steps, with where it sits ("param_groups[g]['params'][k]")."""
     for gi, group in enumerate(optimizer.param_groups):
@@ -1061,10 +1085,11 @@ class DPOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, sample_mask: Tensor | None = None) -> None:
         """Backward for one micro-batch; needed for strategy="two-pass", equivalent to loss.backward() otherwise.
-        ``loss`` may also be the (B,) per-sample losses: the safe form (see Engine.backward)."""
-        self.engine.backward(loss)
+        ``loss`` may also be the (B,) per-sample losses: the safe form (see Engine.backward). ``sample_mask``:
+        the mask of a padded batch (poisson_loader(..., pad_to=...)): rows False add nothing."""
+        self.engine.backward(loss, sample_mask)
 
     # torch.amp.GradScaler.step then calls step() directly, with the scale in self.grad_scale: refused there.
     _step_supports_amp_scaling = True

@@ -252,3 +252,47 @@ def test_default_draws_ignore_torch_manual_seed():
     assert draws[0] != draws[1]  # equal with probability 2**-2000 for independent draws
     seeded = [list(PoissonBatchSampler(1000, 0.5, steps=2, generator=torch.Generator().manual_seed(3))) for _ in "ab"]
     assert seeded[0] == seeded[1]
+
+
+def test_pad_to_pads_each_batch_to_its_bucket_with_zero_rows_and_a_mask():
+    ds = TensorDataset(torch.randn(40, 3), torch.arange(40))
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for (x, y), mask in poisson_loader(ds, 0.25, steps=30, generator=g, pad_to=8):
+        n = int(mask.sum())
+        size = max(8, -(-n // 8) * 8)  # the bucket: the next multiple of 8 (a larger batch is never split)
+        assert x.shape == (size, 3) and y.shape == (size,) and mask.shape == (size,) and mask.dtype == torch.bool
+        assert mask[:n].all() and not mask[n:].any()  # the drawn samples first, then the padding
+        assert (x[n:] == 0).all() and (y[n:] == 0).all()
+        assert torch.equal(x[:n], ds.tensors[0][y[:n]])  # the real rows are the drawn samples
+        seen.add(size)
+    assert seen == {8, 16}  # batches of 10 +- 2.7 samples: both buckets occur (seeded)
+    # an empty batch is all padding; dict batches keep their keys
+    ((b, mask),) = list(poisson_loader(_Dicts(), 1e-12, steps=1, pad_to=5))
+    assert b["x"].shape == (5, 2, 3) and b["x"].dtype == torch.float16 and not mask.any()
+    assert b["mask"].shape == (5, 3) and b["label"].shape == (5,)
+
+
+def test_pad_to_refuses_what_it_cannot_pad():
+    ds = TensorDataset(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="pad_to must be a positive int"):
+        poisson_loader(ds, 0.5, pad_to=0)
+    words = [("a", 1), ("b", 2)]
+    with pytest.raises(TypeError, match=r"cannot pad batch\[0\].*one entry per sample"):
+        poisson_loader(words, 0.5, pad_to=4)
+
+
+def test_a_padded_loader_drives_a_private_step():
+    """Loader -> model -> optimizer.backward(loss, sample_mask=mask): every step has the bucket's shape."""
+    torch.manual_seed(0)
+    ds = TensorDataset(torch.randn(32, 5), torch.randn(32, 2))
+    model = nn.Linear(5, 2)
+    model, opt = dpkernels.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, expected_batch_size=8.0, seed=0
+    )
+    for (x, y), mask in poisson_loader(ds, 0.25, steps=3, generator=torch.Generator().manual_seed(1), pad_to=16):
+        assert x.shape[0] == 16
+        opt.zero_grad()
+        opt.backward((model(x) - y).square().sum(1).mean(), sample_mask=mask)
+        opt.step()
+        assert torch.isfinite(model.weight).all()

@@ -181,3 +181,76 @@ def _check_sensitivity(name, kind, autocast, groups, clipping, strategy, reducti
     xr[j], yr[j] = x2[j], y2[j]
     d = float((full - _update(case, model, opt, xr, yr, strategy, autocast, reduction, per_sample)).norm()) * ebs
     assert math.isfinite(d) and d <= 2 * r_total * (1 + 1e-5), f"replace-one: {d / r_total:.6g} R_total"
+
+
+# ----------------------------------------------------------------------------- padded rows (static shapes)
+
+PAD = 3  # rows appended to a batch of B real samples, as poisson_loader(..., pad_to=B + PAD) does
+
+
+def _padded(case: Case, model, x, y, fill: str):
+    """x, y with PAD rows appended: zeros (what poisson_loader pads with) or adversarial rows (huge, tiny with
+    huge targets, or copies of sample 0 with huge targets), and the mask (False on padding)."""
+    xp, yp = torch.cat([x, torch.zeros_like(x[:PAD])]), torch.cat([y, torch.zeros_like(y[:PAD])])
+    if fill != "zeros":
+        xa, ya = batch(case, PAD, seed=9)
+        xa = xa.float() if xa.is_floating_point() else xa
+        ya = ya.float() if ya.is_floating_point() else ya
+        for j in range(PAD):
+            xa, ya = _adversarial(case, model, xa, ya, fill, j)
+        xp[B:], yp[B:] = xa, ya
+    mask = torch.arange(B + PAD) < B
+    return xp, yp, mask
+
+
+def _masked_update(case: Case, model, opt, x, y, mask, strategy: str) -> torch.Tensor:
+    opt.zero_grad()
+    opt.backward(batch_loss(case, model(x), y, "mean"), sample_mask=mask)
+    opt.step()
+    return flat({n: p.grad.detach().double().clone() for n, p in trainable(model).items()})
+
+
+@pytest.mark.parametrize("groups,clipping,strategy", MODES[:2], ids=["-".join(m) for m in MODES[:2]])
+@pytest.mark.parametrize("name", ["mlp", "conv2d", "embedding", "layernorm", "groupnorm", "tied"])
+def test_padded_rows_add_nothing_to_the_update(name, groups, clipping, strategy):
+    """A batch padded with masked rows gives the update of the batch alone, whatever the padding holds (zeros,
+    or adversarial rows: huge inputs / targets), and masking out a real row is removing it (<= R_total).
+    Tolerance 1e-5 R_total: both updates are float32 sums of the same B clipped gradients (the padded rows
+    add exact zeros, c = 0 times finite values), differing only in summation order (see the module doc)."""
+    case = BY_NAME[name]
+    require(case)
+    model = case.build().float()
+    x, y = batch(case, B, seed=5)
+    x = x.float() if x.is_floating_point() else x
+    y = y.float() if y.is_floating_point() else y
+    R = 1e-2
+    model, opt = dpkernels.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=R,
+        expected_batch_size=EBS, groups=groups, clipping=clipping, strategy=strategy,
+    )  # fmt: skip
+    tol = opt.engine.r_total * 1e-5 / EBS
+    alone = _masked_update(case, model, opt, x, y, torch.ones(B, dtype=torch.bool), strategy)
+    assert float(alone.norm()) > 100 * tol  # the update is not trivially zero
+    fills = ["zeros", *(k for k in KINDS[name] if k != "cancel")]
+    for fill in fills:
+        xp, yp, mask = _padded(case, model, x, y, fill)
+        d = float((_masked_update(case, model, opt, xp, yp, mask, strategy) - alone).norm())
+        assert d <= tol, f"padding with {fill} rows moved the update by {d * EBS / opt.engine.r_total:.3g} R_total"
+    xp, yp, mask = _padded(case, model, x, y, "zeros")
+    mask[1] = False  # sample 1 masked out: removed from the step
+    d = float((_masked_update(case, model, opt, xp, yp, mask, strategy) - alone).norm()) * EBS
+    assert 0 < d <= opt.engine.r_total * (1 + 1e-5)
+
+
+def test_sample_mask_of_the_wrong_shape_is_refused():
+    case = BY_NAME["mlp"]
+    model = case.build().float()
+    x, y = batch(case, B, seed=5)
+    model, opt = dpkernels.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, expected_batch_size=EBS
+    )
+    with pytest.raises(ValueError, match=r"sample_mask must be a bool tensor of shape \(4,\)"):
+        opt.backward(batch_loss(case, model(x.float()), y.float(), "mean"), sample_mask=torch.ones(B + 1).bool())
+    x = x.float()
+    opt.zero_grad()
+    opt.backward(batch_loss(case, model(x), y.float(), "mean"), sample_mask=torch.ones(B, dtype=torch.bool))
