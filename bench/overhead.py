@@ -11,7 +11,9 @@ backend process-wide) builds the model, runs ``--warmup`` steps, then one counte
 - ``peak_bytes``: the most tensor bytes live at once during the counted step, from the CPU allocator's
   every allocation and free since before the model was built: weights, gradients, optimizer state,
   activations and temporaries, exactly (not RSS);
-- ``cpu_s``: median process CPU time of the timed steps (one thread; the machine is shared, so noisy);
+- ``cpu_s``: median process CPU time of the timed steps (one thread; the machine is shared, so noisy); for
+  GPT-2-small by default that of the counted step (counting costs tens of microseconds per op, against a
+  step of tens of seconds);
 - ``dpk_python_s``: for dpkernels modes, the CPU time of a step times the share of a profiled step spent in
   dpkernels' own Python (cProfile ``tottime``, the calls into torch left out), also per DP layer;
 - ``graph_breaks``: with ``--compile``, the graph breaks torch._dynamo finds in the full step (forward,
@@ -53,11 +55,14 @@ FASTDP_DEFAULT = REPO / ".fastdp"  # where a local copy of fastDP's source may b
 
 
 def default_modes(model: str) -> list[str]:
-    """Non-DP, the dpkernels strategies on the reference backend, on the Triton backend for the tiny models
-    (the interpreter is far too slow for GPT-2-small), and the peers."""
+    """Non-DP, the dpkernels strategies on the reference backend, on the Triton backend for the tiny transformers
+    (the interpreter is far too slow for GPT-2-small and ResNet), and the peers (on GPT-2-small Opacus ghost
+    and fastDP's base book-keeping only, the closest to dpkernels' all-layer book-keeping)."""
     modes = ["nondp", *(f"{m}:reference" for m in DPK)]
-    if model in TINY:
+    if model in ("gpt2-tiny", "bert-tiny"):  # the interpreter runs convolutions far too slowly
         modes += [f"{m}:triton" for m in DPK]
+    if model not in TINY:  # CPU time bounded: one peer mode each (Opacus hooks alone stores B per-sample grads)
+        return modes + ["opacus-ghost", "fastdp-bk"]
     return modes + list(PEERS)
 
 
@@ -122,7 +127,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             phase = "counted"
             counter, flops = StepCounter(), FlopCounterMode(display=False)
             with torch.profiler.record_function(MARKER), count_triton_launches() as launches, flops, counter:
+                t0 = time.process_time()
                 step()
+                counted_s = time.process_time() - t0
         phase = "timed"
         times = []
         for _ in range(spec["steps"]):
@@ -143,10 +150,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             peak_bytes=mem["peak_bytes"],
             start_bytes=mem["start_bytes"],
             param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-            cpu_s=statistics.median(times) if times else None,
+            cpu_s=statistics.median(times) if times else counted_s,
             cpu_times_s=times,
+            cpu_s_from="timed steps" if times else "the counted step (no timed steps asked for)",
         )
-        if modes.family(spec["mode"]) == "dpkernels":
+        if modes.family(spec["mode"]) == "dpkernels" and times:
             layers = len(opt.engine.modules)
             py = _dpk_python_share(step) * (res["cpu_s"] or 0.0)
             res.update(dp_layers=layers, dpk_python_s=py, dpk_python_per_layer_s=py / max(1, layers))
@@ -191,10 +199,14 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
     """``<metric>_ratio`` of every ok result against the ok non-DP result of the same (model, batch)."""
     base = {(r["model"], r["batch"]): r for r in results if r["mode"] == "nondp" and r["status"] == "ok"}
     for r in results:
+        for m in METRICS:
+            r.pop(f"{m}_ratio", None)
         b = base.get((r["model"], r["batch"]))
         if r["status"] != "ok" or b is None:
             continue
         for m in METRICS:
+            if r.get("triton") and m in ("flops", "cpu_s"):  # not comparable: see `markdown`
+                continue
             if r.get(m) is not None and b.get(m):
                 r[f"{m}_ratio"] = r[m] / b[m]  # none for syncs where non-DP has none
 
@@ -207,10 +219,13 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     lines = [
         "# Per-step overhead of DP training, counted on the CPU",
         "",
-        f"`{meta['command']}` ({meta['timestamp']}, torch {meta['torch']}, {meta['device_name']}, "
-        f"{meta['threads']} thread). Each figure is for one step (x: over non-DP of the same model and batch, "
+        " ".join(f"`{run['command']}` ({run['timestamp']})" for run in meta.get("runs", [meta]))
+        + f", torch {meta['torch']}, {meta['device_name']}, "
+        f"{meta['threads']} thread. Each figure is for one step (x: over non-DP of the same model and batch, "
         "same run). Op counts, FLOPs and bytes hold on any device; CPU times are noisy (shared machine) and say "
-        "nothing about a GPU. How each is counted: `bench/overhead.py`, `bench/counters.py`.",
+        "nothing about a GPU. How each is counted: `bench/overhead.py`, `bench/counters.py`. Triton rows: "
+        "kernel-like ops = aten ops + Triton launches; their FLOPs are the aten ops' only (FlopCounterMode does "
+        "not see inside a Triton kernel) and their CPU time is the interpreter's, so neither has a ratio.",
         "",
         "| model | B | mode | syncs | kernel-like ops | x | Triton launches | GFLOP | x | peak MiB | x "
         "| CPU ms | x | dpkernels Python ms (per DP layer) |",
@@ -284,15 +299,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="", help="comma list of modes (default: every mode that fits the model)")
     p.add_argument("--warmup", type=int, default=1, help="untimed, uncounted steps first (caches built)")
     p.add_argument("--steps", type=int, default=3, help="timed steps on the tiny models")
-    p.add_argument("--big-steps", type=int, default=1, help="timed steps on the other models")
+    p.add_argument(
+        "--big-steps", type=int, default=0,
+        help="timed steps on the other models (0: the counted step's CPU time, where counting costs < 1%%)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="also count graph breaks of the compiled full step")
     p.add_argument("--fastdp-path", default=str(FASTDP_DEFAULT) if (FASTDP_DEFAULT / "fastDP").is_dir() else None)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "cpu"))
     p.add_argument("--name", default="overhead", help="output file stem")
     p.add_argument("--inline", action="store_true", help="every case in this process (tests; memory stays exact)")
-    p.add_argument("--quick", action="store_true", help="gpt2-tiny B=2, non-DP and dpkernels reference modes only")
+    p.add_argument("--quick", action="store_true", help="gpt2-tiny B=2, non-DP and dpk-bk:reference only (CI)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--merge", nargs="+", default=None, help="write one table and plot from these runs' JSON files")
     p.add_argument("--timeout", type=float, default=3600.0)
     return p
 
@@ -305,10 +324,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(res, f)
         return 0
     args = parser().parse_args(argv)
+    if args.merge:  # the results of earlier runs, in one table and plot (ratios stay those of their own run)
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = [r for run in runs for r in run["results"]]
+        add_ratios(merged)  # each run has its own (model, batch) cases, so each ratio is within its run
+        md = write(args, argv, merged, plot_too=not args.no_plot, runs=[run["meta"] for run in runs])
+        print(md)
+        return 0
     from tqdm import tqdm
 
     from . import modes as M
-    from .run import cpu_name, fastdp_version
 
     if args.quick:
         cases = [("gpt2-tiny", 2)]
@@ -320,11 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model, batch in cases:
         wanted = [m for m in args.modes.split(",") if m] or default_modes(model)
         if args.quick:
-            wanted = ["nondp", *(f"{m}:reference" for m in DPK)]
+            wanted = ["nondp", "dpk-bk:reference"]
         if "nondp" in wanted:
             wanted = ["nondp", *(m for m in wanted if m != "nondp")]
         for mode in wanted:
             todo.append((model, batch, mode))
+    if args.inline and any(m.endswith(":triton") for _, _, m in todo):
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (by dpkernels' backend)
     results = []
     bar = tqdm(todo, desc="overhead", unit="case", file=sys.stderr)
     for model, batch, mode in bar:
@@ -339,8 +366,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             "compile": args.compile,
         }  # fmt: skip
         results.append(measure(spec) if args.inline else _worker(spec, args.timeout))
-    add_ratios(results)
+        add_ratios(results)
+        write(args, argv, results, plot_too=False)  # what is done so far, should a later case not finish
+    md = write(args, argv, results, plot_too=not args.no_plot)
+    print(md)
+    return 0
+
+
+def write(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    results: list[dict[str, Any]],
+    plot_too: bool,
+    runs: list[dict[str, Any]] | None = None,
+) -> str:
     import torch
+
+    from . import modes as M
+    from .run import cpu_name, fastdp_version
 
     meta = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -353,15 +396,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "privacy": f"noise_multiplier={M.NOISE_MULTIPLIER}, max_grad_norm={M.MAX_GRAD_NORM}, flat clipping, mean loss",
         "fastdp": fastdp_version(args.fastdp_path) if args.fastdp_path else None,
     }
+    if runs:
+        meta["runs"] = runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(meta, results)
     (out / f"{args.name}.md").write_text(md)
     (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    if not args.no_plot:
+    if plot_too:
         plot(results, out / f"{args.name}.png")
-    print(md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":

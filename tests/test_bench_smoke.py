@@ -235,3 +235,60 @@ def test_gpu_session_script_dry_run(tmp_path):
     assert any("-m bench --models gpt2-small" in x and "--device cuda" in x for x in lines)
     bad = subprocess.run(["bash", str(script), "nope"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- bench.overhead
+
+
+def test_step_counter_counts_kernels_syncs_and_leaves_views_out():
+    from bench.counters import StepCounter
+
+    x = torch.randn(4, 3)
+    with StepCounter() as c:
+        y = x.t().t().view(12).unsqueeze(0).expand(2, 12)  # views only: no kernel
+        z = (y * 2).sum()  # two kernels
+        bool(z > 0)  # a kernel (gt) and a host read
+    assert sum(c.kernels.values()) == 3 and c.kernels["aten.mul.Tensor"] == 1
+    assert c.syncs == {"aten._local_scalar_dense.default": 1} and "aten.view.default" in c.other
+
+
+def test_memory_timeline_sees_every_allocation_exactly():
+    from bench.counters import MemoryTimeline
+
+    with MemoryTimeline() as tl:
+        keep = torch.zeros(1000)  # 4,000 bytes live before the window
+        with torch.profiler.record_function("window"):
+            a = torch.ones(25_000)  # 100,000 bytes
+            b = a + a  # 100,000 more: the peak
+            del a, b
+    assert tl.peak("window") == {"peak_bytes": 204_000, "start_bytes": 4_000, "end_bytes": 4_000}
+    del keep
+
+
+def test_triton_launches_are_counted_under_the_interpreter():
+    from bench.counters import count_triton_launches
+    from dpkernels import ops
+
+    x, g = torch.randn(3, 5, 4), torch.randn(3, 5, 2)
+    with ops.use_backend("triton"), count_triton_launches() as launches:
+        ops.linear_norms(x, g, bias=True, method="ghost")
+    assert sum(launches.values()) >= 1
+
+
+def test_overhead_quick_run_reports_every_figure_against_nondp(tmp_path, capsys):
+    from bench.overhead import main as overhead
+
+    assert overhead(["--quick", "--inline", "--out", str(tmp_path), "--steps", "1"]) == 0
+    data = json.loads((tmp_path / "overhead.json").read_text())
+    res = {r["mode"]: r for r in data["results"]}
+    assert list(res) == ["nondp", "dpk-bk:reference"]
+    base, dp = res["nondp"], res["dpk-bk:reference"]
+    assert base["status"] == dp["status"] == "ok", dp.get("traceback")
+    assert base["syncs"] == 0 and dp["syncs"] <= 1  # at most one host read per DP step
+    assert 0 < base["kernels_total"] < dp["kernels_total"] and dp["kernels_total_ratio"] > 1
+    assert base["flops"] > 0 and dp["flops_ratio"] >= 1
+    # the peak holds at least the weights and their gradients (both live at the end of backward)
+    assert dp["peak_bytes"] >= base["peak_bytes"] >= 2 * base["param_bytes"] > 0
+    assert dp["dpk_python_s"] >= 0 and dp["dp_layers"] > 0
+    assert "| gpt2-tiny | 2 | dpk-bk:reference |" in capsys.readouterr().out
+    assert (tmp_path / "overhead.png").read_bytes()[:8] == PNG

@@ -5,40 +5,13 @@ launches the next layer's work; the engine reads at most one flag per backward p
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dpkernels
+from bench.counters import SyncCounter  # the ops that sync on CUDA: bench.counters.SYNCING
 
 from .zoo import BY_NAME, batch, batch_loss
-
-SYNCING = {
-    "aten._local_scalar_dense.default",  # .item(), bool(t), t.tolist(), int(t)
-    "aten.is_nonzero.default",
-    "aten.nonzero.default",
-    "aten.unique.default",
-    "aten._unique.default",
-    "aten._unique2.default",
-    "aten.unique_dim.default",
-    "aten.unique_consecutive.default",
-    "aten.masked_select.default",
-    "aten.repeat_interleave.Tensor",
-    "aten.equal.default",
-}
-
-
-class SyncCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.syncs: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func) in SYNCING:
-            self.syncs[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _gpt2():
