@@ -178,6 +178,19 @@ class AdaptiveState:
             )
         set_bounds(engine, out)
 
+    def restore(self, engine: Any, bounds: Any) -> None:
+        """The bounds of a saved optimizer state (DPOptimizer.load_state_dict): a resumed run goes on from them."""
+        if not (
+            isinstance(bounds, list | tuple)
+            and len(bounds) == self.groups
+            and all(isinstance(b, float | int) and math.isfinite(b) and b > 0 for b in bounds)
+        ):
+            raise ValueError(
+                f"the optimizer state's adaptive clipping bounds must be {self.groups} finite positive numbers (one "
+                f"per clipping group, as DPOptimizer.state_dict() writes them), got {bounds!r:.200}"
+            )
+        set_bounds(engine, [float(b) for b in bounds])
+
 
 def set_bounds(engine: Any, bounds: list[float]) -> None:
     """The engine's bounds R_g and R_total = sqrt(sum_g R_g^2), which the clip factors and the noise use."""

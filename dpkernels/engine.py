@@ -1181,12 +1181,16 @@ class DPOptimizer(torch.optim.Optimizer):
             "steps": self.engine.steps,
             "accountant": None if acct is None else {"mechanism": acct.mechanism, "history": list(acct.history)},
         }
+        if self.engine.adaptive is not None:  # adaptive clipping's bounds: DP outputs (of the noisy counts)
+            state["dpkernels"]["adaptive_bounds"] = list(self.engine.bounds)
         return state
 
     def load_state_dict(self, state_dict) -> None:
         state = dict(state_dict)
         dp = state.pop("dpkernels", None)
         saved = _check_dp_state(dp)
+        if self.engine.adaptive is not None and dp is not None and "adaptive_bounds" in dp:
+            self.engine.adaptive.restore(self.engine, dp["adaptive_bounds"])  # checked before anything is loaded
         if self.accountant is not None and saved is not None and saved["mechanism"] != self.accountant.mechanism:
             raise ValueError(
                 f"the saved privacy account uses {saved['mechanism']!r}, this optimizer's "

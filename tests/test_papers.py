@@ -164,3 +164,21 @@ def test_pruning_quick(tmp_path):
     for name, pts in curves.items():
         assert [p["sparsity"] for p in pts] == cfg["sparsities"], name
         assert all(p["accuracy"]["n"] == k for p in pts)
+
+
+def test_adaptive_clipping_quick(tmp_path):
+    from bench.papers import adaptive_clipping as ADC
+
+    assert ADC.main(["--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    data, md = _outputs(tmp_path, "adaptive_clipping_quick")
+    d = data["digits"]
+    assert [(p["R0"], p["adaptive"]) for p in d["points"]] == [(1.0, False), (0.05, True), (20.0, True)]
+    for r in d["runs"]:
+        assert _spent_target(r["epsilon"], data["config"]["epsilon"]), r
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["steps"] == d["steps"] > 0
+        if r["adaptive"]:  # the counts' share: the gradient's noise multiplier above the accounted sigma
+            assert r["grad_noise_multiplier"] > d["noise_multiplier"]
+            assert r["trace"] and all(len(t["R"]) == len(t["quantile"]) == 2 for t in r["trace"])
+            assert all(0.0 <= f <= 1.0 for t in r["trace"] for f in t["fraction_below"])
+            assert r["final_R"] != [r["R0"], r["R0"]]  # the bounds moved
+    assert "Adaptive clipping on digits" in md

@@ -403,15 +403,27 @@ def test_a_failed_pass_leaves_no_count_behind():
     assert opt.engine.adaptive.released.tolist() == [2.0]
 
 
-def test_state_dict_holds_no_count():
-    """The saved optimizer state has the steps and the account, nothing of the counts (a copy's engine is detached)."""
-    model, opt = _private(count_noise_multiplier=5.0)
-    model(torch.randn(8, 4)).square().mean().backward()
-    opt.step()
-    state = opt.state_dict()
-    assert set(state["dpkernels"]) == {"steps", "accountant"}
+def test_state_dict_holds_the_bounds_and_no_count():
+    """The saved optimizer state has the steps, the account and the current bounds (DP outputs), nothing of the raw
+    counts; a run resumed from it goes on from those bounds; a copy's engine is detached; bad bounds are refused."""
     import copy
 
+    model, opt = _private(count_noise_multiplier=5.0)
+    for _ in range(3):
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    state = opt.state_dict()
+    assert set(state["dpkernels"]) == {"steps", "accountant", "adaptive_bounds"}
+    assert state["dpkernels"]["adaptive_bounds"] == opt.max_grad_norm != [0.5] * 4  # moved from 1 / sqrt(4)
+    _, fresh = _private(count_noise_multiplier=5.0)
+    fresh.load_state_dict(state)
+    assert fresh.max_grad_norm == opt.max_grad_norm
+    assert fresh.engine.r_total == pytest.approx(opt.engine.r_total, rel=1e-15)
+    bad = copy.deepcopy(state)
+    bad["dpkernels"]["adaptive_bounds"] = [1.0, -1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="4 finite positive numbers"):
+        fresh.load_state_dict(bad)
     clone = copy.deepcopy(opt)
     with pytest.raises(RuntimeError, match="copied"):
         clone.step()
