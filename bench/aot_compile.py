@@ -272,6 +272,22 @@ def _add_noise_configs() -> list[Config]:
     ]
 
 
+def _secure_noise_configs() -> list[Config]:
+    from dpkernels.ops.triton.secure_noise import launch_secure_noise
+
+    def noise(shape, prev):
+        def run(dt):  # the engine's use: the float32 clipped sum as prev, output in the parameter's dtype
+            p = _t(*shape) if prev else None
+            launch_secure_noise(p, _t(*shape, dtype=dt), noise_std=1.0, scale=0.5, key=[1 << 31] * 8, nonce=[5, 7, 0])
+
+        return run
+
+    return [
+        Config("secure noise", "GPT-2 attn proj weight 768x768, prev", noise((768, 768), True), main=True),
+        Config("secure noise", "GPT-2 LM head weight 50257x768", noise((50257, 768), False)),
+    ]
+
+
 def _embedding_configs() -> list[Config]:
     from dpkernels.ops.triton import embedding as E
 
@@ -389,7 +405,8 @@ def _conv_configs() -> list[Config]:
 
 def registry() -> list[Config]:
     """Every configuration, grouped by family, the family's main configuration first."""
-    configs = _linear_configs() + _add_noise_configs() + _embedding_configs() + _affine_configs() + _conv_configs()
+    configs = _linear_configs() + _add_noise_configs() + _secure_noise_configs() + _embedding_configs()
+    configs += _affine_configs() + _conv_configs()
     order = list(dict.fromkeys(c.family for c in configs))
     return sorted(configs, key=lambda c: order.index(c.family))  # stable: each family's own order kept
 

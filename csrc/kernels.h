@@ -111,6 +111,91 @@ struct PhiloxBlocks {
   }
 };
 
+// ----------------------------------------------------------------------------- secure-mode noise
+
+// ChaCha20 (RFC 8439 2.3): the key (8 words) and nonce (3 words) of one (step, parameter) stream; element
+// j of the stream uses the block with counter j. The same words as dpkernels/ops/reference/chacha.py.
+struct ChaChaKey {
+  uint32_t k[8];
+  uint32_t n[3];
+};
+
+DPK_HD uint32_t rotl32(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
+
+DPK_HD void chacha_quarter(uint32_t& a, uint32_t& b, uint32_t& c, uint32_t& d) {
+  a += b;
+  d = rotl32(d ^ a, 16);
+  c += d;
+  b = rotl32(b ^ c, 12);
+  a += b;
+  d = rotl32(d ^ a, 8);
+  c += d;
+  b = rotl32(b ^ c, 7);
+}
+
+// The 16 output words of the block with counter `ctr`: 20 rounds (10 column + diagonal pairs), input added.
+DPK_HD void chacha20_block(const ChaChaKey& key, uint32_t ctr, uint32_t out[16]) {
+  uint32_t in[16] = {0x61707865u, 0x3320646Eu, 0x79622D32u, 0x6B206574u, key.k[0], key.k[1], key.k[2], key.k[3],
+                     key.k[4],    key.k[5],    key.k[6],    key.k[7],    ctr,      key.n[0], key.n[1], key.n[2]};
+  uint32_t x[16];
+  for (int q = 0; q < 16; ++q) x[q] = in[q];
+  for (int r = 0; r < 10; ++r) {
+    chacha_quarter(x[0], x[4], x[8], x[12]);
+    chacha_quarter(x[1], x[5], x[9], x[13]);
+    chacha_quarter(x[2], x[6], x[10], x[14]);
+    chacha_quarter(x[3], x[7], x[11], x[15]);
+    chacha_quarter(x[0], x[5], x[10], x[15]);
+    chacha_quarter(x[1], x[6], x[11], x[12]);
+    chacha_quarter(x[2], x[7], x[8], x[13]);
+    chacha_quarter(x[3], x[4], x[9], x[14]);
+  }
+  for (int q = 0; q < 16; ++q) out[q] = x[q] + in[q];
+}
+
+// (a + 1) 2^-53 with a the top 53 bits of hi:lo, a uniform on (0, 1], exact in double.
+DPK_HD double uniform53(uint32_t lo, uint32_t hi) {
+  const uint64_t a = (uint64_t(hi) << 21) | (lo >> 11);
+  return double(a + 1) * 1.1102230246251565e-16;
+}
+
+// The secure Gaussian of element j: four Box-Muller normals from the block's first eight words, summed and
+// halved, in double (the reference's construction and order of operations; see chacha.py for why).
+DPK_HD double secure_randn(const ChaChaKey& key, uint64_t j) {
+  uint32_t w[16];
+  chacha20_block(key, uint32_t(j), w);
+  const double r1 = ::sqrt(-2.0 * ::log(uniform53(w[0], w[1])));
+  const double t1 = 6.283185307179586 * uniform53(w[2], w[3]);
+  const double r2 = ::sqrt(-2.0 * ::log(uniform53(w[4], w[5])));
+  const double t2 = 6.283185307179586 * uniform53(w[6], w[7]);
+  return (((r1 * ::cos(t1) + r1 * ::sin(t1)) + r2 * ::cos(t2)) + r2 * ::sin(t2)) * 0.5;
+}
+
+// out[j] = scale * (prev[j] + noise_std * z_j) in double, rounded once to out_t (prev: double, optional).
+template <class out_t>
+struct SecureNoise {
+  const double* prev;
+  out_t* out;
+  double noise_std, scale;
+  ChaChaKey key;
+  DPK_HD void operator()(int64_t j) const {
+    double v = noise_std * secure_randn(key, static_cast<uint64_t>(j));
+    if (prev) v = prev[j] + v;
+    out[j] = static_cast<out_t>(v * scale);
+  }
+};
+
+// The raw blocks, for the tests: out[j, :] = chacha20_block(key, ctr[j]), uint32 words held in int64.
+struct ChaChaBlocks {
+  const int64_t* ctr;
+  int64_t* out;
+  ChaChaKey key;
+  DPK_HD void operator()(int64_t j) const {
+    uint32_t w[16];
+    chacha20_block(key, uint32_t(ctr[j]), w);
+    for (int q = 0; q < 16; ++q) out[16 * j + q] = int64_t(w[q]);
+  }
+};
+
 // ----------------------------------------------------------------------------- column sums (bias, affine)
 
 // s[i, c] = sum_t (x[i, t, c] *) g[i, t, c], sequential over t; one j per (i, c). Strided (B, T, C) views.

@@ -158,9 +158,15 @@ class AdaptiveState:
         prev, self._count = self._count, None
         std = self.config.count_noise_multiplier / math.sqrt(engine.world_size)
         device = engine._params[0].device
-        self.released = ops.add_noise(
-            prev, (self.groups,), noise_std=std, scale=1.0, seed=seed, device=device, dtype=torch.float64
-        )
+        if engine.secure is not None:  # secure mode: the counts' noise from its ChaCha20 stream too
+            self.released = engine.secure.noise(
+                prev, (self.groups,), noise_std=std, scale=1.0, step=engine.steps, index=len(engine._params),
+                rank=engine.rank, device=device, dtype=torch.float64,
+            )  # fmt: skip
+        else:
+            self.released = ops.add_noise(
+                prev, (self.groups,), noise_std=std, scale=1.0, seed=seed, device=device, dtype=torch.float64
+            )
         return self.released
 
     def update(self, engine: Any) -> None:

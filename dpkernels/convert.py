@@ -19,6 +19,7 @@ from .fsdp import ShardedParams, check_module, fsdp_modules, is_fsdp2
 from .guard import ForwardGuard
 from .nn import DP_LAYERS, DPModule
 from .nn.tap import tap_known
+from .secure import check_seed
 
 _SUPPORTED = (
     "Linear, Conv1d/2d/3d, Embedding, LayerNorm, RMSNorm, GroupNorm, MultiheadAttention, RNN, LSTM, GRU, "
@@ -284,6 +285,7 @@ def make_private(
     accumulation_steps: int = 1,
     accountant: str = "rdp",
     seed: int | None = None,
+    secure_mode: bool = False,
     backend: str | None = None,
     distributed: bool | object = False,
     loss_scale: float = 1.0,
@@ -323,9 +325,13 @@ def make_private(
     of its per-sample norms, from privately counted clip fractions; noise_multiplier (or the one target_epsilon
     calibrates) stays the accounted sigma and the gradient gets (sigma^-2 - G (2 sigma_b)^-2)^-1/2 (see
     dpkernels.adaptive). ``optimizer.max_grad_norm`` gives the bounds as they are now.
+
+    ``secure_mode``: the noise from ChaCha20 keyed by the operating system's entropy, sampled in float64 by a
+    method that resists the known floating-point attacks, on every backend (dpkernels.secure); ``seed`` refused.
     """
     if clipping not in CLIP_FUNCTIONS:
         raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
+    check_seed(secure_mode, seed)
     if not (gamma > 0 and math.isfinite(gamma)):  # c_i = R / (n_i + gamma) is bounded by R only for gamma > 0
         raise ValueError(f"gamma must be a finite number > 0 (automatic clipping divides by n_i + gamma), got {gamma}")
     if not (loss_scale > 0 and math.isfinite(loss_scale)):
@@ -387,6 +393,7 @@ def make_private(
         accumulation_steps=accumulation_steps,
         seed=seed,
         perturb_k=perturb_k,
+        secure_mode=secure_mode,
     )
     if adaptive_clipping is not None:
         from .adaptive import attach as attach_adaptive

@@ -43,6 +43,7 @@ from .clipping import clip_factors
 from .nn import DPModule
 from .ops._validate import ids_looked_up
 from .perturb import Perturbation
+from .secure import SecureNoise, check_seed
 
 STRATEGIES = ("bk", "two-pass")
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -272,7 +273,9 @@ class Engine:
         accumulation_steps: int = 1,
         seed: int | None = None,
         perturb_k: float = 0.0,
+        secure_mode: bool = False,
     ):
+        check_seed(secure_mode, seed)
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -297,6 +300,7 @@ class Engine:
         self.loss_reduction = loss_reduction
         self.accumulation_steps = accumulation_steps
         self.seed = secrets.randbits(63) if seed is None else int(seed)
+        self.secure = SecureNoise() if secure_mode else None  # secure mode: noise added after the sums (_secure_noise)
         self._per_sample_losses = False  # this backward is of sum_i l_i given per sample (see backward)
         self._warned_16bit_mean = False
         self._sample_mask: Tensor | None = None  # padded rows False: their clip factor is 0 (dpkernels.padding)
@@ -723,8 +727,8 @@ class Engine:
         return SumSpec(
             c=c,
             prev=prev,
-            noise_std=self.rank_noise_std() if fin else 0.0,
-            scale=1.0 / self.expected_batch_size if (fin and mean) else 1.0,
+            noise_std=self.rank_noise_std() if fin and self.secure is None else 0.0,
+            scale=1.0 / self.expected_batch_size if (fin and mean and self.secure is None) else 1.0,
             seed=self.param_seed(p),
         )
 
@@ -737,6 +741,8 @@ class Engine:
 
     def _store(self, p: nn.Parameter, result: Tensor, last: bool) -> None:
         if last:
+            if self.secure is not None:
+                result = self._secure_noise(p, result)
             final = result.to(p.dtype)
             self._staged.append((p, final, True))
             if self.parallel is not None:  # data-parallel: its bucket's all-reduce may start now, during backward
@@ -917,6 +923,23 @@ class Engine:
             return _mix64(self.seed, self.steps, self._index[id(p)])
         return _mix64(self.seed, self.steps, self._index[id(p)], self.rank)  # one stream per rank, even for one seed
 
+    def _secure_noise(self, p: nn.Parameter, total: Tensor | None) -> Tensor:
+        """Secure mode: scale * (total + rank_noise_std * z), z from the ChaCha20 stream of (step, p, rank)."""
+        assert self.secure is not None
+        out = self.secure.noise(
+            total,
+            p.shape,
+            noise_std=self.rank_noise_std(),
+            scale=1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0,
+            step=self.steps,
+            index=self._index[id(p)],
+            rank=self.rank,
+            device=p.device,
+            dtype=p.dtype,
+        )
+        m, k = self._owner_of[id(p)]
+        return pruning.masked_grad(m, k, out)  # pruned coordinates: no noise, as in the fused epilogues
+
     def rank_noise_std(self) -> float:
         """sigma R_total / sqrt(world): each rank's share of the noise, whose sum over ranks is N(0, sigma^2 R^2)
         (dpkernels.distributed); sigma R_total on one process."""
@@ -946,15 +969,18 @@ class Engine:
             if id(p) in self._noised:
                 continue
             prev = self._acc.pop(id(p), None)
-            out = ops.add_noise(
-                prev,
-                p.shape,
-                noise_std=self.rank_noise_std(),
-                scale=scale,
-                seed=self.param_seed(p),
-                device=p.device,
-                dtype=prev.dtype if prev is not None else ops.acc_dtype(p),  # never round a float64 sum to fp32
-            )
+            if self.secure is not None:
+                out = self._secure_noise(p, prev)
+            else:
+                out = ops.add_noise(
+                    prev,
+                    p.shape,
+                    noise_std=self.rank_noise_std(),
+                    scale=scale,
+                    seed=self.param_seed(p),
+                    device=p.device,
+                    dtype=prev.dtype if prev is not None else ops.acc_dtype(p),  # never round a float64 sum to fp32
+                )
             m, k = self._owner_of[id(p)]
             self._write_grad(p, pruning.masked_grad(m, k, out).to(p.dtype))  # pruned coordinates: no noise
         self._acc.clear()

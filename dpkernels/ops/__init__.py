@@ -103,7 +103,8 @@ def _auto(device_type: str) -> list[str]:
     return ["reference"]
 
 
-# The ops every backend may serve, with the reference's signatures (add_noise: see below).
+# The ops every backend may serve, with the reference's signatures (add_noise, secure_noise, chacha20_blocks:
+# see below).
 OPS = (
     "linear_norms",
     "linear_clipped_sum",
@@ -117,6 +118,8 @@ OPS = (
     "affine_norms",
     "affine_clipped_sum",
     "add_noise",
+    "secure_noise",
+    "chacha20_blocks",
 )
 _served: dict[str, dict[str, Callable]] = {}
 _warned: set[tuple[str, str]] = set()
@@ -227,6 +230,26 @@ def add_noise(
     return resolve("add_noise", probe, backend)(
         prev, shape, noise_std=noise_std, scale=scale, seed=seed, device=device, **kw
     )
+
+
+def secure_noise(
+    prev, shape, *, noise_std: float, scale: float, key, nonce, device, dtype=None, backend: str | None = None
+):
+    """scale * (prev + noise_std * z), z the secure-mode Gaussian (ChaCha20 under ``key``, ``nonce``);
+    see reference.chacha."""
+    import torch
+
+    kw = {} if dtype is None else {"dtype": dtype}
+    _validate.secure_noise(prev, shape, noise_std=noise_std, scale=scale, key=key, nonce=nonce, device=device, **kw)
+    probe = prev if prev is not None else torch.empty(0, device=device)
+    return resolve("secure_noise", probe, backend)(
+        prev, shape, noise_std=noise_std, scale=scale, key=key, nonce=nonce, device=device, **kw
+    )
+
+
+def chacha20_blocks(counter, key, nonce, *, backend: str | None = None):
+    """The raw ChaCha20 blocks (N, 16) of int64 counters under (key, nonce); see reference.chacha."""
+    return resolve("chacha20_blocks", counter, backend)(counter, key, nonce)
 
 
 # Certified norms (rigorous upper bounds, float64) for the engine: see dpkernels/ops/bounds.py.

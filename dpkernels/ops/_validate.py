@@ -394,3 +394,27 @@ def add_noise(
         raise TypeError(f"{op}: dtype must be float16, bfloat16, float32 or float64, got {dtype}")
     _prev(op, "prev", prev, dims, torch.device(device))
     _epilogue(op, noise_std, scale, {"seed": seed})
+
+
+def secure_noise(
+    prev: Any,
+    shape: Any,
+    *,
+    noise_std: float,
+    scale: float,
+    key: Any,
+    nonce: Any,
+    device: Any,
+    dtype: Any = torch.float32,
+) -> None:
+    from .reference.chacha import check_words
+
+    op = "secure_noise"
+    dims = tuple(shape) if isinstance(shape, Sequence) else None
+    if dims is None or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in dims):
+        raise ValueError(f"{op}: shape must be a sequence of ints >= 0, got {shape!r}")
+    if dtype not in FLOATS:
+        raise TypeError(f"{op}: dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+    _prev(op, "prev", prev, dims, torch.device(device))
+    _epilogue(op, noise_std, scale, {})
+    check_words(op, key, nonce)

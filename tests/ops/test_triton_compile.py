@@ -29,6 +29,7 @@ FAMILIES = {
     "bias norms",
     "bias clipped sum",
     "add_noise",
+    "secure noise",
     "embedding norms (gram)",
     "embedding norms (scan)",
     "embedding clipped sum",
@@ -53,6 +54,7 @@ MAIN_BF16_MMA = {
     "_embedding_clipped_sum_kernel": "none",  # the one-hot scatter is an IEEE fp32 dot, by design
     "_bias_norms_kernel": "none",
     "_finish_kernel": "none",
+    "_secure_noise_kernel": "none",  # ChaCha20 on uint32 and float64 math: no dot
     "_affine_norms_kernel": "none",
     "_affine_clipped_sum_kernel": "none",
 }

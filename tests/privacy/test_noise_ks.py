@@ -53,12 +53,13 @@ def _models():
     }
 
 
-def _noise(kind: str) -> dict[str, torch.Tensor]:
-    """{parameter name: noise values / expected std}, over enough steps for N_MIN values per parameter."""
+def _noise(kind: str, secure: bool = False) -> dict[str, torch.Tensor]:
+    """{parameter name: noise values / expected std}, over enough steps for N_MIN values per parameter;
+    ``secure``: make_private(secure_mode=True) (ChaCha20 keyed from the OS, no seed)."""
     model, data = _models()[kind]
     model, opt = dpkernels.make_private(
         model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=SIGMA, max_grad_norm=R,
-        expected_batch_size=EBS, seed=1234,
+        expected_batch_size=EBS, seed=None if secure else 1234, secure_mode=secure,
     )  # fmt: skip
     std = SIGMA * R / EBS
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -73,9 +74,10 @@ def _noise(kind: str) -> dict[str, torch.Tensor]:
     return {n: torch.cat(v) for n, v in out.items()}
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["default", "secure"])
 @pytest.mark.parametrize("kind", ["linear", "conv", "embedding", "norm", "tap"])
-def test_noise_scale_per_parameter_kind(kind):
-    for name, z in _noise(kind).items():
+def test_noise_scale_per_parameter_kind(kind, secure):
+    for name, z in _noise(kind, secure).items():
         assert z.numel() >= N_MIN
         p_right = stats.kstest(z.numpy(), "norm").pvalue
         assert p_right > ALPHA, f"{kind} {name}: the noise is not N(0, (sigma R / ebs)^2) (KS p = {p_right:.3g})"

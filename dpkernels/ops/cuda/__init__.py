@@ -129,6 +129,16 @@ def _(ctr, k0, k1):
     return torch.empty_like(ctr)
 
 
+@_fake("secure_noise")
+def _(like, prev, shape, noise_std, scale, key, nonce):
+    return like.new_empty(tuple(shape))
+
+
+@_fake("chacha20")
+def _(ctr, key, nonce):
+    return ctr.new_empty((ctr.shape[0], 16))
+
+
 # ----------------------------------------------------------------------------- the ops (reference signatures)
 
 
@@ -310,8 +320,36 @@ def add_noise(
     return _ops.cuda_add_noise(like, prev, shape, float(noise_std), float(scale), _seed(seed))
 
 
+def secure_noise(
+    prev: Tensor | None,
+    shape,
+    *,
+    noise_std: float,
+    scale: float,
+    key: Sequence[int],
+    nonce: Sequence[int],
+    device,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """See dpkernels.ops.reference.secure_noise: the same stream (csrc/kernels.h's chacha20_block)."""
+    from ..reference.chacha import check_words
+
+    key, nonce = check_words("secure_noise", key, nonce)
+    like = torch.empty(0, device=device, dtype=dtype)  # carries device and dtype to the dispatcher
+    return _ops.cuda_secure_noise(like, prev, [int(s) for s in shape], float(noise_std), float(scale), key, nonce)
+
+
+def chacha20_blocks(counter: Tensor, key: Sequence[int], nonce: Sequence[int]) -> Tensor:
+    """The raw ChaCha20 blocks, for the tests: (N, 16) int64 holding uint32 words, as the reference's."""
+    from ..reference.chacha import MASK, check_words
+
+    key, nonce = check_words("chacha20_blocks", key, nonce)
+    return _ops.cuda_chacha20(counter & MASK, key, nonce)
+
+
 __all__ = [
     "add_noise",
+    "chacha20_blocks",
     "affine_clipped_sum",
     "affine_norms",
     "bias_clipped_sum",
@@ -324,4 +362,5 @@ __all__ = [
     "info",
     "linear_clipped_sum",
     "linear_norms",
+    "secure_noise",
 ]

@@ -27,6 +27,7 @@ from .bounds import (
     embedding_norms_bound,
     linear_norms_bound,
 )
+from .chacha import chacha20_blocks, secure_noise
 from .conv import conv_clipped_sum, conv_norms, conv_rows, conv_unfold
 from .embedding import embedding_clipped_sum, embedding_linear_cross, embedding_norms
 from .linear import bias_clipped_sum, bias_norms, linear_clipped_sum, linear_norm_method, linear_norms
@@ -56,4 +57,6 @@ __all__ = [
     "linear_clipped_sum",
     "linear_norm_method",
     "linear_norms",
+    "chacha20_blocks",
+    "secure_noise",
 ]

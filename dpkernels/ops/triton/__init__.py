@@ -1,10 +1,10 @@
 """Triton backend: per-sample gradient norms and clipped, noised sums as fused kernels, for Linear
 layers and biases (linear_norms.py, linear_clipped_sum.py), Conv1d/2d/3d by implicit GEMM (conv.py),
 Embedding with the tied-head cross term (embedding.py) and the affine parameters of LayerNorm, RMSNorm
-and GroupNorm (affine.py); add_noise.py holds the noise epilogue they share and `add_noise`, _common.py
-what every op shares (registration, launch configurations, the launch point). The dispatcher
-(dpkernels.ops) checks every op's inputs before calling a backend (ops._validate); called directly,
-these functions assume checked inputs.
+and GroupNorm (affine.py); add_noise.py holds the noise epilogue they share and `add_noise`,
+secure_noise.py the secure-mode noise (ChaCha20 in the kernel), _common.py what every op shares
+(registration, launch configurations, the launch point). The dispatcher (dpkernels.ops) checks every
+op's inputs before calling a backend (ops._validate); called directly, these functions assume checked inputs.
 
 Each op has the reference's name and signature (dpkernels.ops.reference) and wraps one
 `torch.library.custom_op` in the ``dpkernels`` namespace (``dpkernels::triton_<op>``;
@@ -32,6 +32,7 @@ from .conv import conv_clipped_sum, conv_norms
 from .embedding import embedding_clipped_sum, embedding_linear_cross, embedding_norms
 from .linear_clipped_sum import bias_clipped_sum, linear_clipped_sum
 from .linear_norms import bias_norms, linear_norms
+from .secure_noise import chacha20_blocks, secure_noise
 
 __all__ = [
     "add_noise",
@@ -46,4 +47,6 @@ __all__ = [
     "embedding_norms",
     "linear_clipped_sum",
     "linear_norms",
+    "chacha20_blocks",
+    "secure_noise",
 ]
