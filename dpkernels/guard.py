@@ -150,7 +150,8 @@ class ForwardGuard:
         before = None
         if self._training():
             self._check_deferred()  # a forward whose backward never came
-            sharding: Any = getattr(self.probe._dp_engine, "sharding", None)  # dpkernels.fsdp.ShardedParams
+            # dpkernels.fsdp.ShardedParams; vars(): a copy's DetachedEngine raises on any other attribute read
+            sharding: Any = vars(self.probe._dp_engine).get("sharding")
             before = []
             with torch.no_grad():
                 for n, m, skip in self.modules:
@@ -189,7 +190,7 @@ class ForwardGuard:
                     f"public data"
                 )
         valued = []
-        sharding: Any = getattr(self.probe._dp_engine, "sharding", None)
+        sharding: Any = vars(self.probe._dp_engine).get("sharding")
         for w in before:
             now = w.current()
             if w.kind == "sharded parameter":
