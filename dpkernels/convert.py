@@ -418,6 +418,8 @@ def make_private(
                 "accountant": accountant,
                 "perturb_k": perturb_k,
                 "adaptive_clipping": repr(engine.adaptive.config) if engine.adaptive is not None else None,
+                "privacy account so far": repr(spent),  # a rank continuing a run alone would report another epsilon
+                "steps so far": previous.steps if previous is not None else 0,
             }
         )
         parallel.broadcast_model(model)

@@ -34,6 +34,7 @@ the same epsilon.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -43,7 +44,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from . import pruning
 from .data import PoissonBatchSampler, poisson_dataloader
+from .engine import _mix64
 
 BUCKET_BYTES = 25 * 1024 * 1024  # like DDP's default bucket: few collectives, each large enough to run at bandwidth
 _FIXED_SIZE_STEPS = 8  # Poisson batches of the same size this many steps running are all but impossible
@@ -71,6 +74,7 @@ class DataParallelState:
         self.launches: list[int] = []  # per bucket launched: the DP layers still to run backward then (-1: at step)
         self._sizes: list[int] = []
         self._warned = False
+        self._mask_digests: dict[int, tuple[Any, int]] = {}  # id(mask) -> (mask, its digest), masks never change
 
     def agree(self, what: dict[str, Any]) -> None:
         """Every rank must train with the same DP configuration, or the sum is not one DP step."""
@@ -84,6 +88,43 @@ class DataParallelState:
                     f"make_private(distributed=...): rank {r} has a different DP configuration ({diff}) than rank "
                     f"{self.rank}; every rank must call make_private with the same arguments and the same model"
                 )
+
+    def agree_step(self, engine: Any, accountant: Any) -> None:
+        """What a step's noise and sensitivity depend on, and may change after make_private, must be the same on
+        every rank: the pruning masks (a coordinate one rank prunes gets the others' samples with noise
+        sigma R sqrt((W - 1) / W) only), the noise multipliers, the clipping bounds, the expected batch size,
+        the step counter and the privacy account. One all-reduce (MAX) of [d, -d] per digest d: they agree
+        iff max d == min d, which every rank sees, so every rank raises together. Called after the step's
+        gradient buckets, so the ranks' collectives stay in the same order."""
+        masks = [(i, k, self._mask_digest(pruning.mask_of(m, k))) for i, (m, k, _) in enumerate(engine._owned)]
+        parts = {
+            "pruning masks": masks,
+            "noise multipliers": (engine.noise_multiplier, engine.grad_noise_multiplier),
+            "clipping bounds": list(engine.bounds),
+            "expected batch size": engine.expected_batch_size,
+            "step counter": engine.steps,
+            "privacy account": None if accountant is None else repr(accountant.history),
+        }
+        d = torch.tensor([_digest(repr(v).encode()) for v in parts.values()], dtype=torch.int64)
+        both = torch.cat([d, -d])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        hi, lo = both[: len(d)].tolist(), (-both[len(d) :]).tolist()
+        differ = [k for k, a, b in zip(parts, hi, lo, strict=True) if a != b]
+        if differ:
+            raise ValueError(
+                f"the ranks' DP configurations differ at step {engine.steps} ({', '.join(differ)}): their sum is not "
+                f"one DP step (no step was taken). Change them on every rank alike: apply_masks, make_private and the "
+                f"optimizer's settings with the same arguments on each rank"
+            )
+
+    def _mask_digest(self, mask: Any) -> int | None:
+        if mask is None:
+            return None
+        hit = self._mask_digests.get(id(mask))
+        if hit is None or hit[0] is not mask:
+            keep = mask.to(torch.device("cpu")).keep  # the engine's private copy (refuses an in-place edit)
+            hit = self._mask_digests[id(mask)] = (mask, _digest(keep.to(torch.uint8).numpy().tobytes()))
+        return hit[1]
 
     def broadcast_model(self, model: torch.nn.Module) -> None:
         """Rank 0's parameters and buffers on every rank, as DistributedDataParallel does at construction.
@@ -187,6 +228,10 @@ class DataParallelState:
             )
 
 
+def _digest(data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1  # fits an int64
+
+
 class DistributedPoissonSampler(PoissonBatchSampler):
     """This rank's part of a Poisson batch over ``num_samples`` examples shared by ``world_size`` ranks.
 
@@ -194,8 +239,10 @@ class DistributedPoissonSampler(PoissonBatchSampler):
     so every example is in a global step with probability q whatever W, and the global batch is the
     union of the ranks' batches (expected size q N, `expected_batch_size`). A rank's batch may be
     empty. Each rank draws from its own generator, seeded from the operating system's entropy unless
-    ``generator`` is given (see `PoissonBatchSampler`). Every rank yields the same number of batches
-    (``steps``), so their collectives line up.
+    ``generator`` is given (see `PoissonBatchSampler`); a given generator seeds a stream of its own per
+    rank (its next draw mixed with the rank), so the same generator on every rank does not draw the
+    same pattern on every shard (examples r and r + 1 always in a step together). Every rank yields the
+    same number of batches (``steps``), so their collectives line up.
     """
 
     def __init__(
@@ -217,6 +264,9 @@ class DistributedPoissonSampler(PoissonBatchSampler):
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.rank = rank
         self.world_size = world_size
+        if generator is not None and world_size > 1:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            self.generator = torch.Generator().manual_seed(_mix64(seed, rank))
         self._shard = torch.arange(rank, num_samples, world_size)
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -1152,6 +1152,12 @@ class DPOptimizer(torch.optim.Optimizer):
             self.parallel.sum_grads(self.engine._params)
             if adaptive is not None:  # the noisy clip counts, summed like the gradients
                 self.parallel.all_reduce([adaptive.released])
+            try:
+                self.parallel.agree_step(self.engine, self.accountant)
+            except ValueError:
+                for p in self.engine._params:  # a sum under too little noise on some coordinates: not kept
+                    p.grad = None
+                raise
         if adaptive is not None:
             adaptive.update(self.engine)
         self.original_optimizer.step()

@@ -351,6 +351,48 @@ def fixed_size_warning(rank, world):
     return {"warned": [str(w.message) for w in caught if "Poisson" in str(w.message)]}
 
 
+def disagree(rank, world):
+    """Ranks whose DP configurations differ after make_private: the step is refused on every rank (no gradient
+    left behind), and the same configuration built separately on each rank is accepted. Without the check a
+    mask on rank 1 only left its pruned coordinates with noise std 0.70 sigma R (rank 0's share only) on rank
+    0's samples, and a rank continuing an earlier run reported another epsilon (1.00 against 0.96)."""
+    from dpkernels.pruning import apply_masks
+
+    keep = torch.ones(4, 64, dtype=torch.bool)
+    keep[:, :32] = False
+    out = {}
+
+    def step(name, *, mask_before=(), mask_after=(), earlier_steps=0):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 4)).to(DT)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        if rank in mask_before:
+            apply_masks(model, {"0.weight": keep})
+        try:
+            if rank < earlier_steps:  # rank 0 ran private steps of its own first: its account differs
+                model, dp = dpkernels.make_private(model, opt, noise_multiplier=1.0, sample_rate=0.1, dataset_size=60)
+                for _ in range(2):
+                    dp.backward(model(torch.randn(2, 64, dtype=DT)).sum())
+                    dp.step()
+                opt = dp.original_optimizer
+            model, dp = dpkernels.make_private(
+                model, opt, noise_multiplier=1.0, max_grad_norm=R, sample_rate=0.1, dataset_size=60, distributed=True
+            )
+            if rank in mask_after:
+                apply_masks(model, {"0.weight": keep})
+            dp.backward(model(torch.randn(3, 64, dtype=DT)).sum())
+            dp.step()
+            out[name] = {"error": None, "grad_none": model[0].weight.grad is None}
+        except ValueError as e:
+            out[name] = {"error": str(e), "grad_none": model[0].weight.grad is None}
+
+    step("masks/after", mask_after=(1,))
+    step("masks/before", mask_before=(1,))
+    step("masks/same", mask_before=(0,), mask_after=(1,))
+    step("history", earlier_steps=1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -395,6 +437,7 @@ def main() -> None:
     results["noise/same-seed"] = noise(rank, world, seed=1234)
     results["sensitivity"] = sensitivity(rank, world)
     results["fixed_size_warning"] = fixed_size_warning(rank, world)
+    results["disagree"] = disagree(rank, world)
     results["adaptive/bk"] = adaptive(rank, world, strategy="bk")
     results["adaptive/two-pass"] = adaptive(rank, world, strategy="two-pass")
     results["adaptive/count-noise"] = adaptive_count_noise(rank, world)

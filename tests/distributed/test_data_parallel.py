@@ -189,6 +189,43 @@ def test_fixed_size_batches_warn_that_the_accountant_assumes_poisson(two_ranks):
     assert two_ranks["fixed_size_warning"]["warned"], "no warning for 8 fixed-size batches in a row"
 
 
+@pytest.mark.parametrize("case", ["masks/after", "masks/before"])
+def test_ranks_with_different_masks_are_refused_at_the_step(two_ranks, case):
+    """A coordinate pruned on one rank only gets the other rank's samples with its share of the noise alone
+    (std 0.70 sigma R measured, 1.0 due): every rank refuses the step and keeps no gradient."""
+    r = two_ranks["disagree"][case]
+    assert r["error"] and "pruning masks" in r["error"], r
+    assert r["grad_none"]
+
+
+def test_ranks_with_the_same_masks_step(two_ranks):
+    r = two_ranks["disagree"]["masks/same"]  # the same mask applied before make_private on one, after on the other
+    assert r["error"] is None and not r["grad_none"]
+
+
+def test_a_rank_continuing_an_earlier_run_alone_is_refused(two_ranks):
+    """Its privacy account would differ from the others' (epsilon 1.00 against 0.96 measured)."""
+    r = two_ranks["disagree"]["history"]
+    assert r["error"] and "privacy account so far" in r["error"], r
+
+
+def test_one_generator_on_every_rank_draws_independent_shards():
+    """The same seeded generator given on both ranks drew the same pattern on both shards (examples 2j and 2j + 1
+    always in a step together). Now each rank's stream is its own: over 2000 shard positions at q = 0.5 the
+    two ranks agree on about half (std 0.011); the same pattern would agree on all."""
+
+    def seeded():
+        return torch.Generator().manual_seed(0)
+
+    a, b = (
+        next(iter(DistributedPoissonSampler(4000, 0.5, rank=r, world_size=2, steps=1, generator=seeded())))
+        for r in (0, 1)
+    )  # fmt: skip
+    x, y = torch.zeros(2000, dtype=torch.bool), torch.zeros(2000, dtype=torch.bool)
+    x[torch.tensor(a) // 2], y[torch.tensor(b) // 2] = True, True
+    assert abs((x == y).float().mean().item() - 0.5) < 0.07  # 6 std
+
+
 def test_distributed_poisson_sampler_covers_each_example_with_rate_q():
     """Three ranks' shards are disjoint and cover the dataset; each example is in a global step with probability q
     (over 400 steps: binomial std sqrt(400 q (1-q)) = 8, so a count within 5 std of 80 for all 30 examples), and
