@@ -19,7 +19,7 @@ ARCHS = ("sm_90a", "sm_80")
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\w+)'")
 _USED = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
-_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def _nvcc() -> str:
@@ -57,10 +57,11 @@ def ptxas_report() -> list[dict]:
     rows, cur = [], None
     for line in res.stderr.splitlines():
         if m := _ENTRY.search(line):
-            cur = dict(kernel=m.group(1), arch=m.group(2), registers=None, smem=0, spill_stores=0, spill_loads=0)
+            cur = dict(kernel=m.group(1), arch=m.group(2), registers=None, smem=0, stack=0)
+            cur.update(spill_stores=0, spill_loads=0)
             rows.append(cur)
         elif cur is not None and (m := _SPILL.search(line)):
-            cur["spill_stores"], cur["spill_loads"] = int(m.group(1)), int(m.group(2))
+            cur["stack"], cur["spill_stores"], cur["spill_loads"] = (int(m.group(k)) for k in (1, 2, 3))
         elif cur is not None and (m := _USED.search(line)):
             cur["registers"] = int(m.group(1))
             if s := _SMEM.search(line):
@@ -85,15 +86,15 @@ def main() -> int:
         "# Compiled backend (csrc/kernels.cu): ptxas -v",
         "",
         "`python -m bench.cuda_ptxas`: every kernel (one grid-stride kernel per functor and dtype, and the",
-        "block-synchronous tile kernels, `tiles:`, of the Linear clipped sum; 256 threads each) compiled for",
+        "block-synchronous tile kernels, `tiles:`, of the Linear and Conv clipped sums; 256 threads each) compiled for",
         f"{', '.join(ARCHS)} with -O3. Spilling kernels: {len(spills)}.",
         "",
-        "| kernel | arch | registers | static smem (B) | spill stores (B) | spill loads (B) |",
-        "|---|---|---|---|---|---|",
+        "| kernel | arch | registers | static smem (B) | stack frame (B) | spill stores (B) | spill loads (B) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["arch"], r["kernel"])):
         lines.append(
-            f"| `{r['kernel']}` | {r['arch']} | {r['registers']} | {r['smem']} | {r['spill_stores']} "
+            f"| `{r['kernel']}` | {r['arch']} | {r['registers']} | {r['smem']} | {r['stack']} | {r['spill_stores']} "
             f"| {r['spill_loads']} |"
         )
     Path(args.out).write_text("\n".join(lines) + "\n")

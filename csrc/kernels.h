@@ -23,6 +23,13 @@
 #else
 #define DPK_HD inline
 #endif
+// Fixed-count loops over a tile thread's registers: unrolled on the GPU, so its arrays stay in
+// registers (indexed at run time they would live in local memory, a stack frame in ptxas's report).
+#if defined(__CUDA_ARCH__)
+#define DPK_UNROLL _Pragma("unroll")
+#else
+#define DPK_UNROLL
+#endif
 
 namespace dpk {
 
@@ -401,6 +408,7 @@ struct ConvOperands {
   DPK_HD int64_t row(int64_t kk, int64_t grp, Row& r) const {
     const int64_t i = O.div(kk);
     int64_t o = kk - i * O.d, goff = i * sgb + grp * cout_g * sgc;
+    DPK_UNROLL
     for (int q = 2; q >= 0; --q) {  // a fixed trip count: unrolled, the arrays stay in registers
       if (q >= n) continue;
       const int64_t o_next = out[q].div(o), oq = o - o_next * out[q].d;
@@ -415,6 +423,7 @@ struct ConvOperands {
   DPK_HD acc_t g_at(const Row& r, int64_t p) const { return static_cast<acc_t>(r.g[p * sgc]); }
   DPK_HD acc_t a_at(const Row& r, int64_t d) const {
     int64_t off = 0;
+    DPK_UNROLL
     for (int q = 2; q >= 0; --q) {
       if (q >= n) continue;
       const int64_t d_next = k[q].div(d), kq = d - d_next * k[q].d;
@@ -460,8 +469,11 @@ struct ClippedGemm {
   bool split;
 
   DPK_HD void zero(Regs& r) const {
-    for (int x = 0; x < TP; ++x)
+    DPK_UNROLL
+    for (int x = 0; x < TP; ++x) {
+      DPK_UNROLL
       for (int y = 0; y < TD; ++y) r.v[x][y] = 0;
+    }
   }
   // block b = (split, group, tile) = (b / (groups tiles), b / tiles % groups, b % tiles)
   DPK_HD int64_t k_lo(int64_t b) const { return (b / (tiles * groups)) * k_per; }
@@ -481,10 +493,12 @@ struct ClippedGemm {
     const bool ok = k < k_hi(b);
     typename Ops::Row r{};
     const acc_t ci = ok ? clip[ops.row(k, group(b), r)] : acc_t(0);
+    DPK_UNROLL
     for (int q = 0; q < BP / 16; ++q) {
       const int64_t p = p0 + lane + 16 * q;
       sm.g[kk][lane + 16 * q] = ok && p < P ? ci * ops.g_at(r, p) : acc_t(0);
     }
+    DPK_UNROLL
     for (int q = 0; q < BD / 16; ++q) {
       const int64_t d = d0 + lane + 16 * q;
       sm.a[kk][lane + 16 * q] = ok && d < D ? ops.a_at(r, d) : acc_t(0);
@@ -492,12 +506,18 @@ struct ClippedGemm {
   }
   DPK_HD void mma(const Smem& sm, Regs& r, int64_t, int tid) const {
     const int ty = tid / 16, tx = tid % 16;
+    DPK_UNROLL
     for (int kk = 0; kk < BK; ++kk) {
       acc_t gv[TP], av[TD];
+      DPK_UNROLL
       for (int x = 0; x < TP; ++x) gv[x] = sm.g[kk][ty + 16 * x];
+      DPK_UNROLL
       for (int y = 0; y < TD; ++y) av[y] = sm.a[kk][tx + 16 * y];
-      for (int x = 0; x < TP; ++x)
+      DPK_UNROLL
+      for (int x = 0; x < TP; ++x) {
+        DPK_UNROLL
         for (int y = 0; y < TD; ++y) r.v[x][y] += gv[x] * av[y];
+      }
     }
   }
   DPK_HD void store(const Regs& r, int64_t b, int tid) const {
@@ -506,9 +526,11 @@ struct ClippedGemm {
     const int ty = tid / 16, tx = tid % 16;
     acc_t* o = split ? out + (b / (tiles * groups)) * groups * P * D : out;
     const int64_t row0 = group(b) * P;
+    DPK_UNROLL
     for (int x = 0; x < TP; ++x) {
       const int64_t p = p0 + ty + 16 * x;
       if (p >= P) continue;
+      DPK_UNROLL
       for (int y = 0; y < TD; ++y) {
         const int64_t d = d0 + tx + 16 * y;
         if (d >= D) continue;
