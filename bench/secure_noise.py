@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_compiled and "cuda" in ops.available_backends():
         backends.append("cuda")
     if args.quick:
-        op_rows = bench_op(1 << 10, 2, backends)
-        step_rows = [bench_step("gpt2-tiny", {}, 2, 2)]
+        op_rows = bench_op(1 << 8, 1, backends)
+        step_rows = [bench_step("gpt2-tiny", {}, 2, 1)]
     else:
         op_rows = bench_op(1 << 20, 5, backends)
         step_rows = [

@@ -15,14 +15,12 @@ import struct
 
 import pytest
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms  # a test dependency: never skipped
 from scipy import stats
 
 import dpkernels
 from dpkernels import ops
 from dpkernels.ops.reference import chacha
-
-algorithms = pytest.importorskip("cryptography.hazmat.primitives.ciphers.algorithms")
-Cipher = pytest.importorskip("cryptography.hazmat.primitives.ciphers").Cipher
 
 RFC_KEY = list(struct.unpack("<8I", bytes(range(32))))
 # RFC 8439 2.3.2: key 00:01:..:1f, nonce 00:00:00:09:00:00:00:4a:00:00:00:00, block counter 1.

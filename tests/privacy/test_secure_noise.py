@@ -126,3 +126,12 @@ def test_nonce_fields_must_fit_32_bits():
     with pytest.raises(ValueError, match="step 4294967296 does not fit"):
         SecureNoise.nonce(2**32, 0, 0)
     assert SecureNoise.nonce(2**32 - 1, 5, 1) == [2**32 - 1, 5, 1]
+
+
+def test_bench_quick_runs(tmp_path):
+    """bench/secure_noise.py --quick (the op and step comparison at tiny sizes) runs and writes its report."""
+    from bench.secure_noise import main
+
+    assert main(["--quick", "--no-compiled", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "secure_noise.md").read_text()
+    assert "| reference |" in md and "gpt2-tiny" in md
