@@ -12,6 +12,7 @@ the expected batch size q * N, never by the realised one.
 from __future__ import annotations
 
 import secrets
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,12 @@ from torch.utils.data._utils.collate import default_collate
 from .padding import PaddingCollate
 
 _BATCHING_KWARGS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -50,6 +57,14 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.sample_rate = float(sample_rate)
         self.steps = steps
         self.generator = generator if generator is not None else torch.Generator().manual_seed(secrets.randbits(63))
+        if type(self) is PoissonBatchSampler and _world_size() > 1:
+            warnings.warn(
+                f"a PoissonBatchSampler (poisson_loader) over all {num_samples} examples on each of {_world_size()} "
+                f"ranks: an example can be in several ranks' batches of one step (clipped contribution up to "
+                f"W R, rate about W q), which the privacy account does not cover. For data-parallel training use "
+                f"dpkernels.distributed.distributed_poisson_loader (each rank draws over its own shard)",
+                stacklevel=2,
+            )
 
     def __len__(self) -> int:
         return self.steps

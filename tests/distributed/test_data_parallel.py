@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,20 @@ def one_process_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+def test_a_whole_dataset_poisson_sampler_on_several_ranks_warns(one_process_group, monkeypatch):
+    """poisson_loader on every rank draws each rank's batch over the whole dataset: one example in both ranks'
+    batches of a step counts twice (2 R), at rate about 2 q. It warns, naming the distributed loader; the
+    distributed sampler does not."""
+    from dpkernels.data import PoissonBatchSampler
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.warns(UserWarning, match="several ranks.*distributed_poisson_loader"):
+        PoissonBatchSampler(100, 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DistributedPoissonSampler(100, 0.1, rank=0, world_size=2)
 
 
 def test_fully_shard_after_make_private_is_refused_by_name(one_process_group):
