@@ -160,7 +160,7 @@ class AdaptiveState:
         device = engine._params[0].device
         if engine.secure is not None:  # secure mode: the counts' noise from its ChaCha20 stream too
             self.released = engine.secure.noise(
-                prev, (self.groups,), noise_std=std, scale=1.0, step=engine.steps, index=len(engine._params),
+                prev, (self.groups,), noise_std=std, scale=1.0, step=engine.stream, index=len(engine._params),
                 rank=engine.rank, device=device, dtype=torch.float64,
             )  # fmt: skip
         else:

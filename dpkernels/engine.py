@@ -311,6 +311,9 @@ class Engine:
         self.enabled = True
         self.batch_size: int | None = None  # the model's batch, read by a forward pre-hook
         self.steps = 0
+        # the step index keying the noise streams: moves with steps but never back (a rolled-back optimizer
+        # state must not draw a used stream again: the two updates' difference would cancel the noise)
+        self.stream = 0
         self.r_total = math.sqrt(sum(b * b for b in self.bounds))
         # clip(g_i + k zeta_i) (dpkernels.perturb); None: plain clipping
         self.perturb = Perturbation(perturb_k) if perturb_k != 0.0 else None
@@ -395,6 +398,7 @@ class Engine:
         if keep_seed:
             self.seed = old.seed
         self.steps = old.steps
+        self.stream = old.stream
 
     def retire(self) -> None:
         """Stop training (make_private was called again on the model): hooks removed, per-step state
@@ -920,8 +924,8 @@ class Engine:
 
     def param_seed(self, p: nn.Parameter) -> int:
         if self.world_size == 1:
-            return _mix64(self.seed, self.steps, self._index[id(p)])
-        return _mix64(self.seed, self.steps, self._index[id(p)], self.rank)  # one stream per rank, even for one seed
+            return _mix64(self.seed, self.stream, self._index[id(p)])
+        return _mix64(self.seed, self.stream, self._index[id(p)], self.rank)  # one stream per rank, even for one seed
 
     def _secure_noise(self, p: nn.Parameter, total: Tensor | None) -> Tensor:
         """Secure mode: scale * (total + rank_noise_std * z), z from the ChaCha20 stream of (step, p, rank)."""
@@ -931,7 +935,7 @@ class Engine:
             p.shape,
             noise_std=self.rank_noise_std(),
             scale=1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0,
-            step=self.steps,
+            step=self.stream,
             index=self._index[id(p)],
             rank=self.rank,
             device=p.device,
@@ -987,8 +991,9 @@ class Engine:
         self._noised.clear()
         self._micro = 0
         if self.adaptive is not None:  # the noisy counts, keyed like a parameter's noise (index past the last)
-            self.adaptive.release(self, _mix64(self.seed, self.steps, len(self._params), self.rank))
+            self.adaptive.release(self, _mix64(self.seed, self.stream, len(self._params), self.rank))
         self.steps += 1
+        self.stream += 1
 
     def abandon_step(self) -> None:
         """Drop the logical step in progress (a refused step): its micro-batches' sums and the gradients
@@ -997,6 +1002,7 @@ class Engine:
         the noise streams, moves on, or the next step's update minus this one would cancel their noise."""
         if self._noised:
             self.steps += 1
+            self.stream += 1
         self._abort()
         self._acc.clear()
         self._noised.clear()
@@ -1237,6 +1243,7 @@ class DPOptimizer(torch.optim.Optimizer):
             )
             return
         self.engine.steps = int(dp["steps"])
+        self.engine.stream = max(self.engine.stream, self.engine.steps)  # a rollback draws fresh noise
         if self.accountant is not None and saved is not None:
             self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
         elif self.accountant is not None or saved is not None:

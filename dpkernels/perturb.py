@@ -153,7 +153,7 @@ class Perturbation:
         """v_i = h_i + k' zeta_i for the chunk's samples (float64)."""
         idx = engine._index[id(p)]
         z = [
-            zeta(h.shape[1:], zeta_seed(engine.seed, engine.steps, engine._micro, idx, engine.rank, lo + j), h.device)
+            zeta(h.shape[1:], zeta_seed(engine.seed, engine.stream, engine._micro, idx, engine.rank, lo + j), h.device)
             for j in range(h.shape[0])
         ]
         return h + kp * torch.stack(z)
