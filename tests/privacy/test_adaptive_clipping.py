@@ -186,7 +186,7 @@ SIGMA, SIGMA_B = 1.0, 2.0
 def _step(opt, model, case, x, y, t: int, bounds: list[float]):
     """One step of the engine from step t with bounds R_t (noise streams are functions of (seed, t))."""
     eng = opt.engine
-    eng.steps = t
+    eng.steps = eng.stream = t  # the stream index keys the noise; steps is what is saved
     set_bounds(eng, bounds)
     opt.zero_grad()
     opt.backward(batch_loss(case, model(x), y, "sum"))
@@ -292,7 +292,7 @@ def test_count_noise_is_sigma_b_split_over_the_ranks():
     for world in (1, 4):
         state = AdaptiveState(AdaptiveClipping(count_noise_multiplier=2.5), 8000)
         state._count = torch.full((8000,), 3.5, dtype=torch.float64)
-        eng = SimpleNamespace(world_size=world, _params=[torch.zeros(1)])
+        eng = SimpleNamespace(world_size=world, _params=[torch.zeros(1)], secure=None, stream=0, steps=0, rank=0)
         c = state.release(eng, seed=11)
         z = ((c - 3.5) / (2.5 / math.sqrt(world))).numpy()
         assert stats.kstest(z, "norm").pvalue > ALPHA
