@@ -16,6 +16,12 @@
   backward pass (at once for a forward with no backward to follow). Parameters are not copied (that
   would double the memory traffic of every forward): a ``p.data`` in-place write in forward is the
   one write not detected.
+- Nor may a training forward change a module's other Python state, which is pickled with the model
+  (``torch.save(model)``, ``copy.deepcopy``): a new attribute (``self.peak = x.amax()``: there was
+  nothing to compare on the first forward), a submodule added, a number or string replaced
+  (``self.seen = float(x.max())``), a list/tuple/dict changed or a tensor in it written
+  (``self.history.append(x.detach())``). Containers are flattened (``torch.utils._pytree``); any other
+  object is compared by identity, so state hidden inside one (or in a global or a closure) is not seen.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves
 
 _local = threading.local()
 
@@ -68,7 +74,7 @@ class _Watched(NamedTuple):
 
     module_name: str
     module: nn.Module
-    kind: str  # "buffer", "attribute", "parameter" or "sharded parameter" (FSDP2: its local shard is watched)
+    kind: str  # "buffer", "attribute", "held tensor" (in a container attribute), "parameter" or "sharded parameter"
     key: str
     tensor: Tensor
     version: int
@@ -84,6 +90,8 @@ class _Watched(NamedTuple):
             return self.module._buffers.get(self.key)
         if self.kind in ("parameter", "sharded parameter"):
             return self.module._parameters.get(self.key)
+        if self.kind == "held tensor":  # in a container: its identity is in the module's fingerprint
+            return self.tensor
         return self.module.__dict__.get(self.key)
 
 
@@ -98,6 +106,50 @@ def _changed(now: Tensor, before: Tensor) -> Tensor:
     if now.is_floating_point() or now.is_complex():
         diff = diff & ~(now.isnan() & before.isnan())
     return diff.any()
+
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}  # hooks and registries: checked otherwise
+_VALUES = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _python_state(m: nn.Module, skip: frozenset[str]) -> tuple[tuple, list[tuple[str, Tensor]]]:
+    """A fingerprint of ``m``'s Python state besides its parameters, buffers and tensor attributes (see the
+    module docstring): attribute names, submodules, plain values by value, containers by their structure and
+    leaves, other objects by identity; and the tensors held in containers (their contents are watched)."""
+    marks: list = [tuple(m.__dict__), tuple((k, id(c)) for k, c in m._modules.items())]
+    held: list[tuple[str, Tensor]] = []
+    for k, v in m.__dict__.items():
+        if k in _MODULE_INTERNALS or k in skip or k.startswith("_dp_") or isinstance(v, Tensor):
+            continue
+        if isinstance(v, (list, tuple, dict)):
+            leaves, spec = tree_flatten(v)
+            marks.append((k, id(v), spec))
+            for i, leaf in enumerate(leaves):
+                if isinstance(leaf, Tensor):
+                    marks.append(id(leaf))
+                    if not isinstance(leaf, nn.Parameter):  # a parameter is watched as one (RNN's _flat_weights)
+                        held.append((f"{k}[{i}]", leaf))
+                else:
+                    marks.append(leaf if isinstance(leaf, _VALUES) else id(leaf))
+        else:
+            marks.append((k, v if isinstance(v, _VALUES) else id(v)))
+    return tuple(marks), held
+
+
+def _python_state_error(name: str, m: nn.Module, before: tuple, now: tuple) -> RuntimeError:
+    keys_before, keys_now = before[0], now[0]
+    if keys_before != keys_now:
+        what = f"attributes {sorted(set(keys_now) ^ set(keys_before))} added or removed"
+    elif before[1] != now[1]:
+        what = "a submodule added, removed or replaced"
+    else:
+        what = "a Python attribute or a container (list, tuple, dict) of it changed"
+    return RuntimeError(
+        f"module {name or '<model>'!r} ({type(m).__name__}) changed its Python state during a DP training forward "
+        f"({what}): the module's attributes are pickled with the model (torch.save, deepcopy), and state written "
+        f"from the batch is learned outside the gradient, with no clipping and no noise. Keep per-batch values in "
+        f"local variables, make such state before make_private from public data, or put that module in eval mode"
+    )
 
 
 def _tensor_attributes(m: nn.Module) -> list[tuple[str, Tensor]]:
@@ -122,7 +174,7 @@ class ForwardGuard:
         self.probe = probe
         self.model = model
         self.modules = [(n, m, _weight_only(m)) for n, m in model.named_modules()]
-        self._before: list[tuple[list[_Watched], list[tuple[str, nn.Module, int]]] | None] = []
+        self._before: list[tuple[list[_Watched], list[tuple[str, nn.Module, int, tuple, frozenset[str]]]] | None] = []
 
     @staticmethod
     def attach(model: nn.Module, probe: nn.Module) -> ForwardGuard:
@@ -153,10 +205,14 @@ class ForwardGuard:
             # dpkernels.fsdp.ShardedParams; vars(): a copy's DetachedEngine raises on any other attribute read
             sharding: Any = vars(self.probe._dp_engine).get("sharding")
             before = []
+            fingerprints: list[tuple] = []
             with torch.no_grad():
                 for n, m, skip in self.modules:
                     state = [("buffer", k, b) for k, b in m._buffers.items() if b is not None and k not in skip]
                     state += [("attribute", k, t) for k, t in _tensor_attributes(m) if k not in skip]
+                    marks, held = _python_state(m, skip)
+                    fingerprints.append(marks)
+                    state += [("held tensor", k, t) for k, t in held]
                     for kind, k, t in state:
                         before.append(_Watched(n, m, kind, k, t, t._version, _placement(t), t.clone()))
                     for k, p in m._parameters.items():
@@ -168,7 +224,9 @@ class ForwardGuard:
                                                    _placement(shard), None))  # fmt: skip
                         else:
                             before.append(_Watched(n, m, "parameter", k, p, p._version, _placement(p), None))
-            counts = [(n, m, len(m._buffers)) for n, m, _ in self.modules]  # buffers registered in forward
+            counts = [  # buffers registered in forward; Python state
+                (n, m, len(m._buffers), f, skip) for (n, m, skip), f in zip(self.modules, fingerprints, strict=True)
+            ]
             self._before.append((before, counts))
         else:
             self._before.append(None)
@@ -181,7 +239,7 @@ class ForwardGuard:
         if entry is None:
             return
         before, counts = entry
-        for name, m, count in counts:
+        for name, m, count, _, _ in counts:
             if len(m._buffers) != count:
                 raise RuntimeError(
                     f"module {name or '<model>'!r} ({type(m).__name__}) registered a buffer during a DP training "
@@ -189,6 +247,10 @@ class ForwardGuard:
                     f"the gradient, with no clipping and no noise. Register buffers before make_private, from "
                     f"public data"
                 )
+        for name, m, _, marks, skip in counts:
+            now_marks = _python_state(m, skip)[0]
+            if now_marks != marks:
+                raise _python_state_error(name, m, marks, now_marks)
         valued = []
         sharding: Any = vars(self.probe._dp_engine).get("sharding")
         for w in before:
