@@ -116,7 +116,8 @@ def _python_state(m: nn.Module, skip: frozenset[str]) -> tuple[tuple, list[tuple
     """A fingerprint of ``m``'s Python state besides its parameters, buffers and tensor attributes (see the
     module docstring): attribute names, submodules, plain values by value, containers by their structure and
     leaves, other objects by identity; and the tensors held in containers (their contents are watched)."""
-    marks: list = [tuple(m.__dict__), tuple((k, id(c)) for k, c in m._modules.items())]
+    own = tuple(k for k in m.__dict__ if not k.startswith("_dp_"))  # dpkernels' own bookkeeping (tap depth)
+    marks: list = [own, tuple((k, id(c)) for k, c in m._modules.items())]
     held: list[tuple[str, Tensor]] = []
     for k, v in m.__dict__.items():
         if k in _MODULE_INTERNALS or k in skip or k.startswith("_dp_") or isinstance(v, Tensor):
