@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from . import padding
 from .padding import PaddingCollate
 
 _BATCHING_KWARGS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
@@ -222,7 +223,8 @@ def poisson_dataloader(
         one, two = collate.collate_fn([s0]), collate.collate_fn([s0, s0])
         collate_fn = PaddingCollate(collate, one, two, pad_to)
         collate_fn([])  # refuse a batch structure that cannot be padded now
-    return DataLoader(dataset, batch_sampler=make_sampler(n), collate_fn=collate_fn, **dataloader_kwargs)
+    kind = DataLoader if pad_to is None else padding.PaddedLoader  # a padded batch owes its mask to the backward
+    return kind(dataset, batch_sampler=make_sampler(n), collate_fn=collate_fn, **dataloader_kwargs)
 
 
 __all__ = ["EmptyBatchCollate", "PoissonBatchSampler", "poisson_loader"]

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import ops, pruning
+from . import ops, padding, pruning
 from .clipping import clip_factors
 from .nn import DPModule
 from .ops._validate import ids_looked_up
@@ -486,6 +486,7 @@ class Engine:
                 f"noise was already added; pass accumulation_steps=k to make_private to accumulate k micro-batches"
             )
         check_param_hooks(self._params, self._pname)
+        padding.check_mask_given(self._sample_mask is not None)
         if self.parallel is not None and self._micro == 0 and self._phase != "apply":
             self.parallel.reset_step()  # a new logical step: nothing of an abandoned one is all-reduced
         self._in_backward = True

@@ -13,11 +13,40 @@ batch is fine: the engine undoes the mean with the batch size it sees.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+# The mask of the last padded batch yielded in this process (a weak reference: owed while the training loop holds
+# it), until a backward with a sample mask runs.
+_pending: list[weakref.ref[torch.Tensor]] = []
+
+
+def check_mask_given(has_mask: bool) -> None:
+    """Refuse a DP backward without a sample mask while a padded batch's mask is held: its padding rows would
+    be trained on, and their number (P minus the realised batch size) moves the update by up to 2 R per sample."""
+    if has_mask:
+        _pending.clear()
+    elif _pending and _pending[0]() is not None:
+        raise ValueError(
+            "a DP backward without sample_mask after poisson_loader(..., pad_to=...) yielded a padded batch: its "
+            "padding rows would be trained on as samples (their number depends on the realised batch size: one "
+            "sample would move the step by up to 2 R). Call optimizer.backward(loss, sample_mask=mask) with the "
+            "mask the loader yields"
+        )
+
+
+class PaddedLoader(torch.utils.data.DataLoader):
+    """A DataLoader of padded batches: the mask of each ``(batch, mask)`` yielded is owed to the next DP backward
+    while the caller holds it (see `check_mask_given`; a weak reference, so a loop that drops it owes nothing)."""
+
+    def __iter__(self):  # type: ignore[override]
+        for batch, mask in super().__iter__():
+            _pending[:] = [weakref.ref(mask)]
+            yield batch, mask
 
 
 def bucket_size(n: int, pad_to: int) -> int:

@@ -1,7 +1,8 @@
 """Padded Poisson batches (poisson_loader(pad_to=P)): remove-one sensitivity of the noiseless update, with the
 mask passed and without it. The padding rows are zeros, yet a zero row still has a gradient (a bias's); their
 number is P minus the realised batch size, so without the mask removing one sample adds a padding row whose
-clipped gradient (chosen here to pull the bias the other way) joins the difference: 2 R instead of R."""
+clipped gradient (chosen here to pull the bias the other way) joins the difference: 2 R instead of R. A DP
+backward without a mask after a padded batch was yielded is refused."""
 
 from __future__ import annotations
 
@@ -51,14 +52,8 @@ def test_with_the_mask_one_sample_moves_the_update_by_at_most_R():
     assert _sensitivity(masked=True) <= 1 + 1e-5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a padded batch's backward without its mask (loss.backward()) is not detected: the engine cannot tell "
-    "padding rows from samples; documented in README's Threat model",
-)
-def test_without_the_mask_a_padded_batch_is_refused_or_within_R():
-    try:
-        s = _sensitivity(masked=False)
-    except (RuntimeError, ValueError):
-        return  # refused: what a fix would do
-    assert s <= 1 + 1e-5, f"one sample moved the update by {s:.3f} R"
+def test_without_the_mask_a_padded_batch_is_refused():
+    """Was accepted: one sample moved the update by 2.0 R. The next masked backward trains again."""
+    with pytest.raises(ValueError, match="without sample_mask after poisson_loader"):
+        _update(2, masked=False)
+    assert _sensitivity(masked=True) <= 1 + 1e-5
