@@ -417,6 +417,7 @@ def make_private(
                 "accumulation_steps": accumulation_steps,
                 "accountant": accountant,
                 "perturb_k": perturb_k,
+                "secure_mode": bool(secure_mode),  # one rank drawing Philox noise would weaken a secure run
                 "adaptive_clipping": repr(engine.adaptive.config) if engine.adaptive is not None else None,
                 "privacy account so far": repr(spent),  # a rank continuing a run alone would report another epsilon
                 "steps so far": previous.steps if previous is not None else 0,

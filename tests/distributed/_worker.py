@@ -362,7 +362,7 @@ def disagree(rank, world):
     keep[:, :32] = False
     out = {}
 
-    def step(name, *, mask_before=(), mask_after=(), earlier_steps=0):
+    def step(name, *, mask_before=(), mask_after=(), earlier_steps=0, secure=()):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 4)).to(DT)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -376,7 +376,14 @@ def disagree(rank, world):
                     dp.step()
                 opt = dp.original_optimizer
             model, dp = dpkernels.make_private(
-                model, opt, noise_multiplier=1.0, max_grad_norm=R, sample_rate=0.1, dataset_size=60, distributed=True
+                model,
+                opt,
+                noise_multiplier=1.0,
+                max_grad_norm=R,
+                sample_rate=0.1,
+                dataset_size=60,
+                distributed=True,
+                secure_mode=rank in secure,
             )
             if rank in mask_after:
                 apply_masks(model, {"0.weight": keep})
@@ -390,6 +397,7 @@ def disagree(rank, world):
     step("masks/before", mask_before=(1,))
     step("masks/same", mask_before=(0,), mask_after=(1,))
     step("history", earlier_steps=1)
+    step("secure", secure=(1,))
     return out
 
 

@@ -210,6 +210,12 @@ def test_a_rank_continuing_an_earlier_run_alone_is_refused(two_ranks):
     assert r["error"] and "privacy account so far" in r["error"], r
 
 
+def test_ranks_differing_in_secure_mode_are_refused(two_ranks):
+    """One rank drawing the default Philox noise would put non-cryptographic noise into a secure run's sum."""
+    r = two_ranks["disagree"]["secure"]
+    assert r["error"] and "secure_mode" in r["error"], r
+
+
 def test_one_generator_on_every_rank_draws_independent_shards():
     """The same seeded generator given on both ranks drew the same pattern on both shards (examples 2j and 2j + 1
     always in a step together). Now each rank's stream is its own: over 2000 shard positions at q = 0.5 the

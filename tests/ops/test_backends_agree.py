@@ -595,3 +595,23 @@ def test_noise_statistics_agree(op, backend):
         _standard((y - x) / (scale * std), f"{op} output {i} ({backend})")
     for x, y in zip(noisy, run(std, 11), strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)  # the same seed, the same noise
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p, d", [(0, 3), (3, 0), (0, 0)])
+def test_empty_feature_dims_agree(backend, p, d):
+    """A Linear with no outputs or no inputs (p or d = 0): every backend returns the same (empty or
+    noise-only) answer; the reference once failed to reshape its empty G."""
+    _available(backend)
+    g = torch.randn(2, 3, p, dtype=torch.float64)
+    a = torch.randn(2, 3, d, dtype=torch.float64)
+    c = torch.rand(2, dtype=torch.float64)
+    want = ops.linear_clipped_sum(a, g, c, bias=True, backend="reference")
+    got = ops.linear_clipped_sum(a, g, c, bias=True, backend=backend)
+    for x, y in zip(got, want, strict=True):
+        assert x is not None and y is not None and x.shape == y.shape
+        torch.testing.assert_close(x, y)  # exact: no product is formed
+    want_n = ops.linear_norms(a, g, bias=True, method="ghost", backend="reference")
+    got_n = ops.linear_norms(a, g, bias=True, method="ghost", backend=backend)
+    for x, y in zip(got_n, want_n, strict=True):
+        torch.testing.assert_close(x, y)

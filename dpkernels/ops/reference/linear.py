@@ -58,9 +58,8 @@ def linear_clipped_sum(
     bias:   scale * (prev_b + sum_i c_i sum_t g_it + noise_std * z_b)  (p,)
     """
     dt = acc_dtype(a, g)
-    p, d = g.shape[-1], a.shape[-1]
     gs = g.to(dt) * c.to(dt)[:, None, None]
-    w = gs.reshape(-1, p).T @ a.to(dt).reshape(-1, d)
+    w = gs.flatten(0, 1).T @ a.to(dt).flatten(0, 1)  # flatten, not reshape(-1, p): p or d may be 0
     w = finish(w, prev_w, noise_std, scale, seed_w)
     b = finish(gs.sum(dim=(0, 1)), prev_b, noise_std, scale, seed_b) if bias else None
     return w, b
