@@ -177,7 +177,8 @@ class AdaptiveState:
         out = []
         for r, c in zip(engine.bounds, counts, strict=True):
             b = c / engine.expected_batch_size + 0.5
-            out.append(r * math.exp(-eta * (b - gamma)))
+            e = -eta * (b - gamma)
+            out.append(r * math.exp(e) if e < 700 else math.inf)  # exp overflows past ~709: the bound left (0, inf)
         if not all(math.isfinite(r) and r > 0 for r in out):
             raise FloatingPointError(
                 f"adaptive clipping: a bound left (0, inf) ({out}): lower adaptive_clipping lr or raise max_grad_norm"

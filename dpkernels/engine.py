@@ -1165,9 +1165,15 @@ class DPOptimizer(torch.optim.Optimizer):
                 for p in self.engine._params:  # a sum under too little noise on some coordinates: not kept
                     p.grad = None
                 raise
-        if adaptive is not None:
-            adaptive.update(self.engine)
-        self.original_optimizer.step()
+        try:
+            if adaptive is not None:
+                adaptive.update(self.engine)
+            self.original_optimizer.step()
+        finally:  # the noisy gradients and counts are out: accounted even if the update of the bounds fails
+            self._account_step()
+        return loss
+
+    def _account_step(self) -> None:
         if self.accountant is not None and self.sample_rate is not None:
             self.accountant.step(noise_multiplier=self.engine.noise_multiplier, sample_rate=self.sample_rate)
             if self.budget is not None and self.accountant.steps == self.budget[1] + 1:
@@ -1176,9 +1182,8 @@ class DPOptimizer(torch.optim.Optimizer):
                     f"step {planned + 1} is past the {planned} steps the noise multiplier was calibrated for: "
                     f"the privacy spent now exceeds target_epsilon={eps:g} (optimizer.accountant.get_epsilon(delta) "
                     f"gives it)",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-        return loss
 
     @property
     def max_grad_norm(self) -> float | list[float]:

@@ -59,3 +59,26 @@ def test_resume_in_a_fresh_run_keeps_the_step() -> None:
     _, opt2 = _run(False, False)
     opt2.load_state_dict(saved)
     assert opt2.engine.steps == 7 and opt2.engine.stream == 7
+
+
+def test_a_failed_bound_update_is_still_accounted() -> None:
+    """A step whose adaptive bound update fails (lr so large that R_t leaves (0, inf)) has already released its
+    noisy gradient and counts: the accountant must count it, and the error must be the documented one."""
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m, opt = dpkernels.make_private(
+        m, opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.01, seed=1,
+        adaptive_clipping=AdaptiveClipping(count_noise_multiplier=3.0, lr=1e4),
+    )  # fmt: skip
+    x = torch.randn(4, 4)
+    failed = 0
+    for t in range(4):
+        opt.zero_grad()
+        m(x).sum().backward()
+        try:
+            opt.step()
+        except FloatingPointError:  # exp(-eta (b - gamma)) with eta = 1e4 under/overflows unless b ~ gamma
+            failed += 1
+        assert opt.accountant.steps == t + 1  # each release counted, failed update or not
+    assert failed > 0  # seed=1: deterministic; |b - gamma| > 0.07 (exp under/overflow) has probability ~0.9 per step
