@@ -8,12 +8,13 @@ from . import data as data  # Poisson sampling: data.poisson_loader, data.Poisso
 from . import pruning as pruning  # magnitude pruning: pruning.magnitude_masks, pruning.apply_masks
 from .accounting import Accountant, get_epsilon, get_noise_multiplier
 from .convert import make_private
-from .engine import DPOptimizer, Engine
+from .engine import Engine
 from .nn import DP_LAYERS, DPConv1d, DPConv2d, DPConv3d, DPEmbedding, DPGroupNorm, DPLayerNorm, DPLinear, DPRMSNorm
 from .nn.mha import DPMultiheadAttention
 from .nn.rnn import DPGRU, DPLSTM, DPRNN
 from .nn.tap import tap_parameters  # opt-in for raw (1, ...) parameters broadcast over the batch
 from .ops import available_backends, get_backend, set_backend, use_backend
+from .optimizer import DPOptimizer
 
 __version__ = "0.1.0"
 

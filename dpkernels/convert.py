@@ -14,11 +14,12 @@ from torch import nn
 from . import ops
 from .accounting import Accountant, get_noise_multiplier
 from .clipping import CLIP_FUNCTIONS, GroupSpec, group_bounds, resolve_groups
-from .engine import DPOptimizer, Engine, Tie, attached_engine, optimizer_params
+from .engine import Engine, Tie, attached_engine
 from .fsdp import ShardedParams, check_module, fsdp_modules, is_fsdp2
 from .guard import ForwardGuard
 from .nn import DP_LAYERS, DPModule
 from .nn.tap import tap_known
+from .optimizer import DPOptimizer, optimizer_params
 from .secure import check_seed
 
 _SUPPORTED = (
