@@ -108,7 +108,10 @@ class DPOptimizer(torch.optim.Optimizer):
         if "grad_scale" in self.__dict__ or "found_inf" in self.__dict__:
             self.__dict__.pop("grad_scale", None)
             self.__dict__.pop("found_inf", None)
+            released = bool(self.engine._noised)  # noised gradients were readable (unscale_ reads them)
             self.engine.abandon_step()
+            if released:  # a release like any step's: accounted
+                self._account_step()
             raise RuntimeError(
                 "no step was taken: torch.amp.GradScaler cannot drive a DP step. The per-sample gradients are "
                 "clipped during backward, where they still carry the scaler's factor S (clipping bound R would "

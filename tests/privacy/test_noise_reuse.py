@@ -43,3 +43,20 @@ def test_a_refused_step_does_not_reuse_its_noise(accumulation_steps):
     opt.step()
     g3 = step_grads()
     assert float((g2 - g3).abs().min()) > 1e-3
+
+
+def test_a_refused_step_whose_noise_was_readable_is_accounted():
+    """The noised gradients of a refused step were readable (scaler.unscale_ reads them): a release the
+    accountant must count, like any step (it skipped them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = dpkernels.make_private(
+        model, opt, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, dataset_size=40
+    )
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    scaler.scale((model(x) - y).square().sum()).backward()
+    with pytest.raises(RuntimeError, match="GradScaler"):
+        scaler.step(opt)
+    assert opt.accountant.steps == 1
