@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,15 @@ def write_outputs(out: Path, stem: str, payload: dict[str, Any], markdown: str) 
     paths[0].write_text(json.dumps(payload, indent=1, allow_nan=False, default=_jsonable) + "\n")
     paths[1].write_text(markdown.rstrip() + "\n")
     return paths
+
+
+def publish(out: Path, stem: str, res: dict[str, Any], markdown: str, plot: Callable[[Any, Path], Any]) -> int:
+    """Write ``stem``.json/.md and the figure ``stem``.png under ``out``, print the tables and what was written."""
+    paths = [*write_outputs(out, stem, res, markdown), out / f"{stem}.png"]
+    plot(res, paths[-1])
+    print(markdown)
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
 def _jsonable(x: Any) -> Any:

@@ -47,7 +47,7 @@ from torch.utils.data import TensorDataset
 import dpkernels
 from dpkernels.data import poisson_loader
 
-from ._common import DELTA, RESULTS, fmt, pyplot, quiet_single_thread, spent_epsilon, spread, write_outputs
+from ._common import DELTA, RESULTS, fmt, publish, pyplot, quiet_single_thread, spent_epsilon, spread
 
 SPLIT_SEED = 0
 GAMMA = 0.01  # AUTO-S's stability constant (make_private's default, Bu et al.'s value)
@@ -280,12 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with quiet_single_thread():
         res = sweep(args)
     summarise(res)
-    md = markdown(res)
-    paths = write_outputs(args.out, stem, res, md)
-    plot(res, args.out / f"{stem}.png")
-    print(md)
-    print("\nwrote " + ", ".join(str(p) for p in [*paths, args.out / f"{stem}.png"]))
-    return 0
+    return publish(args.out, stem, res, markdown(res), plot)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from bench.models import GPT
 from dpkernels.data import poisson_loader
 from dpkernels.demo import measure_peak_bytes
 
-from ._common import DELTA, RESULTS, fmt, pyplot, quiet_single_thread, spent_epsilon, spread, write_outputs
+from ._common import DELTA, RESULTS, fmt, publish, pyplot, quiet_single_thread, spent_epsilon, spread
 
 # ----------------------------------------------------------------------------- data
 
@@ -420,12 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem = "group_clipping_quick" if args.quick else "group_clipping"
     with quiet_single_thread():
         res = run(args, stem)
-    md = markdown(res)
-    paths = write_outputs(args.out, stem, res, md)
-    plot(res, args.out / f"{stem}.png")
-    print(md)
-    print("\nwrote " + ", ".join(str(p) for p in [*paths, args.out / f"{stem}.png"]))
-    return 0
+    return publish(args.out, stem, res, markdown(res), plot)
 
 
 if __name__ == "__main__":

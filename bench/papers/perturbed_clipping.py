@@ -53,7 +53,7 @@ from torch.utils.data import TensorDataset
 import dpkernels
 from dpkernels.data import poisson_loader
 
-from ._common import DELTA, RESULTS, fmt, pyplot, quiet_single_thread, spent_epsilon, spread, write_outputs
+from ._common import DELTA, RESULTS, fmt, publish, pyplot, quiet_single_thread, spent_epsilon, spread
 
 DATA_SEED = 0
 R_MEAN = 1.0  # (a)'s clipping bound
@@ -418,12 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "out"}}
         res["mean"] = experiment_mean(args)
         res["digits"] = experiment_digits(args)
-    md = markdown(res)
-    paths = write_outputs(args.out, stem, res, md)
-    plot(res, args.out / f"{stem}.png")
-    print(md)
-    print("\nwrote " + ", ".join(str(p) for p in [*paths, args.out / f"{stem}.png"]))
-    return 0
+    return publish(args.out, stem, res, markdown(res), plot)
 
 
 if __name__ == "__main__":

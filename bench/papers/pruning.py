@@ -50,7 +50,7 @@ import dpkernels
 from dpkernels.data import poisson_loader
 from dpkernels.pruning import apply_masks, magnitude_masks
 
-from ._common import DELTA, RESULTS, fmt, pyplot, quiet_single_thread, spent_epsilon, spread, write_outputs
+from ._common import DELTA, RESULTS, fmt, publish, pyplot, quiet_single_thread, spent_epsilon, spread
 
 SPLIT_SEED = 0
 R_BIG = 1e6  # "no clipping": far above any per-sample gradient norm of this model (O(1..10))
@@ -368,12 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with quiet_single_thread():
         res = experiments(args)
     summarise(res)
-    md = markdown(res)
-    paths = write_outputs(args.out, stem, res, md)
-    plot(res, args.out / f"{stem}.png")
-    print(md)
-    print("\nwrote " + ", ".join(str(p) for p in [*paths, args.out / f"{stem}.png"]))
-    return 0
+    return publish(args.out, stem, res, markdown(res), plot)
 
 
 if __name__ == "__main__":
