@@ -40,13 +40,13 @@ def clip_factors(norms: Tensor, bound: float, clipping: str = "abadi", gamma: fl
     an error naming the layer; 0 is what a caller who did not check gets: the sample is dropped).
     """
     n = norms.to(torch.float64)
-    if clipping == "abadi":
-        c = (bound / (n + ABADI_EPS)).clamp(max=1.0)
+    if clipping == "abadi":  # min(1, +inf) = 1; NaN: 0
+        c = torch.nan_to_num(bound / (n + ABADI_EPS), nan=0.0, posinf=1.0).clamp_(0.0, 1.0)
     elif clipping == "automatic":
-        c = bound / (n + gamma)
+        c = torch.nan_to_num(bound / (n + gamma), nan=0.0, posinf=0.0).clamp_min_(0.0)
     else:
         raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
-    c = torch.nan_to_num(c, nan=0.0, posinf=0.0).clamp_min(0.0) * (1.0 - 2.0**-52)
+    c = c.mul_(1.0 - 2.0**-52)
     if norms.dtype == torch.float64:
         return c
     c32 = c.to(torch.float32)  # round to nearest, then one ulp down where that rounded up

@@ -33,6 +33,7 @@ import secrets
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -323,6 +324,10 @@ class Engine:
         self._group_of = {id(p): gi for gi, ps in enumerate(groups) for p in ps}
         self._params = [p for ps in groups for p in ps]
         self._index = {id(p): i for i, p in enumerate(self._params)}
+        # the clip factors of a group in the dtype its layers sum in (float64 for float64 parameters)
+        self._factor_dtype = [
+            torch.float64 if any(p.dtype == torch.float64 for p in ps) else torch.float32 for ps in groups
+        ]
         self._ties_of_group = [
             [t for t in ties if any(id(p) in {id(q) for q in ps} for p in t.params)] for ps in groups
         ]
@@ -469,10 +474,10 @@ class Engine:
     def _reset_pass(self) -> None:
         self._in_backward = False
         self._batch: int | None = None
-        self._norm2: list[Tensor | None] = [None] * len(self.groups)
+        self._norm2: list[list[Tensor]] = [[] for _ in self.groups]  # per group: its parameters' squared norms
         self._left = [0] * len(self.groups)
         self._done = [False] * len(self.groups)
-        self._finite: Tensor | None = None  # all of the pass's group norms finite: read once, at its end
+        self._closed: list[Tensor] = []  # the squared norms of the groups closed: checked finite at the pass's end
 
     def _begin_backward(self) -> None:
         self.check_live()
@@ -687,30 +692,35 @@ class Engine:
         norms = (tie_norms(tie) if self.perturb is None else self.perturb.norms(self, tie)) if tie.uses else {}
         if self._phase == "norms" and tie.uses:
             self._normed.add(id(tie))
-        s2 = self.loss_scale() ** 2
         for gi in {self._group_of[id(p)] for p in tie.params}:
-            for p in tie.params:
-                if self._group_of[id(p)] == gi and id(p) in norms:
-                    n2 = norms[id(p)] * s2  # a non-finite one makes the group's sum non-finite: see _check_finite
-                    acc = self._norm2[gi]
-                    self._norm2[gi] = n2 if acc is None else acc + n2
+            # summed (and scaled) once, when the group closes: a non-finite one makes the sum non-finite
+            self._norm2[gi] += [norms[id(p)] for p in tie.params if self._group_of[id(p)] == gi and id(p) in norms]
             self._left[gi] -= 1
             if self._left[gi] == 0:
                 self._group_done(gi)
         if self._phase == "norms":
             tie.uses.clear()
 
+    def _group_norms(self, gi: int) -> Tensor:
+        """The per-sample squared norms of group ``gi`` in loss units: sum_p n2_p * loss_scale^2 over the
+        norms its ties sent (zeros when no sample reached the group)."""
+        parts = self._norm2[gi]
+        if not parts:
+            return torch.zeros(self._batch or 0, device=self._params[0].device, dtype=torch.float64)
+        total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        return total * self.loss_scale() ** 2
+
     def _group_done(self, gi: int) -> None:
         if self._done[gi]:
             return
         self._done[gi] = True
-        n2 = self._norm2[gi]
-        if n2 is None:  # no sample reached any parameter of this group
-            B = self._batch or 0
-            n2 = torch.zeros(B, device=self._params[0].device)
-        ok = torch.isfinite(n2).all()
-        self._finite = ok if self._finite is None else self._finite & ok
-        c = clip_factors(n2.sqrt(), self.bounds[gi], self.clipping, self.gamma) * self.loss_scale()
+        n2 = self._group_norms(gi)
+        self._closed.append(n2)  # checked finite with the pass's one host read (_check_finite)
+        c = factors_in(
+            clip_factors(n2.sqrt(), self.bounds[gi], self.clipping, self.gamma),
+            self.loss_scale(),
+            self._factor_dtype[gi],
+        )
         if self._sample_mask is not None:
             c = c * sample_mask(self._sample_mask, c)
         self._factors[gi] = c
@@ -841,21 +851,26 @@ class Engine:
         flag per group, and-ed on the device, replaces a read per parameter (149 on GPT-2-small)."""
         pending = list(self.deferred_checks)
         self.deferred_checks.clear()
-        ok = self._finite
+        closed = self._closed
+        finite = None
+        if closed:  # one flag for every closed group: (G, B) squared norms, all finite
+            finite = torch.isfinite(closed[0] if len(closed) == 1 else torch.stack(closed)).all()
+        ok = finite
         for flag, _ in pending:
             ok = flag if ok is None else ok & flag
         if ok is None or bool(ok):
             return
         for _, check in pending:
             check()
-        if self._finite is None or bool(self._finite):
+        if finite is None or bool(finite):
             return
         bad: set[int] = set()
         names: list[str] = []
-        for gi, n2 in enumerate(self._norm2):
-            if n2 is not None and not bool(torch.isfinite(n2).all()):
-                bad.update((~torch.isfinite(n2)).nonzero().flatten().tolist())
-                names += [self._name_of[m] for t in self._ties_of_group[gi] for m in t.modules]
+        for gi, parts in enumerate(self._norm2):
+            for n2 in parts:
+                if not bool(torch.isfinite(n2).all()):
+                    bad.update((~torch.isfinite(n2)).nonzero().flatten().tolist())
+                    names += [self._name_of[m] for t in self._ties_of_group[gi] for m in t.modules]
         raise FloatingPointError(
             f"non-finite per-sample gradient in the clipping group(s) of {sorted(set(names))[:8]} for sample(s) "
             f"{sorted(bad)[:8]}: no step was taken; check the loss and inputs of those samples"
@@ -1022,6 +1037,30 @@ class Engine:
             method = getattr(m, "dp_norm_method", "-")
             rows.append(f"{name} | {type(m).__name__} | {method} | {','.join(map(str, gis))}")
         return "\n".join(rows)
+
+
+def _round_down(x: float, margin: float) -> float:
+    """A float <= x * (1 - margin) exactly (host arithmetic: checked in rationals, one ulp down if needed)."""
+    m = x * (1.0 - margin)
+    if Fraction(m) > Fraction(x) * (1 - Fraction(margin)):
+        m = math.nextafter(m, 0.0)
+    return m
+
+
+def factors_in(c: Tensor, multiplier: float, dtype: torch.dtype) -> Tensor:
+    """multiplier * c in ``dtype``, never above the exact product (the layers then read the factors as
+    they are, with no rounding to nearest of their own).
+
+    float64: fl(c m) with m <= multiplier (1 - 2^-52) is <= c m (1 + 2^-53) <= c multiplier.
+    float32: fl32(fl64(c m)) with m <= multiplier (1 - 2^-52)(1 - 2^-23) is <= c m (1 + 2^-53)(1 + 2^-24)
+    <= c multiplier for a float32 normal result; values below the smallest normal float32 (whose
+    rounding is absolute, not relative) are set to 0 (the sample dropped, never a factor rounded up)."""
+    if c.dtype != torch.float64:
+        c = c.to(torch.float64)  # exact
+    if dtype == torch.float64:
+        return c * _round_down(multiplier, 2.0**-52)
+    m = _round_down(_round_down(multiplier, 2.0**-52), 2.0**-23)
+    return torch.threshold(c * m, torch.finfo(torch.float32).tiny, 0.0).to(dtype)
 
 
 def sample_mask(mask: Tensor, c: Tensor) -> Tensor:

@@ -61,20 +61,57 @@ def gaussian(shape, seed: int, device, dtype=torch.float32) -> Tensor:
     return torch.randn(shape, generator=gen, device=device, dtype=dtype)
 
 
-def finish(total: Tensor, prev: Tensor | None, noise_std: float, scale: float, seed: int) -> Tensor:
-    """scale * (prev + total + noise_std * z): the epilogue every clipped-sum op shares."""
-    if prev is not None:
-        total = total + prev.to(total.dtype)
-    if noise_std != 0.0:
-        total = total + noise_std * gaussian(total.shape, seed, total.device, total.dtype)
+def finish(
+    total: Tensor, prev: Tensor | None, noise_std: float, scale: float, seed: int, *, fresh: bool = False
+) -> Tensor:
+    """scale * (prev + total + noise_std * z): the epilogue every clipped-sum op shares.
+
+    Computed as scale * total + scale * prev + (scale * noise_std) * z, one op per term present (the
+    first out of place, the rest in place); ``fresh``: ``total`` is the caller's own temporary, which
+    the first term may overwrite too."""
+    out = total
     if scale != 1.0:
-        total = total * scale
-    return total
+        out = out.mul_(scale) if fresh else out * scale
+        fresh = True
+    terms: list[tuple[Tensor, float]] = []
+    if prev is not None:
+        terms.append((prev, scale))
+    if noise_std != 0.0:
+        terms.append((gaussian(total.shape, seed, total.device, total.dtype), noise_std * scale))
+    for t, alpha in terms:
+        out = out.add_(t, alpha=alpha) if fresh else torch.add(out, t.to(out.dtype), alpha=alpha)
+        fresh = True
+    return out
+
+
+def finish_mm(x: Tensor, y: Tensor, prev: Tensor | None, noise_std: float, scale: float, seed: int) -> Tensor:
+    """scale * (prev + x @ y + noise_std * z): `finish` of a matrix product, the noise (or prev) taken
+    in by the product itself (addmm: beta * z + alpha * x @ y)."""
+    if noise_std != 0.0:
+        z = gaussian((x.shape[0], y.shape[1]), seed, x.device, x.dtype)
+        out = torch.addmm(z, x, y, beta=noise_std * scale, alpha=scale)
+    elif prev is not None:
+        out = torch.addmm(prev.to(x.dtype), x, y, beta=scale, alpha=scale)
+        return out
+    else:
+        out = torch.mm(x, y)
+        return out.mul_(scale) if scale != 1.0 else out
+    return out.add_(prev, alpha=scale) if prev is not None else out
+
+
+def noise_base(shape, prev: Tensor | None, noise_std: float, scale: float, seed: int, device, dtype) -> Tensor:
+    """scale * (prev + noise_std * z) as a new tensor (zeros when neither is there): what a sum written
+    in place with alpha=scale (index_add_) completes to `finish`'s result."""
+    if noise_std != 0.0:
+        out = gaussian(shape, seed, device, dtype).mul_(noise_std * scale)
+        return out.add_(prev, alpha=scale) if prev is not None else out
+    if prev is not None:
+        return prev.to(dtype) * scale if scale != 1.0 else prev.to(dtype, copy=True)
+    return torch.zeros(shape, device=device, dtype=dtype)
 
 
 def add_noise(
     prev: Tensor | None, shape, *, noise_std: float, scale: float, seed: int, device, dtype=torch.float32
 ) -> Tensor:
     """scale * (prev + noise_std * z): the update of a parameter no sample touched this step."""
-    base = torch.zeros(shape, device=device, dtype=dtype) if prev is None else prev.to(dtype)
-    return finish(base, None, noise_std, scale, seed)
+    return noise_base(shape, prev, noise_std, scale, seed, device, dtype)

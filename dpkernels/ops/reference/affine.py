@@ -50,7 +50,7 @@ def affine_clipped_sum(
     gs = g.to(dt) * c.to(dt)[:, None, None]
     w = b = None
     if weight:
-        w = finish(torch.einsum("btc,btc->c", xhat.to(dt), gs), prev_w, noise_std, scale, seed_w)
+        w = finish(torch.einsum("btc,btc->c", xhat.to(dt), gs), prev_w, noise_std, scale, seed_w, fresh=True)
     if bias:
-        b = finish(gs.sum(dim=(0, 1)), prev_b, noise_std, scale, seed_b)
+        b = finish(gs.sum(dim=(0, 1)), prev_b, noise_std, scale, seed_b, fresh=True)
     return w, b

@@ -181,7 +181,7 @@ def conv_clipped_sum(
         groups,
         [False, True, False],
     )
-    w = finish(w, prev_w, noise_std, scale, seed_w)
+    w = finish(w, prev_w, noise_std, scale, seed_w, fresh=True)
     b = None
     if bias:
         b = bias_clipped_sum(

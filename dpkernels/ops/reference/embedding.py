@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _chunks, acc_dtype, finish, group_keys
+from ._common import _chunks, acc_dtype, group_keys, noise_base
 
 
 def _pad_mask(ids: Tensor, padding_idx: int | None, num_embeddings: int) -> Tensor | None:
@@ -88,9 +88,8 @@ def embedding_clipped_sum(
     dt = acc_dtype(g)
     D = g.shape[-1]
     rows = _masked_rows(ids, g, padding_idx, num_embeddings, dt) * c.to(dt)[:, None, None]
-    total = torch.zeros(num_embeddings, D, device=g.device, dtype=dt)
-    total.index_add_(0, ids.reshape(-1), rows.reshape(-1, D))
-    return finish(total, prev, noise_std, scale, seed)
+    total = noise_base((num_embeddings, D), prev, noise_std, scale, seed, g.device, dt)
+    return total.index_add_(0, ids.reshape(-1), rows.reshape(-1, D), alpha=scale)
 
 
 def embedding_linear_cross(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, *, padding_idx: int | None) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _chunks, acc_dtype, finish
+from ._common import _chunks, acc_dtype, finish, finish_mm
 
 # ----------------------------------------------------------------------------- Linear
 
@@ -59,9 +59,9 @@ def linear_clipped_sum(
     """
     dt = acc_dtype(a, g)
     gs = g.to(dt) * c.to(dt)[:, None, None]
-    w = gs.flatten(0, 1).T @ a.to(dt).flatten(0, 1)  # flatten, not reshape(-1, p): p or d may be 0
-    w = finish(w, prev_w, noise_std, scale, seed_w)
-    b = finish(gs.sum(dim=(0, 1)), prev_b, noise_std, scale, seed_b) if bias else None
+    # flatten, not reshape(-1, p): p or d may be 0
+    w = finish_mm(gs.flatten(0, 1).T, a.to(dt).flatten(0, 1), prev_w, noise_std, scale, seed_w)
+    b = finish(gs.sum(dim=(0, 1)), prev_b, noise_std, scale, seed_b, fresh=True) if bias else None
     return w, b
 
 
@@ -79,4 +79,4 @@ def bias_clipped_sum(
     """scale * (prev + sum_i c_i sum_t g_it + noise_std * z), g: (B, T, p)."""
     dt = acc_dtype(g)
     total = torch.einsum("btp,b->p", g.to(dt), c.to(dt))
-    return finish(total, prev, noise_std, scale, seed)
+    return finish(total, prev, noise_std, scale, seed, fresh=True)
