@@ -4,10 +4,11 @@
 The demo CNN (dpkernels.demo.make_cnn on 8x8 digits, batch 64) and gpt2-tiny (bench.models, batch 4 and
 32), make_private(strategy="bk"), one thread; each backend's median of ``--steps`` steps after warm-up.
 Then the Linear and Conv2d clipped sums alone on their three CPU implementations (the reference, the
-compiled backend's ATen path, its tile kernel run on the CPU), rounds interleaved so that the ratios
-share the machine's state. The result decides the automatic backend order on the CPU
+compiled backend's ATen path, its tile kernel run on the CPU), and the Conv2d norms the same way, rounds
+interleaved so that the ratios share the machine's state. The result decides the automatic backend order on the CPU
 (dpkernels.ops._auto) and the compiled backend's CPU paths of the clipped sums (csrc/linear_clipped_sum.cpp,
-csrc/conv.cpp). ``--linear-only cuda`` times those tables on a GPU, with Triton.
+csrc/conv.cpp). ``--linear-only cuda`` times those tables on a GPU, with Triton (there the conv norms'
+tiles are the automatic path).
 """
 
 from __future__ import annotations
@@ -105,6 +106,35 @@ def _conv_impls(x: torch.Tensor, g: torch.Tensor, c: torch.Tensor, ws: list[int]
     return impls
 
 
+# (B, C_in, H, W, C_out, k, stride, method) of the Conv2d norms: the demo CNN's second conv at B=64 (T = 16:
+# one Gram tile), a ResNet-style 3x3 layer both ways (T = 256: four 64-row tiles, ten pairs), a
+# late 3x3 layer (T = 16, d = 2304) by instantiation (few tiles: split over t on a GPU)
+CONV_NORM_SHAPES = [
+    (64, 16, 8, 8, 32, 3, 2, "ghost"),
+    (32, 64, 16, 16, 64, 3, 1, "ghost"),
+    (32, 64, 16, 16, 64, 3, 1, "inst"),
+    (8, 256, 4, 4, 256, 3, 1, "inst"),
+]
+
+
+def _conv_norm_impls(x: torch.Tensor, g: torch.Tensor, k: int, stride: int, method: str) -> dict:
+    from dpkernels.ops import reference as ref
+
+    op = torch.ops.dpkernels.cuda_conv_norms
+    geo = [[stride], [k // 2], [1], 1]
+    kw = dict(kernel_size=k, stride=stride, padding=k // 2, dilation=1, groups=1, bias=True, method=method)
+    impls = {
+        "ref": lambda: ref.conv_norms(x, g, **kw),
+        "aten": lambda: op(x, g, [k], *geo, True, method, 2, 0),
+        "tiles": lambda: op(x, g, [k], *geo, True, method, 1, 0),
+    }
+    if x.is_cuda:
+        from dpkernels.ops import triton as tr
+
+        impls["triton"] = lambda: tr.conv_norms(x, g, **kw)
+    return impls
+
+
 def _table(cases, rounds: int, device: str, head: str) -> list[str]:
     """Median ms per call of each implementation (rounds interleaved) and the tiles' GFLOP/s; ``cases``
     yields (label, impls, flops)."""
@@ -168,13 +198,34 @@ def conv_clipped_sum_times(rounds: int, device: str = "cpu") -> list[str]:
     return _table(cases(), rounds, device, "B, C_in, HxW, C_out, k, stride")
 
 
+def conv_norms_times(rounds: int, device: str = "cpu") -> list[str]:
+    """The same for the Conv2d norms (padding k // 2, bias): the reference and the compiled backend's
+    ATen path (the unfold materialised per chunk) and its implicit-GEMM tiles (never written); GFLOP/s
+    of the tiles as they count them: ghost B T^2 (d + p) (half of the two Grams: symmetry), inst 2 B T d p."""
+
+    def cases():
+        for B, cin, H, W, cout, k, s, method in CONV_NORM_SHAPES:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(B, cin, H, W, generator=gen)
+            Ho, Wo = (H + 2 * (k // 2) - k) // s + 1, (W + 2 * (k // 2) - k) // s + 1
+            g = torch.randn(B, cout, Ho, Wo, generator=gen)
+            T, d = Ho * Wo, cin * k * k
+            flops = B * T * T * (d + cout) if method == "ghost" else 2 * B * T * d * cout
+            impls = _conv_norm_impls(x.to(device), g.to(device), k, s, method)
+            yield f"{B}, {cin}, {H}x{W}, {cout}, {k}, {s}, {method}", impls, flops
+
+    return _table(cases(), rounds, device, "B, C_in, HxW, C_out, k, stride, method")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="bench/results/cuda_cpu_vs_reference.md")
     p.add_argument("--quick", action="store_true", help="2 steps of the demo CNN and 2 rounds of the ops (smoke test)")
     p.add_argument(
-        "--linear-only", metavar="DEVICE", help="only the Linear and Conv clipped sum tables, on DEVICE (cpu, cuda)"
+        "--linear-only",
+        metavar="DEVICE",
+        help="only the Linear and Conv clipped sum and Conv norm tables, on DEVICE (cpu, cuda)",
     )
     args = p.parse_args()
     if args.quick:
@@ -185,9 +236,10 @@ def main() -> None:
         rounds = 2 if args.quick else 4 * args.steps
         rows = linear_clipped_sum_times(rounds, args.linear_only)
         rows += ["", "Conv2d clipped sum:", ""] + conv_clipped_sum_times(rounds, args.linear_only)
+        rows += ["", "Conv2d norms (no noise):", ""] + conv_norms_times(rounds, args.linear_only)
         name = torch.cuda.get_device_name() if args.linear_only == "cuda" else "CPU"
         Path(args.out).write_text(
-            f"# Linear and Conv2d clipped sums on {name}: the compiled backend's paths\n\n"
+            f"# Linear and Conv2d clipped sums and Conv2d norms on {name}: the compiled backend's paths\n\n"
             f"`python -m bench.cuda_cpu --linear-only {args.linear_only}`, torch {torch.__version__}, median per "
             "call, float32 inputs, bias, noise.\n\n" + "\n".join(rows) + "\n"
         )
@@ -204,6 +256,8 @@ def main() -> None:
     rows += linear_clipped_sum_times(2 if args.quick else 4 * args.steps)
     rows += ["", "Conv2d clipped sum alone (float32, bias, noise; median per call):", ""]
     rows += conv_clipped_sum_times(2 if args.quick else 4 * args.steps)
+    rows += ["", "Conv2d norms alone (float32, bias; median per call):", ""]
+    rows += conv_norms_times(2 if args.quick else 4 * args.steps)
     head = (
         "# Compiled backend's CPU path vs the reference: DP step time (CPU)\n\n"
         f"`python -m bench.cuda_cpu --steps {args.steps}`: median step (forward, DP backward, step) of "

@@ -8,12 +8,19 @@
 //     bias norm:    ||sum_t g_it||^2            (bias.cpp on g viewed as (B, T, C_out))
 //     clipped sum:  W_j = sum_{i, t} c_i g_ijt^T A_ijt per group, then the epilogue.
 //
-// The norms materialise the unfold per chunk of samples (bounded as in the reference, on both
-// devices); an implicit-GEMM norm kernel that never writes it is future work. The clipped sum never
-// unfolds: on CUDA (path 1, tiles) ClippedGemm over ConvOperands (kernels.h) gathers each tile of the
-// unfold from x as it loads it, c_i folded into g's rows, the epilogue in registers, W written once
-// (as the Linear clipped sum's tiles); on the CPU (path 2, aten) one convolution_backward of the
-// c_i-scaled g in the accumulation dtype (oneDNN), then the epilogue functor in place.
+// Neither unfolds on CUDA. Each op has two paths (its `path` argument: 0 automatic, 1 tiles, 2 aten):
+//  - tiles (CUDA's): the implicit GEMM of kernels.h over ConvOperands, which gathers each tile of the
+//    unfold from x as it loads it (o * stride - padding + k * dilation, 0 outside x). The norms:
+//    GhostNormTiles (tiles of A A^T and G G^T, multiplied and summed in registers) or InstNormTiles
+//    (tiles of G^T A squared and summed in registers, split over t when the tiles are few); block
+//    partials then per-(sample, group) and per-sample sums in order. The clipped sum: ClippedGemm, c_i
+//    folded into g's rows, the epilogue in registers, W written once (as the Linear clipped sum's tiles).
+//  - aten (the CPU's): the norms on the unfold materialised per chunk of samples (bounded as in the
+//    reference) by linear_norms.cpp's batched matmuls (MKL); the clipped sum by one
+//    convolution_backward of the c_i-scaled g in the accumulation dtype (oneDNN), then the epilogue.
+// The CPU tests run both paths, so CI executes the tiles' device code (phase by phase, kernels.h).
+// Non-zero padding modes are applied by the caller (dpkernels/nn/conv.py): x arrives padded, with the
+// symmetric zero padding left to the op.
 #include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/convolution_backward.h>
 
@@ -63,6 +70,62 @@ Tensor unfold(Tensor x, const std::vector<int64_t>& k, const std::vector<int64_t
   return x.permute(order).reshape({B, T, C * K});
 }
 
+// The implicit-GEMM operands (kernels.h ConvOperands) of x (B, C_in, *S) and g (B, C_out, *out), both
+// in_t, for kernel sizes k: strides as they are (any layout), unused spatial dims of size 1, stride 0.
+template <class in_t, class acc_t>
+ConvOperands<in_t, acc_t> conv_operands(const Tensor& x, const Tensor& g, at::IntArrayRef k,
+                                        const std::vector<int64_t>& s, const std::vector<int64_t>& pad,
+                                        const std::vector<int64_t>& dil, int64_t groups) {
+  const int n = static_cast<int>(x.dim() - 2);
+  int64_t O = 1;
+  for (int q = 0; q < n; ++q) O *= g.size(2 + q);
+  ConvOperands<in_t, acc_t> ops{};
+  ops.x = x.data_ptr<in_t>();
+  ops.g = g.data_ptr<in_t>();
+  ops.n = n;
+  ops.O = Divisor::of(O);
+  ops.cin_g = x.size(1) / groups;
+  ops.cout_g = g.size(1) / groups;
+  ops.sxb = x.stride(0);
+  ops.sxc = x.stride(1);
+  ops.sgb = g.stride(0);
+  ops.sgc = g.stride(1);
+  for (int q = 0; q < 3; ++q) {  // unused dims: size 1, stride 0, so a fixed trip count reads nothing wrong
+    const bool used = q < n;
+    ops.out[q] = Divisor::of(used ? g.size(2 + q) : 1);
+    ops.in[q] = used ? x.size(2 + q) : 1;
+    ops.k[q] = Divisor::of(used ? k[q] : 1);
+    ops.stride[q] = used ? s[q] : 1;
+    ops.pad[q] = used ? pad[q] : 0;
+    ops.dil[q] = used ? dil[q] : 1;
+    ops.sx[q] = used ? x.stride(2 + q) : 0;
+    ops.sg[q] = used ? g.stride(2 + q) : 0;
+  }
+  return ops;
+}
+
+// The output positions T = prod(out) of g after checking that g's spatial sizes are those of a conv of x
+// with kernel k, stride s, padding pad and dilation dil (x padded at least as large as the dilated kernel).
+int64_t check_out_sizes(const char* op, const Tensor& x, const Tensor& g, at::IntArrayRef k,
+                        const std::vector<int64_t>& s, const std::vector<int64_t>& pad,
+                        const std::vector<int64_t>& dil) {
+  const int64_t n = x.dim() - 2;
+  int64_t T = 1;
+  for (int64_t q = 0; q < n; ++q) {
+    const int64_t span = dil[q] * (k[q] - 1) + 1, padded = x.size(2 + q) + 2 * pad[q];
+    TORCH_CHECK_VALUE(padded >= span, op, ": spatial dim ", q, " has size ", padded,
+                      " after padding, smaller than the dilated kernel (", span,
+                      "); pad the input or use a smaller kernel/dilation");
+    const int64_t want = (padded - span) / s[q] + 1;
+    TORCH_CHECK_VALUE(g.size(2 + q) == want, op, ": output gradient of shape ", g.sizes(),
+                      " does not match an input ", x.sizes(), " with kernel_size=", k,
+                      ", stride=", at::IntArrayRef(s), ", padding=", at::IntArrayRef(pad),
+                      ", dilation=", at::IntArrayRef(dil));
+    T *= want;
+  }
+  return T;
+}
+
 // W (weight_shape, contiguous, acc) = scale * (prev + sum_i c_i dW_i + noise_std * z) by implicit-GEMM tiles.
 Tensor conv_weight_tiles(const Tensor& x, const Tensor& g, const Tensor& cc, const OptTensor& pw,
                          at::IntArrayRef weight_shape, const std::vector<int64_t>& s, const std::vector<int64_t>& pad,
@@ -71,45 +134,113 @@ Tensor conv_weight_tiles(const Tensor& x, const Tensor& g, const Tensor& cc, con
   const int n = static_cast<int>(x.dim() - 2);
   const int64_t B = x.size(0), C_in = x.size(1), C_out = g.size(1);
   Tensor w = at::empty(weight_shape, x.options().dtype(acc));
-  int64_t O = 1, K = 1;
-  for (int q = 0; q < n; ++q) {
-    const int64_t want = (x.size(2 + q) + 2 * pad[q] - dil[q] * (weight_shape[2 + q] - 1) - 1) / s[q] + 1;
-    TORCH_CHECK_VALUE(g.size(2 + q) == want, "conv_clipped_sum: output gradient of shape ", g.sizes(),
-                      " does not match an input ", x.sizes(), " and weight ", weight_shape, " with stride=", at::IntArrayRef(s),
-                      ", padding=", at::IntArrayRef(pad), ", dilation=", at::IntArrayRef(dil));
-    O *= g.size(2 + q);
-    K *= weight_shape[2 + q];
-  }
+  const int64_t O = check_out_sizes("conv_clipped_sum", x, g, weight_shape.slice(2), s, pad, dil);
+  int64_t K = 1;
+  for (int q = 0; q < n; ++q) K *= weight_shape[2 + q];
   const bool mixed = x.scalar_type() != g.scalar_type();
   const Tensor xi = mixed ? x.to(acc) : x, gi = mixed ? g.to(acc) : g;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gi.scalar_type(), "dpk_conv_clipped_gemm", [&] {
     using acc_t = acc_of<scalar_t>;
     TORCH_INTERNAL_ASSERT(w.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
-    ConvOperands<scalar_t, acc_t> ops{};
-    ops.x = xi.data_ptr<scalar_t>();
-    ops.g = gi.data_ptr<scalar_t>();
-    ops.n = n;
-    ops.O = Divisor::of(O);
-    ops.cin_g = C_in / groups;
-    ops.cout_g = C_out / groups;
-    ops.sxb = xi.stride(0);
-    ops.sxc = xi.stride(1);
-    ops.sgb = gi.stride(0);
-    ops.sgc = gi.stride(1);
-    for (int q = 0; q < 3; ++q) {  // unused dims: size 1, stride 0, so a fixed trip count reads nothing wrong
-      const bool used = q < n;
-      ops.out[q] = Divisor::of(used ? gi.size(2 + q) : 1);
-      ops.in[q] = used ? xi.size(2 + q) : 1;
-      ops.k[q] = Divisor::of(used ? weight_shape[2 + q] : 1);
-      ops.stride[q] = used ? s[q] : 1;
-      ops.pad[q] = used ? pad[q] : 0;
-      ops.dil[q] = used ? dil[q] : 1;
-      ops.sx[q] = used ? xi.stride(2 + q) : 0;
-      ops.sg[q] = used ? gi.stride(2 + q) : 0;
-    }
+    const auto ops = conv_operands<scalar_t, acc_t>(xi, gi, weight_shape.slice(2), s, pad, dil, groups);
     clipped_gemm<acc_t>(w, ops, cc, pw, noise_std, scale, seed, C_out / groups, C_in / groups * K, B * O, groups,
                         splits);
   });
+  return w;
+}
+
+// The per-sample weight norms (B,) by the implicit-GEMM norm tiles (kernels.h GhostNormTiles,
+// InstNormTiles), the unfold gathered from x as the tiles load: block partials to a workspace, summed
+// per (sample, group) then per sample by RowSum (both in order). Chunks of samples bound the
+// workspace by CHUNK_ELEMS, as the reference bounds its temporaries.
+Tensor conv_norm_tiles(const Tensor& x, const Tensor& g, const std::vector<int64_t>& k, const std::vector<int64_t>& s,
+                       const std::vector<int64_t>& pad, const std::vector<int64_t>& dil, int64_t groups, int64_t T,
+                       bool ghost, at::ScalarType acc, int64_t splits) {
+  const int64_t B = x.size(0), P = g.size(1) / groups;
+  int64_t D = x.size(1) / groups;
+  for (auto v : k) D *= v;
+  Tensor w = at::zeros({B}, x.options().dtype(acc));
+  if (B == 0 || T == 0 || P == 0 || D == 0) return w;  // an empty sum: 0
+  const bool mixed = x.scalar_type() != g.scalar_type();
+  const Tensor xi = mixed ? x.to(acc) : x, gi = mixed ? g.to(acc) : g;
+  int64_t units = at::get_num_threads();
+#ifdef DPK_WITH_CUDA
+  if (x.is_cuda()) units = 2 * cuda_sm_count(x.device().index());
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gi.scalar_type(), "dpk_conv_norm_tiles", [&] {
+    using acc_t = acc_of<scalar_t>;
+    // per (sample, group): `per` block partials; then the (B, groups) sums; then w
+    const auto finish_rows = [&](const Tensor& part, int64_t b, int64_t per, const Tensor& out) {
+      Tensor pg = at::empty({b * groups}, out.options());
+      for_each(out, b * groups, RowSum<acc_t>{part.data_ptr<acc_t>(), pg.data_ptr<acc_t>(), per, false}, grain_for(per));
+      for_each(out, b, RowSum<acc_t>{pg.data_ptr<acc_t>(), out.data_ptr<acc_t>(), groups, false}, grain_for(groups));
+    };
+    if (ghost) {
+      using F = GhostNormTiles<acc_t, ConvOperands<scalar_t, acc_t>>;
+      const int64_t nt = (T + F::BT - 1) / F::BT, pairs = nt * (nt + 1) / 2;
+      const int64_t step = std::max<int64_t>(1, CHUNK_ELEMS / (groups * pairs));
+      for (int64_t lo = 0; lo < B; lo += step) {
+        const int64_t hi = std::min(B, lo + step), b = hi - lo;
+        const Tensor xc = xi.slice(0, lo, hi), gc = gi.slice(0, lo, hi);
+        Tensor part = at::empty({b * groups * pairs}, w.options());
+        const F f{conv_operands<scalar_t, acc_t>(xc, gc, k, s, pad, dil, groups), part.data_ptr<acc_t>(), T, P, D, groups,
+                  nt, pairs, (D + F::BK - 1) / F::BK, (P + F::BK - 1) / F::BK};
+        for_each_tile(w, b * groups * pairs, f);
+        finish_rows(part, b, pairs, w.slice(0, lo, hi));
+      }
+    } else {
+      using F = InstNormTiles<acc_t, ConvOperands<scalar_t, acc_t>>;
+      const int64_t tiles_d = (D + F::BD - 1) / F::BD, tiles = (P + F::BP - 1) / F::BP * tiles_d;
+      // split over t only when a chunk's blocks leave units idle: then the workspace holds G^T A itself
+      const int64_t unsplit_step = std::max<int64_t>(1, CHUNK_ELEMS / (groups * tiles));
+      const int64_t t_per0 = rows_per_split(std::min(B, unsplit_step) * groups * tiles, T, units, splits, F::BK);
+      const int64_t S0 = (T + t_per0 - 1) / t_per0;
+      const int64_t step = S0 > 1 ? std::max<int64_t>(1, CHUNK_ELEMS / (S0 * groups * P * D)) : unsplit_step;
+      for (int64_t lo = 0; lo < B; lo += step) {
+        const int64_t hi = std::min(B, lo + step), b = hi - lo;
+        const int64_t t_per = rows_per_split(b * groups * tiles, T, units, splits, F::BK);
+        const int64_t S = (T + t_per - 1) / t_per;
+        const Tensor xc = xi.slice(0, lo, hi), gc = gi.slice(0, lo, hi);
+        Tensor part = at::empty({S > 1 ? S * b * groups * P * D : b * groups * tiles}, w.options());
+        const F f{conv_operands<scalar_t, acc_t>(xc, gc, k, s, pad, dil, groups), part.data_ptr<acc_t>(), b, T, P, D,
+                  groups, t_per, tiles_d, tiles, S > 1};
+        for_each_tile(w, S * b * groups * tiles, f);
+        const Tensor wc = w.slice(0, lo, hi);
+        if (S > 1) {
+          Tensor rows = at::empty({b * groups * P}, w.options());
+          for_each(w, b * groups * P,
+                   SplitSquares<acc_t>{part.data_ptr<acc_t>(), rows.data_ptr<acc_t>(), S, D, b * groups * P * D},
+                   grain_for(S * D));
+          finish_rows(rows, b, P, wc);
+        } else {
+          finish_rows(part, b, tiles, wc);
+        }
+      }
+    }
+  });
+  return w;
+}
+
+// The per-sample weight norms (B,) through ATen: the unfold materialised per chunk of samples (at most
+// CHUNK_ELEMS elements), then linear_norms' batched matmuls per (sample, group).
+Tensor conv_norm_aten(const Tensor& x, const Tensor& g, const std::vector<int64_t>& k, const std::vector<int64_t>& s,
+                      const std::vector<int64_t>& pad, const std::vector<int64_t>& dil, int64_t groups, int64_t T,
+                      c10::string_view method, at::ScalarType acc) {
+  const int64_t B = x.size(0), C_in = x.size(1), C_out = g.size(1);
+  int64_t K = 1;
+  for (auto v : k) K *= v;
+  Tensor w = at::empty({B}, x.options().dtype(acc));
+  const int64_t step = std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(1, T * C_in * K));
+  for (int64_t lo = 0; lo < B; lo += step) {
+    const int64_t hi = std::min(B, lo + step), b = hi - lo;
+    Tensor a = unfold(x.slice(0, lo, hi), k, s, pad, dil);
+    a = a.reshape({b, T, groups, -1}).transpose(1, 2).reshape({b * groups, T, -1});
+    const Tensor gr = g.slice(0, lo, hi)
+                          .reshape({b, groups, C_out / groups, T})
+                          .transpose(2, 3)
+                          .reshape({b * groups, T, C_out / groups});
+    w.slice(0, lo, hi).copy_(linear_weight_norms(a, gr, method).view({b, groups}).sum(1));
+  }
   return w;
 }
 
@@ -117,10 +248,13 @@ Tensor conv_weight_tiles(const Tensor& x, const Tensor& g, const Tensor& cc, con
 
 std::tuple<Tensor, Tensor> conv_norms(const Tensor& x, const Tensor& g, at::IntArrayRef kernel_size,
                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                      int64_t groups, bool bias, c10::string_view method) {
+                                      int64_t groups, bool bias, c10::string_view method, int64_t path,
+                                      int64_t splits) {
   const char* op = "conv_norms";
   TORCH_CHECK_VALUE(method == "ghost" || method == "inst", op, ": method must be 'ghost' or 'inst', got '",
                     std::string(method), "'");
+  TORCH_CHECK_VALUE(path >= 0 && path <= 2, op, ": path must be 0 (automatic), 1 (tiles) or 2 (aten), got ", path);
+  TORCH_CHECK_VALUE(splits >= 0, op, ": splits must be >= 0 (0: automatic), got ", splits);
   TORCH_CHECK_VALUE(x.dim() >= 3 && x.dim() <= 5 && g.dim() == x.dim(), op,
                     ": x must be (B, C_in, *S) and g (B, C_out, *out) with 1 to 3 spatial dims, got ", x.sizes(),
                     " and ", g.sizes());
@@ -130,29 +264,16 @@ std::tuple<Tensor, Tensor> conv_norms(const Tensor& x, const Tensor& g, at::IntA
   const int64_t n = x.dim() - 2, B = x.size(0), C_in = x.size(1), C_out = g.size(1);
   TORCH_CHECK_VALUE(groups >= 1 && C_in % groups == 0 && C_out % groups == 0, "conv: groups=", groups,
                     " must divide C_in=", C_in, " and C_out=", C_out);
+  TORCH_CHECK_VALUE(g.size(0) == B, op, ": g must have x's batch size ", B, ", got ", g.sizes());
   const auto k = ntuple(kernel_size, n, "kernel_size"), s = ntuple(stride, n, "stride"),
              pad = ntuple(padding, n, "padding"), dil = ntuple(dilation, n, "dilation");
+  const int64_t T = check_out_sizes(op, x, g, k, s, pad, dil);
   const auto acc = acc_type({x.scalar_type(), g.scalar_type()});
-  int64_t T = 1, K = 1;
-  for (int64_t i = 0; i < n; ++i) {
-    T *= g.size(2 + i);
-    K *= k[i];
-  }
-  Tensor w = at::empty({B}, x.options().dtype(acc));
-  const int64_t step = std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(1, T * C_in * K));
-  for (int64_t lo = 0; lo < B; lo += step) {
-    const int64_t hi = std::min(B, lo + step), b = hi - lo;
-    Tensor a = unfold(x.slice(0, lo, hi), k, s, pad, dil);
-    TORCH_CHECK_VALUE(a.size(1) == T, "conv: output gradient of shape ", g.sizes(), " does not match the ",
-                      a.size(1), " output positions of an input ", x.sizes(), " with kernel_size=", kernel_size,
-                      ", stride=", stride, ", padding=", padding, ", dilation=", dilation);
-    a = a.reshape({b, T, groups, -1}).transpose(1, 2).reshape({b * groups, T, -1});
-    const Tensor gr = g.slice(0, lo, hi)
-                          .reshape({b, groups, C_out / groups, T})
-                          .transpose(2, 3)
-                          .reshape({b * groups, T, C_out / groups});
-    w.slice(0, lo, hi).copy_(linear_weight_norms(a, gr, method).view({b, groups}).sum(1));
-  }
+  // tiles on CUDA (the unfold never written), ATen's matmuls on the CPU (MKL beats the tiles run
+  // thread by thread there); `path` forces either on either device (the tests run the tiles on the CPU)
+  const bool tiles = path == 1 || (path == 0 && x.is_cuda());
+  Tensor w = tiles ? conv_norm_tiles(x, g, k, s, pad, dil, groups, T, method == "ghost", acc, splits)
+                   : conv_norm_aten(x, g, k, s, pad, dil, groups, T, method, acc);
   Tensor bn = bias ? bias_norms(g.reshape({B, C_out, T}).transpose(1, 2)) : absent(x, acc);
   return {w, bn};
 }
@@ -213,7 +334,7 @@ void conv_impls(torch::Library& m) {
 TORCH_LIBRARY_FRAGMENT(dpkernels, m) {
   m.def(
       "cuda_conv_norms(Tensor x, Tensor g, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
-      "int groups, bool bias, str method) -> (Tensor, Tensor)");
+      "int groups, bool bias, str method, int path=0, int splits=0) -> (Tensor, Tensor)");
   m.def(
       "cuda_conv_clipped_sum(Tensor x, Tensor g, Tensor c, int[] weight_shape, int[] stride, int[] padding, "
       "int[] dilation, int groups, bool bias, float noise_std, float scale, int seed_w, int seed_b, Tensor? prev_w, "

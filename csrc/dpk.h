@@ -52,9 +52,10 @@ void for_each(const Tensor& like, int64_t n, const F& f, int64_t grain = 2048) {
   }
 }
 
-// A block-synchronous tile functor (kernels.h, ClippedGemm) over `blocks` blocks on `like`'s device: a
-// CUDA kernel with a barrier between phases, or on the CPU the same phases thread after thread (each
-// phase of every thread before the next phase: what the barriers guarantee), blocks in parallel.
+// A block-synchronous tile functor (kernels.h: ClippedGemm, GhostNormTiles, InstNormTiles) over `blocks`
+// blocks on `like`'s device: a CUDA kernel with a barrier between phases, or on the CPU the same phases
+// thread after thread (each phase of every thread before the next phase: what the barriers guarantee),
+// blocks in parallel.
 template <class F>
 void for_each_tile(const Tensor& like, int64_t blocks, const F& f) {
   if (blocks <= 0) return;
@@ -74,10 +75,11 @@ void for_each_tile(const Tensor& like, int64_t blocks, const F& f) {
       for (auto& r : regs) f.zero(r);
       const int64_t steps = f.steps(b);
       for (int64_t k = 0; k < steps; ++k) {
-        for (int tid = 0; tid < F::THREADS; ++tid) f.load(*sm, b, k, tid);
-        for (int tid = 0; tid < F::THREADS; ++tid) f.mma(*sm, regs[tid], b, tid);
+        for (int tid = 0; tid < F::THREADS; ++tid) f.load(*sm, regs[tid], b, k, tid);
+        for (int tid = 0; tid < F::THREADS; ++tid) f.mma(*sm, regs[tid], b, k, tid);
       }
-      for (int tid = 0; tid < F::THREADS; ++tid) f.store(regs[tid], b, tid);
+      for (int tid = 0; tid < F::THREADS; ++tid) f.store(*sm, regs[tid], b, tid);
+      for (int tid = 0; tid < F::THREADS; ++tid) f.flush(*sm, b, tid);
     }
   });
 }

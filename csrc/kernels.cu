@@ -35,12 +35,14 @@ __global__ void __launch_bounds__(F::THREADS, 2) tile_kernel(F f) {
   f.zero(r);
   const int64_t steps = f.steps(b);
   for (int64_t k = 0; k < steps; ++k) {
-    f.load(sm, b, k, tid);
+    f.load(sm, r, b, k, tid);
     __syncthreads();
-    f.mma(sm, r, b, tid);
+    f.mma(sm, r, b, k, tid);
     __syncthreads();
   }
-  f.store(r, b, tid);
+  f.store(sm, r, b, tid);
+  __syncthreads();
+  f.flush(sm, b, tid);
 }
 
 template <class F>
@@ -67,6 +69,14 @@ DPK_INST_TILES(ClippedGemm<float, ConvOperands<c10::Half, float>>)
 DPK_INST_TILES(ClippedGemm<float, ConvOperands<c10::BFloat16, float>>)
 DPK_INST_TILES(ClippedGemm<float, ConvOperands<float, float>>)
 DPK_INST_TILES(ClippedGemm<double, ConvOperands<double, double>>)
+DPK_INST_TILES(GhostNormTiles<float, ConvOperands<c10::Half, float>>)
+DPK_INST_TILES(GhostNormTiles<float, ConvOperands<c10::BFloat16, float>>)
+DPK_INST_TILES(GhostNormTiles<float, ConvOperands<float, float>>)
+DPK_INST_TILES(GhostNormTiles<double, ConvOperands<double, double>>)
+DPK_INST_TILES(InstNormTiles<float, ConvOperands<c10::Half, float>>)
+DPK_INST_TILES(InstNormTiles<float, ConvOperands<c10::BFloat16, float>>)
+DPK_INST_TILES(InstNormTiles<float, ConvOperands<float, float>>)
+DPK_INST_TILES(InstNormTiles<double, ConvOperands<double, double>>)
 
 #define DPK_INST(...) template void launch_cuda<__VA_ARGS__>(const __VA_ARGS__&, int64_t, int);
 #define DPK_INST_IN(F)                 \
@@ -92,6 +102,8 @@ DPK_INST(WeightedSum<float>)
 DPK_INST(WeightedSum<double>)
 DPK_INST(SplitFinish<float>)
 DPK_INST(SplitFinish<double>)
+DPK_INST(SplitSquares<float>)
+DPK_INST(SplitSquares<double>)
 DPK_INST_IN(EmbNormPart)
 DPK_INST_IN(EmbScatter)
 DPK_INST_IN(EmbCross)

@@ -342,10 +342,11 @@ struct EmbCross {
 // ----------------------------------------------------------------------------- Linear clipped sum (tiles)
 
 // Block-synchronous kernels. A tile functor describes one thread block's work in phases separated by
-// barriers: zero(regs); per step k of steps(b): load(smem, b, k, tid) for every thread, barrier,
-// mma(smem, regs, b, tid), barrier; then store(regs, b, tid). kernels.cu runs a block per b with
-// THREADS threads and __syncthreads() as the barrier; the CPU (dpk.h's for_each_tile) runs the same
-// phases thread after thread. So the CPU build runs the GPU's device code, barrier for barrier.
+// barriers: zero(regs); per step k of steps(b): load(smem, regs, b, k, tid) for every thread, barrier,
+// mma(smem, regs, b, k, tid), barrier; then store(smem, regs, b, tid), barrier, flush(smem, b, tid)
+// (a block reduction through shared memory; empty for the clipped sums). kernels.cu runs a block per b
+// with THREADS threads and __syncthreads() as the barrier; the CPU (dpk.h's for_each_tile) runs the
+// same phases thread after thread. So the CPU build runs the GPU's device code, barrier for barrier.
 
 // a / d for 0 <= a < 2^52 and 0 < d by a multiplication with d's reciprocal and a +-1 correction: no
 // 64-bit integer division, which is a called subroutine on the GPU (its call spilled registers in the
@@ -436,6 +437,56 @@ struct ConvOperands {
   }
 };
 
+// The shared pieces of the (64 x 64 outputs, 16-row step, 256 threads of 4 x 4) GEMM tiles: the
+// ClippedGemm and the instantiation norm tiles.
+//
+// load: thread (kk = tid / 16, lane = tid % 16) brings row k of the reduction (for group grp; ok: k
+// is in range) into row kk of the G and A tiles, columns p0 + lane + 16 q and d0 + lane + 16 q,
+// G's entries scaled by clip[i(k)] (clip nullptr: by nothing), 0 outside (P, D) or past the rows.
+template <int BK, int BP, int BD, class acc_t, class Ops>
+DPK_HD void gemm_load(const Ops& ops, acc_t (*sg)[BP + 16], acc_t (*sa)[BD + 16], int64_t k, bool ok, int64_t grp,
+                      const acc_t* clip, int64_t p0, int64_t d0, int64_t P, int64_t D, int tid) {
+  const int kk = tid / 16, lane = tid % 16;
+  typename Ops::Row r{};
+  acc_t ci = acc_t(0);
+  if (ok) {
+    const int64_t i = ops.row(k, grp, r);
+    ci = clip ? clip[i] : acc_t(1);
+  }
+  DPK_UNROLL
+  for (int q = 0; q < BP / 16; ++q) {
+    const int64_t p = p0 + lane + 16 * q;
+    acc_t v = acc_t(0);
+    if (ok && p < P) v = clip ? ci * ops.g_at(r, p) : ops.g_at(r, p);
+    sg[kk][lane + 16 * q] = v;
+  }
+  DPK_UNROLL
+  for (int q = 0; q < BD / 16; ++q) {
+    const int64_t d = d0 + lane + 16 * q;
+    sa[kk][lane + 16 * q] = ok && d < D ? ops.a_at(r, d) : acc_t(0);
+  }
+}
+
+// mma: thread (ty = tid / 16, tx = tid % 16) adds the BK rows' products to its outputs
+// v[x][y] (p = p0 + ty + 16 x, d = d0 + tx + 16 y), row after row: a sequential sum over k.
+template <int BK, int BP, int BD, class acc_t>
+DPK_HD void gemm_mma(const acc_t (*sg)[BP + 16], const acc_t (*sa)[BD + 16], acc_t (&v)[BP / 16][BD / 16], int tid) {
+  const int ty = tid / 16, tx = tid % 16;
+  DPK_UNROLL
+  for (int kk = 0; kk < BK; ++kk) {
+    acc_t gv[BP / 16], av[BD / 16];
+    DPK_UNROLL
+    for (int x = 0; x < BP / 16; ++x) gv[x] = sg[kk][ty + 16 * x];
+    DPK_UNROLL
+    for (int y = 0; y < BD / 16; ++y) av[y] = sa[kk][tx + 16 * y];
+    DPK_UNROLL
+    for (int x = 0; x < BP / 16; ++x) {
+      DPK_UNROLL
+      for (int y = 0; y < BD / 16; ++y) v[x][y] += gv[x] * av[y];
+    }
+  }
+}
+
 // W = sum_k c_{i(k)} g_k^T a_k over the rows k of the reduction (Linear: the B*T rows (i, t); Conv: the
 // B*O (sample, output position) rows, per group): one (BP x BD) tile of group grp's (P, D) block of W per
 // thread block, over the rows [k_lo, k_hi) of one split. The clip factor is folded into G's rows as the
@@ -485,42 +536,14 @@ struct ClippedGemm {
     p0 = (tile / tiles_d) * BP;
     d0 = (tile % tiles_d) * BD;
   }
-  DPK_HD void load(Smem& sm, int64_t b, int64_t step, int tid) const {
+  DPK_HD void load(Smem& sm, Regs&, int64_t b, int64_t step, int tid) const {
     int64_t p0, d0;
     origin(b, p0, d0);
-    const int kk = tid / 16, lane = tid % 16;
-    const int64_t k = k_lo(b) + step * BK + kk;
-    const bool ok = k < k_hi(b);
-    typename Ops::Row r{};
-    const acc_t ci = ok ? clip[ops.row(k, group(b), r)] : acc_t(0);
-    DPK_UNROLL
-    for (int q = 0; q < BP / 16; ++q) {
-      const int64_t p = p0 + lane + 16 * q;
-      sm.g[kk][lane + 16 * q] = ok && p < P ? ci * ops.g_at(r, p) : acc_t(0);
-    }
-    DPK_UNROLL
-    for (int q = 0; q < BD / 16; ++q) {
-      const int64_t d = d0 + lane + 16 * q;
-      sm.a[kk][lane + 16 * q] = ok && d < D ? ops.a_at(r, d) : acc_t(0);
-    }
+    const int64_t k = k_lo(b) + step * BK + tid / 16;
+    gemm_load<BK, BP, BD, acc_t>(ops, sm.g, sm.a, k, k < k_hi(b), group(b), clip, p0, d0, P, D, tid);
   }
-  DPK_HD void mma(const Smem& sm, Regs& r, int64_t, int tid) const {
-    const int ty = tid / 16, tx = tid % 16;
-    DPK_UNROLL
-    for (int kk = 0; kk < BK; ++kk) {
-      acc_t gv[TP], av[TD];
-      DPK_UNROLL
-      for (int x = 0; x < TP; ++x) gv[x] = sm.g[kk][ty + 16 * x];
-      DPK_UNROLL
-      for (int y = 0; y < TD; ++y) av[y] = sm.a[kk][tx + 16 * y];
-      DPK_UNROLL
-      for (int x = 0; x < TP; ++x) {
-        DPK_UNROLL
-        for (int y = 0; y < TD; ++y) r.v[x][y] += gv[x] * av[y];
-      }
-    }
-  }
-  DPK_HD void store(const Regs& r, int64_t b, int tid) const {
+  DPK_HD void mma(const Smem& sm, Regs& r, int64_t, int64_t, int tid) const { gemm_mma<BK, BP, BD>(sm.g, sm.a, r.v, tid); }
+  DPK_HD void store(Smem&, const Regs& r, int64_t b, int tid) const {
     int64_t p0, d0;
     origin(b, p0, d0);
     const int ty = tid / 16, tx = tid % 16;
@@ -539,6 +562,7 @@ struct ClippedGemm {
       }
     }
   }
+  DPK_HD void flush(const Smem&, int64_t, int) const {}
 };
 
 // out[j] = epi(sum_s ws[s, j], j), the splits summed in order; one j per output element.
@@ -555,13 +579,231 @@ struct SplitFinish {
   }
 };
 
+// ----------------------------------------------------------------------------- per-sample norm tiles (Conv)
+
+// The per-sample weight norm of a Conv layer, sum_j ||G_ij^T A_ij||_F^2 over groups j (A_ij the
+// unfold of sample i's group-j channels, T x D, D = C_in / groups * prod(k); G_ij its output gradient,
+// T x P), by tiles that gather A from x as they load it (Ops = ConvOperands, row k = i T + t): the
+// unfold is never written. Each block writes one partial sum to a workspace; RowSum then adds a (sample,
+// group)'s partials in order, and a sample's groups in order (dpk.h). Every sum is a plain sum in
+// acc_t of products of inputs converted to acc_t: the Gram and dot products sequentially over their
+// reduction (d, p or t), a thread's 16 terms sequentially, the block's 256 thread sums sequentially
+// (thread 0), the blocks' partials sequentially. Terms outside the matrices are exact zeros (adding
+// them rounds nothing), so a term passes through at most (number of terms - 1) rounded additions, the
+// chain length of a sequential sum, whatever the grouping.
+
+// Ghost norm: ||G_ij^T A_ij||^2 = sum_{t,s} (A A^T)_ts (G G^T)_ts. One block per (sample, group,
+// (ta, tb) pair of 64-row tiles with ta <= tb): it forms the (ta, tb) tiles of A A^T (over d, D / 16
+// steps, A's rows gathered from x) and of G G^T (over p, P / 16 steps) in registers (4 x 4 of each per
+// thread), then sum_{t,s} of their product, doubled off the diagonal (the Grams are symmetric, and
+// their (s, t) entries are the same rounded sums of the same products: the doubling, exact, adds the
+// mirror tile exactly). T x T is never stored anywhere; registers hold one tile of each Gram.
+template <class acc_t, class Ops>
+struct GhostNormTiles {
+  static constexpr int BT = 64, BK = 16, THREADS = 256, TT = 4;
+  struct Smem {
+    acc_t u[BK][BT];  // step's columns of rows ta (A or G), [column][row]: a warp writes 32 rows of one column
+    acc_t v[BK][BT];  // and of rows tb
+    acc_t red[THREADS];
+  };
+  struct Regs {
+    acc_t a[TT][TT];  // (A A^T)[t0 + ty + 16 x, s0 + tx + 16 y]
+    acc_t g[TT][TT];  // (G G^T)[...]
+  };
+  Ops ops;
+  acc_t* out;  // (B * groups * pairs,) one partial per block
+  int64_t T, P, D, groups, nt, pairs, steps_a, steps_g;  // nt = ceil(T / BT) tiles, pairs = nt (nt + 1) / 2
+
+  DPK_HD void zero(Regs& r) const {
+    DPK_UNROLL
+    for (int x = 0; x < TT; ++x) {
+      DPK_UNROLL
+      for (int y = 0; y < TT; ++y) r.a[x][y] = r.g[x][y] = acc_t(0);
+    }
+  }
+  DPK_HD int64_t steps(int64_t) const { return steps_a + steps_g; }
+  // block b = (sample, group, pair); pair = tb (tb + 1) / 2 + ta, ta <= tb
+  DPK_HD void where(int64_t b, int64_t& i, int64_t& grp, int64_t& t0, int64_t& s0) const {
+    const int64_t pair = b % pairs, ig = b / pairs;
+    i = ig / groups;
+    grp = ig - i * groups;
+    int64_t tb = static_cast<int64_t>((::sqrt(8.0 * static_cast<double>(pair) + 1.0) - 1.0) * 0.5);
+    while (tb * (tb + 1) / 2 > pair) --tb;
+    while ((tb + 1) * (tb + 2) / 2 <= pair) ++tb;
+    t0 = (pair - tb * (tb + 1) / 2) * BT;
+    s0 = tb * BT;
+  }
+  // Thread tid loads row (tid % 64) of both tiles, columns 4 (tid / 64) .. + 3 of the step's 16: A's
+  // columns d (steps [0, steps_a)), then G's columns p.
+  DPK_HD void load(Smem& sm, Regs&, int64_t b, int64_t step, int tid) const {
+    int64_t i, grp, t0, s0;
+    where(b, i, grp, t0, s0);
+    const int row = tid % BT, c0 = 4 * (tid / BT);
+    const bool gram_a = step < steps_a;
+    const int64_t col0 = (gram_a ? step : step - steps_a) * BK + c0, ncol = gram_a ? D : P;
+    const int64_t t = t0 + row, s = s0 + row;
+    typename Ops::Row rt{}, rs{};
+    if (t < T) ops.row(i * T + t, grp, rt);
+    if (s < T) ops.row(i * T + s, grp, rs);
+    DPK_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      const int64_t c = col0 + e;
+      acc_t ut = acc_t(0), vs = acc_t(0);
+      if (c < ncol) {
+        if (t < T) ut = gram_a ? ops.a_at(rt, c) : ops.g_at(rt, c);
+        if (s < T) vs = gram_a ? ops.a_at(rs, c) : ops.g_at(rs, c);
+      }
+      sm.u[c0 + e][row] = ut;
+      sm.v[c0 + e][row] = vs;
+    }
+  }
+  DPK_HD static void outer(const Smem& sm, acc_t (&v)[TT][TT], int tid) {
+    const int ty = tid / 16, tx = tid % 16;
+    DPK_UNROLL
+    for (int kk = 0; kk < BK; ++kk) {
+      acc_t uv[TT], vv[TT];
+      DPK_UNROLL
+      for (int x = 0; x < TT; ++x) uv[x] = sm.u[kk][ty + 16 * x];
+      DPK_UNROLL
+      for (int y = 0; y < TT; ++y) vv[y] = sm.v[kk][tx + 16 * y];
+      DPK_UNROLL
+      for (int x = 0; x < TT; ++x) {
+        DPK_UNROLL
+        for (int y = 0; y < TT; ++y) v[x][y] += uv[x] * vv[y];
+      }
+    }
+  }
+  DPK_HD void mma(const Smem& sm, Regs& r, int64_t, int64_t step, int tid) const {
+    if (step < steps_a)
+      outer(sm, r.a, tid);
+    else
+      outer(sm, r.g, tid);
+  }
+  DPK_HD void store(Smem& sm, const Regs& r, int64_t, int tid) const {
+    acc_t part = acc_t(0);
+    DPK_UNROLL
+    for (int x = 0; x < TT; ++x) {
+      DPK_UNROLL
+      for (int y = 0; y < TT; ++y) part += r.a[x][y] * r.g[x][y];
+    }
+    sm.red[tid] = part;
+  }
+  DPK_HD void flush(const Smem& sm, int64_t b, int tid) const {
+    if (tid != 0) return;
+    acc_t s = acc_t(0);
+    for (int q = 0; q < THREADS; ++q) s += sm.red[q];
+    int64_t i, grp, t0, s0;
+    where(b, i, grp, t0, s0);
+    out[b] = t0 == s0 ? s : acc_t(2) * s;
+  }
+};
+
+// Instantiation: ||G_ij^T A_ij||^2 = sum_{p,d} (sum_t g_tp a_td)^2. One block per (split, sample, group,
+// 64 x 64 tile of G^T A): the GEMM tiles of the clipped sum (gemm_load without clip factors, gemm_mma)
+// over the rows t of the split; unsplit, the sum of the tile's squares (a block partial, to `out`
+// (B * groups * tiles,)); split (when the tiles are too few to fill the GPU), the raw tile of G^T A to a
+// (S, B * groups * P, D) workspace, squared after its splits are summed in order (SplitSquares).
+template <class acc_t, class Ops>
+struct InstNormTiles {
+  static constexpr int BP = 64, BD = 64, BK = 16, THREADS = 256, TP = 4, TD = 4;
+  struct Smem {  // as ClippedGemm's
+    acc_t g[BK][BP + 16];
+    acc_t a[BK][BD + 16];
+    acc_t red[THREADS];
+  };
+  struct Regs {
+    acc_t v[TP][TD];
+  };
+  Ops ops;
+  acc_t* out;
+  int64_t B, T, P, D, groups, t_per, tiles_d, tiles;  // t_per rows per split, a multiple of BK
+  bool split;
+
+  DPK_HD void zero(Regs& r) const {
+    DPK_UNROLL
+    for (int x = 0; x < TP; ++x) {
+      DPK_UNROLL
+      for (int y = 0; y < TD; ++y) r.v[x][y] = acc_t(0);
+    }
+  }
+  // block b = (split, sample, group, tile); ig = sample * groups + group
+  DPK_HD int64_t ig(int64_t b) const { return (b / tiles) % (B * groups); }
+  DPK_HD int64_t t_lo(int64_t b) const { return (b / (tiles * B * groups)) * t_per; }
+  DPK_HD int64_t t_hi(int64_t b) const { return t_lo(b) + t_per < T ? t_lo(b) + t_per : T; }
+  DPK_HD int64_t steps(int64_t b) const { return (t_hi(b) - t_lo(b) + BK - 1) / BK; }
+  DPK_HD void origin(int64_t b, int64_t& p0, int64_t& d0) const {
+    const int64_t tile = b % tiles;
+    p0 = (tile / tiles_d) * BP;
+    d0 = (tile % tiles_d) * BD;
+  }
+  DPK_HD void load(Smem& sm, Regs&, int64_t b, int64_t step, int tid) const {
+    int64_t p0, d0;
+    origin(b, p0, d0);
+    const int64_t n = ig(b), i = n / groups, t = t_lo(b) + step * BK + tid / 16;
+    gemm_load<BK, BP, BD, acc_t>(ops, sm.g, sm.a, i * T + t, t < t_hi(b), n - i * groups,
+                                 static_cast<const acc_t*>(nullptr), p0, d0, P, D, tid);
+  }
+  DPK_HD void mma(const Smem& sm, Regs& r, int64_t, int64_t, int tid) const {
+    gemm_mma<BK, BP, BD>(sm.g, sm.a, r.v, tid);
+  }
+  DPK_HD void store(Smem& sm, const Regs& r, int64_t b, int tid) const {
+    if (split) {
+      int64_t p0, d0;
+      origin(b, p0, d0);
+      const int ty = tid / 16, tx = tid % 16;
+      acc_t* o = out + (b / (tiles * B * groups)) * B * groups * P * D + ig(b) * P * D;
+      DPK_UNROLL
+      for (int x = 0; x < TP; ++x) {
+        const int64_t p = p0 + ty + 16 * x;
+        DPK_UNROLL
+        for (int y = 0; y < TD; ++y) {
+          const int64_t d = d0 + tx + 16 * y;
+          if (p < P && d < D) o[p * D + d] = r.v[x][y];
+        }
+      }
+      return;
+    }
+    acc_t part = acc_t(0);
+    DPK_UNROLL
+    for (int x = 0; x < TP; ++x) {
+      DPK_UNROLL
+      for (int y = 0; y < TD; ++y) part += r.v[x][y] * r.v[x][y];
+    }
+    sm.red[tid] = part;
+  }
+  DPK_HD void flush(const Smem& sm, int64_t b, int tid) const {
+    if (split || tid != 0) return;
+    acc_t s = acc_t(0);
+    for (int q = 0; q < THREADS; ++q) s += sm.red[q];
+    out[b] = s;
+  }
+};
+
+// out[row] = sum_d (sum_s ws[s, row, d])^2: the splits of a row of G^T A summed in order, then its
+// squares in order; one j per row (B * groups * P rows of D).
+template <class acc_t>
+struct SplitSquares {
+  const acc_t* ws;  // (S, rows * D)
+  acc_t* out;       // (rows,)
+  int64_t S, D, n;  // n = rows * D
+  DPK_HD void operator()(int64_t row) const {
+    acc_t tot = acc_t(0);
+    for (int64_t d = 0; d < D; ++d) {
+      acc_t v = acc_t(0);
+      for (int64_t s = 0; s < S; ++s) v += ws[s * n + row * D + d];
+      tot += v * v;
+    }
+    out[row] = tot;
+  }
+};
+
 // ----------------------------------------------------------------------------- launch
 
 // Defined in kernels.cu for every functor type it instantiates: f(j) for j in [0, n) on the current
 // CUDA stream of `device`.
 template <class F>
 void launch_cuda(const F& f, int64_t n, int device);
-// And for every tile functor: `blocks` blocks of F::THREADS threads (see ClippedGemm).
+// And for every tile functor: `blocks` blocks of F::THREADS threads (see ClippedGemm, GhostNormTiles).
 template <class F>
 void launch_tiles_cuda(const F& f, int64_t blocks, int device);
 // The number of streaming multiprocessors of `device` (to size split-K).

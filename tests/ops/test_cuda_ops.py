@@ -263,6 +263,104 @@ def test_conv_clipped_sum_tiles_noise():
         _close(w1 - w0, 0.35 * z)
 
 
+def _conv_norms_path(x, g, k, geom, method, path, splits=0):
+    geo = [[v] if isinstance(v, int) else list(v) for v in (geom["stride"], geom["padding"], geom["dilation"])]
+    w, _ = torch.ops.dpkernels.cuda_conv_norms(x, g, list(k), *geo, geom["groups"], False, method, path, splits)
+    return w
+
+
+# the tile cases and ones past the norm tiles' edges: T = 132 (2-d, three 64-row Gram tiles, six pairs),
+# T = 288 (3-d, dilation, groups), T = 36 with 1-d stride and dilation
+CONV_NORM_CASES = CONV_TILE_CASES + [
+    ((2, 4, 12, 11), 6, 3, 1, 1, 1, 1),
+    ((2, 4, 6, 7, 8), 6, 2, 1, (0, 1, 1), (2, 1, 1), 2),
+    ((3, 6, 80), 4, 5, 2, 2, 2, 2),
+]
+
+
+def _channels_last(x, g):
+    if x.dim() == 3:
+        return x, g
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return x.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("case", CONV_NORM_CASES)
+@pytest.mark.parametrize("method", ["ghost", "inst"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_conv_norms_tiles_f64(case, method, layout):
+    """The implicit-GEMM norm tiles (CUDA's conv norms: the unfold gathered by the loader, never written)
+    and the ATen path against the reference: 1-3 spatial dims, stride / padding / dilation / groups,
+    Gram tiles across T's 64-row edges, inst tiles across the (p, d) edges, split over t or not."""
+    x, g, k, _, geom = _conv_inputs(case)
+    if layout == "channels_last":
+        x, g = _channels_last(x, g)
+    elif layout == "strided":  # every other element of a wider tensor: no unit stride anywhere
+        x, g = torch.cat([x, x], dim=-1)[..., ::2], torch.cat([g, g], dim=-1)[..., ::2]
+    want, _ = ref.conv_norms(x, g, kernel_size=k, bias=False, method=method, **geom)
+    for splits in (0, 1, 3, 1000) if method == "inst" else (0,):
+        _close(_conv_norms_path(x, g, k, geom, method, TILES, splits), want)
+    _close(_conv_norms_path(x, g, k, geom, method, ATEN), want)
+
+
+def test_conv_norms_tiles_random_geometry():
+    """Random conv geometries (seeded): the tiles' index arithmetic (row and column decompositions, padding
+    bounds, groups) against the reference's unfold, both methods, float64."""
+    rng = torch.Generator().manual_seed(2024)
+
+    def pick(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=rng))
+
+    for trial in range(16):
+        n, groups = pick(1, 3), pick(1, 3)
+        k = [pick(1, 3) for _ in range(n)]
+        s, p, d = [pick(1, 2) for _ in range(n)], [pick(0, 2) for _ in range(n)], [pick(1, 2) for _ in range(n)]
+        size = [max(pick(3, {1: 40, 2: 11, 3: 6}[n]), d[q] * (k[q] - 1) + 1) for q in range(n)]
+        shape = (pick(1, 3), groups * pick(1, 3), *size)
+        case = (shape, groups * pick(1, 3), tuple(k), tuple(s), tuple(p), tuple(d), groups)
+        x, g, kk, _, geom = _conv_inputs(case)
+        for method in ("ghost", "inst"):
+            want, _ = ref.conv_norms(x, g, kernel_size=kk, bias=False, method=method, **geom)
+            _close(_conv_norms_path(x, g, kk, geom, method, TILES, trial % 3), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["ghost", "inst"])
+def test_conv_norms_tiles_half(dtype, method):
+    """16-bit inputs through the norm tiles, fp32 accumulation, by SQNR against the reference in float64 on
+    the same rounded values (SQNR_DB: products of 16-bit values are exact in fp32, the sums are fp32's).
+    g is scaled by 300 so that fp16 products of g would overflow (300^2 * 4 > 65504): the tiles multiply
+    in fp32, where they never are fp16."""
+    x, g, k, _, geom = _conv_inputs(CONV_NORM_CASES[-3], dtype=dtype)
+    g = (g.double() * 300).to(dtype)
+    got = _conv_norms_path(x, g, k, geom, method, TILES)
+    want, _ = ref.conv_norms(x.double(), g.double(), kernel_size=k, bias=False, method=method, **geom)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all() and _sqnr(got, want) > SQNR_DB
+
+
+def test_conv_norms_tiles_mixed_and_empty():
+    """x and g of different dtypes accumulate in the wider one (the reference's acc dtype); an empty batch
+    gives an empty (0,) result on both paths."""
+    x, g, k, _, geom = _conv_inputs(CONV_CASES[1])
+    want, _ = ref.conv_norms(x.float(), g, kernel_size=k, bias=False, method="ghost", **geom)
+    _close(_conv_norms_path(x.float(), g, k, geom, "ghost", TILES), want)
+    for path in (TILES, ATEN):
+        for method in ("ghost", "inst"):
+            out = _conv_norms_path(x[:0], g[:0], k, geom, method, path)
+            assert out.shape == (0,) and out.dtype == F64
+
+
+def test_conv_norms_refused():
+    x, g, k, _, geom = _conv_inputs(CONV_CASES[1])
+    with pytest.raises(ValueError, match="path must be 0"):
+        _conv_norms_path(x, g, k, geom, "ghost", 3)
+    with pytest.raises(ValueError, match="splits must be >= 0"):
+        _conv_norms_path(x, g, k, geom, "inst", TILES, -1)
+    for path in (TILES, ATEN):  # g of another conv's output size, named in the error
+        with pytest.raises(ValueError, match="output gradient of shape"):
+            _conv_norms_path(x, g[..., :-1], k, geom, "ghost", path)
+
+
 # ----------------------------------------------------------------------------- Embedding
 
 V = 11
@@ -399,6 +497,8 @@ def _opcheck_cases():
     yield "bias_norms", ops.cuda_bias_norms.default, (g,)
     yield "bias_clipped_sum", ops.cuda_bias_clipped_sum.default, (g, c, 1.0, 1.0, 3, torch.zeros(5))
     yield "conv_norms", ops.cuda_conv_norms.default, (x, gc, list(k), *st, True, "inst")
+    yield "conv_norms_tiles", ops.cuda_conv_norms.default, (x, gc, list(k), *st, True, "ghost", 1, 0)
+    yield "conv_norms_tiles_split", ops.cuda_conv_norms.default, (x, gc, list(k), *st, False, "inst", 1, 2)
     yield (
         "conv_clipped_sum",
         ops.cuda_conv_clipped_sum.default,
@@ -455,8 +555,12 @@ def test_automatic_choice_on_cpu_keeps_the_reference():
 # ----------------------------------------------------------------------------- on a GPU
 
 
+def _dtype_id(dt):  # "float32": bench/gpu_cuda.sh selects the sanitizer's cases by it
+    return str(dt).removeprefix("torch.")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=_dtype_id)
 def test_ops_on_cuda_match_the_reference(dtype):
     """Every op of the CUDA build on the GPU against the reference on the CPU (fp64 tight, else SQNR)."""
     if not torch.cuda.is_available() or not cu.info["cuda"]:
@@ -487,7 +591,7 @@ class _OnCuda:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16], ids=_dtype_id)
 def test_linear_clipped_sum_tiles_on_cuda(dtype):
     """The tile kernel on the GPU (unsplit, split, automatic) against the reference in float64 on the same
     rounded inputs (fp64 tight, else SQNR), every layout, and its noise: the CPU build's element by element."""
@@ -518,7 +622,7 @@ def test_linear_clipped_sum_tiles_on_cuda(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=_dtype_id)
 def test_conv_clipped_sum_tiles_on_cuda(dtype):
     """The implicit-GEMM conv tiles on the GPU (automatic path: tiles on CUDA; split and unsplit) against
     the reference in float64 on the same rounded inputs, channels_last too."""
@@ -540,3 +644,27 @@ def test_conv_clipped_sum_tiles_on_cuda(dtype):
                     torch.testing.assert_close(got, want, **TIGHT)
                 else:
                     assert _sqnr(got, want) > SQNR_DB, (case, channels_last, splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16], ids=_dtype_id)
+def test_conv_norms_tiles_on_cuda(dtype):
+    """The implicit-GEMM norm kernels on the GPU (automatic path: tiles on CUDA; inst split and unsplit)
+    against the reference in float64 on the same rounded inputs (fp64 tight, else SQNR), every layout."""
+    if not torch.cuda.is_available() or not cu.info["cuda"]:
+        pytest.skip("needs a GPU and the CUDA build of the library")
+    for case in CONV_NORM_CASES:
+        for layout in ("contiguous", "channels_last", "strided"):
+            x, g, k, _, geom = _conv_inputs(case, dtype=dtype)
+            if layout == "channels_last":
+                x, g = _channels_last(x, g)
+            elif layout == "strided":
+                x, g = torch.cat([x, x], dim=-1)[..., ::2], torch.cat([g, g], dim=-1)[..., ::2]
+            for method in ("ghost", "inst"):
+                want, _ = ref.conv_norms(x.double(), g.double(), kernel_size=k, bias=False, method=method, **geom)
+                for splits in (0, 1, 3) if method == "inst" else (0,):
+                    got = _conv_norms_path(x.cuda(), g.cuda(), k, geom, method, 0, splits).cpu()
+                    if dtype == F64:
+                        torch.testing.assert_close(got, want, **TIGHT)
+                    else:
+                        assert _sqnr(got, want) > SQNR_DB, (case, layout, method, splits)

@@ -63,7 +63,7 @@ def _(g, c, noise_std, scale, seed, prev):
 
 
 @_fake("conv_norms")
-def _(x, g, kernel_size, stride, padding, dilation, groups, bias, method):
+def _(x, g, kernel_size, stride, padding, dilation, groups, bias, method, path=0, splits=0):
     dt = acc_dtype(x, g)
     return _vec(x, x.shape[0], dt), _vec(x, x.shape[0], dt, bias)
 
