@@ -395,6 +395,7 @@ def make_private(
         seed=seed,
         perturb_k=perturb_k,
         secure_mode=secure_mode,
+        loss_scale=loss_scale,
     )
     if adaptive_clipping is not None:
         from .adaptive import attach as attach_adaptive
@@ -429,7 +430,6 @@ def make_private(
         engine.parallel = parallel
         if sharded:
             engine.sharding = parallel.sharded = ShardedParams(model, engine, parallel.group)
-    engine.static_loss_scale = float(loss_scale)
     if previous is not None:
         engine.continue_from(previous, keep_seed=seed is None)
     engine.attach(model)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import secrets
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,15 +38,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import ops, padding, pruning
+from . import padding, pruning
 from .clipping import clip_factors
+from .config import EngineConfig
 from .nn import DPModule
+from .noise import NoisePlan
+from .noise import mix64 as _mix64  # noqa: F401  (dpkernels.api, perturb, distributed import it from here)
 from .ops._validate import ids_looked_up
 from .perturb import Perturbation
-from .secure import SecureNoise, check_seed
-
-STRATEGIES = ("bk", "two-pass")
-LOSS_REDUCTIONS = ("mean", "sum")
 
 
 @dataclass
@@ -86,16 +84,6 @@ def dp_function(module: Any) -> Any:
     pruning masks on its parameters, their masked norms and sums (dpkernels.pruning)."""
     fn = type(module).dp_function
     return pruning.masked_function(module, fn) if pruning.has_masks(module) else fn
-
-
-def _mix64(*xs: int) -> int:
-    """splitmix64 over the inputs: independent 63-bit seeds per (seed, step, parameter)."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & ((1 << 63) - 1)
 
 
 class ParameterGradRequested(RuntimeError):
@@ -263,61 +251,35 @@ class Engine:
         modules: dict[str, nn.Module],
         ties: list[Tie],
         groups: list[list[nn.Parameter]],
-        bounds: Sequence[float],
+        bounds: Sequence[float] | None = None,
         *,
-        noise_multiplier: float,
-        expected_batch_size: float,
-        clipping: str = "abadi",
-        gamma: float = 0.01,
-        strategy: str = "bk",
-        loss_reduction: str = "mean",
-        accumulation_steps: int = 1,
-        seed: int | None = None,
-        perturb_k: float = 0.0,
-        secure_mode: bool = False,
+        config: EngineConfig | None = None,
+        **settings: Any,
     ):
-        check_seed(secure_mode, seed)
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
-        if not (expected_batch_size > 0 and math.isfinite(expected_batch_size)):
-            raise ValueError(f"expected_batch_size must be a finite positive number, got {expected_batch_size}")
-        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):  # NaN fails both comparisons
-            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
-        if accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+        """``config``, or the bounds and the settings of an `EngineConfig` (validated here)."""
+        if config is None:
+            config = EngineConfig(bounds=tuple(bounds if bounds is not None else ()), **settings)
+        elif bounds is not None or settings:
+            raise TypeError("Engine: give either config or the bounds and settings, not both")
+        if len(config.bounds) != len(groups):
+            raise ValueError(f"the config has {len(config.bounds)} bounds for {len(groups)} clipping groups")
+        self.config = config
         self.modules = modules
         self.ties = ties
         self.groups = groups
-        self.bounds = list(bounds)
-        self.noise_multiplier = float(noise_multiplier)  # the accounted one
-        self.grad_noise_multiplier = self.noise_multiplier  # the gradient's: higher with adaptive clipping
+        self.bounds = list(config.bounds)  # as they are now: they move under adaptive clipping
+        self.noise = NoisePlan(config)
         self.adaptive: Any = None  # dpkernels.adaptive.AdaptiveState with adaptive clipping
-        self.expected_batch_size = float(expected_batch_size)
-        self.clipping = clipping
-        self.gamma = gamma
-        self.strategy = strategy
-        self.loss_reduction = loss_reduction
-        self.accumulation_steps = accumulation_steps
-        self.seed = secrets.randbits(63) if seed is None else int(seed)
-        self.secure = SecureNoise() if secure_mode else None  # secure mode: noise added after the sums (_secure_noise)
         self._per_sample_losses = False  # this backward is of sum_i l_i given per sample (see backward)
         self._warned_16bit_mean = False
         self._sample_mask: Tensor | None = None  # padded rows False: their clip factor is 0 (dpkernels.padding)
-        self.world_size = 1  # data-parallel ranks summing their clipped sums (set by dpkernels.distributed)
-        self.rank = 0
         self.sharding: Any = None  # dpkernels.fsdp.ShardedParams when the model is sharded by fully_shard
         self.parallel: Any = None  # dpkernels.distributed.DataParallelState when training data-parallel
         self.enabled = True
         self.batch_size: int | None = None  # the model's batch, read by a forward pre-hook
         self.steps = 0
-        # the step index keying the noise streams: moves with steps but never back (a rolled-back optimizer
-        # state must not draw a used stream again: the two updates' difference would cancel the noise)
-        self.stream = 0
-        self.r_total = math.sqrt(sum(b * b for b in self.bounds))
         # clip(g_i + k zeta_i) (dpkernels.perturb); None: plain clipping
-        self.perturb = Perturbation(perturb_k) if perturb_k != 0.0 else None
+        self.perturb = Perturbation(config.perturb_k) if config.perturb_k != 0.0 else None
 
         self._tie_of = {m: t for t in ties for m in t.modules}
         self._name_of = {m: n for n, m in modules.items()}
@@ -373,6 +335,36 @@ class Engine:
 
     def __reduce__(self) -> tuple:
         return (DetachedEngine, ())
+
+    # ------------------------------------------------------------------ the settings (self.config) and noise plan
+    noise_multiplier = property(lambda self: self.config.noise_multiplier, doc="the accounted sigma")
+    expected_batch_size = property(lambda self: self.config.expected_batch_size)
+    clipping = property(lambda self: self.config.clipping)
+    gamma = property(lambda self: self.config.gamma)
+    strategy = property(lambda self: self.config.strategy)
+    loss_reduction = property(lambda self: self.config.loss_reduction)
+    accumulation_steps = property(lambda self: self.config.accumulation_steps)
+    static_loss_scale = property(
+        lambda self: self.config.loss_scale, doc="S of make_private(loss_scale=S): the loss was multiplied by S"
+    )
+    secure = property(lambda self: self.noise.secure)
+
+    def _plan_attr(name: str, doc: str) -> Any:  # type: ignore[misc]
+        def get(self: Engine) -> Any:
+            return getattr(self.noise, name)
+
+        def put(self: Engine, value: Any) -> None:
+            setattr(self.noise, name, value)
+
+        return property(get, put, doc=doc)
+
+    seed = _plan_attr("seed", "the noise seed (never saved)")
+    stream = _plan_attr("stream", "the step index keying the noise streams: moves with steps, never back")
+    world_size = _plan_attr("world_size", "data-parallel ranks summing their noised shares")
+    rank = _plan_attr("rank", "this process's rank")
+    r_total = _plan_attr("r_total", "R_total = sqrt(sum_g R_g^2) of the bounds as they are now")
+    grad_noise_multiplier = _plan_attr("noise_multiplier", "the gradient's sigma: higher with adaptive clipping")
+    del _plan_attr
 
     # ------------------------------------------------------------------ one run across make_private calls
     def check_replaceable(self) -> None:
@@ -519,8 +511,6 @@ class Engine:
                 f"sequence-first (an RNN or MultiheadAttention with batch_first=False at its start) must be given "
                 f"its input batch-first (batch_first=True)."
             )
-
-    static_loss_scale = 1.0  # S of make_private(loss_scale=S): the loss was multiplied by S before backward
 
     def loss_scale(self) -> float:
         """G that a layer sees is g_i * loss_scale^-1: B / S for a mean loss, 1 / S for a sum (and for
@@ -738,14 +728,8 @@ class Engine:
     def _spec(self, p: nn.Parameter, fin: bool, prev: Tensor | None) -> SumSpec:
         c = self._factors[self._group_of[id(p)]]
         assert c is not None
-        mean = self.loss_reduction == "mean"
-        return SumSpec(
-            c=c,
-            prev=prev,
-            noise_std=self.rank_noise_std() if fin and self.secure is None else 0.0,
-            scale=1.0 / self.expected_batch_size if (fin and mean and self.secure is None) else 1.0,
-            seed=self.param_seed(p),
-        )
+        noise_std, scale = self.noise.fused(fin)
+        return SumSpec(c=c, prev=prev, noise_std=noise_std, scale=scale, seed=self.param_seed(p))
 
     def _prev(self, p: nn.Parameter) -> Tensor | None:
         """The raw sum of earlier micro-batches; kept until the commit when results are staged."""
@@ -757,7 +741,7 @@ class Engine:
     def _store(self, p: nn.Parameter, result: Tensor, last: bool) -> None:
         if last:
             if self.secure is not None:
-                result = self._secure_noise(p, result)
+                result = self._final_noise(p, result)
             final = result.to(p.dtype)
             self._staged.append((p, final, True))
             if self.parallel is not None:  # data-parallel: its bucket's all-reduce may start now, during backward
@@ -939,36 +923,21 @@ class Engine:
         return id(p) in self._index
 
     def param_seed(self, p: nn.Parameter) -> int:
-        if self.world_size == 1:
-            return _mix64(self.seed, self.stream, self._index[id(p)])
-        return _mix64(self.seed, self.stream, self._index[id(p)], self.rank)  # one stream per rank, even for one seed
+        return self.noise.seed_of(self._index[id(p)])
 
-    def _secure_noise(self, p: nn.Parameter, total: Tensor | None) -> Tensor:
-        """Secure mode: scale * (total + rank_noise_std * z), z from the ChaCha20 stream of (step, p, rank)."""
-        assert self.secure is not None
-        out = self.secure.noise(
-            total,
-            p.shape,
-            noise_std=self.rank_noise_std(),
-            scale=1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0,
-            step=self.stream,
-            index=self._index[id(p)],
-            rank=self.rank,
-            device=p.device,
-            dtype=p.dtype,
-        )
+    def _final_noise(self, p: nn.Parameter, prev: Tensor | None) -> Tensor:
+        """scale * (prev + rank_noise_std * z) for ``p`` (`NoisePlan.noised`); pruned coordinates: no noise,
+        as in the fused epilogues."""
         m, k = self._owner_of[id(p)]
-        return pruning.masked_grad(m, k, out)  # pruned coordinates: no noise, as in the fused epilogues
+        return pruning.masked_grad(m, k, self.noise.noised(prev, self._index[id(p)], p))
 
     def rank_noise_std(self) -> float:
-        """sigma R_total / sqrt(world): each rank's share of the noise, whose sum over ranks is N(0, sigma^2 R^2)
-        (dpkernels.distributed); sigma R_total on one process."""
-        return self.grad_noise_multiplier * self.r_total / math.sqrt(self.world_size)
+        """sigma R_total / sqrt(world): each rank's share of the noise (`NoisePlan.rank_std`)."""
+        return self.noise.rank_std()
 
     def noise_std(self) -> float:
         """Standard deviation of the noise on each coordinate of the final gradient."""
-        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
-        return self.grad_noise_multiplier * self.r_total * scale
+        return self.noise.std()
 
     def finish_step(self) -> None:
         """Give every parameter not yet noised its noise (and scale); then start a new logical step."""
@@ -984,32 +953,16 @@ class Engine:
                 f"no step was taken: the micro-batches accumulated for it were lost ({why}); "
                 f"call optimizer.zero_grad() and run the step's micro-batches again"
             )
-        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         for p in self._params:
-            if id(p) in self._noised:
-                continue
-            prev = self._acc.pop(id(p), None)
-            if self.secure is not None:
-                out = self._secure_noise(p, prev)
-            else:
-                out = ops.add_noise(
-                    prev,
-                    p.shape,
-                    noise_std=self.rank_noise_std(),
-                    scale=scale,
-                    seed=self.param_seed(p),
-                    device=p.device,
-                    dtype=prev.dtype if prev is not None else ops.acc_dtype(p),  # never round a float64 sum to fp32
-                )
-            m, k = self._owner_of[id(p)]
-            self._write_grad(p, pruning.masked_grad(m, k, out).to(p.dtype))  # pruned coordinates: no noise
+            if id(p) not in self._noised:
+                self._write_grad(p, self._final_noise(p, self._acc.pop(id(p), None)).to(p.dtype))
         self._acc.clear()
         self._noised.clear()
         self._micro = 0
         if self.adaptive is not None:  # the noisy counts, keyed like a parameter's noise (index past the last)
-            self.adaptive.release(self, _mix64(self.seed, self.stream, len(self._params), self.rank))
+            self.adaptive.release(self, self.noise.count_seed(len(self._params)))
         self.steps += 1
-        self.stream += 1
+        self.noise.next_step()
 
     def abandon_step(self) -> None:
         """Drop the logical step in progress (a refused step): its micro-batches' sums and the gradients
@@ -1018,7 +971,7 @@ class Engine:
         the noise streams, moves on, or the next step's update minus this one would cancel their noise."""
         if self._noised:
             self.steps += 1
-            self.stream += 1
+            self.noise.next_step()
         self._abort()
         self._acc.clear()
         self._noised.clear()
