@@ -63,20 +63,70 @@ Use = tuple[Any, Tensor]  # (what forward saved for the engine, output gradient 
 
 
 @dataclass(eq=False)
+class TieState:
+    """What one backward pass holds of a tie: its uses so far and how far its work went."""
+
+    arrived: int = 0
+    uses: dict[nn.Module, list[Use]] = field(default_factory=dict)
+    summed: set[int] = field(default_factory=set)  # ids of params whose clipped sum is done
+    reported: bool = False  # its norms were taken (or, in the clipping pass of two-pass, its sums)
+
+
+@dataclass(eq=False)
 class Tie:
-    """DP modules that share trainable parameters: the unit of per-sample norm computation."""
+    """DP modules that share trainable parameters: the unit of per-sample norm computation.
+
+    ``expected`` counts the uses of the forward (kept across the two passes of two-pass); what the
+    backward pass in progress holds of the tie is ``state``, a `TieState` of the engine's `BackwardPass`
+    (``uses``, ``arrived``, ``summed``, ``reported`` read it)."""
 
     modules: list[nn.Module]
     names: list[str]
     params: list[nn.Parameter]
     expected: int = 0  # uses counted in forward since the last backward
-    arrived: int = 0
-    uses: dict[nn.Module, list[Use]] = field(default_factory=dict)
-    summed: set[int] = field(default_factory=set)  # ids of params whose clipped sum is done
-    reported: bool = False
+    state: TieState = field(default_factory=TieState)
+
+    uses = property(lambda self: self.state.uses)
+    summed = property(lambda self: self.state.summed)
+
+    @property
+    def arrived(self) -> int:
+        return self.state.arrived
+
+    @arrived.setter
+    def arrived(self, n: int) -> None:
+        self.state.arrived = n
+
+    @property
+    def reported(self) -> bool:
+        return self.state.reported
+
+    @reported.setter
+    def reported(self, value: bool) -> None:
+        self.state.reported = value
 
     def owners(self, p: nn.Parameter) -> list[nn.Module]:
         return [m for m in self.modules if any(q is p for q in m.parameters(recurse=False))]
+
+
+class BackwardPass:
+    """Everything that lives for one backward pass (one micro-batch, or one of two-pass's passes): the
+    batch size, each tie's uses (`TieState`), per group the squared norms sent so far, the ties still
+    to report and whether it closed, the closed groups' norms (checked finite at the end), the results
+    staged until the end. Ending or aborting a pass drops this object: nothing is reset field by field."""
+
+    def __init__(self, engine: Engine):
+        G = len(engine.groups)
+        self.batch: int | None = None
+        self.norms: list[list[Tensor]] = [[] for _ in range(G)]  # per group: its parameters' squared norms
+        self.left = [sum(1 for t in ties if t.expected > 0) for ties in engine._ties_of_group]
+        self.done = [False] * G
+        self.closed: list[Tensor] = []  # the closed groups' squared norms, (G, B) at the end: one finiteness read
+        # results wait here until the pass ends, so that an error in backward leaves .grad untouched
+        self.staged: list[tuple[nn.Parameter, Tensor, bool]] = []
+        self.acc_touched = False  # this pass replaced sums in the engine's _acc in place of staging them
+        for t in engine.ties:
+            t.state = TieState()
 
 
 def dp_function(module: Any) -> Any:
@@ -295,14 +345,12 @@ class Engine:
         ]
         self._acc: dict[int, Tensor] = {}  # raw clipped sums of earlier micro-batches
         self._noised: set[int] = set()
-        # A pass's results wait in _staged until it ends, so that an error in backward (a NaN norm in a
+        # A pass's results wait in its staged list until it ends, so that an error in backward (a NaN norm in a
         # lower layer, a layer reporting late) leaves .grad untouched. The sums carried between
         # micro-batches wait too with several groups, where one can be summed before a later layer's
         # norms are checked; a single group is summed after every norm is checked, and there they are
         # replaced at once (no second copy): an error after that loses them, and the step says so.
         self._stage = len(groups) > 1
-        self._staged: list[tuple[nn.Parameter, Tensor, bool]] = []
-        self._acc_touched = False  # this pass replaced sums in _acc in place of staging them
         self._acc_lost: str | None = None  # why the accumulated micro-batches were lost, until step()
         self._micro = 0
         self._phase: str | None = None  # two-pass: "norms" or "apply"
@@ -310,7 +358,7 @@ class Engine:
         self._factors: list[Tensor | None] = [None] * len(groups)
         self._count_task = -1  # the graph task _counting describes
         self._counting: dict[Tie, bool] = {}  # per tie: does that pass ask for its parameters' gradients
-        self._reset_pass()
+        self._pass: BackwardPass | None = None  # the backward pass in progress
         # (ok flag on the device, check raising by name): module state compared by value around a training
         # forward (dpkernels.guard), read with the backward pass's one host read
         self.deferred_checks: list[tuple[Tensor, Callable[[], None]]] = []
@@ -437,7 +485,7 @@ class Engine:
         # In a backward pass that failed outside the DP layers, neither on_backward nor the end-of-pass
         # callback saw the error: drop what it left. A forward inside a backward (activation
         # checkpointing recomputes) is not that: autograd's graph task id is -1 outside backward only.
-        if self._in_backward and torch._C._current_graph_task_id() == -1:
+        if self._pass is not None and torch._C._current_graph_task_id() == -1:
             self._abort()
         ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
         if ddp is not None:
@@ -463,13 +511,15 @@ class Engine:
         self.batch_size = None
 
     # ------------------------------------------------------------------ backward
-    def _reset_pass(self) -> None:
-        self._in_backward = False
-        self._batch: int | None = None
-        self._norm2: list[list[Tensor]] = [[] for _ in self.groups]  # per group: its parameters' squared norms
-        self._left = [0] * len(self.groups)
-        self._done = [False] * len(self.groups)
-        self._closed: list[Tensor] = []  # the squared norms of the groups closed: checked finite at the pass's end
+    def _drop_pass(self) -> None:
+        """The pass in progress is over (ended or aborted): its state goes, the ties' with it."""
+        self._pass = None
+        for t in self.ties:
+            t.state = TieState()
+
+    @property
+    def _batch(self) -> int | None:
+        return self._pass.batch if self._pass is not None else None
 
     def _begin_backward(self) -> None:
         self.check_live()
@@ -486,20 +536,19 @@ class Engine:
         padding.check_mask_given(self._sample_mask is not None)
         if self.parallel is not None and self._micro == 0 and self._phase != "apply":
             self.parallel.reset_step()  # a new logical step: nothing of an abandoned one is all-reduced
-        self._in_backward = True
         if self._phase != "apply":  # the clipping pass of two-pass keeps the norms pass's factors
             self._factors = [None] * len(self.groups)
             if self.adaptive is not None:
                 self.adaptive.begin_pass()
-        for gi, ties in enumerate(self._ties_of_group):
-            self._left[gi] = sum(1 for t in ties if t.expected > 0)
+        self._pass = BackwardPass(self)
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
     def _check_batch(self, module: nn.Module, B: int, model_batch: int | None) -> None:
         """``model_batch``: the model's batch at the forward of this use."""
         name = self._name_of.get(module, type(module).__name__)
-        if self._batch is None:
-            self._batch = B
+        assert self._pass is not None
+        if self._pass.batch is None:
+            self._pass.batch = B
         if self._batch != B or (model_batch is not None and model_batch != B):
             want = model_batch if model_batch is not None else self._batch
             raise RuntimeError(
@@ -593,23 +642,17 @@ class Engine:
         run), so that the next forward/backward starts clean instead of mixing with stale uses."""
         if self.parallel is not None:
             self.parallel.reset_step()
-        self._staged.clear()
         if self.adaptive is not None:
             self.adaptive.drop()
-        if self._acc_touched:
+        if self._pass is not None and self._pass.acc_touched:
             self._acc.clear()
             self._acc_lost = "an error in a backward pass after part of the accumulated sums had been replaced"
-            self._acc_touched = False
         for tie in self.ties:
             tie.expected = 0
-            tie.arrived = 0
-            tie.uses.clear()
-            tie.summed.clear()
-            tie.reported = False
         self._factors = [None] * len(self.groups)
         if self.perturb is not None:
             self.perturb.clear()
-        self._reset_pass()
+        self._drop_pass()
 
     def _on_backward(self, module: nn.Module, tie: Tie, saved: Any, g: Tensor, node: Any) -> None:
         if node is not None and self._phase != "norms" and getattr(node, "_dp_counted", False):
@@ -620,8 +663,9 @@ class Engine:
                 f"each then contributing up to 2R. Sum the losses and call backward once ((l1 + l2).backward()); "
                 f"for micro-batches, run a forward per micro-batch (accumulation_steps)"
             )
-        if not self._in_backward:
+        if self._pass is None:
             self._begin_backward()
+        assert self._pass is not None
         self._check_batch(module, g.shape[0], getattr(node, "model_batch", self.batch_size))
         mean = self.loss_reduction == "mean" and not self._per_sample_losses
         if mean and g.dtype in (torch.bfloat16, torch.float16) and not self._warned_16bit_mean:
@@ -652,7 +696,7 @@ class Engine:
         if self._phase == "apply":  # the norms pass must have seen it (autograd.grad skips a reentrant checkpoint)
             late = id(tie) not in self._normed and g.shape[0] > 0
         else:
-            late = tie.reported or any(self._done[self._group_of[id(p)]] for p in tie.params)
+            late = tie.reported or any(self._pass.done[self._group_of[id(p)]] for p in tie.params)
         if late:
             name = self._name_of.get(module, type(module).__name__)
             raise RuntimeError(
@@ -682,11 +726,13 @@ class Engine:
         norms = (tie_norms(tie) if self.perturb is None else self.perturb.norms(self, tie)) if tie.uses else {}
         if self._phase == "norms" and tie.uses:
             self._normed.add(id(tie))
+        now = self._pass
+        assert now is not None
         for gi in {self._group_of[id(p)] for p in tie.params}:
             # summed (and scaled) once, when the group closes: a non-finite one makes the sum non-finite
-            self._norm2[gi] += [norms[id(p)] for p in tie.params if self._group_of[id(p)] == gi and id(p) in norms]
-            self._left[gi] -= 1
-            if self._left[gi] == 0:
+            now.norms[gi] += [norms[id(p)] for p in tie.params if self._group_of[id(p)] == gi and id(p) in norms]
+            now.left[gi] -= 1
+            if now.left[gi] == 0:
                 self._group_done(gi)
         if self._phase == "norms":
             tie.uses.clear()
@@ -694,18 +740,21 @@ class Engine:
     def _group_norms(self, gi: int) -> Tensor:
         """The per-sample squared norms of group ``gi`` in loss units: sum_p n2_p * loss_scale^2 over the
         norms its ties sent (zeros when no sample reached the group)."""
-        parts = self._norm2[gi]
+        assert self._pass is not None
+        parts = self._pass.norms[gi]
         if not parts:
             return torch.zeros(self._batch or 0, device=self._params[0].device, dtype=torch.float64)
         total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
         return total * self.loss_scale() ** 2
 
     def _group_done(self, gi: int) -> None:
-        if self._done[gi]:
+        now = self._pass
+        assert now is not None
+        if now.done[gi]:
             return
-        self._done[gi] = True
+        now.done[gi] = True
         n2 = self._group_norms(gi)
-        self._closed.append(n2)  # checked finite with the pass's one host read (_check_finite)
+        now.closed.append(n2)  # checked finite with the pass's one host read (_check_finite)
         c = factors_in(
             clip_factors(n2.sqrt(), self.bounds[gi], self.clipping, self.gamma),
             self.loss_scale(),
@@ -735,21 +784,23 @@ class Engine:
         """The raw sum of earlier micro-batches; kept until the commit when results are staged."""
         if self._stage or id(p) not in self._acc:
             return self._acc.get(id(p))
-        self._acc_touched = True
+        assert self._pass is not None
+        self._pass.acc_touched = True
         return self._acc.pop(id(p))
 
     def _store(self, p: nn.Parameter, result: Tensor, last: bool) -> None:
+        assert self._pass is not None
         if last:
             if self.secure is not None:
                 result = self._final_noise(p, result)
             final = result.to(p.dtype)
-            self._staged.append((p, final, True))
+            self._pass.staged.append((p, final, True))
             if self.parallel is not None:  # data-parallel: its bucket's all-reduce may start now, during backward
                 self.parallel.final(self._params, p, final, sum(t.expected > 0 and not t.reported for t in self.ties))
         elif self._stage:
-            self._staged.append((p, result, False))
+            self._pass.staged.append((p, result, False))
         else:
-            self._acc_touched = True
+            self._pass.acc_touched = True
             self._commit(p, result, False)
 
     def _commit(self, p: nn.Parameter, result: Tensor, last: bool) -> None:
@@ -808,25 +859,19 @@ class Engine:
             for gi in range(len(self.groups)):
                 self._group_done(gi)
         self._check_finite()
-        for p, result, last in self._staged:
+        assert self._pass is not None
+        for p, result, last in self._pass.staged:
             self._commit(p, result, last)
-        self._staged.clear()
         if self.adaptive is not None and self._phase != "norms":
             self.adaptive.commit(self._params[0].device)
-        self._acc_touched = False
-        for tie in self.ties:
-            if self._phase != "norms":
-                tie.expected = 0
-            tie.arrived = 0
-            tie.uses.clear()
-            tie.summed.clear()
-            tie.reported = False
         if self._phase != "norms":
+            for tie in self.ties:
+                tie.expected = 0
             self._micro += 1
             self._factors = [None] * len(self.groups)  # the batch's clip factors: secret, and used up
             if self.perturb is not None:
                 self.perturb.clear()
-        self._reset_pass()
+        self._drop_pass()
 
     def _check_finite(self) -> None:
         """The pass's one host read: every per-sample norm finite, or an error before any .grad is written.
@@ -835,7 +880,8 @@ class Engine:
         flag per group, and-ed on the device, replaces a read per parameter (149 on GPT-2-small)."""
         pending = list(self.deferred_checks)
         self.deferred_checks.clear()
-        closed = self._closed
+        assert self._pass is not None
+        closed = self._pass.closed
         finite = None
         if closed:  # one flag for every closed group: (G, B) squared norms, all finite
             finite = torch.isfinite(closed[0] if len(closed) == 1 else torch.stack(closed)).all()
@@ -850,7 +896,7 @@ class Engine:
             return
         bad: set[int] = set()
         names: list[str] = []
-        for gi, parts in enumerate(self._norm2):
+        for gi, parts in enumerate(self._pass.norms):
             for n2 in parts:
                 if not bool(torch.isfinite(n2).all()):
                     bad.update((~torch.isfinite(n2)).nonzero().flatten().tolist())
@@ -915,7 +961,7 @@ class Engine:
         finally:
             self._phase = None
             self._factors = [None] * len(self.groups)
-            self._reset_pass()
+            self._drop_pass()
 
     # ------------------------------------------------------------------ step
     def covers(self, p: Tensor) -> bool:
