@@ -16,6 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu-session}"
+[[ -z "${DRY:-}" ]] || OUT="$(mktemp -d)"  # a dry run's logs (the commands) stay out of the repository
 run() { if [[ -n "${DRY:-}" ]]; then printf '+'; printf ' %q' "$@"; echo; else "$@"; fi; }
 
 # The device image has torch, triton, pytest (+ xdist, benchmark), hypothesis, transformers, peft,
@@ -40,6 +41,9 @@ setup() {  # on the device: the carried wheels onto the path, the checkout impor
     else
         export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     fi
+    # the compiled backend (csrc/) has its own session, bench/gpu_cuda.sh: without its carried library
+    # (dpkernels/_C.so) it stays off here, as building it would spend minutes of device time
+    [[ -e dpkernels/_C.so ]] || export DPKERNELS_CUDA="${DPKERNELS_CUDA:-0}"
     mkdir -p "$OUT"
     run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     run python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"

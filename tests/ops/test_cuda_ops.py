@@ -350,6 +350,29 @@ def test_conv_norms_tiles_mixed_and_empty():
             assert out.shape == (0,) and out.dtype == F64
 
 
+def _allocated_bytes(fn):
+    """Bytes the ops under fn allocate on the CPU (the profiler's allocation events, frees not subtracted)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(e.self_cpu_memory_usage for e in prof.key_averages() if e.self_cpu_memory_usage > 0)
+
+
+# a 3x3 conv of 16 channels on 32x32: the unfold is (B, T, C_in k^2) = (2, 1024, 144) float64, 2.4 MB
+NO_UNFOLD_CASE = ((2, 16, 32, 32), 8, 3, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("method", ["ghost", "inst"])
+def test_conv_norms_tiles_never_unfold(method):
+    """The tiles allocate their block partials only (a few kB), never the unfold; the same count sees the
+    ATen path's materialised unfold (so the measure can fail)."""
+    x, g, k, _, geom = _conv_inputs(NO_UNFOLD_CASE)
+    unfold_bytes = 2 * 1024 * 144 * 8
+    tiles = _allocated_bytes(lambda: _conv_norms_path(x, g, k, geom, method, TILES))
+    aten = _allocated_bytes(lambda: _conv_norms_path(x, g, k, geom, method, ATEN))
+    assert aten >= unfold_bytes
+    assert tiles < unfold_bytes / 100
+
+
 def test_conv_norms_refused():
     x, g, k, _, geom = _conv_inputs(CONV_CASES[1])
     with pytest.raises(ValueError, match="path must be 0"):
@@ -668,3 +691,19 @@ def test_conv_norms_tiles_on_cuda(dtype):
                         torch.testing.assert_close(got, want, **TIGHT)
                     else:
                         assert _sqnr(got, want) > SQNR_DB, (case, layout, method, splits)
+
+
+@pytest.mark.gpu
+def test_conv_norms_tiles_memory_on_cuda():
+    """On the GPU the norm kernels' peak memory is their partials, not the unfold (2.4 MB here in fp64)."""
+    if not torch.cuda.is_available() or not cu.info["cuda"]:
+        pytest.skip("needs a GPU and the CUDA build of the library")
+    x, g, k, _, geom = _conv_inputs(NO_UNFOLD_CASE)
+    x, g = x.cuda(), g.cuda()
+    for method in ("ghost", "inst"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _conv_norms_path(x, g, k, geom, method, 0)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - base < 2 * 1024 * 144 * 8 / 100, method
