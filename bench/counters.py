@@ -52,6 +52,7 @@ NO_KERNEL = frozenset(
         "set_",
         "resize_",
         "_reshape_alias",
+        "_unsafe_view",  # a view that autograd does not track as one (reshape's copy-free case, einsum, matmul)
         "sym_size",
         "sym_stride",
         "sym_numel",
@@ -148,10 +149,11 @@ class MemoryTimeline:
     """The CPU allocator's allocations and frees, recorded by the profiler from `start` on; `peak(marker)` is
     the most bytes live at once inside the ``record_function(marker)`` window, counted from `start`."""
 
-    def __init__(self) -> None:
+    def __init__(self, stacks: bool = False) -> None:
         from torch.profiler import ProfilerActivity, profile
 
-        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        # stacks: Python frames on every op too, for `holders` (slower; off for the counts)
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=stacks)
 
     def __enter__(self) -> MemoryTimeline:
         self._prof.__enter__()
@@ -183,3 +185,54 @@ class MemoryTimeline:
         if not seen:
             start = peak = live
         return {"peak_bytes": peak, "start_bytes": start, "end_bytes": live}
+
+    def holders(self, marker: str, top: int = 12, frames: int = 4) -> list[dict[str, Any]]:
+        """What is live at the peak of the ``record_function(marker)`` window, largest first: the live
+        allocations grouped by the site that made them (the aten op, under the innermost ``frames`` Python
+        frames of the repository, with ``MemoryTimeline(stacks=True)``) and by whether they were made before
+        the window (weights, earlier state) or inside it. [{"mib", "when", "site"}], ``top`` groups."""
+        from torch._C._profiler import _EventType
+
+        events = list(self._prof.profiler.kineto_results.events())  # type: ignore[union-attr]
+        window = [e for e in events if e.name() == marker]
+        if len(window) != 1:
+            raise RuntimeError(f"MemoryTimeline: expected one {marker!r} window, found {len(window)}")
+        t0, t1 = window[0].start_ns(), window[0].end_ns()
+        allocs: list[tuple[int, int, int, tuple[str, ...]]] = []
+        todo = [(e, ()) for e in self._prof.profiler.kineto_results.experimental_event_tree()]  # type: ignore[union-attr]
+        while todo:
+            e, path = todo.pop()
+            if e.tag == _EventType.Allocation:
+                f = e.extra_fields
+                if f.device.type == "cpu":
+                    allocs.append((e.start_time_ns, f.ptr, f.alloc_size, path))
+                continue
+            if e.tag in (_EventType.TorchOp, _EventType.PyCall):
+                path = (*path, e.name)
+            todo.extend((c, path) for c in e.children)
+        allocs.sort(key=lambda a: a[0])
+        live: dict[int, tuple[int, int, tuple[str, ...]]] = {}
+        cur, peak, at_peak = 0, -1, dict(live)
+        for t, ptr, size, path in allocs:
+            if t > t1:
+                break
+            if size > 0:
+                live[ptr] = (size, t, path)
+            else:
+                live.pop(ptr, None)
+            cur += size
+            if t >= t0 and cur > peak:
+                peak, at_peak = cur, dict(live)
+
+        def ours(frame: str) -> bool:  # the repository's frames (the profiler names a file relative to sys.path)
+            file = frame.split("(")[0]
+            mine = file.startswith(("dpkernels/", "bench/", "tests/", "examples/", "test_"))
+            return mine and file != "bench/counters.py"
+
+        groups: collections.Counter[tuple[str, str]] = collections.Counter()
+        for size, t, path in at_peak.values():
+            ops = [n for n in path if "::" in n and "/" not in n]
+            py = [n for n in path if ours(n)]
+            site = " < ".join(reversed([*py[-frames:], *(ops[-1:] or ["?"])]))
+            groups[("before" if t < t0 else "in", site)] += size
+        return [{"mib": round(n / 2**20, 1), "when": w, "site": s} for (w, s), n in groups.most_common(top)]

@@ -16,6 +16,8 @@ backend process-wide) builds the model, runs ``--warmup`` steps, then one counte
   step of tens of seconds);
 - ``dpk_python_s``: for dpkernels modes, the CPU time of a step times the share of a profiled step spent in
   dpkernels' own Python (cProfile ``tottime``, the calls into torch left out), also per DP layer;
+- ``peak_holders``: with ``--holders N``, the N largest groups of allocations live at the peak, by the op
+  and the Python frames that made them (`MemoryTimeline.holders`), in the markdown too;
 - ``graph_breaks``: with ``--compile``, the graph breaks torch._dynamo finds in the full step (forward,
   loss, the mode's backward, optimizer.step) (`torch._dynamo.explain`);
 
@@ -108,7 +110,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         modes.imports(spec["mode"], spec.get("fastdp_path"))
         phase = "setup"
         gc.collect()  # with --inline, what earlier cases left must not be freed inside this timeline
-        with MemoryTimeline() as timeline:
+        with MemoryTimeline(stacks=bool(spec.get("holders"))) as timeline:
             work = build(spec["model"], spec["batch"], "cpu", seed=0)
             ctx = modes.Context(device="cpu", batch=spec["batch"], fastdp_path=spec.get("fastdp_path"))
             runner = modes.setup(spec["mode"], work, ctx)
@@ -137,6 +139,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             step()
             times.append(time.process_time() - t0)
         mem = timeline.peak(MARKER)
+        if spec.get("holders"):
+            res["peak_holders"] = timeline.holders(MARKER, top=int(spec["holders"]))
         res.update(
             syncs=sum(counter.syncs.values()),
             sync_ops=dict(counter.syncs),
@@ -245,6 +249,12 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
             f"{r['peak_bytes'] / 2**20:.1f} | {_f(r.get('peak_bytes_ratio'), '.3f')} | "
             f"{'-' if cpu is None else f'{cpu * 1e3:.1f}'} | {_f(r.get('cpu_s_ratio'), '.2f')} | {py_s} |"
         )
+    held = [r for r in results if r.get("status") == "ok" and r.get("peak_holders")]
+    if held:
+        lines += ["", "## What is live at the peak (MiB, by the op and Python frames that allocated it)", ""]
+        for r in held:
+            lines.append(f"- {r['model']} B={r['batch']} {r['mode']}, peak {r['peak_bytes'] / 2**20:.1f} MiB:")
+            lines += [f"  - {h['mib']:.1f} {h['when']}: `{h['site']}`" for h in r["peak_holders"]]
     breaks = [r for r in results if r.get("status") == "ok" and "graph_breaks" in r]
     if breaks:
         lines += ["", "## Graph breaks of the compiled full step (torch._dynamo.explain)", ""]
@@ -313,6 +323,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--merge", nargs="+", default=None, help="write one table and plot from these runs' JSON files")
     p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument(
+        "--holders", type=int, default=0,
+        help="also list the N largest groups of allocations live at each case's peak, by the op and Python frames "
+        "that made them (profiles with stacks: slower, so the CPU times of such a run are not comparable)",
+    )  # fmt: skip
     return p
 
 
@@ -363,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = {
             "model": model, "batch": batch, "mode": mode, "warmup": args.warmup, "threads": args.threads,
             "steps": args.steps if model in TINY else args.big_steps, "fastdp_path": args.fastdp_path,
-            "compile": args.compile,
+            "compile": args.compile, "holders": args.holders,
         }  # fmt: skip
         results.append(measure(spec) if args.inline else _worker(spec, args.timeout))
         add_ratios(results)

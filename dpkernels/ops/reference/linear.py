@@ -58,11 +58,17 @@ def linear_clipped_sum(
     bias:   scale * (prev_b + sum_i c_i sum_t g_it + noise_std * z_b)  (p,)
     """
     dt = acc_dtype(a, g)
-    gs = g.to(dt) * c.to(dt)[:, None, None]
-    # flatten, not reshape(-1, p): p or d may be 0
-    w = finish_mm(gs.flatten(0, 1).T, a.to(dt).flatten(0, 1), prev_w, noise_std, scale, seed_w)
-    b = finish(gs.sum(dim=(0, 1)), prev_b, noise_std, scale, seed_b, fresh=True) if bias else None
-    return w, b
+    cd = c.to(dt)[:, None, None]
+    # c_i scales the narrower of G_i (T, p) and A_i (T, d): sum_i (c_i G_i)^T A_i = sum_i G_i^T (c_i A_i), so a
+    # language model's head (p = V) needs no (B, T, V) copy of G. flatten, not reshape(-1, p): p or d may be 0.
+    if a.shape[-1] < g.shape[-1]:
+        w = finish_mm(g.to(dt).flatten(0, 1).T, (a.to(dt) * cd).flatten(0, 1), prev_w, noise_std, scale, seed_w)
+        b = torch.einsum("btp,b->p", g.to(dt), c.to(dt)) if bias else None
+    else:
+        gs = g.to(dt) * cd
+        w = finish_mm(gs.flatten(0, 1).T, a.to(dt).flatten(0, 1), prev_w, noise_std, scale, seed_w)
+        b = gs.sum(dim=(0, 1)) if bias else None
+    return w, (finish(b, prev_b, noise_std, scale, seed_b, fresh=True) if b is not None else None)
 
 
 # ----------------------------------------------------------------------------- bias (Linear, Conv)
