@@ -922,7 +922,7 @@ class Engine:
                     "sample_mask (padded batches) is not supported with adaptive clipping yet: its private count of "
                     "samples under the bound would count the padding rows. Leave pad_to unset with adaptive clipping"
                 )
-            self._sample_mask = sample_mask
+            self._sample_mask = padding.loader_mask(sample_mask, self.deferred_checks)
             try:
                 self.backward(loss)
             finally:

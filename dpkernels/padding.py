@@ -9,6 +9,15 @@ row's clip factor by 0 on the device (no host read), so the padding adds exactly
 sum (0 times finite values; a non-finite padded row is refused like any other); the noise, the accounting
 and the division by the expected batch size are those of the unpadded batch. A mean loss over the padded
 batch is fine: the engine undoes the mean with the batch size it sees.
+
+Padding rows are zeros, never a copy of a sample, so a row counted by mistake carries no sample's data; but
+their number is P - n, so counting them moves the step by up to 2 R per sample. The mask is therefore not
+the caller's to choose: the loader records each padded batch it yields (n, P, the mask and its version
+counter) while the caller holds the mask. A DP backward without a mask is refused; the loader's mask itself,
+unchanged, is taken; any other mask must equal the record of the one padded batch of its size held
+(compared on its device, read with the backward's one host read), else the backward is refused before any
+.grad is written. Not seen: a batch whose rows were reordered after the loader while its mask was not, or
+a batch given with the mask of another padded batch held at the same time.
 """
 
 from __future__ import annotations
@@ -20,17 +29,30 @@ from typing import Any
 import numpy as np
 import torch
 
-# The mask of the last padded batch yielded in this process (a weak reference: owed while the training loop holds
-# it), until a backward with a sample mask runs.
-_pending: list[weakref.ref[torch.Tensor]] = []
+
+class _Yielded:
+    """What the loader knows of one padded batch it yielded: its mask (a weak reference: owed while the caller
+    holds it), the mask's version counter then, the realised batch size n and the padded size."""
+
+    def __init__(self, mask: torch.Tensor, n: int):
+        self.ref = weakref.ref(mask)
+        self.version = mask._version
+        self.n, self.size = n, int(mask.shape[0])
+
+
+# The padded batches yielded in this process whose masks are still held, oldest first.
+_yielded: list[_Yielded] = []
+
+
+def _live() -> list[_Yielded]:
+    _yielded[:] = [y for y in _yielded if y.ref() is not None]
+    return _yielded
 
 
 def check_mask_given(has_mask: bool) -> None:
     """Refuse a DP backward without a sample mask while a padded batch's mask is held: its padding rows would
     be trained on, and their number (P minus the realised batch size) moves the update by up to 2 R per sample."""
-    if has_mask:
-        _pending.clear()
-    elif _pending and _pending[0]() is not None:
+    if not has_mask and _live():
         raise ValueError(
             "a DP backward without sample_mask after poisson_loader(..., pad_to=...) yielded a padded batch: its "
             "padding rows would be trained on as samples (their number depends on the realised batch size: one "
@@ -39,13 +61,69 @@ def check_mask_given(has_mask: bool) -> None:
         )
 
 
+def _wrong_mask(why: str) -> ValueError:
+    return ValueError(
+        f"sample_mask is not the mask poisson_loader(..., pad_to=...) yielded with the batch: {why}. Padding rows "
+        f"counted as samples make the step depend on the realised batch size (one sample would move it by up to "
+        f"2 R), and a dropped sample breaks the sampling the accounting assumes. Pass the mask the loader yields "
+        f"with the batch, unchanged (the engine moves it to the device), and keep the batch's rows in order"
+    )
+
+
+def loader_mask(mask: torch.Tensor, deferred: list[tuple[torch.Tensor, Callable[[], None]]]) -> torch.Tensor:
+    """The sample mask of a DP backward, checked against the loader's record while padded batches are held.
+
+    The mask the loader yielded, unchanged (same object, same version counter), is taken as it is. Any other
+    tensor (a copy on the device, a mask made by hand) must equal the record of the one padded batch of its size
+    held: True exactly on its first n rows. The comparison runs on the mask's device; on a GPU its flag joins
+    ``deferred``, the backward pass's one host read, which raises before any .grad is written. With no padded
+    batch held (padding done by hand) the mask is the caller's."""
+    live = _live()
+    if not live:
+        return mask
+    for y in live:
+        if y.ref() is mask:
+            if mask._version != y.version:
+                raise _wrong_mask("the loader's mask was written in place")
+            live.remove(y)  # used: a second backward on one forward is refused by the engine
+            return mask
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 1 or mask.dtype != torch.bool:
+        return mask  # the engine refuses its dtype and shape, naming both
+    same = [y for y in live if y.size == mask.shape[0]]
+    if not same:
+        sizes = sorted({y.size for y in live})
+        raise _wrong_mask(f"it has {mask.shape[0]} entries, the padded batch(es) held have {sizes}")
+    if len(same) > 1:
+        raise _wrong_mask(
+            f"{len(same)} padded batches of {mask.shape[0]} rows are held and this mask is none of their masks, so "
+            f"nothing tells which batch it goes with"
+        )
+    y = same[0]
+    live.remove(y)
+    expected = torch.arange(y.size, device=mask.device) < y.n
+    ok = (mask == expected).all()
+
+    def check() -> None:
+        if not bool(ok):
+            raise _wrong_mask("its entries differ from the loader's (True on the drawn samples only)")
+
+    if mask.device.type == "cpu":
+        check()
+    else:
+        deferred.append((ok, check))
+    return mask
+
+
 class PaddedLoader(torch.utils.data.DataLoader):
-    """A DataLoader of padded batches: the mask of each ``(batch, mask)`` yielded is owed to the next DP backward
-    while the caller holds it (see `check_mask_given`; a weak reference, so a loop that drops it owes nothing)."""
+    """A DataLoader of padded batches: each ``(batch, mask)`` yielded is recorded (see `_Yielded`): a DP backward
+    owes the mask while the caller holds it (`check_mask_given`), and a mask other than the loader's is checked
+    against the record (`loader_mask`)."""
 
     def __iter__(self):  # type: ignore[override]
         for batch, mask in super().__iter__():
-            _pending[:] = [weakref.ref(mask)]
+            # n from the mask, which the collate made as arange(size) < n: one host read of a CPU tensor
+            _yielded.append(_Yielded(mask, int(mask.sum())))
+            _live()
             yield batch, mask
 
 
