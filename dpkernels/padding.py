@@ -14,8 +14,8 @@ Padding rows are zeros, never a copy of a sample, so a row counted by mistake ca
 their number is P - n, so counting them moves the step by up to 2 R per sample. The mask is therefore not
 the caller's to choose: the loader records each padded batch it yields (n, P, the mask and its version
 counter) while the caller holds the mask. A DP backward without a mask is refused; the loader's mask itself,
-unchanged, is taken; any other mask must equal the record of the one padded batch of its size held
-(compared on its device, read with the backward's one host read), else the backward is refused before any
+unchanged, is taken; any other mask must equal the mask of a padded batch of its size held (compared on
+its device, read with the backward's one host read), else the backward is refused before any
 .grad is written. Not seen: a batch whose rows were reordered after the loader while its mask was not, or
 a batch given with the mask of another padded batch held at the same time.
 """
@@ -74,8 +74,8 @@ def loader_mask(mask: torch.Tensor, deferred: list[tuple[torch.Tensor, Callable[
     """The sample mask of a DP backward, checked against the loader's record while padded batches are held.
 
     The mask the loader yielded, unchanged (same object, same version counter), is taken as it is. Any other
-    tensor (a copy on the device, a mask made by hand) must equal the record of the one padded batch of its size
-    held: True exactly on its first n rows. The comparison runs on the mask's device; on a GPU its flag joins
+    tensor (a copy on the device, a mask made by hand) must equal the mask of a padded batch of its size held:
+    True exactly on its first n rows. The comparison runs on the mask's device; on a GPU its flag joins
     ``deferred``, the backward pass's one host read, which raises before any .grad is written. With no padded
     batch held (padding done by hand) the mask is the caller's."""
     live = _live()
@@ -93,15 +93,10 @@ def loader_mask(mask: torch.Tensor, deferred: list[tuple[torch.Tensor, Callable[
     if not same:
         sizes = sorted({y.size for y in live})
         raise _wrong_mask(f"it has {mask.shape[0]} entries, the padded batch(es) held have {sizes}")
-    if len(same) > 1:
-        raise _wrong_mask(
-            f"{len(same)} padded batches of {mask.shape[0]} rows are held and this mask is none of their masks, so "
-            f"nothing tells which batch it goes with"
-        )
-    y = same[0]
-    live.remove(y)
-    expected = torch.arange(y.size, device=mask.device) < y.n
-    ok = (mask == expected).all()
+    if len(same) == 1:
+        live.remove(same[0])
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    ok = torch.stack([(mask == (rows < n)).all() for n in sorted({y.n for y in same})]).any()
 
     def check() -> None:
         if not bool(ok):
