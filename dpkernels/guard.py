@@ -119,8 +119,10 @@ def _changed(now: Tensor, before: Tensor) -> Tensor:
 
 def _bytes(t: Tensor) -> Tensor | None:
     """``t``'s values as a flat uint8 tensor (a view where ``t`` is contiguous), None where torch has no such
-    view (sparse, quantized): compared byte by byte, a write is seen whatever it writes (-0.0 over 0.0, NaN
-    payloads)."""
+    view (sparse, quantized, a tensor subclass): compared byte by byte, a write is seen whatever it writes
+    (-0.0 over 0.0, NaN payloads)."""
+    if type(t) not in (Tensor, nn.Parameter):  # a subclass (DTensor): cloned, compared by its own ops
+        return None
     try:
         return t.detach().reshape(-1).view(torch.uint8)
     except (RuntimeError, TypeError, NotImplementedError):
