@@ -34,7 +34,8 @@ def clip_factors(norms: Tensor, bound: float, clipping: str = "abadi", gamma: fl
     """Per-sample clip factors c_i from per-sample norms n_i (not squared), with c_i n_i <= R.
 
     The engine passes certified norms (upper bounds on the exact ones, dpkernels.ops.certified), so
-    c_i ||g_i|| <= c_i n_i <= R. Computed in float64 (float32 rounding of R / (n + eps) could exceed R
+    c_i ||g_i|| <= c_i n_i <= R, and that holds for n_i the float64 square root of a squared norm too.
+    Computed in float64 (float32 rounding of R / (n + eps) could exceed R
     by an ulp), returned in float64 for float64 norms and float32 otherwise, rounded down. A factor is
     never NaN or negative: a NaN norm gives 0 (the engine refuses non-finite norms before this, with
     an error naming the layer; 0 is what a caller who did not check gets: the sample is dropped).
@@ -46,7 +47,10 @@ def clip_factors(norms: Tensor, bound: float, clipping: str = "abadi", gamma: fl
         c = torch.nan_to_num(bound / (n + gamma), nan=0.0, posinf=0.0).clamp_min_(0.0)
     else:
         raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
-    c = c.mul_(1.0 - 2.0**-52)
+    # 1 - 2^-50 = 1 - 8u covers the roundings between the exact n and c: the caller's sqrt of a squared
+    # norm and n + eps (each at most a factor 1 - u low), R / d (a reciprocal and a product, 1 + u each)
+    # and this product (1 + u): (1 + u)^3 (1 - 8u) / (1 - u)^2 < 1
+    c = c.mul_(1.0 - 2.0**-50)
     if norms.dtype == torch.float64:
         return c
     c32 = c.to(torch.float32)  # round to nearest, then one ulp down where that rounded up

@@ -46,6 +46,7 @@ from .noise import NoisePlan
 from .noise import mix64 as _mix64  # noqa: F401  (dpkernels.api, perturb, distributed import it from here)
 from .ops._validate import ids_looked_up
 from .perturb import Perturbation
+from .strategies import make_strategy
 
 
 @dataclass
@@ -353,8 +354,7 @@ class Engine:
         self._stage = len(groups) > 1
         self._acc_lost: str | None = None  # why the accumulated micro-batches were lost, until step()
         self._micro = 0
-        self._phase: str | None = None  # two-pass: "norms" or "apply"
-        self._normed: set[int] = set()  # two-pass: the ties whose norms the norms pass took
+        self._strategy = make_strategy(config.strategy)  # runs the passes; says what the pass in progress does
         self._factors: list[Tensor | None] = [None] * len(groups)
         self._count_task = -1  # the graph task _counting describes
         self._counting: dict[Tie, bool] = {}  # per tie: does that pass ask for its parameters' gradients
@@ -523,10 +523,7 @@ class Engine:
 
     def _begin_backward(self) -> None:
         self.check_live()
-        if self.strategy == "two-pass" and self._phase is None:
-            raise RuntimeError(
-                "strategy='two-pass' runs two backward passes: call optimizer.backward(loss) instead of loss.backward()"
-            )
+        self._strategy.check_pass()
         if self._micro >= self.accumulation_steps:
             raise RuntimeError(
                 f"a backward pass after {self.accumulation_steps} micro-batch(es) without optimizer.step(): "
@@ -534,9 +531,9 @@ class Engine:
             )
         check_param_hooks(self._params, self._pname)
         padding.check_mask_given(self._sample_mask is not None)
-        if self.parallel is not None and self._micro == 0 and self._phase != "apply":
+        if self.parallel is not None and self._micro == 0 and self._strategy.takes_norms:
             self.parallel.reset_step()  # a new logical step: nothing of an abandoned one is all-reduced
-        if self._phase != "apply":  # the clipping pass of two-pass keeps the norms pass's factors
+        if self._strategy.takes_norms:  # the clipping pass of two-pass keeps the norms pass's factors
             self._factors = [None] * len(self.groups)
             if self.adaptive is not None:
                 self.adaptive.begin_pass()
@@ -588,7 +585,7 @@ class Engine:
 
     def _counts(self, tie: Tie, node: Any) -> bool:
         """Whether the pass running now asks for the gradients of ``tie``'s parameters; one answer per pass."""
-        if self._phase == "norms":  # the engine's own autograd.grad with respect to the parameters
+        if not self._strategy.sums:  # two-pass's norms pass: the engine's own autograd.grad
             return True
         task = torch._C._current_graph_task_id()
         if task != self._count_task:
@@ -655,7 +652,7 @@ class Engine:
         self._drop_pass()
 
     def _on_backward(self, module: nn.Module, tie: Tie, saved: Any, g: Tensor, node: Any) -> None:
-        if node is not None and self._phase != "norms" and getattr(node, "_dp_counted", False):
+        if node is not None and self._strategy.sums and getattr(node, "_dp_counted", False):
             name = self._name_of.get(module, type(module).__name__)
             raise RuntimeError(
                 f"DP layer {name!r} is in a second backward pass over one forward (l1.backward(retain_graph="
@@ -693,8 +690,8 @@ class Engine:
                 f"parameters it was given. Freeze parameters before make_private (call it again on the model "
                 f"when the set of trainable parameters changes)."
             )
-        if self._phase == "apply":  # the norms pass must have seen it (autograd.grad skips a reentrant checkpoint)
-            late = id(tie) not in self._normed and g.shape[0] > 0
+        if not self._strategy.takes_norms:  # the norms pass must have seen it (autograd.grad skips a reentrant
+            late = not self._strategy.normed(tie) and g.shape[0] > 0  # checkpoint)
         else:
             late = tie.reported or any(self._pass.done[self._group_of[id(p)]] for p in tie.params)
         if late:
@@ -705,7 +702,7 @@ class Engine:
                 f"torch.utils.checkpoint(..., use_reentrant=True) does. Use use_reentrant=False (Hugging Face: "
                 f"model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{'use_reentrant': False}}))"
             )
-        if node is not None and self._phase != "norms":
+        if node is not None and self._strategy.sums:
             node._dp_counted = True  # this forward's use is in a step now; a later pass over it is refused
         if g.shape[0] > 0:  # an empty (Poisson) batch has no per-sample work: its step is noise only
             tie.uses.setdefault(module, []).append((saved, g))
@@ -717,15 +714,15 @@ class Engine:
         if tie.reported:
             return
         tie.reported = True
-        if self._phase == "apply":
+        if not self._strategy.takes_norms:  # the clipping pass of two-pass: the factors are known
             self._sum_params(tie, tie.params)
             tie.uses.clear()
             return
         if self.perturb is not None:
             pruning.refuse_perturbed(tie.names, tie.modules)
         norms = (tie_norms(tie) if self.perturb is None else self.perturb.norms(self, tie)) if tie.uses else {}
-        if self._phase == "norms" and tie.uses:
-            self._normed.add(id(tie))
+        if tie.uses:
+            self._strategy.took_norms(tie)
         now = self._pass
         assert now is not None
         for gi in {self._group_of[id(p)] for p in tie.params}:
@@ -734,7 +731,7 @@ class Engine:
             now.left[gi] -= 1
             if now.left[gi] == 0:
                 self._group_done(gi)
-        if self._phase == "norms":
+        if not self._strategy.sums:
             tie.uses.clear()
 
     def _group_norms(self, gi: int) -> Tensor:
@@ -744,8 +741,13 @@ class Engine:
         parts = self._pass.norms[gi]
         if not parts:
             return torch.zeros(self._batch or 0, device=self._params[0].device, dtype=torch.float64)
-        total = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-        return total * self.loss_scale() ** 2
+        if len(parts) == 1:
+            total = parts[0]
+        elif len(parts) == 2:  # a Linear's weight and bias: one add, no stack
+            total = parts[0] + parts[1]
+        else:
+            total = torch.stack(parts).sum(0)
+        return total * _sum_cover(self.loss_scale(), len(parts))
 
     def _group_done(self, gi: int) -> None:
         now = self._pass
@@ -765,7 +767,7 @@ class Engine:
         self._factors[gi] = c
         if self.adaptive is not None:
             self.adaptive.observe(gi, n2, self.bounds[gi])
-        if self._phase == "norms":
+        if not self._strategy.sums:
             return
         for tie in self._ties_of_group[gi]:
             if tie.reported and tie.uses:
@@ -855,16 +857,16 @@ class Engine:
         for tie in self.ties:
             if tie.expected > 0 and not tie.reported:
                 self._tie_complete(tie)
-        if self._phase != "apply":
+        if self._strategy.takes_norms:
             for gi in range(len(self.groups)):
                 self._group_done(gi)
         self._check_finite()
         assert self._pass is not None
         for p, result, last in self._pass.staged:
             self._commit(p, result, last)
-        if self.adaptive is not None and self._phase != "norms":
+        if self.adaptive is not None and self._strategy.sums:
             self.adaptive.commit(self._params[0].device)
-        if self._phase != "norms":
+        if self._strategy.sums:
             for tie in self.ties:
                 tie.expected = 0
             self._micro += 1
@@ -941,27 +943,7 @@ class Engine:
             finally:
                 self._per_sample_losses = False
             return
-        if self.strategy != "two-pass":
-            loss.backward()
-            return
-        try:
-            self._phase = "norms"
-            self._normed.clear()
-            # autograd.grad, not backward: the norms pass must not accumulate into any leaf's .grad
-            # (an input that requires grad would otherwise get its gradient twice). The DP parameters
-            # as inputs make autograd run every DP layer's backward; they receive None.
-            torch.autograd.grad(
-                loss,
-                self._graph_params([p for p in self._params if p.requires_grad]),
-                retain_graph=True,
-                allow_unused=True,
-            )
-            self._phase = "apply"
-            loss.backward()
-        finally:
-            self._phase = None
-            self._factors = [None] * len(self.groups)
-            self._drop_pass()
+        self._strategy.run(self, loss)
 
     # ------------------------------------------------------------------ step
     def covers(self, p: Tensor) -> bool:
@@ -1044,6 +1026,15 @@ def _round_down(x: float, margin: float) -> float:
     if Fraction(m) > Fraction(x) * (1 - Fraction(margin)):
         m = math.nextafter(m, 0.0)
     return m
+
+
+def _sum_cover(loss_scale: float, k: int) -> float:
+    """A float m >= s^2 (1 + 2 k u), u = 2^-53, s = loss_scale: fl(fl(sum of k float64 terms >= 0) * m) is
+    then >= s^2 times their exact sum (the sum loses at most a factor 1 - gamma_{k-1}, the product 1 - u,
+    and (1 + 2 k u)(1 - gamma_{k-1})(1 - u) >= 1): the group's squared norm stays an upper bound."""
+    exact = Fraction(loss_scale) ** 2 * (1 + Fraction(2 * k, 2**53))
+    m = float(exact)
+    return m if Fraction(m) >= exact else math.nextafter(m, math.inf)
 
 
 def factors_in(c: Tensor, multiplier: float, dtype: torch.dtype) -> Tensor:
