@@ -91,7 +91,12 @@ class Bound(NamedTuple):
     """Upper bounds on a (B,) exact quantity n: n <= value + err and n <= cap (float64 each).
 
     For a squared norm the cap is the per-token (triangle inequality) bound; for the signed cross term
-    of a tied table, |n - value| <= err and |n| <= cap."""
+    of a tied table, |n - value| <= err and |n| <= cap.
+
+    Every producer keeps two invariants that `certified` relies on: value + err >= n >= 0 for a squared
+    norm (so its rounded sum is >= 0: rounding is monotone), and a non-finite input makes both value + err
+    and cap non-finite (each of them carries a term that every input entry reaches, with a positive
+    coefficient), while finite inputs give a finite cap."""
 
     value: Tensor
     err: Tensor
@@ -102,11 +107,80 @@ class Bound(NamedTuple):
         return Bound(self.value + other.value, self.err + other.err, self.cap + other.cap)
 
     def certified(self) -> Tensor:
-        """min(value + err, cap), clamped at 0 and rounded up: an upper bound on n, float64 (B,).
+        """min(value + err, cap), rounded up: an upper bound on n, float64 (B,), never negative.
 
-        NaN in any part (non-finite inputs) stays NaN, for the engine's FloatingPointError."""
-        up = torch.minimum(self.value + self.err, self.cap)
-        return (up * round_up_factor(4)).clamp_min(0.0)
+        fmin: a value + err that is NaN on finite inputs (a backend's raw norm that overflowed float32)
+        falls back to the cap; a non-finite input makes both non-finite (class invariant), so the result
+        is non-finite, for the engine's FloatingPointError. The two roundings (the sum and the product)
+        are covered by the factor; the min is exact."""
+        return torch.fmin(self.value + self.err, self.cap) * round_up_factor(4)
+
+
+def _norm_dims(x: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, x.dim()))
+
+
+def sample_norms(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B,) computed 2-norms of each sample of x, accumulated in ``dtype`` (float32 or float64):
+    fl(sqrt(sum of rounded squares)), in any order (ATen's vector_norm on CPU and CUDA)."""
+    return torch.linalg.vector_norm(x, dim=_norm_dims(x), dtype=None if x.dtype == dtype else dtype)
+
+
+# float32 / float64 bit layout: (int view, exponent mask, (2 bias - 1) << mantissa bits, mantissa bits, bias)
+_BITS = {
+    torch.float32: (torch.int32, 0x7F800000, 253 << 23, 23, 127),
+    torch.float64: (torch.int64, 0x7FF0000000000000, 2045 << 52, 52, 1023),
+}
+# |log2| of the largest and smallest scale: 2^±100 (float32) keeps (s a)(s a)^T and s^4 in range for every
+# finite input (see pow2_scales); 2^±250 (float64) keeps (s_a s_g)^2 within float64's normal range.
+SCALE_LOG2 = {torch.float32: 100, torch.float64: 250}
+
+
+def max_scaled_entry(dtype: torch.dtype) -> float:
+    """A bound on every |s_i x| entry after `pow2_scales` (finite x): 2^28 (float32), 2^774 (float64)."""
+    return 2.0**28 if dtype == torch.float32 else 2.0**774
+
+
+def pow2_scales(xs: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    """(len(xs), B) powers of two s in ``dtype`` with s_i m_i in [1/2, 1) for the computed sample norms
+    m_i = `sample_norms` (x_i), clamped to [2^-K, 2^K] (K = SCALE_LOG2[dtype]; also where m_i is 0,
+    subnormal or not finite). Built from m's exponent bits, the same on every device:
+
+        s = 2^(2 bias - 1 - E) for m = 1.f 2^(E - bias):  bits(s) = ((2 bias - 1) << M) - (bits(m) & expmask)
+
+    Scaling a sample's rows by s_i is exact (a power of two) except where a scaled-down entry becomes
+    subnormal (error <= eta per entry). Range (float32): the computed sum of rounded squares is at least
+    each of its terms (rounding is monotone), so |x_k| <= m (1 + 3u) + 2^-75 for finite m; hence
+    |s x_k| <= 1 + 2^25 when s is not clamped or clamped at 2^100 (m < 2^-100), and |s x_k| < 2^128 2^-100
+    when clamped at 2^-100 (m >= 2^100 or inf): every scaled entry is below 2^28 (`max_scaled_entry`), so
+    Grams of rows up to 2^60 long stay finite, while a sample of natural size keeps its scale near 1
+    (products far above underflow). float64: the same with 2^±250 (entries of norm-representable data)."""
+    ity, mask, c, mant, bias = _BITS[dtype]
+    k = SCALE_LOG2[dtype]
+    m = torch.stack([sample_norms(x, dtype) for x in xs])
+    return (c - m.view(ity).bitwise_and(mask)).clamp_((bias - k) << mant, (bias + k) << mant).view(dtype)
+
+
+def scale_rows(x: Tensor, s: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """x (B, ...) times s_i per sample: s (B,) in the accumulation dtype, which the product takes (one op,
+    16-bit x included), or both cast to ``dtype`` first."""
+    if dtype is not None:
+        x, s = x.to(dtype), s.to(dtype)
+    return x * s.view(-1, *([1] * (x.dim() - 1)))
+
+
+def pow2_scale(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B,) float64 powers of two s_i with max|s_i x_i| in [1/2, 1) (1 where x_i is zero or not finite),
+    clamped to dtype's normal range so that s_i itself is representable in ``dtype`` (one sample's own
+    scale from its largest entry; the norms' bounds use the cheaper `pow2_scales`)."""
+    B = x.shape[0]
+    if x.numel() == 0:
+        return torch.ones(B, device=x.device, dtype=F64)
+    m = torch.linalg.vector_norm(x.detach(), ord=math.inf, dim=_norm_dims(x)).to(F64)
+    _, e = torch.frexp(m)
+    e = torch.where(torch.isfinite(m), e, torch.zeros_like(e))
+    emax = 1021 if dtype == torch.float64 else 125
+    return torch.ldexp(torch.ones_like(m), (-e).clamp(-emax, emax))
 
 
 def from_norm_error(value: Tensor, rel: float, abs_norm: Tensor, cap_norm: Tensor) -> Bound:
@@ -117,37 +191,19 @@ def from_norm_error(value: Tensor, rel: float, abs_norm: Tensor, cap_norm: Tenso
     return Bound(value, (up * up * f - value).clamp_min(0.0), cap_norm * cap_norm * f)
 
 
-def pow2_scale(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B,) float64 powers of two s_i with max|s_i x_i| in [1/2, 1) (1 where x_i is zero or not finite),
-    clamped to dtype's normal range so that s_i itself is representable in ``dtype``.
-
-    Scaling each sample's rows by s_i is exact (a power of two) except where a scaled-down entry
-    becomes subnormal (error <= eta per entry, accounted by `scale_error`). It keeps every Gram entry,
-    product and per-token norm of the scaled rows in [eta, d]: no overflow, underflow only far below
-    the sample's own magnitude. The squared norm of the unscaled rows is the scaled one / s_i^2."""
-    B = x.shape[0]
-    if x.numel() == 0:
-        return torch.ones(B, device=x.device, dtype=F64)
-    # max |x| per sample without a full-size |x| temporary (on the CPU, allocating it cost as much as a Gram)
-    m = torch.linalg.vector_norm(x.detach(), ord=math.inf, dim=tuple(range(1, x.dim()))).to(F64)
-    _, e = torch.frexp(m)
-    e = torch.where(torch.isfinite(m), e, torch.zeros_like(e))
-    emax = 1021 if dtype == torch.float64 else 125
-    return torch.ldexp(torch.ones_like(m), (-e).clamp(-emax, emax))
-
-
-def scale_rows(x: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
-    """x (B, ...) cast to ``dtype`` and multiplied by s_i per sample (see pow2_scale)."""
-    return x.to(dtype) * s.to(dtype).view(-1, *([1] * (x.dim() - 1)))
+def unscale_sq(s: Tensor) -> Tensor:
+    """(s_a s_g)^2, float64 (B,), from the (2, B) scales: exact (powers of two within float64's range)."""
+    s64 = s.to(F64)
+    return (s64[0] * s64[1]).square()
 
 
 def token_norms(x: Tensor, up: float = 1.0) -> Tensor:
-    """(B, T) float64 upper bounds on the 2-norms of x's last-dim rows (x: (B, T, d), any float dtype).
+    """(B, T) float64 upper bounds on the 2-norms of x's last-dim rows (x: (B, T, d), float32 or 16-bit).
 
     float64 squares and sums of float32/16-bit values: relative error <= gamma_{d+2}(2^-53), covered
     by the factor; no overflow or underflow for those dtypes."""
     d = x.shape[-1]
-    return x.to(F64).square().sum(-1).sqrt() * (round_up_factor(d + 4) * up)
+    return torch.linalg.vector_norm(x, dim=-1, dtype=F64) * (round_up_factor(d + 4) * up)
 
 
 # ----------------------------------------------------------------------------- backends without bounds
@@ -164,7 +220,8 @@ def generic_bound(
     raw: Tensor, cap_norm: Tensor, abs_scale: Tensor, n_chain: float, n_abs: float, dtype: torch.dtype
 ) -> Bound:
     """Certify a backend's raw squared norm r of n = ||v||^2, v = sum_t x_t (x) y_t (outer or elementwise
-    products per token, any grouping), from the per-token cap ||v|| <= C = sum_t |x_t||y_t|:
+    products per token, any grouping), from the per-token cap ||v|| <= C = sum_t |x_t||y_t| (cap_norm: an
+    upper bound on C):
 
         n <= min(C^2, r + kappa C^2 + 4 eta n_abs (1 + abs_scale)),    kappa = dot_gamma(n_chain, u_acc, u_in)
 
@@ -175,12 +232,12 @@ def generic_bound(
     of entrywise |.|-sums is <= C^2), so |r - n| <= kappa C^2. Underflow adds at most eta per product,
     over at most n_abs products, each weighted by at most 1 + abs_scale (the caller's bound on the
     magnitudes, e.g. (sum_t |x_t|)^2 + (sum_t |y_t|)^2). A non-finite r on finite data (float32
-    overflow in the raw op) falls back to the cap."""
+    overflow in the raw op: +-inf or NaN) is read as +inf, so `Bound.certified` falls back to the cap; the
+    err carries kappa C^2, so a non-finite input (a non-finite cap) leaves value + err non-finite as well.
+    The float64 roundings here (square, two products, two sums) are covered by the factors."""
     u_acc, u_in = backend_arithmetic(dtype)
-    kappa = dot_gamma(n_chain, u_acc, u_in)
-    cap = cap_norm.square() * round_up_factor(4)
-    r = raw.to(F64)
-    err = (kappa * cap + 4.0 * underflow_eta(dtype) * n_abs * (1.0 + abs_scale)) * round_up_factor(8)
-    finite = torch.isfinite(r) | ~torch.isfinite(cap)  # keep NaN/inf from non-finite inputs
-    r = torch.where(finite, r, cap)
-    return Bound(r, torch.where(finite, err, torch.zeros_like(err)), cap)
+    f = round_up_factor(8)
+    cap = cap_norm.square() * f
+    k_abs = 4.0 * underflow_eta(dtype) * n_abs * f
+    err = torch.add(cap * (dot_gamma(n_chain, u_acc, u_in) * f), abs_scale, alpha=k_abs).add_(k_abs)
+    return Bound(torch.nan_to_num(raw.to(F64), nan=math.inf, neginf=math.inf), err, cap)

@@ -31,20 +31,25 @@ def _own(op: str, backend: str | None, *args, **kwargs):
 
 
 def _generic_rows(raw: Tensor, a: Tensor, g: Tensor, groups: int = 1) -> Bound:
-    """generic_bound of a Linear-like weight norm over row blocks a (B*groups, T, d), g (B*groups, T, p)."""
+    """generic_bound of a Linear-like weight norm over row blocks a (B*groups, T, d), g (B*groups, T, p).
+
+    C = sum_t |a_t||g_t| as one float64 dot of the token norms per block, summed over groups."""
     T, d, p = a.shape[1], a.shape[2], g.shape[2]
     na, ng = token_norms(a), token_norms(g)
-    cap2 = (na * ng).sum(dim=1).square().view(-1, groups).sum(dim=1)
-    abs_scale = (na.sum(dim=1).square() + ng.sum(dim=1).square()).view(-1, groups).sum(dim=1)
+    c2 = torch.bmm(na[:, None, :], ng[:, :, None]).square()
+    sa, sg = na.sum(dim=1), ng.sum(dim=1)
+    abs_scale = torch.addcmul(sa.square(), sg, sg)
+    if groups > 1:
+        c2, abs_scale = c2.view(-1, groups).sum(dim=1), abs_scale.view(-1, groups).sum(dim=1)
     n_chain = max(T * T + d + p, T + p * d) + 4  # ghost: Gram, product, T^2 sum; inst: dot, p d squares
     n_abs = groups * (T * T * (d + p + 1) + T * p * d)  # every product either method forms
-    return generic_bound(raw, cap2.sqrt() * round_up_factor(4), abs_scale, n_chain, n_abs, acc_dtype(a, g))
+    f = round_up_factor(T + 8)  # the dot (length T) and the square, sum over groups and sqrt
+    return generic_bound(raw, c2.view(-1).sqrt() * f, abs_scale, n_chain, n_abs, acc_dtype(a, g))
 
 
 def _generic_bias(raw: Tensor, g: Tensor) -> Bound:
     T, p = g.shape[1], g.shape[2]
-    ng = token_norms(g)
-    S = ng.sum(dim=1)
+    S = token_norms(g, round_up_factor(T + 2)).sum(dim=1)
     return generic_bound(raw, S, S.square() + T * T, T + p + 2, T * p + p, acc_dtype(g))
 
 
@@ -83,7 +88,7 @@ def embedding_norms_bound(
     # gram: sum_{t,s} [x_t = x_s] g_t . g_s (length-D dots, T^2 sum); scan: row sums, then squares.
     rows = g.reshape(*ids.shape, g.shape[-1])
     T, D = rows.shape[1], rows.shape[2]
-    S = token_norms(rows).sum(dim=1)
+    S = token_norms(rows, round_up_factor(T + 2)).sum(dim=1)
     r = raw(ids, g, num_embeddings=num_embeddings, padding_idx=padding_idx)
     return generic_bound(r, S, S.square() + T * T, T * T + T * D + 4, T * T * D + T * D, acc_dtype(g))
 
@@ -98,7 +103,7 @@ def embedding_linear_cross_bound(
     # |X| <= sum_{t,s} |g_h[s, x_t]| |a_s| |g_e,t| = q: every rounded term of X is bounded by q's terms.
     Th, Te, D = a.shape[1], ids.shape[1], a.shape[2]
     P = torch.gather(g_h, 2, ids[:, None, :].expand(-1, Th, -1)).to(F64).abs()
-    q = (token_norms(a)[:, None, :] @ P @ token_norms(g_e)[:, :, None]).flatten()
+    q = (token_norms(a, round_up_factor(Th + Te + 4))[:, None, :] @ P @ token_norms(g_e)[:, :, None]).flatten()
     n = Th * Te * D
     bnd = generic_bound(x, q.sqrt(), q + Te * D, Th + Te * D + 4, n + Te * D, acc_dtype(g_e, a, g_h))
     return Bound(bnd.value, bnd.err, torch.full_like(bnd.cap, math.inf))
@@ -112,7 +117,7 @@ def affine_norms_bound(xhat: Tensor, g: Tensor, *, weight: bool, bias: bool, bac
     w = None
     if weight:
         T, C = g.shape[1], g.shape[2]
-        S = token_norms(xhat.to(F64) * g.to(F64)).sum(dim=1)
+        S = token_norms(xhat.to(F64) * g, round_up_factor(T + 2)).sum(dim=1)
         w = generic_bound(rw, S, S.square() + T * T * C, T + C + 4, 2 * T * C, acc_dtype(xhat, g))
     return w, (_generic_bias(rb, g) if bias else None)
 

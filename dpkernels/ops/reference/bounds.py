@@ -33,15 +33,17 @@ from ..bounds import (
     U64,
     Bound,
     dot_gamma,
-    from_norm_error,
     gamma,
     matmul_input_roundoff,
-    pow2_scale,
+    max_scaled_entry,
+    pow2_scales,
     round_up_factor,
+    sample_norms,
     scale_rows,
     token_norms,
     underflow_eta,
     unit_roundoff,
+    unscale_sq,
 )
 from ._common import _chunks, acc_dtype, group_keys
 from .conv import _ntuple, conv_rows
@@ -50,135 +52,162 @@ from .embedding import _pad_mask
 # Length of the float32 dot products: the ghost Grams' d- and p-long dots and the instantiated norm's
 # T-long ones are cut into chunks of this length whose results are summed in float64, so the float32
 # error is gamma_1024 (6.1e-5), not gamma_d or gamma_T (d = 3072: 1.8e-4; T = 1e5 pixels: no bound).
-# Measured on GPT-2 block shapes (bench/certify_norms.py, B=4, T=256, one CPU thread), certified time /
-# raw time and certified / exact - 1: 256: 2.0-2.3x, 2.0e-4; 1024: 1.6x, 7.5e-4 (a norm 0.04% high, far
-# below the noise); 4096: 1.5x, 1.7e-3. Each chunk is a separate matmul plus a float64 accumulation.
+# One chunk (one matmul, no float64 accumulation) whenever the length is at most this.
 _CHUNK = 1024
 
 
-def _unscale(b: Bound, s2: Tensor) -> Bound:
-    """A bound of the scaled rows' squared norm -> of the unscaled ones (s2 = (s_a s_g)^2, a power of 2)."""
-    return Bound(b.value / s2, b.err / s2, b.cap / s2)
+def _pow2ceil(n: int) -> int:
+    """The power of two >= n (gamma grows with n: a bound for the larger length holds for the smaller)."""
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _with_scaling_error(b: Bound, cap_norm: Tensor, delta: float) -> Bound:
-    """n <= (sqrt(m) + delta)^2 <= value + err + 2 delta cap_norm + delta^2, cap (cap_norm + delta)^2."""
-    f = round_up_factor(8)
-    return Bound(b.value, (b.err + 2.0 * delta * cap_norm + delta * delta) * f, (cap_norm + delta).square() * f)
-
-
-def _quad(u: Tensor, M: Tensor, v: Tensor) -> Tensor:
-    """u_b^T M_b v_b per row block: (b, S), (b, S, T), (b, T) -> (b,)."""
-    return (u[:, None, :] @ M @ v[:, :, None]).flatten()
-
-
-def _gram(x: Tensor, u: float, u_in: float, eta: float) -> tuple[Tensor, float, float]:
-    """X = A A^T (b, T, T) in float64 from float32 (or float64) chunks of _CHUNK columns, with its error
-    bound |X - A A^T| <= rel |a_t||a_s| + abs (entrywise).
-
-    Each chunk's Gram is one matmul in the accumulation dtype, error <= gamma_K |a_t^c||a_s^c| + K eta;
-    the chunks are summed in float64 (gamma_{nc}(2^-53) more), and sum_c |a_t^c||a_s^c| <= |a_t||a_s|
-    (Cauchy-Schwarz twice). Cutting the d-long dot products into K-long ones is what makes the bound
-    tight: gamma_K instead of gamma_d (d = 3072: 6.1e-5 relative at K = 1024 against 1.8e-4)."""
+def _gram(x: Tensor) -> Tensor:
+    """X = A A^T (b, T, T) from _CHUNK-column chunks: one matmul in x's dtype when d <= _CHUNK, else the
+    chunks' matmuls summed in float64 (`_gram_gamma` gives the error)."""
     d = x.shape[2]
-    X = torch.zeros(x.shape[0], x.shape[1], x.shape[1], device=x.device, dtype=F64)
+    if d <= _CHUNK:
+        return torch.bmm(x, x.transpose(1, 2))
+    X = None
     for k0 in range(0, d, _CHUNK):
         c = x[:, :, k0 : k0 + _CHUNK]
-        X += (c @ c.transpose(1, 2)).to(F64)
-    n_chunks = max(1, math.ceil(d / _CHUNK))
+        P = torch.bmm(c, c.transpose(1, 2)).to(F64)
+        X = P if X is None else X.add_(P)
+    return X
+
+
+def _gram_gamma(d: int, u: float, u_in: float) -> float:
+    """Relative error of a `_gram` entry: |X - A A^T| <= g |a_t||a_s| + d eta (entrywise).
+
+    Each chunk's Gram is one matmul, error <= gamma_K |a_t^c||a_s^c| + K eta (K <= _CHUNK); the chunks
+    are summed in float64 (gamma_{nc}(2^-53) more), and sum_c |a_t^c||a_s^c| <= |a_t||a_s| (Cauchy-Schwarz
+    twice). Cutting the d-long dot products into K-long ones is what makes the bound tight."""
     g = dot_gamma(min(d, _CHUNK), u, u_in)
-    return X, g + gamma(n_chunks, U64) * (1.0 + g), d * eta
+    return g + gamma(max(1, math.ceil(d / _CHUNK)), U64) * (1.0 + g)
 
 
 def _ghost(a: Tensor, g: Tensor) -> Bound:
     """Ghost norm <A A^T, G G^T> of each row block with its bound; a: (b, T, d), g: (b, T, p).
 
-    X = A A^T, Y = G G^T by `_gram` (float32 chunks summed in float64); with n_a, n_g the token norms,
+    Rows scaled by powers of two (`pow2_scales`: A = s_a a, G = s_g g, exact up to subnormal entries,
+    eps_a = sqrt(d) eta per token), X = A A^T, Y = G G^T by `_gram`, stacked and taken to float64, with
+    g_d = `_gram_gamma`(d), a_d = d eta (likewise g_p, a_p). From X's diagonal (|X_tt - |A_t|^2| <= g_d
+    |A_t|^2 + a_d), with one constant c for both sides,
 
-        |X - A A^T| <= alpha = gamma'_d n_a n_a^T + d eta,   |Y - G G^T| <= beta = gamma'_p n_g n_g^T + p eta
-        |<X, Y> - <A A^T, G G^T>| <= sum_{t,s} alpha |Y| + |X| beta + alpha beta
+        n_t = fl(fl(sqrt(X_tt)) + c),   k_a = (1 + 2 gamma_6(2^-53)) / (1 - g_d)
 
-    (XY - xy = (X - x) Y + X (Y - y) - (X - x)(Y - y)). <X, Y> and the error sum are taken in float64
-    (X Y products of float64 numbers, T^2-term sums: gamma_{T^2}(2^-53) of the absolute sum). n_a comes
-    from X's diagonal: |a_t|^2 <= (X_tt + d eta) / (1 - gamma'_d). This bound weighs each pair by |Y_ts|
-    (resp. |X_ts|), so on natural data it is up to ~T / sqrt(p) times tighter than gamma U with
-    U = (sum_t |a_t||g_t|)^2, the cap (measured: bench/certify_norms.py).
+    gives |A_t| + eps_a + c' <= sqrt(k_a) n_t with c' = eps_a / g_d + sqrt((eps_a^2 + a_d) / g_d) (c >=
+    sqrt(a_d) + c'), hence, for the exact scaled rows a* (x* = a* a*^T):
+
+        |X - x*| <= g_d |A_t||A_s| + a_d + eps_a (|A_t| + |A_s|) + eps_a^2 <= alpha = g_d k_a n_a n_a^T
+        |X| <= (1 + g_d) k_a n_a n_a^T,      |a*_t| <= sqrt(k_a) n_a,t
+
+    (likewise beta, Y with g_p, k_g, n_g). XY - x*y* = (X - x*) Y + X (Y - y*) - (X - x*)(Y - y*) and
+    the float64 rounding of V = fl(<X, Y>) (<= gamma_{T^2}(2^-53) sum |X||Y|) then give
+
+        |V - <x*, y*>| <= (g_d + gamma_{T^2}(2^-53)(1 + g_d)) k_a Q_y + g_p k_g Q_x + g_d g_p k_a k_g P^2
+        n* = <x*, y*> <= k_a k_g P^2      (cap: (sum_t |a*_t||g*_t|)^2)
+
+    with Q_y = n_a^T |Y| n_a, Q_x = n_g^T |X| n_g, P = n_a . n_g: the error weighs each pair by the
+    computed |Y_ts| (resp. |X_ts|), up to ~T / sqrt(p) times tighter on natural data than g U with U the
+    cap. Q (two float64 matmul stages) and P (one) are >= (1 - gamma_T(2^-53))^2 times their exact values
+    (non-negative terms); products of float32-derived numbers neither under- nor overflow in float64.
+    Float64 inputs (g_d ~ 1e-13) use the cap-shaped error (g_d + g_p + 3 g_d g_p + gamma_{T^2}(2^-53)
+    (1 + g_d)(1 + g_p)) k_a k_g P^2 instead (|Y| <= (1 + g_p) k_g n_g n_g^T), with c large enough that
+    the float64 underflow of V's products (T^2 eta64) is below its P^2 (P >= T c^2) term. Finally
+    everything is divided by (s_a s_g)^2 (exact).
+
+    About 30 ops for any T, d, p <= _CHUNK: two norms and the scales, two scaled copies, two Grams,
+    the stacked float64 Grams, their diagonal's roots, |.|, four float64 matmuls, six (b,) ops.
     """
     dt = acc_dtype(a, g)
-    T, d, p = a.shape[1], a.shape[2], g.shape[2]
+    b, T, d = a.shape
+    p = g.shape[2]
     u, eta, u_in = unit_roundoff(dt), underflow_eta(dt), matmul_input_roundoff(dt)
-    sa, sg = pow2_scale(a, dt), pow2_scale(g, dt)
-    X, gd, ad = _gram(scale_rows(a, sa, dt), u, u_in, eta)
-    Y, gp, ap = _gram(scale_rows(g, sg, dt), u, u_in, eta)
-    f = round_up_factor(4)
-    na = ((X.diagonal(dim1=1, dim2=2) + ad) / (1.0 - gd)).clamp_min(0.0).sqrt() * f
-    ng = ((Y.diagonal(dim1=1, dim2=2) + ap) / (1.0 - gp)).clamp_min(0.0).sqrt() * f
-    # sum alpha |Y| + |X| beta + alpha beta, with alpha = gd na na^T + ad, beta = gp ng ng^T + ap, as
-    # quadratic forms: gd na^T |Y| na + ad sum|Y| + gp ng^T |X| ng + ap sum|X| + sum alpha beta
-    Ya, Xa = Y.abs(), X.abs()
-    quad_y = _quad(na, Ya, na)
-    quad_x = _quad(ng, Xa, ng)
-    sum_ang = (na * ng).sum(dim=1)
-    sum_na2, sum_ng2 = na.sum(dim=1).square(), ng.sum(dim=1).square()
-    err = gd * quad_y + ad * Ya.sum(dim=(1, 2)) + gp * quad_x + ap * Xa.sum(dim=(1, 2))
-    err = err + gd * gp * sum_ang.square() + gd * ap * sum_na2 + ad * gp * sum_ng2 + ad * ap * T * T
-    XY = X * Y
-    value = XY.sum(dim=(1, 2))
-    err = (err + gamma(T * T, U64) * XY.abs().sum(dim=(1, 2))) * round_up_factor(T * T + 16)
-    cap_norm = sum_ang * round_up_factor(T + 4)
-    b = _with_scaling_error(Bound(value, err, cap_norm.square()), cap_norm, 2.0 * T * eta * math.sqrt(d * p))
-    return _unscale(b, (sa * sg).square())
+    s = pow2_scales((a, g), dt)
+    Z = torch.stack([_gram(scale_rows(a, s[0])), _gram(scale_rows(g, s[1]))], 1).to(F64)  # (b, 2, T, T)
+    gd, gp = _gram_gamma(d, u, u_in), _gram_gamma(p, u, u_in)
+    c = 0.0
+    for n_, g_ in ((d, gd), (p, gp)):
+        e = math.sqrt(n_) * eta
+        c = max(c, math.sqrt(n_ * eta) + e / g_ + math.sqrt((e * e + n_ * eta) / g_))
+    Tb = _pow2ceil(T)
+    gt = gamma(Tb + 1, U64)
+    r = round_up_factor(4) / (1.0 - gt) ** 2  # Q, P vs their computed values; k_a, k_g's roundings
+    ka, kg = round_up_factor(4) / (1.0 - gd), round_up_factor(4) / (1.0 - gp)
+    g2 = gamma(Tb * Tb + 1, U64)
+    f = round_up_factor(6)  # the (b,) float64 ops below
+    if dt == F64:
+        kp = (gd + gp + 3.0 * gd * gp + g2 * (1.0 + gd) * (1.0 + gp)) * ka * kg * r * f
+        c = max(c, (4.0 * underflow_eta(F64) / kp) ** 0.25)
+    n = Z.diagonal(dim1=2, dim2=3).sqrt().add_(c * 2.0)  # (b, 2, T): n_a, n_g (2c: c's own rounding)
+    P = torch.bmm(n[:, 0:1], n[:, 1:2].transpose(1, 2)).view(b)
+    V = torch.bmm(Z[:, 0].reshape(b, 1, T * T), Z[:, 1].reshape(b, T * T, 1)).view(b)
+    if dt == F64:
+        err = P.square().mul_(kp)
+    else:
+        nf = n.flip(1)  # (n_g, n_a): X is weighed by n_g, Y by n_a
+        q = torch.bmm(nf.view(2 * b, 1, T), Z.abs().view(2 * b, T, T))
+        Q = torch.bmm(q, nf.view(2 * b, T, 1)).view(b, 2)  # (Q_x, Q_y)
+        ky = (gd + g2 * (1.0 + gd)) * ka * r * f
+        err = torch.add(Q[:, 1] * ky, Q[:, 0], alpha=gp * kg * r * f)
+        err = torch.addcmul(err, P, P, value=gd * gp * ka * kg * r * f)
+    cap = P.square().mul_(ka * kg * r * f)
+    out = torch.stack([V, err, cap]).div_(unscale_sq(s))
+    return Bound(out[0], out[1], out[2])
 
 
 def _inst(a: Tensor, g: Tensor, keep: Tensor | None = None) -> Bound:
     """Instantiated ||G^T A||_F^2 of each row block with its bound; a: (b, T, d), g: (b, T, p).
 
-    W = sum over chunks c of _CHUNK tokens of fl(G_c^T A_c), summed in float64. Entrywise,
-    |W - G^T A| <= (gamma_K + gamma_{T/K}(2^-53)(1 + gamma_K)) (|G|^T |A|) + T eta (K = _CHUNK), and
-    || |G|^T |A| ||_F <= sum_t |a_t| |g_t| = S (triangle inequality), so
-    ||G^T A|| <= sqrt(fl(sum W^2)(1 + gamma_{pd}(2^-53))) + gamma' S + T eta sqrt(p d).
+    Rows scaled by powers of two (`pow2_scales`), W = sum over chunks c of _CHUNK tokens of fl(G_c^T A_c)
+    (one matmul when T <= _CHUNK; else float64 sums). Entrywise |W - G^T A| <= g_all (|G|^T |A|) + T eta,
+    g_all = gamma_K + gamma_{T/K}(2^-53)(1 + gamma_K), and || |G|^T |A| ||_F <= S0 = sum_t |A_t||G_t|.
+    Scaling's subnormal entries (<= eta each, entries <= M = `max_scaled_entry`) move ||G^T A|| by at
+    most delta = 2 eta T sqrt(p d) M. Token norms: float32 (or float64) vector norms t_t of the scaled rows,
+    |A_t| + eta sqrt(d) <= k (t_t + e) with k = (1 + 3u) / sqrt(1 - gamma_d) and e >= sqrt(d eta) +
+    eta sqrt(d) (squares below eta underflow), e >= 2^-60 (float64: 2^-500) so that no product
+    (t_a + e)(t_g + e) underflows; S_c = fl((t_a + e) . (t_g + e)) >= (1 - gamma_T) of its exact value.
+    With N = fl(||W||_F) in float64 (relative error gamma_{pd+2}(2^-53)),
+
+        ||g*^T a*|| <= N (1 + gamma_{pd+2}) + g_all k^2 S_c / (1 - gamma_T) + T eta sqrt(p d) + delta
+
+    and n* <= (k^2 S_c / (1 - gamma_T))^2 (cap). The bound is value = that squared, err = 0.
 
     ``keep`` (k, p, d) bool, k dividing b (block j uses keep[j % k]): the norm of the kept entries
     only, ||keep * G^T A|| (pruning, dpkernels.pruning). Zeroing entries is a projection: it shrinks
     the error term and the exact norm alike, so every bound above holds for the masked norm unchanged.
     """
     dt = acc_dtype(a, g)
-    T, d, p = a.shape[1], a.shape[2], g.shape[2]
+    b, T, d = a.shape
+    p = g.shape[2]
     u, eta, u_in = unit_roundoff(dt), underflow_eta(dt), matmul_input_roundoff(dt)
-    sa, sg = pow2_scale(a, dt), pow2_scale(g, dt)
-    A, G = scale_rows(a, sa, dt), scale_rows(g, sg, dt)
-    W = torch.zeros(a.shape[0], p, d, device=a.device, dtype=F64)
-    for t0 in range(0, T, _CHUNK):
-        W += (G[:, t0 : t0 + _CHUNK].transpose(1, 2) @ A[:, t0 : t0 + _CHUNK]).to(F64)
+    s = pow2_scales((a, g), dt)
+    A, G = scale_rows(a, s[0]), scale_rows(g, s[1])
+    if T <= _CHUNK:
+        W = torch.bmm(G.transpose(1, 2), A)
+    else:
+        W = None
+        for t0 in range(0, T, _CHUNK):
+            P = torch.bmm(G[:, t0 : t0 + _CHUNK].transpose(1, 2), A[:, t0 : t0 + _CHUNK]).to(F64)
+            W = P if W is None else W.add_(P)
     if keep is not None:
         W = torch.where(keep, W.view(-1, *keep.shape), 0.0).view(W.shape)
-    value = W.square().sum(dim=(1, 2))
-    n_chunks = max(1, math.ceil(T / _CHUNK))
+    N = sample_norms(W, F64)
     g_dot = dot_gamma(min(T, _CHUNK), u, u_in)
-    g_all = g_dot + gamma(n_chunks, U64) * (1.0 + g_dot)
-    S = (token_norms(A) * token_norms(G)).sum(dim=1) * round_up_factor(T + 4)
-    delta = 2.0 * T * eta * math.sqrt(d * p)
-    abs_norm = g_all * S + T * eta * math.sqrt(d * p) + delta
-    b = from_norm_error(value, gamma(p * d + 1, U64), abs_norm, S + delta)
-    return _unscale(b, (sa * sg).square())
-
-
-def _rows64(x: Tensor) -> tuple[Tensor, Tensor, float]:
-    """x as float64, scaled per sample when x is float64 itself (float32 and 16-bit values neither
-    overflow nor underflow in float64 products and sums); the scale s (B,) and eta for the products."""
-    if x.dtype != torch.float64:
-        return x.to(F64), torch.ones(x.shape[0], device=x.device, dtype=F64), 0.0
-    s = pow2_scale(x, F64)
-    return scale_rows(x, s, F64), s, underflow_eta(F64)
-
-
-def _sum_bound(v: Tensor, S: Tensor, T: int, n_entries: int, eta: float, s2: Tensor) -> Bound:
-    """Bound of ||v_exact||^2 where v (B, m) is a float64 sum over T tokens of per-token vectors whose
-    2-norms sum to S: |v - v_exact| <= gamma_T(2^-53) |.|-sums entrywise, whose norm is <= gamma_T S,
-    plus T eta per entry of underflowing products (float64 inputs only); s2 unscales."""
-    value = v.square().sum(dim=1)
-    abs_norm = gamma(T + 1, U64) * S + 3.0 * T * eta * math.sqrt(n_entries)
-    return _unscale(from_norm_error(value, gamma(n_entries + 1, U64), abs_norm, S), s2)
+    g_all = g_dot + gamma(max(1, math.ceil(T / _CHUNK)), U64) * (1.0 + g_dot)
+    e = max(math.sqrt(max(d, p) * eta) + eta * math.sqrt(max(d, p)), 2.0**-60 if dt != F64 else 2.0**-500)
+    k2 = (1.0 + 3.0 * u) ** 2 / (1.0 - gamma(max(d, p) + 1, u)) / (1.0 - dot_gamma(T, u, u_in))  # k^2 / (1 - gamma_T)
+    S = torch.bmm(
+        torch.linalg.vector_norm(A, dim=-1).add_(e)[:, None, :], torch.linalg.vector_norm(G, dim=-1).add_(e)[:, :, None]
+    ).view(b)  # a float32 matmul when dt is: TF32 operands allowed (dot_gamma with u_in)
+    f = round_up_factor(8)
+    # W's underflow, scaling's subnormals (delta), and float64 squares of a float64 W that underflow
+    absn = (T * eta * math.sqrt(p * d) * (1.0 + 2.0 * max_scaled_entry(dt)) + math.sqrt(p * d * underflow_eta(F64))) * f
+    up = torch.add(N * ((1.0 + gamma(p * d + 2, U64)) * f), S, alpha=g_all * k2 * f).add_(absn)
+    cap = S.to(F64).square_().mul_(k2 * k2 * f)
+    up = up.square_().mul_(f)
+    out = torch.stack([up, cap]).div_(unscale_sq(s))
+    return Bound(out[0], torch.zeros_like(out[0]), out[1])
 
 
 def linear_norms_bound(a: Tensor, g: Tensor, *, bias: bool, method: str) -> tuple[Bound, Bound | None]:
@@ -190,12 +219,18 @@ def linear_norms_bound(a: Tensor, g: Tensor, *, bias: bool, method: str) -> tupl
     p = g.shape[-1]
     if T == 1 and acc_dtype(a, g) != F64:
         return _one_token(a, g), (bias_norms_bound(g) if bias else None)
-    parts = []
     per_sample = 4 * T * T if method == "ghost" else 2 * p * d + T * (d + p)
-    for sl in _chunks(B, per_sample):
-        parts.append((_ghost if method == "ghost" else _inst)(a[sl], g[sl]))
-    w = Bound(*(torch.cat([getattr(b, f) for b in parts]) for f in Bound._fields)) if parts else _empty(a)
-    return w, (bias_norms_bound(g) if bias else None)
+    fn = _ghost if method == "ghost" else _inst
+    parts = [fn(a[sl], g[sl]) for sl in _chunks(B, per_sample)]
+    return _cat(parts, a), (bias_norms_bound(g) if bias else None)
+
+
+def _cat(parts: list[Bound], x: Tensor) -> Bound:
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return _empty(x)
+    return Bound(*(torch.cat([getattr(b, f) for b in parts]) for f in Bound._fields))
 
 
 def _one_token(a: Tensor, g: Tensor) -> Bound:
@@ -203,7 +238,7 @@ def _one_token(a: Tensor, g: Tensor) -> Bound:
     |g_1 a_1^T|_F^2 = |a_1|^2 |g_1|^2, bounded by the product of the float64 token norms (`token_norms`:
     upper bounds, no overflow or underflow for float32 and 16-bit values): no Gram, no matmul, and
     tight to float64 rounding, so it is both the value and the cap."""
-    up = (token_norms(a)[:, 0] * token_norms(g)[:, 0] * round_up_factor(2)).square() * round_up_factor(2)
+    up = (token_norms(a[:, 0]) * token_norms(g[:, 0], round_up_factor(4))).square_()
     return Bound(up, torch.zeros_like(up), up)
 
 
@@ -212,14 +247,59 @@ def _empty(x: Tensor) -> Bound:
     return Bound(z, z, z)
 
 
+def _sum_bound(value: Tensor, F: Tensor, T: int, m: int, f64: bool, n_sq: int) -> Bound:
+    """Bound of n* = sum_j ||v*_j||^2, v*_j the exact sums over disjoint groups of the T rows x*_t (m
+    entries each), from float64 sums v_j (a dot product or sum of length <= T per entry: |v_j - v*_j|
+    <= gamma_T(2^-53) sum_{t in j} |x*_t| + T tau, entrywise; tau = eta64 for float64 inputs, else 0),
+    value = fl(sum_j ||v_j||^2) (n_sq squares: <= (1 + g_v) times the exact sum of squares) and
+    F = fl(||x||_F) in float64 (x: the stored rows), so that ||x*||^2 <= k_F F^2.
+
+    With b_j = ||v_j - v*_j||: sum_j b_j^2 <= (sum_j b_j)^2 <= (gamma_T sum_t |x*_t| + T tau sqrt(m))^2
+    <= gamma_T^2 T ||x*||^2 (Cauchy-Schwarz; tau = 0), and for any theta > 0
+
+        n* <= sum_j (||v_j|| + b_j)^2 <= (1 + theta) sum_j ||v_j||^2 + (1 + 1 / theta) sum_j b_j^2.
+
+    sum_j ||v_j||^2 <= (1 + g_v) value and value <= (1 + g_v)(1 + gamma_T)^2 T k_F F^2 (the triangle
+    inequality), so with theta = gamma_T
+
+        n* <= value + ((gamma_T + g_v + gamma_T g_v)(1 + g_v)(1 + gamma_T)^2 + gamma_T + gamma_T^2) T k_F F^2
+
+    (err ~ (2 gamma_T + g_v) T F^2: ~1e-13 relative at T = 256, m = 768 on natural data). Cap:
+    n* <= (sum_t |x*_t|)^2 <= T ||x*||_F^2. Float32 and 16-bit inputs: x* = x, nothing under- or
+    overflows in float64 (sums of float32 values are multiples of 2^-149), k_F = ((1 + gamma_{Tm+2}) /
+    (1 - u))^2; float64 inputs: ||x*|| <= F (1 + gamma_{Tm+2}) / (1 - u) + sqrt(T m) eta64 (products and
+    squares that underflow; (x + y)^2 <= 2 x^2 + 2 y^2 doubles k_F), every square of `value` may lose
+    eta64 and sum_j b_j^2 doubles with tau; terms of order eta64^2 are below float64's range and concern
+    only samples whose exact squared norm is below 2^-1074 anyway.
+
+    Three (b,) ops: F^2, err = k_e F^2, cap = k_c F^2 (four for float64 inputs)."""
+    gT = gamma(T + 1, U64)
+    gv = gamma(n_sq + 2, U64)
+    kF = ((1.0 + gamma(T * m + 2, U64)) / (1.0 - U64)) ** 2 * (2.0 if f64 else 1.0)
+    f = round_up_factor(4)
+    F2 = F.square()
+    kc = T * kF * f
+    ke = (gT + gv + gT * gv) * (1.0 + gv) * (1.0 + gT) ** 2 + (gT + gT * gT) * (2.0 if f64 else 1.0)
+    err = F2 * (ke * kc)
+    cap = F2.mul_(kc)
+    if f64:
+        e64 = underflow_eta(F64)
+        err = err.add_(2.0 * n_sq * e64)
+    return Bound(value, err, cap)
+
+
+def _dot_rows(v: Tensor) -> Tensor:
+    """fl(||v_i||^2) per row of a float64 (B, m) tensor, one batched dot."""
+    return torch.bmm(v[:, None, :], v[:, :, None]).view(-1)
+
+
 def bias_norms_bound(g: Tensor) -> Bound:
     """Bound of ||sum_t g_t||^2 per sample, g: (B, T, p); the sum in float64 (see _sum_bound)."""
     B, T, p = g.shape
     if B == 0 or T == 0 or p == 0:
         return _empty(g)
-    G, s, eta = _rows64(g)
-    S = token_norms(G).sum(dim=1) * round_up_factor(T + 4)
-    return _sum_bound(G.sum(dim=1), S, T, p, eta, s.square())
+    v = g.sum(dim=1, dtype=F64)
+    return _sum_bound(_dot_rows(v), sample_norms(g, F64), T, p, g.dtype == F64, p)
 
 
 def conv_norms_bound(
@@ -238,32 +318,30 @@ def conv_norms_bound(
     for sl in _chunks(B, per_sample):
         a, gr = conv_rows(x[sl], g[sl], **geom)  # type: ignore[arg-type]
         wb, _ = linear_norms_bound(a, gr, bias=False, method=method)
-        parts.append(Bound(*(t.view(-1, groups).sum(dim=1) for t in wb)))
-    w = Bound(*(torch.cat([getattr(b, f) for b in parts]) for f in Bound._fields)) if parts else _empty(x)
-    return w, (bias_norms_bound(g.flatten(2).transpose(1, 2)) if bias else None)
+        parts.append(wb if groups == 1 else Bound(*(t.view(-1, groups).sum(dim=1) for t in wb)))
+    return _cat(parts, x), (bias_norms_bound(g.flatten(2).transpose(1, 2)) if bias else None)
 
 
 def embedding_norms_bound(ids: Tensor, g: Tensor, *, num_embeddings: int, padding_idx: int | None) -> Bound:
-    """Bound of embedding_norms: rows summed per (sample, id) in float64 (index_add), then squared;
-    the error of a row sum is <= gamma_T(2^-53) sum_t |g_t| entrywise (see _sum_bound), padding excluded."""
+    """Bound of embedding_norms: rows summed per (sample, id) in float64 (index_add), then squared and
+    summed per sample; padding rows excluded (set to 0: where, so a non-finite one does not count).
+    See _sum_bound (groups: the ids; at most T of them per sample)."""
     B = ids.shape[0]
     if ids.numel() == 0 or B == 0:
         return _empty(g.reshape(B, -1))
     D = g.shape[-1]
     T = ids.shape[1]
     rows = g.reshape(*ids.shape, D)
-    rows, s, eta = _rows64(rows)
     keep = _pad_mask(ids, padding_idx, num_embeddings)
     if keep is not None:
         rows = torch.where(keep[..., None], rows, 0)
-    S = token_norms(rows).sum(dim=1) * round_up_factor(T + 4)
+    rows = rows.to(F64)
     keys = (torch.arange(B, device=ids.device)[:, None] * num_embeddings + ids).reshape(-1)
     inv, key_of = group_keys(keys)
     summed = torch.zeros(keys.numel(), D, device=g.device, dtype=F64).index_add_(0, inv, rows.reshape(-1, D))
-    sample = torch.where(key_of >= 0, key_of // num_embeddings, 0)  # unused groups are zero rows
-    value = torch.zeros(B, device=g.device, dtype=F64).index_add_(0, sample, summed.square().sum(1))
-    abs_norm = gamma(T + 1, U64) * S + 3.0 * T * eta * math.sqrt(D)
-    return _unscale(from_norm_error(value, gamma(T * D + 1, U64), abs_norm, S), s.square())
+    sample = key_of.div(num_embeddings, rounding_mode="floor").clamp_(min=0)  # unused groups: zero rows
+    value = torch.zeros(B, device=g.device, dtype=F64).index_add_(0, sample, _dot_rows(summed))
+    return _sum_bound(value, sample_norms(rows, F64), T, D, g.dtype == F64, T * D)
 
 
 def embedding_linear_cross_bound(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, *, padding_idx: int | None) -> Bound:
@@ -275,6 +353,7 @@ def embedding_linear_cross_bound(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tenso
     |M - P^T A| <= gamma_Th |P|^T |A| + Th eta, so
     |X - exact| <= gamma_Th sum_{t,s} |P_st| |a_s| |g_e,t| + Th eta sqrt(D) sum_t |g_e,t|
                   + gamma_{Te D}(2^-53) sum |M| |g_e| + (scaling: eta (sum_s |a_s|)(sum_t |g_e,t|)(1 + sqrt(D) Th)).
+    Token norms of float64 g_e (scaled) may lose sqrt(D eta64) to underflowing squares: added.
     """
     dt = acc_dtype(g_e, a, g_h)
     B, Te = ids.shape
@@ -293,39 +372,47 @@ def embedding_linear_cross_bound(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tenso
         if keep is not None:
             P = torch.where(keep[sl][:, None, :], P, 0)
             ge = torch.where(keep[sl][..., None], ge, 0)
-        sp, sa = pow2_scale(P, dt), pow2_scale(a[sl], dt)
-        Ps, As = scale_rows(P, sp, dt), scale_rows(a[sl], sa, dt)
-        Ge, se, eta64 = _rows64(ge)
+        s = pow2_scales((P, a[sl]), dt)
+        Ps, As = scale_rows(P, s[0]), scale_rows(a[sl], s[1])
+        s64 = s.to(F64)
+        if ge.dtype == F64:
+            se = pow2_scales((ge,), F64)[0]
+            Ge, eta64 = scale_rows(ge, se), underflow_eta(F64)
+            ne = token_norms(Ge).add_(math.sqrt(D * eta64) * 2.0)
+            s64 = s64[0] * s64[1] * se
+        else:
+            Ge, eta64 = ge.to(F64), 0.0
+            ne = token_norms(Ge)
+            s64 = s64[0] * s64[1]
         M = (Ps.transpose(1, 2) @ As).to(F64)  # (b, Te, D)
         prod = M * Ge
         value = prod.sum(dim=(1, 2))
-        na, ne = token_norms(As), token_norms(Ge)
-        q = _quad(na, Ps.to(F64).abs(), ne)
+        na = token_norms(As) if dt != F64 else token_norms(As).add_(math.sqrt(D * eta) * 2.0)
+        q = (na[:, None, :] @ Ps.to(F64).abs() @ ne[:, :, None]).flatten()
         sum_ne, sum_na = ne.sum(dim=1), na.sum(dim=1)
         err = dot_gamma(Th, u, u_in) * q + Th * eta * math.sqrt(D) * sum_ne
         err = err + gamma(Te * D + 1, U64) * prod.abs().sum(dim=(1, 2))
         err = err + 2.0 * max(eta, eta64) * sum_na * sum_ne * (1.0 + math.sqrt(D) * Th)
-        err = err * round_up_factor(Th * Te + Te * D + 8)
-        s = sp * sa * se
-        vals.append(value / s)
-        errs.append(err / s)
+        err = err * round_up_factor(Th * Te + Te * D + Th + Te + 8)
+        vals.append(value / s64)
+        errs.append(err / s64)
     return Bound(torch.cat(vals), torch.cat(errs), inf)
 
 
 def affine_norms_bound(xhat: Tensor, g: Tensor, *, weight: bool, bias: bool) -> tuple[Bound | None, Bound | None]:
-    """Bounds of affine_norms: ||sum_t xhat_t * g_t||^2 and ||sum_t g_t||^2 per sample, sums and products
-    in float64 (exact products for float32 and 16-bit inputs); see _sum_bound. xhat, g: (B, T, C)."""
+    """Bounds of affine_norms: ||sum_t xhat_t * g_t||^2 and ||sum_t g_t||^2 per sample, xhat, g: (B, T, C).
+
+    The weight's rows x*_t = xhat_t * g_t are formed in float64 (exact for float32 and 16-bit inputs;
+    float64 inputs round each product: relative u, absolute eta64, which the dot-product model of
+    _sum_bound covers: v_k = sum_t xhat_tk g_tk is a length-T dot product); see _sum_bound."""
     w = b = None
     B, T, C = g.shape
     if weight:
         if B == 0 or T == 0 or C == 0:
             w = _empty(g)
         else:
-            X, sx, ex = _rows64(xhat)
-            G, sg, eg = _rows64(g)
-            P = X * G
-            S = token_norms(P).sum(dim=1) * round_up_factor(T + 4)
-            w = _sum_bound(P.sum(dim=1), S, T + 1, C, max(ex, eg), (sx * sg).square())
+            P = xhat.to(F64) * g
+            w = _sum_bound(_dot_rows(P.sum(dim=1)), sample_norms(P, F64), T, C, F64 in (xhat.dtype, g.dtype), C)
     if bias:
         b = bias_norms_bound(g)
     return w, b
