@@ -18,7 +18,8 @@ Operands first rounded to a narrower format with unit roundoff u_in (TF32 or bf1
 float32) add (1 + u_in)^2 - 1 to the relative part (`dot_gamma`).
 
 A `Bound` (value, err, cap) of a sample's squared norm n says n <= value + err and n <= cap; its
-`certified()` is min(value + err, cap), never negative, rounded up. The cap is the triangle-inequality
+`certified()` is min(value + err, cap) (fmin: a NaN raw value on finite data falls back to the cap),
+never negative, rounded up: three (B,) ops. The cap is the triangle-inequality
 bound from per-token norms, ||sum_t g_t a_t^T|| <= sum_t |a_t| |g_t|, so a certified norm is never
 above it, whatever the rounding. All of it is float64: a product of two float32 numbers is exact there,
 and a sum of N float64 terms errs by at most gamma_N(2^-53) of their absolute sum, far below float32's
@@ -36,7 +37,10 @@ It is rigorous but loose: on natural data cap / n grows like T, so a Triton norm
 large factor (a smaller clip factor: utility, never privacy). Tight bounds inside the kernels are the
 way to remove that.
 
-Nothing here synchronises with the host.
+Cost: the bookkeeping is a few (B,) float64 ops per bound with every constant folded into one
+coefficient (no per-term (B,) vectors), the scales come from the exponent bits of one float32 norm
+per tensor (`pow2_scales`: four integer ops for both operands), and a non-finite input propagates
+through the arithmetic itself (no isfinite/where). Nothing here synchronises with the host.
 """
 
 from __future__ import annotations

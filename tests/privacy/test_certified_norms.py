@@ -315,3 +315,128 @@ def test_clip_factors_are_never_nan_or_negative_and_keep_c_n_below_r():
             fin = torch.isfinite(n)
             # c_i n_i <= R exactly (float64 products of the returned factor and the norm it was given)
             assert bool((c.double()[fin] * n.to(dt).double()[fin] <= 0.7).all()), (clipping, dt, c)
+
+
+# ----------------------------------------------------------------------------- edge cases of the arithmetic
+
+_EDGE = {
+    "zero": 0.0,  # an all-zero sample: exact norm 0, no NaN from 0 * inf or 0 / 0
+    "subnormal": 1e-40,  # float32 subnormals (scaled up by 2^100: exact)
+    "1e-30": 1e-30,
+    "1e30": 1e30,  # squares overflow float32: only the scaled Grams stay finite
+    "1e38": 1e38,  # near float32's largest (clamped to 3e38): the float32 sample norm overflows
+}
+
+
+def _edge_batch(kind: str, dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A batch of 4 samples: natural, the edge magnitude ``kind``, a sample mixing it with natural tokens
+    (the scale follows the large tokens; the small ones must not vanish from the bound), natural."""
+    x = torch.randn(4, *shape, generator=gen, dtype=torch.float64)
+    x[1] = x[1] * _EDGE[kind]
+    x[2, ::2] = x[2, ::2] * _EDGE[kind]
+    return x.clamp(-3e38, 3e38).to(dtype)
+
+
+@pytest.mark.parametrize("kind", list(_EDGE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("method", ["ghost", "inst"])
+def test_edge_magnitudes_linear(method, dtype, kind):
+    """Certified >= exact and finite for zero, subnormal, 1e+-30 and near-overflow samples (and samples
+    mixing them with natural tokens), for the weight and the bias, either method, both paths."""
+    if kind == "1e38" and dtype == torch.float64:
+        pytest.skip("float64 data of this size is natural for float64")
+    gen = _gen(("edge-linear", method, str(dtype), kind))
+    a = _edge_batch(kind, dtype, (6, 5), gen)
+    g = _edge_batch("1e-30" if kind == "zero" else kind, dtype, (6, 3), gen)
+    nw, nb = ops.certified.linear_norms(a, g, bias=True, method=method, backend="reference")
+    ew = torch.stack([(gi.double().T @ ai.double()).square().sum() for ai, gi in zip(a, g, strict=True)])
+    eb = g.double().sum(1).square().sum(1)
+    for n, e, what in ((nw, ew, "weight"), (nb, eb, "bias")):
+        fin = torch.isfinite(e)  # 1e38: the exact float64 norm is finite; so must the certified one be
+        assert bool(torch.isfinite(n[fin]).all()), f"{what} ({method}, {dtype}, {kind}): {n.tolist()}"
+        assert bool((n >= e).all()), f"{what} ({method}, {dtype}, {kind}): {n.tolist()} < {e.tolist()}"
+    if kind == "zero":  # only the bound's absolute (underflow) terms remain, far below any real norm
+        assert float(nw[1]) <= 1e-100, nw.tolist()
+
+
+@pytest.mark.parametrize("kind", list(_EDGE))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_edge_magnitudes_sums(dtype, kind):
+    """The float64 sum bounds (embedding rows, norm layers' affine weight, bias) on the same samples."""
+    gen = _gen(("edge-sums", str(dtype), kind))
+    x = _edge_batch(kind, dtype, (7, 5), gen)
+    g = _edge_batch(kind, dtype, (7, 5), gen)
+    nw, nb = ops.certified.affine_norms(x, g, weight=True, bias=True, backend="reference")
+    _check(nw, (x.double() * g.double()).sum(1).square().sum(1), kind, f"affine weight ({dtype}, {kind})")
+    _check(nb, g.double().sum(1).square().sum(1), kind, f"affine bias ({dtype}, {kind})")
+    ids = torch.tensor([[1, 2, 1, 3, 1, 0, 2]] * 4)
+    ne = ops.certified.embedding_norms(ids, g, num_embeddings=5, padding_idx=0, backend="reference")
+    _check(ne, _exact_embedding(ids, g, 5, 0), kind, f"embedding ({dtype}, {kind})")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_non_finite_inputs_give_non_finite_norms(dtype, bad):
+    """One non-finite entry in a sample's input or output gradient makes that sample's certified norm
+    non-finite (the engine refuses the step), for every op and both paths; the other samples stay finite."""
+    if _PATH[0] == "generic" and dtype == torch.float64:
+        pytest.skip("the generic certificate is exercised on float32 and bfloat16 data")
+    gen = _gen(("non-finite", str(dtype), bad))
+    a = torch.randn(3, 6, 5, generator=gen).to(dtype)
+    g = torch.randn(3, 6, 4, generator=gen).to(dtype)
+    cases = []
+    for which in ("a", "g"):
+        a2, g2 = a.clone(), g.clone()
+        (a2 if which == "a" else g2)[1, 2, 3] = bad
+        for method in ("ghost", "inst"):
+            nw, nb = ops.certified.linear_norms(a2, g2, bias=True, method=method, backend="reference")
+            cases.append((f"linear {method} weight, bad {which}", nw))
+            if which == "g":
+                cases.append((f"linear {method} bias", nb))
+        nw, nb = ops.certified.affine_norms(a2[..., :4], g2, weight=True, bias=True, backend="reference")
+        cases.append((f"affine weight, bad {which}", nw))
+        if which == "g":
+            cases.append(("affine bias", nb))
+        ids = torch.tensor([[1, 2, 1, 3, 1, 4]] * 3)
+        if which == "g":
+            ne = ops.certified.embedding_norms(ids, g2, num_embeddings=5, padding_idx=None, backend="reference")
+            cases.append(("embedding", ne))
+    one_a, one_g = a[:, :1].clone(), g[:, :1].clone()
+    one_g[1, 0, 0] = bad
+    cases.append(("one-token linear", ops.certified.linear_norms(one_a, one_g, bias=False, method="ghost")[0]))
+    for what, n in cases:
+        assert not bool(torch.isfinite(n[1])), f"{what} ({dtype}, {bad}): sample 1 has a finite norm {n.tolist()}"
+        assert bool(torch.isfinite(n[[0, 2]]).all()), f"{what} ({dtype}, {bad}): {n.tolist()}"
+
+
+def test_pow2_scales_are_exact_powers_of_two_in_range():
+    """The scales read off the exponent bits: s m in [1/2, 1) for normal sample norms m, clamped to
+    [2^-K, 2^K] for zero, subnormal, huge, infinite and NaN norms; the same on every dtype's bit layout."""
+    from dpkernels.ops.bounds import SCALE_LOG2, pow2_scales, sample_norms
+
+    for dt in (torch.float32, torch.float64):
+        K = SCALE_LOG2[dt]
+        vals = [
+            0.0,
+            1e-45 if dt == torch.float32 else 5e-324,
+            1e-30,
+            0.3,
+            1.0,
+            2.0,
+            7.5,
+            1e20,
+            1e36,
+            math.inf,
+            math.nan,
+        ]
+        x = torch.tensor(vals, dtype=dt)[:, None, None].expand(-1, 2, 3).contiguous()
+        x[-1, 0, 0] = -math.nan if dt == torch.float32 else math.nan  # a NaN with the sign bit set
+        s = pow2_scales((x,), dt)[0]
+        m = sample_norms(x, dt)
+        mant, e = torch.frexp(s.double())
+        assert bool((mant == 0.5).all()), (dt, s)  # an exact power of two, finite, nonzero
+        assert bool(((e - 1 >= -K) & (e - 1 <= K)).all()), (dt, s)
+        free = torch.isfinite(m) & (m * s.double() >= 0) & (s.double() > 2.0**-K) & (s.double() < 2.0**K)
+        sm = (m.double() * s.double())[free]
+        assert bool(((sm >= 0.5) & (sm < 1.0)).all()), (dt, sm)
+        assert float(s[0]) == 2.0**K and float(s[-2]) == 2.0**-K  # zero -> largest; inf -> smallest

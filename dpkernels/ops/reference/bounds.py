@@ -5,20 +5,24 @@ gradient of the given (stored) tensors, float64 (B,): n <= value + err and n <= 
 ``certified()`` is the norm the engine clips by. Common to all (u, eta: unit roundoff and underflow
 unit of the accumulation dtype, float32 or float64; gamma_n = n u / (1 - n u)):
 
-- Range: each sample's rows are scaled by a power of two s_i (max |entry| in [1/2, 1), `pow2_scale`)
+- Range (Grams, instantiation): each sample's rows are scaled by a power of two s_i read off the
+  exponent bits of its computed 2-norm (`pow2_scales`: s_i |x_i| in [1/2, 1), clamped to 2^+-100)
   before any float32 arithmetic, so nothing overflows and underflow errs by at most eta per product,
-  tiny against the scaled sample's own size; the bound of the scaled rows is divided by s_i^2 at the
-  end (exact). Entries that become subnormal when scaled down move the exact norm of the scaled rows by
-  at most delta = 2 T eta sqrt(#entries), added to the norm.
+  tiny against the scaled sample's own size; the bound is divided by (s_a s_g)^2 at the end (exact).
+  Entries that become subnormal when scaled move the rows by at most eta each (in the bounds' constants).
 - Sums over tokens (bias, norm layers' affine weights, embedding rows, the instantiated weight's
   chunks) run in float64, where the products of two float32 numbers are exact and a sum of N terms
-  errs by at most gamma_N(2^-53) of their absolute sum.
-- Every bound is also capped by the per-token triangle inequality, n <= (sum_t |x_t| |y_t|)^2.
+  errs by at most gamma_N(2^-53) of their absolute sum; their bound needs only the rows' Frobenius
+  norm (`_sum_bound`).
+- Every bound is also capped by the triangle inequality, n <= (sum_t |x_t| |y_t|)^2 (the sum bounds:
+  T ||x||_F^2).
+- Each bound's last arithmetic is a handful of (B,) float64 ops with the constants folded in: about
+  30 aten ops for a ghost norm, 29 for an instantiated one, 6 for a bias (`certified()` adds 3).
 
 On natural data the certified squared norm exceeds the exact one by ~7.5e-4 (GPT-2-shaped ghost norms
 on random activations, float32 dots of length _CHUNK = 1024), more when all tokens share a large common
-direction, 1e-4 on the demo CNN;
-python -m bench.certify_norms measures it and the cost.
+direction, 1e-4 on the demo CNN, ~1e-11 for the float64 sums; python -m bench.certify_norms measures
+it and the cost (bench/results/certify_norms.md).
 """
 
 from __future__ import annotations
@@ -67,11 +71,11 @@ def _gram(x: Tensor) -> Tensor:
     d = x.shape[2]
     if d <= _CHUNK:
         return torch.bmm(x, x.transpose(1, 2))
-    X = None
-    for k0 in range(0, d, _CHUNK):
+    c = x[:, :, :_CHUNK]
+    X = torch.bmm(c, c.transpose(1, 2)).to(F64)
+    for k0 in range(_CHUNK, d, _CHUNK):
         c = x[:, :, k0 : k0 + _CHUNK]
-        P = torch.bmm(c, c.transpose(1, 2)).to(F64)
-        X = P if X is None else X.add_(P)
+        X += torch.bmm(c, c.transpose(1, 2)).to(F64)
     return X
 
 
@@ -183,13 +187,11 @@ def _inst(a: Tensor, g: Tensor, keep: Tensor | None = None) -> Bound:
     u, eta, u_in = unit_roundoff(dt), underflow_eta(dt), matmul_input_roundoff(dt)
     s = pow2_scales((a, g), dt)
     A, G = scale_rows(a, s[0]), scale_rows(g, s[1])
-    if T <= _CHUNK:
-        W = torch.bmm(G.transpose(1, 2), A)
-    else:
-        W = None
-        for t0 in range(0, T, _CHUNK):
-            P = torch.bmm(G[:, t0 : t0 + _CHUNK].transpose(1, 2), A[:, t0 : t0 + _CHUNK]).to(F64)
-            W = P if W is None else W.add_(P)
+    W = torch.bmm(G[:, :_CHUNK].transpose(1, 2), A[:, :_CHUNK])
+    if T > _CHUNK:
+        W = W.to(F64)
+        for t0 in range(_CHUNK, T, _CHUNK):
+            W += torch.bmm(G[:, t0 : t0 + _CHUNK].transpose(1, 2), A[:, t0 : t0 + _CHUNK]).to(F64)
     if keep is not None:
         W = torch.where(keep, W.view(-1, *keep.shape), 0.0).view(W.shape)
     N = sample_norms(W, F64)
