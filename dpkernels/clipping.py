@@ -36,7 +36,8 @@ def clip_factors(norms: Tensor, bound: float, clipping: str = "abadi", gamma: fl
     The engine passes certified norms (upper bounds on the exact ones, dpkernels.ops.certified), so
     c_i ||g_i|| <= c_i n_i <= R, and that holds for n_i the float64 square root of a squared norm too.
     Computed in float64 (float32 rounding of R / (n + eps) could exceed R
-    by an ulp), returned in float64 for float64 norms and float32 otherwise, rounded down. A factor is
+    by an ulp), returned in float64 for float64 norms and float32 otherwise, rounded down; a factor
+    below the smallest normal float64 is 0 (its rounding is absolute, not relative). A factor is
     never NaN or negative: a NaN norm gives 0 (the engine refuses non-finite norms before this, with
     an error naming the layer; 0 is what a caller who did not check gets: the sample is dropped).
     """
@@ -50,7 +51,9 @@ def clip_factors(norms: Tensor, bound: float, clipping: str = "abadi", gamma: fl
     # 1 - 2^-50 = 1 - 8u covers the roundings between the exact n and c: the caller's sqrt of a squared
     # norm and n + eps (each at most a factor 1 - u low), R / d (a reciprocal and a product, 1 + u each)
     # and this product (1 + u): (1 + u)^3 (1 - 8u) / (1 - u)^2 < 1
-    c = c.mul_(1.0 - 2.0**-50)
+    # below the smallest normal float64 a quotient is rounded in absolute steps (2^-1074), up by as much as
+    # half of itself: such a factor is 0 (the margin covers the relative rounding of normal ones only)
+    c = torch.threshold(c.mul_(1.0 - 2.0**-50), torch.finfo(torch.float64).tiny, 0.0)
     if norms.dtype == torch.float64:
         return c
     c32 = c.to(torch.float32)  # round to nearest, then one ulp down where that rounded up

@@ -337,9 +337,10 @@ class Engine:
         self._group_of = {id(p): gi for gi, ps in enumerate(groups) for p in ps}
         self._params = [p for ps in groups for p in ps]
         self._index = {id(p): i for i, p in enumerate(self._params)}
-        # the clip factors of a group in the dtype its layers sum in (float64 for float64 parameters)
+        # the clip factors of a group in the dtype its layers sum in: float64 when all its parameters are (a
+        # float32 layer would round float64 factors to nearest; float32 ones are exact in a float64 sum)
         self._factor_dtype = [
-            torch.float64 if any(p.dtype == torch.float64 for p in ps) else torch.float32 for ps in groups
+            torch.float64 if all(p.dtype == torch.float64 for p in ps) else torch.float32 for ps in groups
         ]
         self._ties_of_group = [
             [t for t in ties if any(id(p) in {id(q) for q in ps} for p in t.params)] for ps in groups
@@ -1041,16 +1042,22 @@ def factors_in(c: Tensor, multiplier: float, dtype: torch.dtype) -> Tensor:
     """multiplier * c in ``dtype``, never above the exact product (the layers then read the factors as
     they are, with no rounding to nearest of their own).
 
-    float64: fl(c m) with m <= multiplier (1 - 2^-52) is <= c m (1 + 2^-53) <= c multiplier.
+    float64: fl(c m) with m <= multiplier (1 - 2^-52) is <= c m (1 + 2^-53) <= c multiplier for a normal
+    result; a subnormal one is 0.
     float32: fl32(fl64(c m)) with m <= multiplier (1 - 2^-52)(1 - 2^-23) is <= c m (1 + 2^-53)(1 + 2^-24)
     <= c multiplier for a float32 normal result; values below the smallest normal float32 (whose
-    rounding is absolute, not relative) are set to 0 (the sample dropped, never a factor rounded up)."""
+    rounding is absolute, not relative) are set to 0 (the sample dropped, never a factor rounded up).
+    Values past the dtype's largest finite one (automatic clipping's R / gamma for a zero gradient, times
+    B / S) are that largest value, below the exact product: an inf factor would make the zero rows of its
+    sample inf * 0 = NaN in everyone's sum."""
     if c.dtype != torch.float64:
         c = c.to(torch.float64)  # exact
     if dtype == torch.float64:
-        return c * _round_down(multiplier, 2.0**-52)
+        f64 = torch.finfo(torch.float64)
+        return torch.threshold(c * _round_down(multiplier, 2.0**-52), f64.tiny, 0.0).clamp_max_(f64.max)
     m = _round_down(_round_down(multiplier, 2.0**-52), 2.0**-23)
-    return torch.threshold(c * m, torch.finfo(torch.float32).tiny, 0.0).to(dtype)
+    c = torch.threshold(c * m, torch.finfo(torch.float32).tiny, 0.0).clamp_max_(torch.finfo(torch.float32).max)
+    return c.to(dtype)
 
 
 def sample_mask(mask: Tensor, c: Tensor) -> Tensor:
