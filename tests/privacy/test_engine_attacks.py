@@ -113,3 +113,44 @@ def test_subnormal_factors_are_never_rounded_up():
         worst = max(worst, model.weight.grad.abs().item() / R)
     # one sample, float64: its update is c_i g_i up to a few roundings of 2^-53 each
     assert worst <= 1 + 1e-12, f"one sample moved the update by {worst} R"
+
+
+class _RecomputedDropout(nn.Module):
+    """A DP layer inside an activation checkpoint whose recomputation is not the forward's
+    (preserve_rng_state=False: another dropout mask; on a GPU, any non-deterministic op does the same)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 1)
+
+    def block(self, x):
+        return self.a(nn.functional.dropout(x, 0.9, training=True))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.b(checkpoint(self.block, x, use_reentrant=False, preserve_rng_state=False))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="two-pass clips the clipping pass's (A, G) by the norms pass's norms: a checkpointed forward "
+    "recomputed differently in the two passes (preserve_rng_state=False, non-deterministic GPU ops) moves one "
+    "sample's update past R (28.8 R measured)",
+)
+def test_two_pass_recomputation_that_differs_between_the_passes():
+    """One sample, noise off: its update must stay within R whatever the model recomputes."""
+    R, worst = 1.0, 0.0
+    for t in range(20):
+        torch.manual_seed(t)
+        model = _RecomputedDropout()
+        model, opt = dpkernels.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=R,
+            expected_batch_size=1.0, seed=0, strategy="two-pass", loss_reduction="sum",
+        )  # fmt: skip
+        opt.backward(model(torch.randn(1, 8) * 100).sum() * 100)
+        opt.step()
+        worst = max(worst, torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item() / R)
+    # float32 sums of one clipped sample: a few roundings of 2^-24, far below 1e-5
+    assert worst <= 1 + 1e-5, f"one sample moved the update by {worst} R"
