@@ -41,16 +41,21 @@ def _generic_rows(raw: Tensor, a: Tensor, g: Tensor, groups: int = 1) -> Bound:
     abs_scale = torch.addcmul(sa.square(), sg, sg)
     if groups > 1:
         c2, abs_scale = c2.view(-1, groups).sum(dim=1), abs_scale.view(-1, groups).sum(dim=1)
-    n_chain = max(T * T + d + p, T + p * d) + 4  # ghost: Gram, product, T^2 sum; inst: dot, p d squares
+    # ghost: Gram, product, the groups' T^2 terms; inst: dot, the groups' p d squares. The groups' terms
+    # may be summed in one reduction in any order (Triton sums a sample's (group, tile) partials flat).
+    n_chain = max(groups * T * T + d + p, T + groups * p * d) + 4
     n_abs = groups * (T * T * (d + p + 1) + T * p * d)  # every product either method forms
-    f = round_up_factor(T + 8)  # the dot (length T) and the square, sum over groups and sqrt
+    f = round_up_factor(T + groups + 8)  # the dot (length T) and the square, sum over groups and sqrt
     return generic_bound(raw, c2.view(-1).sqrt() * f, abs_scale, n_chain, n_abs, acc_dtype(a, g))
 
 
-def _generic_bias(raw: Tensor, g: Tensor) -> Bound:
+def _generic_bias(raw: Tensor, g: Tensor, groups: int = 1) -> Bound:
+    """generic_bound of ||sum_t g_t||^2, g (B, T, p), formed either from the token sums (T-sum, p squares)
+    or as sum(G G^T) per group (Triton's ghost kernels: a p-long Gram entry, then the groups' T^2 terms in
+    any order); the absolute terms of either add up to at most S^2, S = sum_t |g_t|."""
     T, p = g.shape[1], g.shape[2]
     S = token_norms(g, round_up_factor(T + 2)).sum(dim=1)
-    return generic_bound(raw, S, S.square() + T * T, T + p + 2, T * p + p, acc_dtype(g))
+    return generic_bound(raw, S, S.square() + T * T, groups * T * T + T + p + 2, T * T * p + T * p + p, acc_dtype(g))
 
 
 def linear_norms_bound(a: Tensor, g: Tensor, *, bias: bool, method: str, backend: str | None = None):
@@ -76,7 +81,7 @@ def conv_norms_bound(x: Tensor, g: Tensor, *, backend: str | None = None, **kw):
     geom = {k: kw[k] for k in ("kernel_size", "stride", "padding", "dilation", "groups")}
     a, gr = _ref.conv_rows(x, g, **geom)
     wb = _generic_rows(rw, a, gr, kw["groups"])
-    return wb, (_generic_bias(rb, g.flatten(2).transpose(1, 2)) if kw["bias"] else None)
+    return wb, (_generic_bias(rb, g.flatten(2).transpose(1, 2), kw["groups"]) if kw["bias"] else None)
 
 
 def embedding_norms_bound(
