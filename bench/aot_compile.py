@@ -206,8 +206,15 @@ CONV = [
 
 
 def _linear_configs() -> list[Config]:
+    from dpkernels.ops.triton.affine import launch_sum_bound
     from dpkernels.ops.triton.linear_clipped_sum import launch_clipped_sum
-    from dpkernels.ops.triton.linear_norms import launch_bias_norms, launch_ghost, launch_inst
+    from dpkernels.ops.triton.linear_norms import (
+        launch_bias_norms,
+        launch_ghost,
+        launch_ghost_bound,
+        launch_inst,
+        launch_inst_bound,
+    )
 
     out = []
     for i, (name, B, T, d, p) in enumerate(LINEAR):
@@ -237,8 +244,22 @@ def _linear_configs() -> list[Config]:
             for splits in (4, 1):
                 launch_clipped_sum(None, g, _t(B), bias=True, splits=splits, prev_w=None, prev_b=_t(p), **NOISE)
 
+        def ghost_bound(dt, inputs=inputs):  # the certified norms: token norms, then the bound's tiles
+            launch_ghost_bound(*inputs(dt))
+
+        def inst_bound(dt, inputs=inputs):
+            launch_inst_bound(*inputs(dt))
+
+        def sum_bound(dt, inputs=inputs):  # the bias's, and the affine weight's (x * g)
+            a, g = inputs(dt)
+            launch_sum_bound(g, g, False)
+            launch_sum_bound(g, g, True)
+
         main = i == 0
         out += [
+            Config("linear ghost bound", label, ghost_bound, main, tf32=True),
+            Config("linear inst bound", label, inst_bound, main, tf32=True),
+            Config("bias / affine bound", label, sum_bound, main),
             Config("linear ghost norms", label, ghost, main, tf32=True),
             Config("linear inst norms", label, inst, main, tf32=True),
             Config("linear clipped sum", label, csum, main, tf32=True),
@@ -449,6 +470,8 @@ DOT_ROWS = {
     "_embedding_scan_kernel": "BLOCK_T",
     "_embedding_cross_kernel": "BLOCK_S",
     "_embedding_clipped_sum_kernel": "BLOCK_V",
+    "_ghost_bound_kernel": "BLOCK_T",
+    "_inst_bound_kernel": "BLOCK_P",
 }
 
 

@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 H100_SMEM = 227 * 1024  # the most shared memory one block can have on sm_90
 
 FAMILIES = {
+    "linear ghost bound",
+    "linear inst bound",
+    "bias / affine bound",
     "linear ghost norms",
     "linear inst norms",
     "linear clipped sum",
@@ -57,6 +60,10 @@ MAIN_BF16_MMA = {
     "_secure_noise_kernel": "none",  # ChaCha20 on uint32 and float64 math: no dot
     "_affine_norms_kernel": "none",
     "_affine_clipped_sum_kernel": "none",
+    "_ghost_bound_kernel": "HGMMA",
+    "_inst_bound_kernel": "HGMMA",
+    "_token_norms_kernel": "none",  # float64 sums of squares
+    "_sum_bound_kernel": "none",  # float64 sums
 }
 DOT_KERNELS = {k for k, v in MAIN_BF16_MMA.items() if v != "none"}
 

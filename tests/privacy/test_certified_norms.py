@@ -15,8 +15,11 @@ and its tied head whose gradients cancel. The raw float32 norms violate this on 
 
 On natural data the certified norm is also close to the exact one (a bound that inflated natural norms
 would clip more than needed): within 1e-3 relative for the reference backend's own bounds
-(python -m bench.certify_norms measures ~7.5e-4 at GPT-2 shapes). The generic certificate of backends
-without bounds of their own (Triton) is only checked to be an upper bound: it is loose by design.
+(python -m bench.certify_norms measures ~7.5e-4 at GPT-2 shapes) and for the Triton kernels' bounds
+(dpkernels/ops/triton/linear_norms.py: the same error terms, formed in the kernels). The generic
+certificate of backends without bounds of their own is only checked to be an upper bound: it is loose
+by design. The Triton paths run every op on the Triton backend (the interpreter here), with IEEE
+float32 dots ("triton") and with TF32 operands ("triton-tf32", torch's float32 matmul precision "high").
 """
 
 from __future__ import annotations
@@ -41,11 +44,37 @@ _BOUND_OPS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(params=["tight", "generic"], autouse=True)
+# the tests whose layers the Triton kernels bound themselves (Linear, bias, affine); its Conv and Embedding
+# norms are certified by the generic certificate, exercised above on the reference's raw norms.
+_TRITON_TESTS = {
+    "test_linear",
+    "test_norm_layers",
+    "test_tap",
+    "test_tied_embedding_and_head",
+    "test_mha_in_projection",
+}
+_TF32_TESTS = {"test_linear"}
+
+
+@pytest.fixture(params=["tight", "generic", "triton", "triton-tf32"], autouse=True)
 def path(request, monkeypatch):
     """tight: the reference's own bounds; generic: the certificate a backend without *_bound ops gets
-    (the Triton backend, a new one) from its raw norms, here the reference's raw norms (float32 and
-    bfloat16 data: what those backends compute on)."""
+    (a new backend) from its raw norms, here the reference's raw norms (float32 and bfloat16 data: what
+    those backends compute on); triton: every op on the Triton backend, its own bounds where it has
+    them; triton-tf32: the same with TF32 dot operands (the Linear layers only: the interpreter is slow)."""
+    name = request.node.originalname
+    # held close to the exact norm: the reference's bounds, and the Triton kernels' own (not the tied test's
+    # embedding parts, certified generically on that backend)
+    _PATH[1] = request.param == "tight" or (request.param != "generic" and name != "test_tied_embedding_and_head")
+    if request.param.startswith("triton"):
+        if name not in (_TF32_TESTS if request.param == "triton-tf32" else _TRITON_TESTS):
+            pytest.skip("not run on this path")
+        pytest.importorskip("dpkernels.ops.triton")
+        dpkernels.set_backend("triton")
+        if request.param == "triton-tf32":
+            before = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+            request.addfinalizer(lambda: torch.set_float32_matmul_precision(before))
     if request.param == "generic":
         dtype = request.node.callspec.params.get("dtype")
         if dtype not in (torch.float32, torch.bfloat16):
@@ -91,7 +120,7 @@ def _tokens(kind: str, dtype: torch.dtype, T: int, d: int, p: int, gen: torch.Ge
     return a.to(dtype), g.to(dtype)
 
 
-_PATH = ["tight"]
+_PATH: list = ["tight", True]  # the path, and whether its bounds are held close to the exact norm
 
 
 def _check(cert: torch.Tensor, exact: torch.Tensor, kind: str, what: str) -> None:
@@ -99,10 +128,15 @@ def _check(cert: torch.Tensor, exact: torch.Tensor, kind: str, what: str) -> Non
     assert bool(torch.isfinite(cert).all()), f"{what}: non-finite certified norm {cert}"
     bad = (cert.double() < exact).nonzero().flatten().tolist()
     assert not bad, f"{what}: certified < exact for samples {bad}: {cert[bad].tolist()} < {exact[bad].tolist()}"
-    if kind == "natural" and _PATH[0] == "tight":
-        # the bound's inflation on natural data: gamma_d-sized (<= ~1e-4 at these small shapes), held to 1e-3
+    if kind == "natural" and _PATH[1]:
+        # the bound's inflation on natural data: gamma_d-sized (<= ~1e-4 at these small shapes; the Triton
+        # kernels' bounds take u = 2^-23 for tensor-core sums, up to 2x the reference's), held to 1e-3.
+        # TF32 operands (u_in = 2^-10) make the dots' relative error G ~ 2 u_in = 2e-3: the ghost bound
+        # weighs it by sum |Y| na na / n (a few here), the instantiated one inflates by ~2 G S / ||w||
+        # with S / ||w|| ~ sqrt(T) ~ 5 at T = 24 (measured 2.7e-2): held to 5e-2.
         rel = (cert.double() / exact - 1).abs().max().item()
-        assert rel <= 1e-3, f"{what}: certified norm inflated by {rel:.3g} on natural data"
+        limit = 5e-2 if _PATH[0] == "triton-tf32" else 1e-3
+        assert rel <= limit, f"{what}: certified norm inflated by {rel:.3g} on natural data"
 
 
 def _exact_linear(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,19 +27,21 @@ see add_noise.py.
 from __future__ import annotations
 
 from .add_noise import add_noise
-from .affine import affine_clipped_sum, affine_norms
+from .affine import affine_clipped_sum, affine_norms, affine_norms_bound
 from .conv import conv_clipped_sum, conv_norms
 from .embedding import embedding_clipped_sum, embedding_linear_cross, embedding_norms
 from .linear_clipped_sum import bias_clipped_sum, linear_clipped_sum
-from .linear_norms import bias_norms, linear_norms
+from .linear_norms import bias_norms, bias_norms_bound, linear_norms, linear_norms_bound
 from .secure_noise import chacha20_blocks, secure_noise
 
 __all__ = [
     "add_noise",
     "affine_clipped_sum",
     "affine_norms",
+    "affine_norms_bound",
     "bias_clipped_sum",
     "bias_norms",
+    "bias_norms_bound",
     "conv_clipped_sum",
     "conv_norms",
     "embedding_clipped_sum",
@@ -47,6 +49,7 @@ __all__ = [
     "embedding_norms",
     "linear_clipped_sum",
     "linear_norms",
+    "linear_norms_bound",
     "chacha20_blocks",
     "secure_noise",
 ]

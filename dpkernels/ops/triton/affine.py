@@ -22,10 +22,13 @@ Accumulation in float32 (float64 for float64 inputs); a product of two 16-bit va
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..bounds import U64, Bound, gamma, round_up_factor
+from ..reference import bounds as _ref_bounds
 from ._common import (
     acc_dtype,
     acc_tl,
@@ -179,6 +182,55 @@ def _affine_clipped_sum_kernel(
         )
 
 
+@triton.jit
+def _sum_bound_kernel(
+    x_ptr,
+    g_ptr,
+    out_ptr,  # (B * n_tiles, 3) float64: value, err, cap
+    T,
+    C,
+    n_tiles,
+    s_xb,
+    s_xt,
+    s_xc,
+    s_gb,
+    s_gt,
+    s_gc,
+    C_E,  # gamma_T(2^-53) (1 + 2 gamma_{T+2}(2^-53)): the column sums' error per unit of E
+    F_E,  # 1 + 2 gamma_{T+2}(2^-53): E (computed) -> an upper bound on the exact sum_t |v_tc|
+    F_OUT,
+    HAS_X: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """||sum_t v_t||^2 with v_t = x_t * g_t (HAS_X) or g_t, one program per (sample, C-tile), float64:
+    see `sum_bound`."""
+    pid = tl.program_id(0)
+    sample = pid // n_tiles
+    cols = (pid - sample * n_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cols < C
+    offs_t = tl.arange(0, BLOCK_T)
+    x_base = x_ptr + sample.to(tl.int64) * s_xb
+    g_base = g_ptr + sample.to(tl.int64) * s_gb
+    c = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float64)
+    e = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float64)
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + offs_t
+        mask = (rows < T)[:, None] & mask_c[None, :]
+        v = tl.load(g_base + rows[:, None] * s_gt + cols[None, :] * s_gc, mask=mask, other=0.0).to(tl.float64)
+        if HAS_X:
+            v *= tl.load(x_base + rows[:, None] * s_xt + cols[None, :] * s_xc, mask=mask, other=0.0).to(tl.float64)
+        c += v
+        e += tl.abs(v)
+    c = tl.sum(c, axis=0)
+    e = tl.sum(e, axis=0)
+    d = e * C_E  # |c - exact column sum| <= d
+    ub = e * F_E  # >= sum_t |v_tc| >= |exact column sum|
+    tl.store(out_ptr + pid * 3, tl.sum(c * c, axis=0) * F_OUT)
+    tl.store(out_ptr + pid * 3 + 1, tl.sum(d * (2.0 * tl.abs(c) + d), axis=0) * F_OUT)
+    tl.store(out_ptr + pid * 3 + 2, tl.sum(ub * ub, axis=0) * F_OUT)
+
+
 # ----------------------------------------------------------------------------- configs
 
 
@@ -281,6 +333,38 @@ def launch_clipped_sum(
     return w, b
 
 
+def launch_sum_bound(x: Tensor, g: Tensor, has_x: bool) -> Tensor:
+    """(B, 3) float64 (value, err, cap) of ||sum_t v_t||^2, v_t = x_t * g_t (has_x) or g_t; see
+    `sum_bound`. x, g: (B, T, C), float32 or 16-bit (x is not read unless has_x)."""
+    B, T, C = g.shape
+    bc = block(C, 16, 128)
+    n_tiles = triton.cdiv(C, bc)
+    out = output(g, (B, n_tiles, 3), torch.float64)
+    f_e = 1.0 + 2.0 * gamma(T + 2, U64)
+    if B * n_tiles > 0:
+        launch(
+            _sum_bound_kernel,
+            (B * n_tiles,),
+            x,
+            g,
+            out,
+            T,
+            C,
+            n_tiles,
+            *x.stride(),
+            *g.stride(),
+            gamma(T, U64) * f_e,
+            f_e,
+            round_up_factor(n_tiles + bc + 16),
+            HAS_X=has_x,
+            BLOCK_T=8,
+            BLOCK_C=bc,
+            num_warps=4,
+            num_stages=2,
+        )
+    return out.sum(1)
+
+
 # ----------------------------------------------------------------------------- ops
 
 
@@ -346,3 +430,43 @@ def affine_clipped_sum(
         xhat, g, c, bool(weight), bool(bias), *epilogue_args(noise_std, scale, seed_w, seed_b), prev_w, prev_b
     )
     return (w if weight else None), (b if bias else None)
+
+
+# ----------------------------------------------------------------------------- certified bounds
+
+_sum_bound_op = register_op("sum_bound", lambda x, g, has_x: output(g, (g.shape[0], 3), torch.float64))(
+    launch_sum_bound
+)
+
+
+def tight(*tensors: Tensor) -> bool:
+    """Whether the kernels' own bounds serve these inputs: float32 or 16-bit (no float64 operand), no
+    empty dimension. Otherwise the reference's bounds serve (float64 arithmetic is the reference's)."""
+    return acc_dtype(*tensors) != torch.float64 and all(t.numel() > 0 for t in tensors)
+
+
+def sum_bound(x: Tensor | None, g: Tensor) -> Bound:
+    """Bound of ||sum_t v_t||^2 per sample, v_t = x_t * g_t (x given) or g_t; x, g: (B, T, C) float32 or
+    16-bit (`tight`).
+
+    One program per (sample, C-tile) sums v_t and |v_t| over T in float64: the products of two float32
+    values are exact there (48 significant bits, no overflow or underflow), so the column sum c and
+    the sum of absolute values E (computed) satisfy |c - exact| <= gamma_T(2^-53) sum_t |v_t| <=
+    gamma_T E (1 + 2 gamma_{T+2}) =: delta and sum_t |v_t| <= E (1 + 2 gamma_{T+2}) =: e, entrywise. So
+
+        n = sum_c exact_c^2 <= sum_c (|c| + delta)^2 = sum c^2 + sum delta (2 |c| + delta)   (value, err)
+        n <= sum_c e_c^2                                                                    (cap)
+
+    each a sum over channels, so the programs' parts add; they are scaled by
+    round_up_factor(n_tiles + BLOCK_C + 16) to cover their float64 roundings and the host's sum
+    over tiles (all terms non-negative)."""
+    out = _sum_bound_op(g if x is None else x, g, x is not None)
+    return Bound(out[:, 0], out[:, 1], out[:, 2])
+
+
+def affine_norms_bound(xhat: Tensor, g: Tensor, *, weight: bool, bias: bool) -> tuple[Bound | None, Bound | None]:
+    """Bounds of affine_norms, ||sum_t xhat_t * g_t||^2 and ||sum_t g_t||^2 per sample (`sum_bound`);
+    float64 inputs and empty dimensions: the reference's bounds."""
+    if not tight(xhat, g):
+        return _ref_bounds.affine_norms_bound(xhat, g, weight=weight, bias=bias)
+    return (sum_bound(xhat, g) if weight else None), (sum_bound(None, g) if bias else None)
