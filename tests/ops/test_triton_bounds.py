@@ -155,9 +155,11 @@ def test_opcheck(name):
 def test_launches():
     """ghost: the token-norm pre-pass and the bound's tiles; the bias: one float64 column-sum kernel."""
     from dpkernels.ops.triton._common import observe_launches
+    from dpkernels.ops.triton.linear_norms import ghost_bound_config
 
     a, g = _rows(2, 70, 6, 5, torch.float32)
     with observe_launches() as seen:
         tt.linear_norms_bound(a, g, bias=True, method="ghost")
     assert [x.kernel.__name__ for x in seen] == ["_token_norms_kernel", "_ghost_bound_kernel", "_sum_bound_kernel"]
-    assert seen[1].grid == (2 * 3,)  # two T-tiles: three pairs a sample
+    n = -(-70 // ghost_bound_config(70, 6, 5, torch.float32)["BLOCK_T"])  # T-tiles
+    assert n >= 2 and seen[1].grid == (2 * n * (n + 1) // 2,)  # one program per pair I <= J

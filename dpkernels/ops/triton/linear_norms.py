@@ -686,9 +686,9 @@ def _dot_arith(dtype: torch.dtype) -> tuple[float, float]:
 
 def blocked_chunk(n: int, block_k: int) -> int:
     """The block of a blocked n-long sum in steps of block_k: the power of two near sqrt(n), at least
-    block_k (a multiple of it) and at most 2 block_k (a longer unrolled inner loop spilled on sm_90 at
-    p = 50257, AOT report), so that the depth (`blocked_depth`) is ~2 sqrt(n) for n up to (2 block_k)^2."""
-    return max(block_k, min(2 * block_k, triton.next_power_of_2(max(1, math.isqrt(max(n, 1))))))
+    block_k (a multiple of it) and at most max(block_k, 64) (longer unrolled inner loops spilled on sm_90
+    at p = 50257, AOT report), so that the depth (`blocked_depth`) is ~2 sqrt(n) for n up to 4096."""
+    return max(block_k, min(64, triton.next_power_of_2(max(1, math.isqrt(max(n, 1))))))
 
 
 def blocked_depth(n: int, chunk: int) -> int:
