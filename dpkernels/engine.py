@@ -478,6 +478,18 @@ class Engine:
         tie = self._tie_of.get(module)
         if tie is None:
             return False
+        if self._strategy.name == "two-pass" and torch._C._current_graph_task_id() != -1:
+            # A forward inside a backward is a recomputation (activation checkpointing). Two-pass would clip
+            # the clipping pass's recomputed (A, G) by the norms of the norms pass's: unless the two
+            # recomputations are bitwise equal (dropout without preserve_rng_state, non-deterministic
+            # kernels), one sample then moves the update past R. Book-keeping measures and sums one set.
+            raise RuntimeError(
+                f"DP layer {self._name_of.get(module, type(module).__name__)!r} ran its forward again inside a "
+                f"backward pass (activation checkpointing recomputes it): strategy='two-pass' would clip the "
+                f"recomputed tensors of its second pass by the norms of its first pass's, which need not be equal "
+                f"(dropout without preserve_rng_state, non-deterministic kernels). Use strategy='bk' with "
+                f"activation checkpointing."
+            )
         tie.expected += 1
         return True
 
