@@ -12,7 +12,8 @@ are concatenated along T (the per-sample gradient is the sum over uses).
 Forward is torch's own op, run under the caller's autocast state (so the output dtype is torch's:
 fp32 under CUDA autocast, the input's dtype under CPU autocast). Backward recomputes that op under the
 same autocast state and differentiates it for grad_input, so grad_input is torch's exactly; xhat for
-the engine is recomputed from the saved input the same way, with the weight and bias left out.
+the engine is recomputed once in backward from the saved input the same way, with the weight and bias
+left out, and kept with the use for both the norms and the clipped sum.
 """
 
 from __future__ import annotations
@@ -94,19 +95,28 @@ class _AffineNormFunction(torch.autograd.Function):
                 xr = x.detach().requires_grad_()
                 y = type(module).dp_function.op(module, xr, w, b)
             (gx,) = torch.autograd.grad(y, xr, g)
-        module._dp_engine.on_backward(module, (x, ctx.autocast), g, ctx)
+        xhat = None
+        if trainable(module, "weight") is not None:
+            # xhat once per backward, kept with the use: the norms and the clipped sum both read it
+            # (recomputing it in each normalised the input twice more per step)
+            with torch.no_grad(), replay(ctx.autocast):
+                xhat = type(module).dp_function.op(module, x, None, None)
+        module._dp_engine.on_backward(module, (x, ctx.autocast, xhat), g, ctx)
         return gx, None, None, None
 
     @classmethod
     def rows(cls, module: Any, uses, xhat: bool = True) -> tuple[Tensor | None, Tensor]:
-        """(xhat, g) of all uses as (B, T, C), concatenated along T; xhat recomputed from the saved input."""
+        """(xhat, g) of all uses as (B, T, C), concatenated along T; xhat as backward formed it (or from the
+        saved input where it did not)."""
         xs: list[Tensor] = []
         gs: list[Tensor] = []
-        for (x, state), g in uses:
+        for (x, state, xh), g in uses:
             gs.append(cls.to_rows(module, g))
             if xhat:
-                with torch.no_grad(), replay(state):
-                    xs.append(cls.to_rows(module, cls.op(module, x, None, None)))
+                if xh is None:
+                    with torch.no_grad(), replay(state):
+                        xh = cls.op(module, x, None, None)
+                xs.append(cls.to_rows(module, xh))
         return (cat_rows(xs) if xhat else None), cat_rows(gs)
 
     @classmethod
