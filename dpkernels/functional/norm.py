@@ -110,7 +110,8 @@ class _AffineNormFunction(torch.autograd.Function):
         saved input where it did not)."""
         xs: list[Tensor] = []
         gs: list[Tensor] = []
-        for (x, state, xh), g in uses:
+        for saved, g in uses:
+            x, state, xh = saved if len(saved) == 3 else (*saved, None)  # (x, state): the functional API's uses
             gs.append(cls.to_rows(module, g))
             if xhat:
                 if xh is None:
