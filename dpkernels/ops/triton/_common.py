@@ -259,6 +259,19 @@ def cast_inputs(op: str, *tensors: Tensor) -> tuple[list[Tensor], torch.dtype]:
 
 
 @triton.jit
+def load_exact(ptrs, mask):
+    """float32 values of float32 or 16-bit entries, exactly, subnormals included (0 where masked):
+    bfloat16 widened from its bits (b << 16 is the float32 of the same value), since the interpreter's
+    bfloat16 conversion loses subnormals (1e-40 read as 0, which a certified bound must never do)."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        bits = tl.load(ptrs.to(tl.pointer_type(tl.int16)), mask=mask, other=0)
+        x = (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
 def clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, cols, mask_c, s_gc, ACC: tl.constexpr):
     """Rows (i, t) = divmod(rows, T) of g at columns ``cols``, each scaled by its sample's clip factor c_i
     in ACC as it loads (no pass over g to scale it: docs/design.md, speed lever 1). Returns the (rows, cols)

@@ -38,6 +38,7 @@ from ._common import (
     epilogue_args,
     given_or,
     launch,
+    load_exact,
     output,
     per_sample,
     register_op,
@@ -217,9 +218,9 @@ def _sum_bound_kernel(
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + offs_t
         mask = (rows < T)[:, None] & mask_c[None, :]
-        v = tl.load(g_base + rows[:, None] * s_gt + cols[None, :] * s_gc, mask=mask, other=0.0).to(tl.float64)
+        v = load_exact(g_base + rows[:, None] * s_gt + cols[None, :] * s_gc, mask).to(tl.float64)
         if HAS_X:
-            v *= tl.load(x_base + rows[:, None] * s_xt + cols[None, :] * s_xc, mask=mask, other=0.0).to(tl.float64)
+            v *= load_exact(x_base + rows[:, None] * s_xt + cols[None, :] * s_xc, mask).to(tl.float64)
         c += v
         e += tl.abs(v)
     c = tl.sum(c, axis=0)

@@ -46,6 +46,7 @@ from ._common import (
     gram_tile_config,
     k_block,
     launch,
+    load_exact,
     matmul_config,
     output,
     per_sample,
@@ -134,12 +135,8 @@ def _scaled_gram_tile(
         for k1 in range(0, CHUNK, BLOCK_K):
             cols = k0 + k1 + offs_k
             mask_k = cols < K
-            x = tl.load(
-                base + rows_i[:, None] * s_t + cols[None, :] * s_k, mask=mask_i[:, None] & mask_k[None, :], other=0.0
-            )
-            y = tl.load(
-                base + cols[:, None] * s_k + rows_j[None, :] * s_t, mask=mask_k[:, None] & mask_j[None, :], other=0.0
-            )
+            x = load_exact(base + rows_i[:, None] * s_t + cols[None, :] * s_k, mask_i[:, None] & mask_k[None, :])
+            y = load_exact(base + cols[:, None] * s_k + rows_j[None, :] * s_t, mask_k[:, None] & mask_j[None, :])
             if SCALE:
                 x = x.to(tl.float32) * scale
                 y = y.to(tl.float32) * scale
@@ -419,9 +416,8 @@ def _row_sumsq(base, rows, mask_r, K, s_t, s_k, BLOCK_R: tl.constexpr, BLOCK_K: 
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float64)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs
-        x = tl.load(
-            base + rows[:, None] * s_t + cols[None, :] * s_k, mask=mask_r[:, None] & (cols < K)[None, :], other=0.0
-        ).to(tl.float64)
+        x = load_exact(base + rows[:, None] * s_t + cols[None, :] * s_k, mask_r[:, None] & (cols < K)[None, :])
+        x = x.to(tl.float64)
         acc += x * x
     return tl.sum(acc, axis=1)
 
@@ -636,16 +632,8 @@ def _inst_bound_kernel(
         for t1 in range(0, CHUNK, BLOCK_T):
             rows = t0 + t1 + offs_t
             mask_t = rows < T
-            g = tl.load(
-                g_base + rows[:, None] * s_gt + offs_p[None, :] * s_gp,
-                mask=mask_t[:, None] & mask_p[None, :],
-                other=0.0,
-            )
-            a = tl.load(
-                a_base + rows[:, None] * s_at + offs_d[None, :] * s_ad,
-                mask=mask_t[:, None] & mask_d[None, :],
-                other=0.0,
-            )
+            g = load_exact(g_base + rows[:, None] * s_gt + offs_p[None, :] * s_gp, mask_t[:, None] & mask_p[None, :])
+            a = load_exact(a_base + rows[:, None] * s_at + offs_d[None, :] * s_ad, mask_t[:, None] & mask_d[None, :])
             if SCALE:
                 g = g.to(tl.float32) * sg
                 a = a.to(tl.float32) * sa
