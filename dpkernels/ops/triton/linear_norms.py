@@ -720,17 +720,48 @@ def _token_norms(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return na, ng
 
 
+def _launch_bound(kernel, a: Tensor, g: Tensor, n_parts: int, ints: tuple, coef: dict, **meta) -> Tensor:
+    """What both bound kernels share: the token-norm pre-pass, one program per (sample, part) writing
+    (value, err, cap) in float64, the parts summed per sample in a fixed order. Arguments in the kernels'
+    order: a, g, na, ng, out, T, d, p, ``ints``, the strides, ``coef`` (the bound's constants), then the
+    dot's precision and operand, whether rows are scaled (not float16: see `linear_norms_bound`)."""
+    B, T, d = a.shape
+    p = g.shape[2]
+    na, ng = _token_norms(a, g)
+    out = output(a, (B, n_parts, 3), torch.float64)
+    if B * n_parts > 0:
+        launch(
+            kernel,
+            (B * n_parts,),
+            a,
+            g,
+            na,
+            ng,
+            out,
+            T,
+            d,
+            p,
+            *ints,
+            *a.stride(),
+            *g.stride(),
+            *coef.values(),
+            PRECISION=dot_precision(a.dtype),
+            DOT=dot_operand(kernel, a.dtype),
+            SCALE=a.dtype != torch.float16,
+            **meta,
+        )
+    return out.sum(1)
+
+
 def launch_ghost_bound(a: Tensor, g: Tensor) -> Tensor:
     """(B, 3) float64 (value, err, cap norm) of the ghost norm; see `linear_norms_bound`. float32 and
     16-bit inputs (float64 ones are bounded by the reference)."""
     (a, g), _ = cast_inputs("linear_norms", a, g)
-    B, T, d = a.shape
+    _, T, d = a.shape
     p = g.shape[2]
     cfg = ghost_bound_config(T, d, p, a.dtype)
     bt = cfg["BLOCK_T"]
     n_tiles, n_pairs = ghost_pairs("linear_norms", T, bt)
-    na, ng = _token_norms(a, g)
-    out = output(a, (B, n_pairs, 3), torch.float64)
     u_dot, u_in = _dot_arith(a.dtype)
     ca, cg = blocked_chunk(d, cfg["BLOCK_K"]), blocked_chunk(p, cfg["BLOCK_K"])
     coef = dict(
@@ -742,44 +773,18 @@ def launch_ghost_bound(a: Tensor, g: Tensor) -> Tensor:
         F_SUM=(1.0 + 2.0 * gamma(bt + 2, U32)) * (1.0 + 2.0 * gamma(bt + 4, U64)),
         F_OUT=round_up_factor(n_pairs + bt + 64),
     )
-    if B * n_pairs > 0:
-        launch(
-            _ghost_bound_kernel,
-            (B * n_pairs,),
-            a,
-            g,
-            na,
-            ng,
-            out,
-            T,
-            d,
-            p,
-            n_tiles,
-            n_pairs,
-            *a.stride(),
-            *g.stride(),
-            *coef.values(),
-            PRECISION=dot_precision(a.dtype),
-            DOT=dot_operand(_ghost_bound_kernel, a.dtype),
-            SCALE=a.dtype != torch.float16,
-            CHUNK_A=ca,
-            CHUNK_G=cg,
-            **cfg,
-        )
-    return out.sum(1)
+    return _launch_bound(_ghost_bound_kernel, a, g, n_pairs, (n_tiles, n_pairs), coef, CHUNK_A=ca, CHUNK_G=cg, **cfg)
 
 
 def launch_inst_bound(a: Tensor, g: Tensor) -> Tensor:
     """(B, 3) float64 (||W||^2 bound, norm error, cap norm) of the instantiated norm; see
     `linear_norms_bound`. float32 and 16-bit inputs."""
     (a, g), _ = cast_inputs("linear_norms", a, g)
-    B, T, d = a.shape
+    _, T, d = a.shape
     p = g.shape[2]
     cfg = inst_config(T, d, p, a.dtype)
     n_tiles_d = triton.cdiv(d, cfg["BLOCK_D"])
     n_tiles = triton.cdiv(p, cfg["BLOCK_P"]) * n_tiles_d
-    na, ng = _token_norms(a, g)
-    out = output(a, (B, n_tiles, 3), torch.float64)
     u_dot, u_in = _dot_arith(a.dtype)
     bp, bd = cfg["BLOCK_P"], cfg["BLOCK_D"]
     ct = blocked_chunk(T, cfg["BLOCK_T"])
@@ -789,30 +794,7 @@ def launch_inst_bound(a: Tensor, g: Tensor) -> Tensor:
         F_SQ=(1.0 + 2.0 * gamma(bd + 2, U32)) * (1.0 + 2.0 * gamma(bp + 2, U64)),
         F_OUT=round_up_factor(n_tiles + T + 32),
     )
-    if B * n_tiles > 0:
-        launch(
-            _inst_bound_kernel,
-            (B * n_tiles,),
-            a,
-            g,
-            na,
-            ng,
-            out,
-            T,
-            d,
-            p,
-            n_tiles_d,
-            n_tiles,
-            *a.stride(),
-            *g.stride(),
-            *coef.values(),
-            PRECISION=dot_precision(a.dtype),
-            DOT=dot_operand(_inst_bound_kernel, a.dtype),
-            SCALE=a.dtype != torch.float16,
-            CHUNK=ct,
-            **cfg,
-        )
-    return out.sum(1)
+    return _launch_bound(_inst_bound_kernel, a, g, n_tiles, (n_tiles_d, n_tiles), coef, CHUNK=ct, **cfg)
 
 
 def launch_token_norms(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
