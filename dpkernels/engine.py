@@ -73,6 +73,19 @@ class TieState:
     reported: bool = False  # its norms were taken (or, in the clipping pass of two-pass, its sums)
 
 
+class _StateField:
+    """A Tie attribute that reads and writes the same-named field of the tie's current `TieState`."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, tie: Any, owner: type | None = None) -> Any:
+        return self if tie is None else getattr(tie.state, self.name)
+
+    def __set__(self, tie: Any, value: Any) -> None:
+        setattr(tie.state, self.name, value)
+
+
 @dataclass(eq=False)
 class Tie:
     """DP modules that share trainable parameters: the unit of per-sample norm computation.
@@ -87,24 +100,10 @@ class Tie:
     expected: int = 0  # uses counted in forward since the last backward
     state: TieState = field(default_factory=TieState)
 
-    uses = property(lambda self: self.state.uses)
-    summed = property(lambda self: self.state.summed)
-
-    @property
-    def arrived(self) -> int:
-        return self.state.arrived
-
-    @arrived.setter
-    def arrived(self, n: int) -> None:
-        self.state.arrived = n
-
-    @property
-    def reported(self) -> bool:
-        return self.state.reported
-
-    @reported.setter
-    def reported(self, value: bool) -> None:
-        self.state.reported = value
+    uses = _StateField()
+    summed = _StateField()
+    arrived = _StateField()
+    reported = _StateField()
 
     def owners(self, p: nn.Parameter) -> list[nn.Module]:
         return [m for m in self.modules if any(q is p for q in m.parameters(recurse=False))]
