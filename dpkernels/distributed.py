@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from . import pruning
-from .data import PoissonBatchSampler, poisson_dataloader
+from .data import PoissonBatchSampler, poisson_dataloader, poisson_mask
 from .engine import _mix64
 
 BUCKET_BYTES = 25 * 1024 * 1024  # like DDP's default bucket: few collectives, each large enough to run at bandwidth
@@ -271,7 +271,7 @@ class DistributedPoissonSampler(PoissonBatchSampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            mask = torch.rand(len(self._shard), generator=self.generator) < self.sample_rate
+            mask = poisson_mask(len(self._shard), self.sample_rate, self.generator)
             yield self._shard[mask].tolist()
 
 

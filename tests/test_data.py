@@ -266,7 +266,7 @@ def test_pad_to_pads_each_batch_to_its_bucket_with_zero_rows_and_a_mask():
         assert (x[n:] == 0).all() and (y[n:] == 0).all()
         assert torch.equal(x[:n], ds.tensors[0][y[:n]])  # the real rows are the drawn samples
         seen.add(size)
-    assert seen == {8, 16}  # batches of 10 +- 2.7 samples: both buckets occur (seeded)
+    assert {8, 16} <= seen  # batches of 10 +- 2.7 samples: both buckets occur (seeded; 24 too, for 19 samples)
     # an empty batch is all padding; dict batches keep their keys
     ((b, mask),) = list(poisson_loader(_Dicts(), 1e-12, steps=1, pad_to=5))
     assert b["x"].shape == (5, 2, 3) and b["x"].dtype == torch.float16 and not mask.any()
