@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -321,7 +321,7 @@ class Engine:
         self.noise = NoisePlan(config)
         self.adaptive: Any = None  # dpkernels.adaptive.AdaptiveState with adaptive clipping
         self._per_sample_losses = False  # this backward is of sum_i l_i given per sample (see backward)
-        self._warned_16bit_mean = False
+        self._model: Callable[[], nn.Module | None] = lambda: None  # weak: the model attach() attached to
         self._sample_mask: Tensor | None = None  # padded rows False: their clip factor is 0 (dpkernels.padding)
         self.sharding: Any = None  # dpkernels.fsdp.ShardedParams when the model is sharded by fully_shard
         self.parallel: Any = None  # dpkernels.distributed.DataParallelState when training data-parallel
@@ -433,6 +433,7 @@ class Engine:
                 model._forward_pre_hooks_with_kwargs.pop(k, None)
         for m in self.modules.values():
             m._dp_engine = self  # type: ignore[assignment]
+        self._model = weakref.ref(model)
         hook = functools.partial(model_forward_hook, self)
         self._handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
 
@@ -663,6 +664,39 @@ class Engine:
             self.perturb.clear()
         self._drop_pass()
 
+    def refuse_16bit_mean(self, module: nn.Module, g: Tensor, node: Any) -> None:
+        """Refuse a use of ``module`` whose output gradient G passed through 16 bits in the backward of a scalar
+        mean loss: G was rounded as fl16(g_i / B), and fl16 of g_i / B is not fl16(g_i) / B, so every row
+        depends on the batch size B, which one sample changes (by up to 2^-8 of each row in bfloat16). The
+        engine's multiplication by B comes after the rounding, too late: removing a sample would move the
+        others' clipped gradients, and the step by more than R. Per-sample losses (the engine backpropagates
+        sum_i l_i, no 1/B) and a sum loss round each row independently of the other samples.
+
+        Checked at the first DP layer of the pass, before any per-sample work: G 16-bit (bfloat16 or float16
+        autocast, a model in 16 bits, float16 with loss_scale), the use's forward under 16-bit autocast (its
+        output may be float32 while later 16-bit operations round G: Embedding, norm layers on CUDA, taps),
+        or 16-bit tensors anywhere in the model (frozen 16-bit layers: their activations round G)."""
+        if self.loss_reduction != "mean" or self._per_sample_losses:
+            return
+        amp = getattr(node, "autocast16", None)
+        if g.dtype in _HALF:
+            why = f"got {str(g.dtype).removeprefix('torch.')} output gradients"
+        elif amp is not None:
+            why = f"ran under 16-bit autocast ({str(amp).removeprefix('torch.')}), whose operations round them"
+        elif self._pass is None and (half := _half_tensors(self._model())):
+            why = f"is in a model holding 16-bit tensors ({', '.join(half[:3])}), whose operations round them"
+        else:
+            return
+        name = self._name_of.get(module, type(module).__name__)
+        raise RuntimeError(
+            f"DP layer {name!r} got the output gradients of a mean loss through 16 bits (it {why}): each row is "
+            f"rounded as g_i / B, so one sample moves the others' clipped gradients (by up to 2^-8 of each: the "
+            f"step's sensitivity would exceed R, more with a larger batch). The backward was stopped; no gradient "
+            f"was written and no step counted. Give the (B,) per-sample losses to optimizer.backward(losses), e.g. "
+            f"F.cross_entropy(out, y, reduction='none') (the engine backpropagates their sum: no 1/B), or use "
+            f"make_private(..., loss_reduction='sum') with a summed loss"
+        )
+
     def _on_backward(self, module: nn.Module, tie: Tie, saved: Any, g: Tensor, node: Any) -> None:
         if node is not None and self._strategy.sums and getattr(node, "_dp_counted", False):
             name = self._name_of.get(module, type(module).__name__)
@@ -672,21 +706,11 @@ class Engine:
                 f"each then contributing up to 2R. Sum the losses and call backward once ((l1 + l2).backward()); "
                 f"for micro-batches, run a forward per micro-batch (accumulation_steps)"
             )
+        self.refuse_16bit_mean(module, g, node)
         if self._pass is None:
             self._begin_backward()
         assert self._pass is not None
         self._check_batch(module, g.shape[0], getattr(node, "model_batch", self.batch_size))
-        mean = self.loss_reduction == "mean" and not self._per_sample_losses
-        if mean and g.dtype in (torch.bfloat16, torch.float16) and not self._warned_16bit_mean:
-            self._warned_16bit_mean = True
-            warnings.warn(
-                f"DP layer {self._name_of.get(module, type(module).__name__)!r} got 16-bit output gradients of a "
-                f"mean loss: each is rounded as g_i / B, which depends on the batch size, so one sample moves the "
-                f"others' clipped gradients (by up to 2^-8 of each: the step's sensitivity exceeds R and grows "
-                f"with B). Give the per-sample losses to optimizer.backward(losses) (the engine backpropagates "
-                f"their sum: no 1/B), or use loss_reduction='sum' with a summed loss",
-                stacklevel=2,
-            )
         for k, p in module._parameters.items():
             if p is not None and p.requires_grad and id(p) not in self._index:
                 raise RuntimeError(
@@ -1030,6 +1054,17 @@ class Engine:
             method = getattr(m, "dp_norm_method", "-")
             rows.append(f"{name} | {type(m).__name__} | {method} | {','.join(map(str, gis))}")
         return "\n".join(rows)
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _half_tensors(model: nn.Module | None) -> list[str]:
+    """Names of ``model``'s 16-bit parameters and buffers (none: an empty list, without naming anything)."""
+    if model is None or not any(t.dtype in _HALF for t in (*model.parameters(), *model.buffers())):
+        return []
+    named = (*model.named_parameters(), *model.named_buffers())
+    return [n for n, t in named if t.dtype in _HALF]
 
 
 def _round_down(x: float, margin: float) -> float:

@@ -37,11 +37,26 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple[tuple[Tensor | None, ...],
 
 
 def attach(ctx: Any, module: nn.Module) -> None:
-    """Keep on the autograd node of one use of ``module`` the module and the model's batch size at this
-    forward: backward checks the use's output gradient against it (another forward, an input-gradient
-    probe on a validation batch, may run before this backward)."""
+    """Keep on the autograd node of one use of ``module`` the module, the model's batch size at this
+    forward (backward checks the use's output gradient against it: another forward, an input-gradient
+    probe on a validation batch, may run before this backward) and the 16-bit autocast dtype it ran
+    under (`autocast16`: a mean loss through it is refused, see `Engine.refuse_16bit_mean`)."""
     ctx.module = module
     ctx.model_batch = getattr(module._dp_engine, "batch_size", None)
+    ctx.autocast16 = autocast16(module)
+
+
+def autocast16(module: nn.Module) -> torch.dtype | None:
+    """The 16-bit dtype autocast is on with for ``module``'s device now, or None. A Function that turns
+    autocast off around itself (`autocast_inputs`) returns 16-bit outputs then, and so gets 16-bit output
+    gradients; the others (Embedding, norm layers on CUDA, taps) may return float32 while the 16-bit
+    operations after them round their output gradients."""
+    p = next(module.parameters(recurse=False), None)
+    dev = p.device.type if p is not None else "cpu"
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+        return None
+    dt = torch.get_autocast_dtype(dev)
+    return dt if dt in (torch.bfloat16, torch.float16) else None
 
 
 def trainable(module: nn.Module, name: str) -> nn.Parameter | None:

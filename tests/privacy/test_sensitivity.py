@@ -105,48 +105,31 @@ def _params():
 
 @pytest.mark.parametrize("name,kind,autocast,groups,clipping,strategy", list(_params()))
 def test_one_adversarial_sample_moves_the_update_by_at_most_r_total(name, kind, autocast, groups, clipping, strategy):
-    # bf16 with a mean loss: see test_bf16_mean_loss_couples_samples_through_the_batch_size
+    # bf16 with a scalar mean loss is refused: see test_bf16_mean_loss_through_loss_backward_is_refused
     _check_sensitivity(name, kind, autocast, groups, clipping, strategy, "sum" if autocast else "mean")
 
 
-@pytest.mark.filterwarnings("ignore:DP layer .* 16-bit output gradients of a mean loss")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a mean loss under bf16 autocast rounds every sample's output gradient "
-    "g_i / B to bf16: removing a sample changes the others' stored gradients by up to 2^-8 relative",
-)
-def test_bf16_mean_loss_couples_samples_through_the_batch_size():
-    """Known limit (not of the norms): with loss.mean() under bf16 autocast, the stored output gradients are
-    bf16(dl_i/dout / B), so the other samples' per-sample gradients depend on B, which removing a sample
-    changes; the engine multiplies by B afterwards, too late to undo the rounding. The step then moves by
-    1.0017 R_total here, and more with a larger B (the engine warns). Fixed by giving the per-sample losses to
-    optimizer.backward (the next test)."""
-    _check_sensitivity("mlp", "huge", True, "all-layer", "abadi", "bk", "mean")
+def test_bf16_mean_loss_through_loss_backward_is_refused():
+    """With loss.mean() under bf16 autocast the stored output gradients would be bf16(dl_i/dout / B): the other
+    samples' per-sample gradients would depend on B, which removing a sample changes (the engine multiplies by
+    B afterwards, too late to undo the rounding; the step moved by 1.0017 R_total here, more with a larger B).
+    Refused before any per-sample work (tests/engine/test_amp.py::test_16bit_mean_loss_is_refused: every layer
+    type and route); the fixes are the next two tests."""
+    with pytest.raises(RuntimeError, match=r"mean loss through 16 bits.*optimizer\.backward\(losses\)"):
+        _check_sensitivity("mlp", "huge", True, "all-layer", "abadi", "bk", "mean")
 
 
 @pytest.mark.parametrize("strategy", ["bk", "two-pass"])
 def test_bf16_mean_loss_given_per_sample_is_within_r(strategy):
-    """The fix for the coupling above: the (B,) per-sample losses handed to optimizer.backward(losses). The
+    """The fix for the refusal above: the (B,) per-sample losses handed to optimizer.backward(losses). The
     engine backpropagates sum_i l_i (no 1/B), so each stored bf16 output gradient is sample i's alone."""
     _check_sensitivity("mlp", "huge", True, "all-layer", "abadi", strategy, "mean", per_sample=True)
 
 
-def test_bf16_mean_loss_through_loss_backward_warns_once():
-    case = BY_NAME["mlp"]
-    model = case.build().float()
-    x, y = batch(case, B, seed=5)
-    model, opt = dpkernels.make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=1.0,
-        expected_batch_size=EBS,
-    )  # fmt: skip
-    with pytest.warns(UserWarning, match=r"16-bit output gradients of a mean loss.*optimizer\.backward\(losses\)"):
-        _update(case, model, opt, x.float(), y.float(), "bk", True, "mean")
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _update(case, model, opt, x.float(), y.float(), "bk", True, "mean")  # once per engine
-        _update(case, model, opt, x.float(), y.float(), "bk", True, "mean", per_sample=True)
+@pytest.mark.parametrize("strategy", ["bk", "two-pass"])
+def test_bf16_sum_loss_is_within_r(strategy):
+    """The other fix: loss_reduction="sum" with a summed loss stores bf16(dl_i/dout), again sample i's alone."""
+    _check_sensitivity("mlp", "huge", True, "all-layer", "abadi", strategy, "sum")
 
 
 def _check_sensitivity(name, kind, autocast, groups, clipping, strategy, reduction, per_sample=False):
