@@ -3,7 +3,10 @@
 A mode turns a `Workload` into a `Runner`: the (possibly wrapped) model, its optimizer and the
 one call that does a whole step's backward. Every DP mode uses the same privacy settings
 (noise multiplier 1.0, clipping bound 1.0, flat "abadi"-style clipping, mean loss, expected batch =
-the batch), so the work per step is comparable. What a mode had to change in the model for its
+the batch), so the work per step is comparable. The dpkernels modes take the mean as the (B,)
+per-sample losses (`per_sample_loss`, given to ``optimizer.backward``): dpkernels refuses a scalar
+mean loss whose output gradients pass through 16 bits (bf16 autocast, a bf16 model), since each was
+rounded as g_i / B and so depends on the batch size. What a mode had to change in the model for its
 library (Opacus: ModuleValidator.fix, in-place activations) is returned in ``Runner.changes``.
 
 Mode names: ``nondp``; ``dpk-bk:<backend>``, ``dpk-two-pass:<backend>``, ``dpk-layer-wise:<backend>``
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import Workload
@@ -44,6 +48,7 @@ class Runner:
     optimizer: Any
     backward: Callable[[Any], None] = lambda loss: loss.backward()
     criterion: Callable[..., Tensor] | None = None  # replaces F.cross_entropy (Opacus ghost's per-sample wrapper)
+    per_sample: bool = False  # backward takes the (B,) per-sample losses (`per_sample_loss`), not their mean
     changes: list[str] = field(default_factory=list)  # what the mode changed in the model
     info: Callable[[], dict[str, Any]] = dict  # read after the run (backends that served, norm methods)
 
@@ -54,6 +59,13 @@ class Context:
     batch: int
     lr: float = 1e-4
     fastdp_path: str | None = None
+
+
+def per_sample_loss(work: Workload, out: Tensor) -> Tensor:
+    """(B,) losses l_i = the mean cross-entropy over sample i's output positions: their mean is the workload's
+    mean cross-entropy (every sample has the same number of positions)."""
+    flat = F.cross_entropy(out.reshape(-1, out.shape[-1]), work.y.reshape(-1), reduction="none")
+    return flat.view(out.shape[0], -1).mean(1)
 
 
 def family(mode: str) -> str:
@@ -176,7 +188,7 @@ def _dpkernels(mode: str, work: Workload, ctx: Context) -> Runner:
         # The backend that actually served each op: an op a backend lacks falls back to the reference.
         return {"served_by": dict(ops.last_backend), "norm_methods": methods}
 
-    return Runner(model, opt, backward=opt.backward, info=info)
+    return Runner(model, opt, backward=opt.backward, per_sample=True, info=info)
 
 
 def _non_inplace(model: nn.Module) -> list[str]:

@@ -6,7 +6,8 @@ untimed steps and ``steps`` timed ones, and writes one JSON object to RESULT_PAT
 the mode fails (status "error", or "oom" for out-of-memory, with the phase it failed in).
 
 A step is: zero_grad, forward (under torch.autocast for bf16; in a bfloat16 model for bf16w), mean
-cross-entropy, the mode's backward, optimizer.step(). On CUDA each step is bracketed by
+cross-entropy (for dpkernels modes the (B,) per-sample ones, `modes.per_sample_loss`), the mode's
+backward, optimizer.step(). On CUDA each step is bracketed by
 torch.cuda.synchronize().
 
 Peak memory:
@@ -142,10 +143,10 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             with amp:
                 out = model(work.x)
-                loss = work.loss(out, runner.criterion)
+                loss = modes.per_sample_loss(work, out) if runner.per_sample else work.loss(out, runner.criterion)
             runner.backward(loss)
             opt.step()
-            return loss
+            return loss.detach().mean()  # per-sample losses: their mean is the mean cross-entropy
 
         def sync() -> None:
             if cuda:

@@ -308,8 +308,10 @@ def make_private(
     sums are all-reduced at ``step()`` and the noise is added once (see dpkernels.distributed).
 
     ``loss_scale`` S: the backward runs on S * loss (a fixed loss scale for float16 training, where small
-    gradients would underflow); the engine divides the output gradients it sees by S before taking
-    norms and clipped sums, so R bounds the unscaled per-sample gradients and the noise is unchanged.
+    gradients would underflow: ``optimizer.backward(S * losses)`` with the (B,) per-sample losses, as a
+    scalar mean loss in 16 bits is refused, or a summed loss with ``loss_reduction="sum"``); the engine
+    divides the output gradients it sees by S before taking norms and clipped sums, so R bounds the
+    unscaled per-sample gradients and the noise is unchanged.
     torch.amp.GradScaler (a scale that changes with the data) is refused at the step.
 
     ``perturb_k`` k > 0: perturbed clipping (Chen, Wu & Hong 2020; dpkernels.perturb): each sample's

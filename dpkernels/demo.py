@@ -235,10 +235,11 @@ def train(
 
     def step(xb: Tensor, yb: Tensor) -> None:
         if private is not None:
-            # A mean loss; the engine undoes the 1/|batch| and divides by the expected batch size.
+            # The (B,) per-sample losses: the engine backpropagates their sum (each G row exactly sample i's,
+            # also in 16 bits, where a scalar mean loss is refused) and divides by the expected batch size.
             # An empty batch is still a step: the update is noise only (and the accountant counts it).
-            loss = F.cross_entropy(model(xb), yb)
-            private.backward(loss)  # = loss.backward(), but for two-pass: a norms pass, then a clipping pass
+            losses = F.cross_entropy(model(xb), yb, reduction="none")
+            private.backward(losses)  # for two-pass: a norms pass, then a clipping pass
             private.step()
         elif len(yb) > 0:  # without DP an empty batch has no gradient (its mean loss is nan)
             F.cross_entropy(model(xb), yb).backward()

@@ -118,7 +118,8 @@ class DPOptimizer(torch.optim.Optimizer):
                 "apply to S * g_i, the update would shrink by S), and a skipped step would depend on the batch. "
                 "Train in bfloat16 (torch.autocast(device_type, dtype=torch.bfloat16), no loss scaling needed), "
                 "or in float16 with a fixed loss scale: make_private(..., loss_scale=S) and "
-                "(S * loss).backward(), which the engine divides out before clipping"
+                "optimizer.backward(S * losses) with the (B,) per-sample losses, which the engine divides out "
+                "before clipping"
             )
         loss = None
         if closure is not None:

@@ -5,6 +5,7 @@ claims (JSON, markdown, plots), records failures as results, and that its pure p
 max-batch search, models) compute the right thing.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -82,6 +83,29 @@ def test_worker_process_measures_its_own_memory():
     assert r["peak_mem_bytes"] <= r["peak_rss_bytes"] - r["rss_file_bytes"] - r["rss_anon_baseline_bytes"]
     # float32 weights and their gradients stay resident through the timed steps: the growth holds both
     assert r["peak_mem_bytes"] >= 2 * 4 * r["model_info"]["parameters"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "bf16w"])
+@pytest.mark.parametrize("mode", ["dpk-bk:reference", "dpk-two-pass:reference"])
+def test_dpkernels_modes_run_in_bfloat16(mode, dtype):
+    """The dpkernels modes give the per-sample losses to optimizer.backward: a scalar mean loss whose output
+    gradients are bfloat16 (autocast, or a bfloat16 model) is refused by dpkernels."""
+    r = run_case(_spec(mode, dtype=dtype, inline=True))
+    assert r["status"] == "ok", r.get("error")
+    assert r["params_with_grad"] == r["params_trainable"] > 0 and r["final_loss"] > 0
+
+
+@pytest.mark.parametrize("name", ["mlp-tiny", "bert-tiny"])
+def test_per_sample_losses_average_to_the_workload_loss(name):
+    w = build(name, 3)
+    out = w.model(w.x)
+    per = M.per_sample_loss(w, out)
+    assert per.shape == (3,)
+    # float32 means of the same per-position losses in two orders: a few ulps apart
+    torch.testing.assert_close(per.mean(), w.loss(out), rtol=1e-6, atol=0)
+    # each l_i is sample i's alone: the same on a batch of that sample only
+    one = M.per_sample_loss(dataclasses.replace(w, y=w.y[1:2]), out[1:2])
+    torch.testing.assert_close(one, per[1:2], rtol=0, atol=0)
 
 
 def test_a_failing_mode_is_a_result_not_a_crash():

@@ -52,9 +52,9 @@ def _args(tmp_path, k=1, steps=3):
     )  # fmt: skip
 
 
-def _train(tmp_path, k=1, sigma=0.0, steps=3, **dp):
+def _train(tmp_path, k=1, sigma=0.0, steps=3, trainer_class=DPTrainer, **dp):
     model = _model()
-    trainer = DPTrainer(
+    trainer = trainer_class(
         model=model, args=_args(tmp_path, k, steps), train_dataset=Windows(),
         optimizers=(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5), None),
         dp=DPArguments(sample_rate=Q, noise_multiplier=sigma, target_delta=1e-3, max_grad_norm=0.05, seed=1,
@@ -100,6 +100,35 @@ def test_gradient_accumulation_splits_one_poisson_batch(tmp_path):
     one, _ = _train(tmp_path / "a", k=1)
     two, _ = _train(tmp_path / "b", k=2)
     torch.testing.assert_close(_trainable(one), _trainable(two), rtol=1e-5, atol=1e-7)
+
+
+class _Bf16Trainer(DPTrainer):
+    """Forward under bf16 autocast: every DP layer of the LoRA adapters gets bfloat16 output gradients."""
+
+    def per_sample_loss(self, model, inputs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().per_sample_loss(model, inputs)
+
+
+def test_trainer_trains_with_16bit_output_gradients(tmp_path, monkeypatch):
+    """DPTrainer hands the per-sample losses to the DP optimizer, so a forward in 16 bits trains (a scalar mean
+    loss would be refused there: tests/engine/test_amp.py), close to the float32 run: bf16 keeps 8 bits
+    (2^-8 = 0.4% per rounding), a few roundings per value over 3 steps stay far below the 10% of the float32
+    run's movement allowed here, while a wrongly scaled step (a 1/B left in) moves by O(1) of it."""
+    seen = []
+    on_backward = dpkernels.engine.Engine.on_backward
+
+    def record(self, module, saved, g, node=None):
+        seen.append(g.dtype)
+        return on_backward(self, module, saved, g, node)
+
+    monkeypatch.setattr(dpkernels.engine.Engine, "on_backward", record)
+    bf16, _ = _train(tmp_path / "bf16", trainer_class=_Bf16Trainer)
+    assert torch.bfloat16 in seen
+    fp32, _ = _train(tmp_path / "fp32")
+    start = _trainable(_model())
+    moved = (_trainable(fp32) - start).norm()
+    assert moved > 1e-3 and float((_trainable(bf16) - _trainable(fp32)).norm()) <= 0.1 * float(moved)
 
 
 def test_epsilon_is_logged_beside_the_loss(tmp_path):
