@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -321,7 +320,8 @@ class Engine:
         self.noise = NoisePlan(config)
         self.adaptive: Any = None  # dpkernels.adaptive.AdaptiveState with adaptive clipping
         self._per_sample_losses = False  # this backward is of sum_i l_i given per sample (see backward)
-        self._model: Callable[[], nn.Module | None] = lambda: None  # weak: the model attach() attached to
+        # the model's parameters and buffers at attach(), by name: 16-bit ones refuse a mean loss (refuse_16bit_mean)
+        self._model_tensors: list[tuple[str, Tensor]] = []
         self._sample_mask: Tensor | None = None  # padded rows False: their clip factor is 0 (dpkernels.padding)
         self.sharding: Any = None  # dpkernels.fsdp.ShardedParams when the model is sharded by fully_shard
         self.parallel: Any = None  # dpkernels.distributed.DataParallelState when training data-parallel
@@ -433,7 +433,7 @@ class Engine:
                 model._forward_pre_hooks_with_kwargs.pop(k, None)
         for m in self.modules.values():
             m._dp_engine = self  # type: ignore[assignment]
-        self._model = weakref.ref(model)
+        self._model_tensors = [*model.named_parameters(), *model.named_buffers()]
         hook = functools.partial(model_forward_hook, self)
         self._handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
 
@@ -675,7 +675,8 @@ class Engine:
         Checked at the first DP layer of the pass, before any per-sample work: G 16-bit (bfloat16 or float16
         autocast, a model in 16 bits, float16 with loss_scale), the use's forward under 16-bit autocast (its
         output may be float32 while later 16-bit operations round G: Embedding, norm layers on CUDA, taps),
-        or 16-bit tensors anywhere in the model (frozen 16-bit layers: their activations round G)."""
+        or 16-bit parameters or buffers in the model as make_private found them (`.to()` keeps the
+        parameter objects; frozen 16-bit layers: their activations round G)."""
         if self.loss_reduction != "mean" or self._per_sample_losses:
             return
         amp = getattr(node, "autocast16", None)
@@ -683,7 +684,7 @@ class Engine:
             why = f"got {str(g.dtype).removeprefix('torch.')} output gradients"
         elif amp is not None:
             why = f"ran under 16-bit autocast ({str(amp).removeprefix('torch.')}), whose operations round them"
-        elif self._pass is None and (half := _half_tensors(self._model())):
+        elif self._pass is None and (half := [n for n, t in self._model_tensors if t.dtype in _HALF]):
             why = f"is in a model holding 16-bit tensors ({', '.join(half[:3])}), whose operations round them"
         else:
             return
@@ -1057,14 +1058,6 @@ class Engine:
 
 
 _HALF = (torch.bfloat16, torch.float16)
-
-
-def _half_tensors(model: nn.Module | None) -> list[str]:
-    """Names of ``model``'s 16-bit parameters and buffers (none: an empty list, without naming anything)."""
-    if model is None or not any(t.dtype in _HALF for t in (*model.parameters(), *model.buffers())):
-        return []
-    named = (*model.named_parameters(), *model.named_buffers())
-    return [n for n, t in named if t.dtype in _HALF]
 
 
 def _round_down(x: float, margin: float) -> float:
