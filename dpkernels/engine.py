@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -363,6 +364,9 @@ class Engine:
         # forward (dpkernels.guard), read with the backward pass's one host read
         self.deferred_checks: list[tuple[Tensor, Callable[[], None]]] = []
         self.accountant: Any = None  # the privacy account, kept here so that make_private again continues it
+        # names this run in the optimizer's saved states (not a secret): loading a state of the same run is a
+        # rollback, whose abandoned steps were released all the same (DPOptimizer.load_state_dict)
+        self.run_id = secrets.token_hex(8)
         self.retired: str | None = None  # why this engine no longer trains its model
         self._handles: list[Any] = []  # hooks to remove when retired
         self._pname = {id(q): f"{n}.{k}" for n, m in modules.items() for k, q in m.named_parameters(recurse=False)}
@@ -443,6 +447,7 @@ class Engine:
         calls, as a run restarting its step counter with the same seed would."""
         if keep_seed:
             self.seed = old.seed
+        self.run_id = old.run_id
         self.steps = old.steps
         self.stream = old.stream
 

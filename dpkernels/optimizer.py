@@ -37,6 +37,8 @@ def _check_dp_state(dp: Any) -> dict | None:
     )
     if not isinstance(dp, dict) or not isinstance(dp.get("steps"), int) or dp["steps"] < 0:
         raise bad
+    if not isinstance(dp.get("run", ""), str):
+        raise bad
     saved = dp.get("accountant")
     if saved is None:
         return None
@@ -46,6 +48,19 @@ def _check_dp_state(dp: Any) -> dict | None:
     if not isinstance(history, (list, tuple)) or not all(isinstance(h, (list, tuple)) and len(h) == 3 for h in history):
         raise bad
     return saved
+
+
+def _continued(current: list, loaded: list, same_run: bool) -> list:
+    """The account after loading a saved one: no release this optimizer made is forgotten.
+
+    A state of this same run (a rollback to an earlier checkpoint, or a later one) keeps the longer of the
+    two: the abandoned steps' noisy gradients were released (the model, logged losses, the decision to roll
+    back) and stay counted. Another run's state (a resume) is that run's steps, then those this optimizer
+    took already (none, for a fresh one)."""
+    steps = lambda h: sum(n for _, _, n in h)  # noqa: E731
+    if same_run:
+        return list(current) if steps(current) >= steps(loaded) else loaded
+    return loaded + list(current)
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -197,6 +212,7 @@ class DPOptimizer(torch.optim.Optimizer):
         state = self.original_optimizer.state_dict()
         acct = self.accountant
         state["dpkernels"] = {
+            "run": self.engine.run_id,
             "steps": self.engine.steps,
             "accountant": None if acct is None else {"mechanism": acct.mechanism, "history": list(acct.history)},
         }
@@ -225,8 +241,12 @@ class DPOptimizer(torch.optim.Optimizer):
             return
         self.engine.steps = int(dp["steps"])
         self.engine.stream = max(self.engine.stream, self.engine.steps)  # a rollback draws fresh noise
+        same_run = dp.get("run") == self.engine.run_id
+        if isinstance(dp.get("run"), str):
+            self.engine.run_id = dp["run"]  # a resumed run goes on under its name
         if self.accountant is not None and saved is not None:
-            self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
+            loaded = [(float(s), float(q), int(n)) for s, q, n in saved["history"]]
+            self.accountant.history = _continued(self.accountant.history, loaded, same_run)
         elif self.accountant is not None or saved is not None:
             warnings.warn(
                 "only one of the saved state and this optimizer has a privacy account (sample_rate or "

@@ -414,7 +414,7 @@ def test_state_dict_holds_the_bounds_and_no_count():
         opt.step()
         opt.zero_grad()
     state = opt.state_dict()
-    assert set(state["dpkernels"]) == {"steps", "accountant", "adaptive_bounds"}
+    assert set(state["dpkernels"]) == {"run", "steps", "accountant", "adaptive_bounds"}  # run: a public name
     assert state["dpkernels"]["adaptive_bounds"] == opt.max_grad_norm != [0.5] * 4  # moved from 1 / sqrt(4)
     _, fresh = _private(count_noise_multiplier=5.0)
     fresh.load_state_dict(state)
