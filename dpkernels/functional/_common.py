@@ -51,8 +51,11 @@ def autocast16(module: nn.Module) -> torch.dtype | None:
     autocast off around itself (`autocast_inputs`) returns 16-bit outputs then, and so gets 16-bit output
     gradients; the others (Embedding, norm layers on CUDA, taps) may return float32 while the 16-bit
     operations after them round their output gradients."""
-    p = next(module.parameters(recurse=False), None)
-    dev = p.device.type if p is not None else "cpu"
+    dev = "cpu"
+    for p in module._parameters.values():
+        if p is not None:
+            dev = p.device.type
+            break
     if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
         return None
     dt = torch.get_autocast_dtype(dev)
