@@ -1,12 +1,19 @@
 """Cost and inflation of certified norms (dpkernels.ops.certified) against the raw reference norms.
 
     python -m bench.certify_norms [--repeat 5]
+    python -m bench.certify_norms --step [--repeat 5] [--cases gpt2-tiny:4,gpt2-small:2,...]
 
 (a) time: per-sample squared norms of each layer, raw (dpkernels.ops.reference.*_norms, the plain
     float32 formulas) and certified (dpkernels.ops.certified.*, what the engine clips by), median of
     --repeat runs taken in turn, one thread;
 (b) inflation: certified / exact - 1 per sample (exact: float64 per-sample gradients of the same float32
     tensors), max over the batch, and raw / exact - 1 for comparison.
+
+--step: (c) the whole DP step (bench.modes "dpk-bk:reference": forward, the engine's backward with norms,
+clip factors, clipped sums and noise, optimizer step) with the certified norms against the same step
+with the raw float32 norms (`raw_norms`: a benchmark-only patch of dpkernels.ops.certified, never a
+user-reachable switch), timed in turn, median of --repeat, one thread; and the kernel-like aten ops of
+one step of each (bench.counters.StepCounter).
 
 Cases: a GPT-2-small block's Linear layers on random activations (T=256, d=768, p=3072, B=4: ghost
 norms) and the demo CNN (dpkernels.demo.make_cnn) on a batch of scikit-learn digits with real output
@@ -16,8 +23,10 @@ gradients from its cross-entropy loss (the layers' inputs and output gradients r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +34,7 @@ from torch import nn
 
 from dpkernels import ops
 from dpkernels.ops import reference as ref
+from dpkernels.ops.bounds import F64, Bound
 
 
 def _time(fns, repeat: int) -> list[float]:
@@ -157,11 +167,110 @@ def cnn(repeat: int) -> list[str]:
     return rows
 
 
+@contextlib.contextmanager
+def raw_norms() -> Iterator[None]:
+    """Within the block the engine clips by the raw norms (the backend's float32 formulas, taken to
+    float64 as the certified ones are), not certified ones: the baseline that shows what certification
+    costs a step. Benchmark only: it patches dpkernels.ops.certified, which the layers call by attribute."""
+    cert = ops.certified
+
+    def pair(w, b):
+        return w.to(F64), None if b is None else b.to(F64)
+
+    def as_bound(n: torch.Tensor) -> Bound:
+        z = n.to(F64)
+        return Bound(z, torch.zeros_like(z), torch.full_like(z, float("inf")))
+
+    def lin_bound(a, g, *, bias, method, backend=None):
+        w, b = ops.linear_norms(a, g, bias=bias, method=method, backend=backend)
+        return as_bound(w), None if b is None else as_bound(b)
+
+    def emb_bound(ids, g, *, num_embeddings, padding_idx, backend=None):
+        return as_bound(
+            ops.embedding_norms(ids, g, num_embeddings=num_embeddings, padding_idx=padding_idx, backend=backend)
+        )
+
+    def cross_bound(ids, g_e, a, g_h, *, padding_idx, backend=None):
+        return as_bound(ops.embedding_linear_cross(ids, g_e, a, g_h, padding_idx=padding_idx, backend=backend))
+
+    patches = {
+        "linear_norms": lambda *a, **k: pair(*ops.linear_norms(*a, **k)),
+        "conv_norms": lambda *a, **k: pair(*ops.conv_norms(*a, **k)),
+        "affine_norms": lambda *a, **k: tuple(None if n is None else n.to(F64) for n in ops.affine_norms(*a, **k)),
+        "bias_norms": lambda *a, **k: ops.bias_norms(*a, **k).to(F64),
+        "embedding_norms": lambda *a, **k: ops.embedding_norms(*a, **k).to(F64),
+        "linear_norms_bound": lin_bound,
+        "embedding_norms_bound": emb_bound,
+        "embedding_linear_cross_bound": cross_bound,
+    }
+    saved = {k: getattr(cert, k) for k in patches}
+    try:
+        for k, fn in patches.items():
+            setattr(cert, k, fn)
+        yield
+    finally:
+        for k, fn in saved.items():
+            setattr(cert, k, fn)
+
+
+STEP_CASES = "gpt2-tiny:4,gpt2-tiny:16,gpt2-small:2,gpt2-small:4,resnet18-gn-tiny:8,resnet18-gn-tiny:32"
+
+
+def _step_fn(work, runner):
+    def one() -> None:
+        runner.optimizer.zero_grad(set_to_none=True)
+        runner.backward(work.loss(runner.model(work.x), runner.criterion))
+        runner.optimizer.step()
+
+    return one
+
+
+def step(cases: str, repeat: int) -> list[str]:
+    """Whole-step time and kernel-like op count, certified vs raw norms (dpk-bk:reference)."""
+    from . import modes
+    from .counters import StepCounter
+    from .models import build
+
+    rows = []
+    for case in cases.split(","):
+        name, _, batch = case.partition(":")
+        B = int(batch)
+        work = build(name, B, "cpu", seed=0)
+        runner = modes.setup("dpk-bk:reference", work, modes.Context(device="cpu", batch=B))
+        one = _step_fn(work, runner)
+
+        def raw(one=one) -> None:
+            with raw_norms():
+                one()
+
+        counts = []
+        for fn in (raw, one):
+            c = StepCounter()
+            fn()
+            with c:
+                fn()
+            counts.append(sum(c.kernels.values()))
+        t_raw, t_cert = _time([raw, one], repeat)
+        rows.append(
+            f"| {name} | {B} | {t_raw * 1e3:.1f} | {t_cert * 1e3:.1f} | {t_cert / t_raw:.3f}x | "
+            f"{counts[0]} | {counts[1]} | {counts[1] - counts[0]:+d} |"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--step", action="store_true", help="whole DP steps, certified vs raw norms")
+    ap.add_argument("--cases", default=STEP_CASES, help="model:batch,... for --step (bench.models names)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.step:
+        print("| model | B | raw-norm step ms | certified step ms | ratio | kernel-like ops raw | certified | extra |")
+        print("|---|---|---|---|---|---|---|---|")
+        step(args.cases, args.repeat)
+        return
     print("| layer (method) | raw ms | certified ms | ratio | certified/exact - 1 (max) | |raw/exact - 1| (max) |")
     print("|---|---|---|---|---|---|")
     for row in gpt2(args.repeat) + cnn(args.repeat):

@@ -89,12 +89,47 @@ def _gram_gamma(d: int, u: float, u_in: float) -> float:
     return g + gamma(max(1, math.ceil(d / _CHUNK)), U64) * (1.0 + g)
 
 
+# Scales for which the Gram of the stored float32 rows may be formed unscaled and scaled after
+# (`_unscaled_ok`): s in [2^-60, 2^20].
+_FAST_LOG2 = (-60, 20)
+
+
+def _unscaled_ok(xs: tuple[Tensor, ...], s: Tensor, dt: torch.dtype) -> list[bool]:
+    """Per operand x (scales s[k], from `pow2_scales`): whether its Gram may be formed from the stored rows
+    and multiplied by s^2 afterwards (in float64) instead of being formed from the scaled copy s x. Yes
+    when x is float32 on the CPU and every sample's scale lies in [2^-60, 2^20] (one host read: free on
+    the CPU; other devices keep the scaled copies and never synchronise). Then, for every sample:
+
+    - no overflow: s m < 1 for the computed norm m, so m < 2^60 and the exact norm m* <= m (1 + 3u) +
+      2^-75 < 2^61 (`pow2_scales`); every product, partial sum and Gram entry of x is at most m*^2 (1 +
+      gamma) < 2^123 in magnitude (non-finite data has m = inf or NaN: clamped to 2^-100, not taken);
+    - the scaling after is exact: a nonzero entry of the float32 Gram (or of the float64 sum of its
+      chunks) is a multiple of 2^-149 below 2^124, times s^2 in [2^-120, 2^40] it stays in float64's
+      normal range, and s x* (x* the stored rows) is exact in real arithmetic: no subnormal loss at all;
+    - underflow: the unscaled Gram's absolute error <= n eta (`_gram_gamma`) becomes n eta s^2 <= n eta
+      2^40 in the scaled units, so `_ghost`'s constants take eta' = eta 2^40 for this operand (and eps =
+      sqrt(n) eta' >= 0 for the scaling, which is exact here): every step of its proof holds with eta'.
+      On natural data c grows from ~1e-21 to ~1e-12 against token norms ~1/sqrt(T): no visible inflation.
+
+    16-bit and float64 data keep the scaled copy (the copy is their cast to the accumulation dtype anyway;
+    float64's constants are derived for it), and so do matmuls allowed to round their operands to bf16
+    or TF32 (torch's float32 matmul precision below "highest"): a rounded operand below 2^-126 errs by
+    more than eta in absolute terms, which the scaled copy keeps far from natural magnitudes."""
+    if dt != torch.float32 or s.device.type != "cpu" or s.shape[1] == 0 or matmul_input_roundoff(dt):
+        return [False] * len(xs)
+    lo, hi = (2.0**k for k in _FAST_LOG2)
+    ok = ((s >= lo) & (s <= hi)).all(dim=1).tolist()
+    return [bool(k) and x.dtype == torch.float32 for k, x in zip(ok, xs, strict=True)]
+
+
 def _ghost(a: Tensor, g: Tensor) -> Bound:
     """Ghost norm <A A^T, G G^T> of each row block with its bound; a: (b, T, d), g: (b, T, p).
 
     Rows scaled by powers of two (`pow2_scales`: A = s_a a, G = s_g g, exact up to subnormal entries,
     eps_a = sqrt(d) eta per token), X = A A^T, Y = G G^T by `_gram`, stacked and taken to float64, with
-    g_d = `_gram_gamma`(d), a_d = d eta (likewise g_p, a_p). From X's diagonal (|X_tt - |A_t|^2| <= g_d
+    g_d = `_gram_gamma`(d), a_d = d eta (likewise g_p, a_p). Float32 rows on the CPU whose scales are
+    within [2^-60, 2^20] skip the scaled copy: X = s_a^2 fl(a a^T) exactly, with eta' = 2^40 eta in
+    place of eta in every constant below (`_unscaled_ok` proves it). From X's diagonal (|X_tt - |A_t|^2| <= g_d
     |A_t|^2 + a_d), with one constant c for both sides,
 
         n_t = fl(fl(sqrt(X_tt)) + c),   k_a = (1 + 2 gamma_6(2^-53)) / (1 - g_d)
@@ -120,20 +155,28 @@ def _ghost(a: Tensor, g: Tensor) -> Bound:
     the float64 underflow of V's products (T^2 eta64) is below its P^2 (P >= T c^2) term. Finally
     everything is divided by (s_a s_g)^2 (exact).
 
-    About 30 ops for any T, d, p <= _CHUNK: two norms and the scales, two scaled copies, two Grams,
-    the stacked float64 Grams, their diagonal's roots, |.|, four float64 matmuls, six (b,) ops.
+    About 30 ops for any T, d, p <= _CHUNK: two norms and the scales, two scaled copies (or, unscaled,
+    one host read and two T x T float64 products), two Grams, the stacked float64 Grams,
+    their diagonal's roots, |.|, four float64 matmuls, six (b,) ops.
     """
     dt = acc_dtype(a, g)
     b, T, d = a.shape
     p = g.shape[2]
     u, eta, u_in = unit_roundoff(dt), underflow_eta(dt), matmul_input_roundoff(dt)
     s = pow2_scales((a, g), dt)
-    Z = torch.stack([_gram(scale_rows(a, s[0])), _gram(scale_rows(g, s[1]))], 1).to(F64)  # (b, 2, T, T)
     gd, gp = _gram_gamma(d, u, u_in), _gram_gamma(p, u, u_in)
     c = 0.0
-    for n_, g_ in ((d, gd), (p, gp)):
-        e = math.sqrt(n_) * eta
-        c = max(c, math.sqrt(n_ * eta) + e / g_ + math.sqrt((e * e + n_ * eta) / g_))
+    grams = []
+    for x, sx, n_, g_, fast in zip((a, g), s, (d, p), (gd, gp), _unscaled_ok((a, g), s, dt), strict=True):
+        if fast:  # the Gram of the stored rows, scaled after (see _unscaled_ok): underflow weighs s^2 <= 2^40
+            grams.append(_gram(x).to(F64).mul_(sx.to(F64).square().view(b, 1, 1)))
+            eta_x = eta * 2.0 ** (2 * _FAST_LOG2[1])
+        else:
+            grams.append(_gram(scale_rows(x, sx)).to(F64))
+            eta_x = eta
+        e = math.sqrt(n_) * eta_x
+        c = max(c, math.sqrt(n_ * eta_x) + e / g_ + math.sqrt((e * e + n_ * eta_x) / g_))
+    Z = torch.stack(grams, 1)  # (b, 2, T, T)
     Tb = _pow2ceil(T)
     gt = gamma(Tb + 1, U64)
     r = round_up_factor(4) / (1.0 - gt) ** 2  # Q, P vs their computed values; k_a, k_g's roundings
