@@ -117,9 +117,11 @@ def _unscaled_ok(xs: tuple[Tensor, ...], s: Tensor, dt: torch.dtype) -> list[boo
     more than eta in absolute terms, which the scaled copy keeps far from natural magnitudes."""
     if dt != torch.float32 or s.device.type != "cpu" or s.shape[1] == 0 or matmul_input_roundoff(dt):
         return [False] * len(xs)
-    lo, hi = (2.0**k for k in _FAST_LOG2)
-    ok = ((s >= lo) & (s <= hi)).all(dim=1).tolist()
-    return [bool(k) and x.dtype == torch.float32 for k, x in zip(ok, xs, strict=True)]
+    lo, hi = s.aminmax(dim=1)
+    ok = [
+        a >= 2.0 ** _FAST_LOG2[0] and b <= 2.0 ** _FAST_LOG2[1] for a, b in zip(lo.tolist(), hi.tolist(), strict=True)
+    ]
+    return [k and x.dtype == torch.float32 for k, x in zip(ok, xs, strict=True)]
 
 
 def _ghost(a: Tensor, g: Tensor) -> Bound:
@@ -156,7 +158,7 @@ def _ghost(a: Tensor, g: Tensor) -> Bound:
     everything is divided by (s_a s_g)^2 (exact).
 
     About 30 ops for any T, d, p <= _CHUNK: two norms and the scales, two scaled copies (or, unscaled,
-    one host read and two T x T float64 products), two Grams, the stacked float64 Grams,
+    one min/max and host read, the float64 square of the scales), two Grams, the stacked float64 Grams,
     their diagonal's roots, |.|, four float64 matmuls, six (b,) ops.
     """
     dt = acc_dtype(a, g)
@@ -165,18 +167,21 @@ def _ghost(a: Tensor, g: Tensor) -> Bound:
     u, eta, u_in = unit_roundoff(dt), underflow_eta(dt), matmul_input_roundoff(dt)
     s = pow2_scales((a, g), dt)
     gd, gp = _gram_gamma(d, u, u_in), _gram_gamma(p, u, u_in)
+    fast = _unscaled_ok((a, g), s, dt)
+    Z = torch.stack([_gram(x if f else scale_rows(x, sx)) for x, sx, f in zip((a, g), s, fast, strict=True)], 1)
+    if any(fast):  # the Grams of the stored rows, scaled after (see _unscaled_ok): one float64 product
+        w = s.to(F64).square_()
+        for k in range(2):
+            if not fast[k]:
+                w[k] = 1.0
+        Z = torch.mul(Z, w.t().reshape(b, 2, 1, 1))  # (b, 2, T, T) float64: exact
+    else:
+        Z = Z.to(F64)
     c = 0.0
-    grams = []
-    for x, sx, n_, g_, fast in zip((a, g), s, (d, p), (gd, gp), _unscaled_ok((a, g), s, dt), strict=True):
-        if fast:  # the Gram of the stored rows, scaled after (see _unscaled_ok): underflow weighs s^2 <= 2^40
-            grams.append(_gram(x).to(F64).mul_(sx.to(F64).square().view(b, 1, 1)))
-            eta_x = eta * 2.0 ** (2 * _FAST_LOG2[1])
-        else:
-            grams.append(_gram(scale_rows(x, sx)).to(F64))
-            eta_x = eta
+    for n_, g_, f in ((d, gd, fast[0]), (p, gp, fast[1])):
+        eta_x = eta * 2.0 ** (2 * _FAST_LOG2[1]) if f else eta  # unscaled: underflow weighs s^2 <= 2^40
         e = math.sqrt(n_) * eta_x
         c = max(c, math.sqrt(n_ * eta_x) + e / g_ + math.sqrt((e * e + n_ * eta_x) / g_))
-    Z = torch.stack(grams, 1)  # (b, 2, T, T)
     Tb = _pow2ceil(T)
     gt = gamma(Tb + 1, U64)
     r = round_up_factor(4) / (1.0 - gt) ** 2  # Q, P vs their computed values; k_a, k_g's roundings
