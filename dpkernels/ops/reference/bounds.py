@@ -168,7 +168,7 @@ def _ghost(a: Tensor, g: Tensor) -> Bound:
     s = pow2_scales((a, g), dt)
     gd, gp = _gram_gamma(d, u, u_in), _gram_gamma(p, u, u_in)
     fast = _unscaled_ok((a, g), s, dt)
-    Z = torch.stack([_gram(x if f else scale_rows(x, sx)) for x, sx, f in zip((a, g), s, fast, strict=True)], 1)
+    Z = torch.stack([_gram(x if k else scale_rows(x, sx)) for x, sx, k in zip((a, g), s, fast, strict=True)], 1)
     if any(fast):  # the Grams of the stored rows, scaled after (see _unscaled_ok): one float64 product
         w = s.to(F64).square_()
         for k in range(2):
@@ -178,8 +178,8 @@ def _ghost(a: Tensor, g: Tensor) -> Bound:
     else:
         Z = Z.to(F64)
     c = 0.0
-    for n_, g_, f in ((d, gd, fast[0]), (p, gp, fast[1])):
-        eta_x = eta * 2.0 ** (2 * _FAST_LOG2[1]) if f else eta  # unscaled: underflow weighs s^2 <= 2^40
+    for n_, g_, unscaled in ((d, gd, fast[0]), (p, gp, fast[1])):
+        eta_x = eta * 2.0 ** (2 * _FAST_LOG2[1]) if unscaled else eta  # unscaled: underflow weighs s^2 <= 2^40
         e = math.sqrt(n_) * eta_x
         c = max(c, math.sqrt(n_ * eta_x) + e / g_ + math.sqrt((e * e + n_ * eta_x) / g_))
     Tb = _pow2ceil(T)
