@@ -14,7 +14,7 @@ from torch import nn
 from . import ops
 from .accounting import Accountant, get_noise_multiplier
 from .clipping import CLIP_FUNCTIONS, GroupSpec, group_bounds, resolve_groups
-from .engine import Engine, Tie, attached_engine
+from .engine import _COPIED, DetachedEngine, Engine, Tie, attached_engine
 from .fsdp import ShardedParams, check_module, fsdp_modules, is_fsdp2
 from .guard import ForwardGuard
 from .nn import DP_LAYERS, DPModule
@@ -448,11 +448,25 @@ def make_private(
     return model, dp_opt
 
 
+def _copied_engine(m: nn.Module) -> bool:
+    eng = m.__dict__.get("_dp_engine")
+    return isinstance(eng, DetachedEngine) and eng.why == _COPIED
+
+
 def _run_so_far(model: nn.Module, sample_rate: float | None) -> tuple[Engine | None, list]:
     """make_private on a model that is already private continues its run: the engine it had (to take over
     its step counter and seed, so that no noise stream repeats) and the privacy account's history."""
     previous = attached_engine(model)
     if previous is None:
+        copied = [n or "<model>" for n, m in model.named_modules() if _copied_engine(m)]
+        if copied:
+            warnings.warn(
+                f"the model is a copy of a private model (copy.deepcopy, pickle or torch.load; DP layers "
+                f"{copied[:4]}): its weights hold the original's private steps, but this make_private starts a "
+                f"privacy account of 0 steps. Continue the original run's account with "
+                f"optimizer.load_state_dict(the original DPOptimizer's state_dict())",
+                stacklevel=3,
+            )
         return None, []
     previous.check_replaceable()
     if previous.accountant is None:

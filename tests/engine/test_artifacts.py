@@ -210,9 +210,11 @@ def test_copied_private_model_asks_for_make_private_then_trains(how):
     plain.load_state_dict(twin.state_dict())
     gr = reference_groups(plain, "all-layer")
     want = reference_update(per_sample_grads(plain, case, x, y), gr, [R], "abadi", EBS)
-    twin, topt = dpkernels.make_private(
-        twin, torch.optim.SGD(twin.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=R, expected_batch_size=EBS
-    )
+    with pytest.warns(UserWarning, match="copy of a private model"):  # its account starts at 0
+        twin, topt = dpkernels.make_private(
+            twin, torch.optim.SGD(twin.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=R,
+            expected_batch_size=EBS,
+        )  # fmt: skip
     batch_loss(case, twin(x), y, "mean").backward()
     topt.step()
     for n, p in trainable(twin).items():

@@ -68,3 +68,25 @@ def test_a_malformed_run_name_is_refused():
     state["dpkernels"]["run"] = 7
     with pytest.raises(ValueError, match="malformed"):
         opt.load_state_dict(state)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_make_private_on_a_copy_warns_that_its_account_starts_at_zero(how, tmp_path):
+    """A copy of a private model holds the original's steps in its weights; make_private on it cannot see
+    them (nothing of the engine is copied) and starts at 0: it says so, and loading the original optimizer's
+    state continues the account."""
+    import copy
+
+    m, opt = _private(3)
+    if how == "deepcopy":
+        c = copy.deepcopy(m)
+    else:
+        torch.save(m, tmp_path / "m.pt")
+        c = torch.load(tmp_path / "m.pt", weights_only=False)
+    with pytest.warns(UserWarning, match=r"copy of a private model.*load_state_dict"):
+        c, oc = dpkernels.make_private(
+            c, torch.optim.SGD(c.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+            expected_batch_size=4, sample_rate=0.01,
+        )  # fmt: skip
+    oc.load_state_dict(opt.state_dict())
+    assert oc.accountant.steps == 3
