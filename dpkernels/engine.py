@@ -564,6 +564,14 @@ class Engine:
         assert self._pass is not None
         if self._pass.batch is None:
             self._pass.batch = B
+        if model_batch is not None and model_batch == B and self._batch != B:
+            raise RuntimeError(
+                f"DP layer {name!r} saw a batch of {B} samples in a backward pass whose other uses had "
+                f"{self._batch}: the model was called on batches of different sizes (x and x[2:], say) whose "
+                f"losses were summed into one backward. Every forward of one backward pass must see the same "
+                f"samples in the same order: call backward on each batch's loss separately (accumulation_steps "
+                f"for micro-batches of one Poisson batch)"
+            )
         if self._batch != B or (model_batch is not None and model_batch != B):
             want = model_batch if model_batch is not None else self._batch
             raise RuntimeError(

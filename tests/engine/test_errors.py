@@ -79,3 +79,16 @@ def test_api_names_a_parameter_the_layer_type_does_not_have():
         api.per_sample_norms(lin, a, g)
     with pytest.raises(ValueError, match=r"Linear has trainable parameter\(s\) \['scale'\]"):
         api.clipped_sum(lin, a, g, torch.ones(4))
+
+
+def test_two_batch_sizes_in_one_backward_are_named_as_such():
+    """m(x) and m(x[2:]) summed into one backward: refused (rows would pair by position across the two), with
+    an error that says what happened instead of a contradictory "a batch of 4 while the model's batch has 4"."""
+    m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    m, opt = dpkernels.make_private(
+        m, torch.optim.SGD(m.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4
+    )
+    x = torch.randn(4, 4)
+    with pytest.raises(RuntimeError, match=r"saw a batch of 4 samples in a backward pass whose other uses had 2"):
+        (m(x).sum() + m(x[2:]).sum()).backward()
+    assert all(p.grad is None for p in m.parameters())
