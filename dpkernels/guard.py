@@ -5,22 +5,28 @@
   ``wpe(torch.arange(T))``) holds positions shared by every sample, which nothing can tell from the
   batch when T equals the batch size. `dpkernels.nn.DPEmbedding` refuses the latter.
 - No module state may be written during a training forward: buffers, tensors kept as plain module
-  attributes (``self.stats = torch.zeros(4)``, not registered) and parameters. Such state is released
-  with the model, and state written from the batch (a quantization observer's min/max, running
-  statistics, a parameter nudged in forward) is learned outside the gradient, without clipping or
-  noise. Around the forward, each such tensor's identity, version counter and storage (address,
-  offset, shape) are compared, which catches in-place ops, reassignment and ``t.data = x``: one Python
-  read each, no host sync. A write through an alias with a version counter of its own (``t.data``,
-  ``numpy()``, ``untyped_storage()``, DLPack) bumps none, so values are compared too, read with the
-  engine's one read at the end of the backward pass (at once for a forward with no backward to follow):
-  buffers and tensor attributes (small: statistics, masks) byte for byte against one flat copy per
-  device taken before the forward (one ``cat``; after it one ``cat``, ``ne``, ``any``); a parameter
-  only if its memory was handed out during the forward: while a training forward runs, torch.Tensor's
-  ``data``, ``numpy``, ``untyped_storage`` and ``__dlpack__`` copy the parameters whose storage they
-  alias before returning (they are restored when no training forward runs), so parameters never aliased
-  cost nothing. Not seen: a parameter written through an alias taken outside the forward and kept where
-  the guard does not look (a global, a closure), or through a raw pointer (``data_ptr()``,
-  ``torch.utils.dlpack.to_dlpack``); FSDP2's unsharded parameters (their shards are watched).
+  attributes (``self.stats = torch.zeros(4)``, not registered) and parameters, trainable and frozen. Such
+  state is released with the model, and state written from the batch (a quantization observer's min/max,
+  running statistics, a parameter nudged in forward) is learned outside the gradient, without clipping or
+  noise. Around the forward, each such tensor's identity, version counter and storage (address, offset,
+  shape) are compared, which catches in-place ops (``torch.no_grad()`` ones too), reassignment and
+  ``t.data = x``: one Python read each, no host sync. A write through an alias with a version counter of
+  its own bumps none: ``t.data``, ``numpy()``, ``untyped_storage()``, DLPack, taken during the forward or
+  before it and kept anywhere (a global, a closure, an object), or a raw pointer (``data_ptr()`` and
+  ctypes). So every watched tensor is also compared by value, bit for bit: before the forward its bits
+  (an integer view of its width) are concatenated into one copy per (device, width), one ``cat``; after
+  it ``cat``, ``ne``, ``max`` per group give a flag and the index of one differing element, and the copy is
+  let go. The flag is read with the engine's one host read at the end of the backward pass (at once for a
+  forward under ``torch.no_grad()``). A forward whose backward never comes is read before the next
+  forward, before ``make_private`` again points the guard at a new engine, and before any of the model's
+  modules releases its state (``state_dict``, pickling: ``torch.save``, ``deepcopy``), through a
+  state_dict pre-hook on each module that also pickles with it. After a refusal the model's state is not
+  released (state_dict, pickling) until the root's ``load_state_dict`` loads every key back. The guard's
+  post-hook is kept last among the model's forward hooks, so a forward hook registered after make_private
+  runs inside the compared span. Not seen: writes before the guard's pre-hook (a global module pre-hook,
+  a pre-hook registered on the root with ``prepend=True`` after make_private) or after its post-hook
+  (in backward: an autograd Function's or a tensor hook's write, then compared by nobody); a write undone
+  before the forward ends; FSDP2's unsharded parameters (their shards are watched).
 - Nor may a training forward change a module's other Python state, which is pickled with the model
   (``torch.save(model)``, ``copy.deepcopy``): a new attribute (``self.peak = x.amax()``: there was
   nothing to compare on the first forward), a submodule added, a parameter or buffer registered or set
@@ -35,9 +41,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import threading
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -117,152 +125,121 @@ def _changed(now: Tensor, before: Tensor) -> Tensor:
     return diff.any()
 
 
-def _bytes(t: Tensor) -> Tensor | None:
-    """``t``'s values as a flat uint8 tensor (a view where ``t`` is contiguous), None where torch has no such
-    view (sparse, quantized, a tensor subclass): compared byte by byte, a write is seen whatever it writes
-    (-0.0 over 0.0, NaN payloads)."""
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.int64}
+
+
+def _bits(t: Tensor) -> Tensor | None:
+    """``t``'s values as a flat tensor of integers of their width (int32 for float32, ...; a view where ``t`` is
+    contiguous), None where torch has no such view (sparse, quantized, a tensor subclass): compared bit for bit,
+    a write is seen whatever it writes (-0.0 over 0.0, NaN payloads)."""
     if type(t) not in (Tensor, nn.Parameter):  # a subclass (DTensor): cloned, compared by its own ops
         return None
+    d = t.detach()
     try:
-        return t.detach().reshape(-1).view(torch.uint8)
-    except (RuntimeError, TypeError, NotImplementedError):
-        return None
+        return d.view(_INT_OF_SIZE[d.element_size()]).reshape(-1)
+    except (RuntimeError, TypeError, NotImplementedError, KeyError):
+        try:
+            return d.reshape(-1).view(torch.uint8)
+        except (RuntimeError, TypeError, NotImplementedError):
+            return None
+
+
+class _Views:
+    """Each watched tensor's `_bits` view, kept from one forward to the next while the tensor keeps its storage
+    (address, offset, shape) and dtype: a view made again would read the same memory (the one kept holds
+    that storage, so no other can take its address). A tensor whose bits are no view of it (not contiguous) is
+    read anew at each comparison."""
+
+    def __init__(self) -> None:
+        self.kept: dict[int, tuple[Tensor, tuple, torch.dtype, Tensor | None, bool, Any, int]] = {}
+
+    def renew(self, watched: list[_Watched]) -> dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]]:
+        """(watched, bits, whether they are a view of it, their number) once per tensor (a tied parameter is
+        watched under each module holding it, compared once), grouped by the bits' (device, dtype) (None: no
+        bits); the views of tensors no longer watched are let go."""
+        kept, self.kept = self.kept, {}
+        groups: dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]] = {}
+        for w in watched:
+            t = w.tensor
+            key = id(t)
+            if key in self.kept:
+                continue
+            old = kept.get(key)
+            if old is None or old[0] is not t or old[1] != w.where or old[2] is not t.dtype or not old[4]:
+                b = _bits(t)  # a copy where t is not contiguous: made again each time
+                shares = b is not None and _raw_storage(b).data_ptr() == w.where[0]
+                group = None if b is None else (b.device, b.dtype)
+                old = (t, w.where, t.dtype, b, shares, group, 0 if b is None else b.numel())
+            self.kept[key] = old
+            groups.setdefault(old[5], []).append((w, old[3], old[4], old[6]))
+        return groups
+
+
+_CHUNK = 1 << 24  # elements compared at once after the forward: the transient memory is bounded, not the model's
+
+
+def _chunk(items: list) -> tuple[list[_Watched], list[Tensor], bool]:
+    return [w for w, _, _, _ in items], [b for _, b, _, _ in items], all([s for _, _, s, _ in items])
 
 
 class _Values:
-    """The values of some watched tensors before the forward: their bytes, concatenated into one copy per device
-    (one kernel), and a clone of each tensor without a byte view. `changed` is a 0-d flag on the device."""
+    """The values of the watched tensors before the forward, compared after it. Their bits are concatenated into
+    one copy per (device, width) (one kernel each); a tensor with no such view is cloned. After the forward,
+    `compare` takes the same views again (they read the memory as it is then) in chunks of up to `_CHUNK`
+    elements (a larger tensor alone), ``cat``, ``ne``, ``max`` per chunk: the maximum says whether any element
+    differs, its index points at one that does (named on an error, with no copy kept). Compared bit for bit: a
+    write of any value to any element is seen."""
 
-    def __init__(self, watched: list[_Watched]):
-        self.groups: dict[torch.device, tuple[list[_Watched], Tensor]] = {}
-        self.loose: list[tuple[_Watched, Tensor]] = []
-        flat: dict[torch.device, tuple[list[_Watched], list[Tensor]]] = {}
-        for w in watched:
-            b = _bytes(w.tensor)
-            if b is None:
-                self.loose.append((w, w.tensor.detach().clone()))
-            else:
-                ws, bs = flat.setdefault(b.device, ([], []))
-                ws.append(w)
-                bs.append(b)
-        for dev, (ws, bs) in flat.items():
-            self.groups[dev] = (ws, torch.cat(bs))
+    def __init__(self, groups: dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]]):
+        self.loose = [(w, w.tensor.detach().clone()) for w, _, _, _ in groups.pop(None, ())]
+        self.before: list[tuple[list[tuple[list[_Watched], list[Tensor], bool]], Tensor]] = []
+        for items in groups.values():
+            chunks: list[tuple[list[_Watched], list[Tensor], bool]] = []
+            start, size = 0, 0
+            for i, (_, _, _, n) in enumerate(items):
+                if size + n > _CHUNK and i > start:
+                    chunks.append(_chunk(items[start:i]))
+                    start, size = i, 0
+                size += n
+            chunks.append(_chunk(items[start:]))
+            self.before.append((chunks, torch.cat([b for _, b, _, _ in items])))  # type: ignore[misc]
+        self.found: list[tuple[list[_Watched], Tensor, Tensor]] = []
 
-    def changed(self) -> Tensor | None:
+    def compare(self) -> Tensor | None:
+        """A 0-d bool tensor on the device: some value differs from its copy (None: nothing watched). The copies
+        are let go; the index of a differing element per chunk is kept for `first_changed`."""
         flags = []
-        for ws, before in self.groups.values():
-            now = torch.cat([_bytes(w.tensor) for w in ws])  # type: ignore[misc]  # shapes unchanged: checked
-            flags.append((now != before).any())
+        for chunks, before in self.before:
+            at = 0
+            for ws, bs, shares in chunks:
+                if not shares:  # a copy of a tensor's bits, not a view: read again
+                    bs = [_bits(w.tensor) for w in ws]  # type: ignore[misc]  # had bits before, shape unchanged
+                now = bs[0] if len(bs) == 1 else torch.cat(bs)
+                if not now.numel():
+                    continue
+                hit, first = torch.ne(now, before[at : at + now.numel()]).view(torch.uint8).max(0)
+                at += now.numel()
+                flags.append(hit.bool())
+                self.found.append((ws, hit, first))
+        self.before = []
         flags += [_changed(w.tensor, c) for w, c in self.loose]
         return functools.reduce(operator.or_, flags) if flags else None
 
     def first_changed(self) -> _Watched | None:
-        for ws, before in self.groups.values():
-            at = 0
-            for w in ws:
-                b = _bytes(w.tensor)
-                assert b is not None
-                if bool((b != before[at : at + b.numel()]).any()):
-                    return w
-                at += b.numel()
+        for ws, hit, at in self.found:
+            if bool(hit):
+                i = int(at)
+                for w in ws:
+                    n = _bits(w.tensor).numel()  # type: ignore[union-attr]  # had bits before
+                    if i < n:
+                        return w
+                    i -= n
         return next((w for w, c in self.loose if bool(_changed(w.tensor, c))), None)
 
 
-class _Aliases:
-    """The parameters of one training forward, by storage address, and the copies of those whose memory was
-    handed out (``.data``, ``numpy()``, ``untyped_storage()``, ``__dlpack__``) during it: such an alias has a
-    version counter of its own, so a write through it is seen only by value. A parameter is copied once, before
-    its first alias is returned; those never aliased are never copied."""
-
-    def __init__(self, params: list[_Watched]):
-        self.by_storage: dict[int, list[_Watched]] = {}
-        for w in params:
-            if w.where[0]:
-                self.by_storage.setdefault(w.where[0], []).append(w)
-        self.copied: dict[int, tuple[_Watched, Tensor]] = {}
-
-    def touch(self, address: int) -> None:
-        for w in self.by_storage.get(address, ()):
-            if id(w) not in self.copied:
-                with torch.no_grad():
-                    self.copied[id(w)] = (w, w.tensor.detach().clone())
-
-
-_raw_data: Any = torch._C.TensorBase.data  # the getset descriptor
 _raw_storage = torch._C.TensorBase.untyped_storage
-_raw_numpy = torch._C.TensorBase.numpy
 
 
-def _touch(t: Any) -> None:
-    """Before an alias of ``t``'s memory is returned in a training forward of this thread: copy the watched
-    parameters it may alias."""
-    stack = getattr(_local, "aliases", None)
-    if not stack:
-        return
-    try:
-        address = _raw_storage(t).data_ptr()
-    except (RuntimeError, TypeError, NotImplementedError):  # no storage (sparse, a subclass without one)
-        return
-    for aliases in stack:
-        aliases.touch(address)
-
-
-class _DataOfTensor:
-    """``Tensor.data`` while a training forward runs: the same tensor, after `_touch`."""
-
-    def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        if obj is None:
-            return self
-        _touch(obj)
-        return _raw_data.__get__(obj, objtype)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        _raw_data.__set__(obj, value)
-
-
-def _numpy(self: Tensor, *args: Any, **kwargs: Any) -> Any:
-    _touch(self)
-    return _raw_numpy(self, *args, **kwargs)
-
-
-def _untyped_storage(self: Tensor) -> Any:
-    _touch(self)
-    return _raw_storage(self)
-
-
-_raw_dlpack = torch.Tensor.__dlpack__
-
-
-def _dlpack(self: Tensor, *args: Any, **kwargs: Any) -> Any:
-    _touch(self)
-    return _raw_dlpack(self, *args, **kwargs)
-
-
-_ALIASING = {"data": _DataOfTensor(), "numpy": _numpy, "untyped_storage": _untyped_storage, "__dlpack__": _dlpack}
-_patch_lock = threading.Lock()
-_patch_users = 0
-_unpatched: dict[str, Any] = {}
-
-
-def _patch_aliasing(on: bool) -> None:
-    """Route torch.Tensor's aliasing accessors through `_touch` while any training forward runs (counted over
-    threads; each thread's forwards are found in its own `_local`). Outside them torch is untouched."""
-    global _patch_users
-    with _patch_lock:
-        _patch_users += 1 if on else -1
-        if on and _patch_users == 1:
-            for name, hooked in _ALIASING.items():
-                _unpatched[name] = torch.Tensor.__dict__.get(name, _MISSING)
-                setattr(torch.Tensor, name, hooked)
-        elif not on and _patch_users == 0:
-            for name, old in _unpatched.items():
-                if old is _MISSING:
-                    delattr(torch.Tensor, name)
-                else:
-                    setattr(torch.Tensor, name, old)
-
-
-_MISSING = object()
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}  # registries and hooks: fingerprinted apart
 _HOOK_DICTS = tuple(sorted(k for k, v in nn.Module().__dict__.items() if "hook" in k and isinstance(v, dict)))
 _VALUES = (bool, int, float, complex, str, bytes, type(None))
@@ -393,11 +370,11 @@ def _python_state_error(name: str, m: nn.Module, before: list, now: list) -> Run
     )
 
 
-def _written_error(w: _Watched, how: str) -> RuntimeError:
+def _written_error(w: _Watched, how: str, also: str = "") -> RuntimeError:
     return RuntimeError(
-        f"{w.describe()} was written during a DP training forward ({how}): module state is released with the model, "
-        f"and state written from the batch is learned outside the gradient, with no clipping and no noise (its value "
-        f"now depends on this batch: do not release this model's state). Put that module in eval mode "
+        f"{w.describe()} was written during a DP training forward ({how}){also}: module state is released with the "
+        f"model, and state written from the batch is learned outside the gradient, with no clipping and no noise (its "
+        f"value now depends on this batch: do not release this model's state). Put that module in eval mode "
         f"(module.eval()) or disable what writes it (torch.ao.quantization.disable_observer) before training, "
         f"compute the value from public data, or, for a parameter, let the optimizer alone change it"
     )
@@ -408,8 +385,26 @@ class _Before(NamedTuple):
 
     watched: list[_Watched]
     values: _Values
-    aliases: _Aliases
     counts: list[tuple[str, nn.Module, int, list, frozenset[str]]]  # buffers registered; Python state
+
+
+class _ReleaseCheck:
+    """A state_dict pre-hook on every module of a private model, pickled with each (torch.save, pickle,
+    deepcopy): before any of them releases its state, the guard's checks still waiting (a training forward whose
+    backward has not come) are read, and a model whose state a training forward wrote is refused. A copy's
+    check is detached (a copy must go through make_private again to train)."""
+
+    def __init__(self, guard: ForwardGuard | None = None):
+        self.guard = None if guard is None else weakref.ref(guard)
+
+    def __call__(self, *args: Any) -> None:
+        guard = None if self.guard is None else self.guard()
+        if guard is not None:
+            guard.before_release()
+
+    def __reduce__(self) -> tuple:
+        self()
+        return (_ReleaseCheck, ())
 
 
 class ForwardGuard:
@@ -421,19 +416,38 @@ class ForwardGuard:
         self.model = model
         self.modules = [(n, m, _weight_only(m)) for n, m in model.named_modules()]
         self._before: list[_Before | None] = []
+        self._views = _Views()
+        self._pending: list[list] = []  # the engines' lists holding this guard's checks not yet read
+        self.written: str | None = None  # a refusal of this guard: the model's state depends on a batch
+        self._post_id = -1
+
+    def __getstate__(self) -> dict:
+        self.before_release()
+        return dict(self.__dict__, _before=[], _views=_Views(), _pending=[])
 
     @staticmethod
     def attach(model: nn.Module, probe: nn.Module) -> ForwardGuard:
-        """The model's guard (made and hooked on the first call; later calls point it at ``probe``)."""
-        for hook in model._forward_pre_hooks.values():
-            guard = getattr(hook, "__self__", None)
-            if isinstance(guard, ForwardGuard):
-                guard.__init__(model, probe)  # type: ignore[misc]  # the model's modules may have changed
-                return guard
-        guard = ForwardGuard(model, probe)
-        # First of the pre-hooks and always called after: each pre is paired with its post, errors included.
-        model.register_forward_pre_hook(guard.pre, with_kwargs=True, prepend=True)
-        model.register_forward_hook(guard.post, with_kwargs=True, always_call=True)
+        """The model's guard (made and hooked on the first call; later calls point it at ``probe``, after reading
+        the checks the earlier engine still holds)."""
+        hooks = [getattr(h, "__self__", None) for h in model._forward_pre_hooks.values()]
+        guard = next((g for g in hooks if isinstance(g, ForwardGuard)), None)
+        if guard is not None:
+            with contextlib.suppress(RuntimeError):  # a write seen: kept in guard.written, refused at release
+                guard._drain()
+            written, post_id = guard.written, guard._post_id
+            guard.__init__(model, probe)  # type: ignore[misc]  # the model's modules may have changed
+            guard.written, guard._post_id = written, post_id
+        else:
+            guard = ForwardGuard(model, probe)
+            # First of the pre-hooks and always called after: each pre is paired with its post, errors included.
+            model.register_forward_pre_hook(guard.pre, with_kwargs=True, prepend=True)
+            guard._post_id = model.register_forward_hook(guard.post, with_kwargs=True, always_call=True).id
+            model.register_load_state_dict_post_hook(guard._restored)
+        release = _ReleaseCheck(guard)
+        for _, m, _ in guard.modules:
+            for k in [k for k, h in m._state_dict_pre_hooks.items() if isinstance(h, _ReleaseCheck)]:
+                del m._state_dict_pre_hooks[k]
+            m.register_state_dict_pre_hook(release)
         return guard
 
     def _training(self) -> bool:
@@ -448,12 +462,14 @@ class ForwardGuard:
         if not self._training():
             self._before.append(None)
             return
-        self._check_deferred()  # a forward whose backward never came
+        self._drain()  # a forward whose backward never came
+        hooks = self.model._forward_hooks
+        if self._post_id in hooks and next(reversed(hooks)) != self._post_id:  # a hook registered after ours
+            # an OrderedDict: the hook runs before the comparison, and what it writes is seen
+            hooks.move_to_end(self._post_id)  # type: ignore[attr-defined]
         # dpkernels.fsdp.ShardedParams; vars(): a copy's DetachedEngine raises on any other attribute read
         sharding: Any = vars(self.probe._dp_engine).get("sharding")
         watched: list[_Watched] = []
-        valued: list[_Watched] = []
-        params: list[_Watched] = []
         counts = []
         with torch.no_grad():
             for n, m, skip in self.modules:
@@ -463,9 +479,7 @@ class ForwardGuard:
                 state += [("attribute", k, t) for k, t in attributes]
                 state += [("held tensor", k, t) for k, t in held]
                 for kind, k, t in state:
-                    w = _Watched(n, m, kind, k, t, t._version, _placement(t))
-                    watched.append(w)
-                    valued.append(w)
+                    watched.append(_Watched(n, m, kind, k, t, t._version, _placement(t)))
                 for k, p in m._parameters.items():
                     if p is None:
                         continue
@@ -473,13 +487,10 @@ class ForwardGuard:
                     if shard is not None:  # FSDP2 swaps the module's tensor; its shard is the state
                         watched.append(_Watched(n, m, "sharded parameter", k, shard, shard._version, _placement(shard)))
                     else:
-                        w = _Watched(n, m, "parameter", k, p, p._version, _placement(p))
-                        watched.append(w)
-                        params.append(w)
-            entry = _Before(watched, _Values(valued), _Aliases(params), counts)
+                        watched.append(_Watched(n, m, "parameter", k, p, p._version, _placement(p)))
+            self._views.renew(watched)
+            entry = _Before(watched, _Values(self._views.renew(watched)), counts)
         self._before.append(entry)
-        _local.__dict__.setdefault("aliases", []).append(entry.aliases)
-        _patch_aliasing(True)
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._before:  # a pre-hook registered before ours raised: ours never ran
@@ -488,8 +499,13 @@ class ForwardGuard:
         entry = self._before.pop()
         if entry is None:
             return
-        _patch_aliasing(False)
-        _local.aliases.pop()
+        try:
+            self._compare(entry)
+        except RuntimeError as err:
+            self.written = str(err)
+            raise
+
+    def _compare(self, entry: _Before) -> None:
         for name, m, count, _, _ in entry.counts:
             if len(m._buffers) != count:
                 raise RuntimeError(
@@ -514,41 +530,59 @@ class ForwardGuard:
             if _placement(now) != w.where:
                 raise _written_error(w, "through .data")
         with torch.no_grad():
-            flag = entry.values.changed()
-            aliased = list(entry.aliases.copied.values())
-            for w, copy in aliased:
-                changed = _changed(w.tensor, copy)
-                flag = changed if flag is None else flag | changed
+            flag = entry.values.compare()
         if flag is None:
             return
-        check = functools.partial(_check_values, flag, entry.values, aliased)
+        check = functools.partial(self._check_values, flag, entry.values)
         eng: Any = self.probe._dp_engine
-        if torch.is_grad_enabled() and isinstance(vars(eng).get("deferred_checks") if eng is not None else None, list):
-            eng.deferred_checks.append((~flag, check))  # read with the backward pass's one host read
+        pending = vars(eng).get("deferred_checks") if eng is not None else None
+        if torch.is_grad_enabled() and isinstance(pending, list):
+            pending.append((~flag, check))  # read with the backward pass's one host read
+            if not any(p is pending for p in self._pending):
+                self._pending.append(pending)
         else:
             check()
 
-    def _check_deferred(self) -> None:
+    def _drain(self) -> None:
+        """Read the checks of training forwards whose backward has not come (all the engines' waiting checks)."""
         eng: Any = self.probe._dp_engine
-        pending = vars(eng).get("deferred_checks") if eng is not None else None
-        if pending:
+        lists = list(self._pending)
+        current = vars(eng).get("deferred_checks") if eng is not None else None
+        if isinstance(current, list) and not any(p is current for p in lists):
+            lists.append(current)
+        self._pending = []
+        for pending in lists:
             checks = list(pending)
             pending.clear()
             for _, check in checks:
                 check()
 
+    def _check_values(self, flag: Tensor, values: _Values) -> None:
+        """Raise if ``flag`` says a value changed, naming a tensor whose values differ from its copy."""
+        if not bool(flag):
+            return
+        w = values.first_changed()
+        err = _written_error(
+            w,  # type: ignore[arg-type]  # the flag says one differs
+            "through .data, which bumps no version counter",
+            ", or through another alias of its memory (numpy(), untyped_storage(), DLPack, a raw data_ptr()) taken "
+            "before or during the forward",
+        )
+        self.written = str(err)
+        raise err
 
-def _check_values(flag: Tensor, values: _Values, aliased: list[tuple[_Watched, Tensor]]) -> None:
-    """Raise if ``flag`` says a value changed: names the first tensor whose values differ from its copy."""
-    if not bool(flag):
-        return
-    w = values.first_changed()
-    if w is not None:
-        raise _written_error(w, "through .data, which bumps no version counter")
-    for w, copy in aliased:
-        if bool(_changed(w.tensor, copy)):
-            raise _written_error(
-                w,
-                "through an alias of its memory taken in the forward (.data, numpy(), ...), which bumps no "
-                "version counter",
+    def before_release(self) -> None:
+        """Before the model's state leaves it (state_dict, pickling, deepcopy of any of its modules): the waiting
+        checks are read, and a model a training forward wrote is refused."""
+        self._drain()
+        if self.written is not None:
+            raise RuntimeError(
+                f"this model's state is not released (state_dict, torch.save, pickle, deepcopy): a DP training forward "
+                f"wrote it from a batch, outside the gradient, and it was refused then: {self.written}. Load the state "
+                f"saved before that forward with model.load_state_dict (all keys), or build the model anew"
             )
+
+    def _restored(self, module: nn.Module, keys: Any) -> None:
+        """The root model's state loaded whole (no key missing): a refused write no longer taints it."""
+        if not keys.missing_keys:
+            self.written = None
