@@ -23,10 +23,11 @@
   state_dict pre-hook on each module that also pickles with it. After a refusal the model's state is not
   released (state_dict, pickling) until the root's ``load_state_dict`` loads every key back. The guard's
   post-hook is kept last among the model's forward hooks, so a forward hook registered after make_private
-  runs inside the compared span. Not seen: writes before the guard's pre-hook (a global module pre-hook,
-  a pre-hook registered on the root with ``prepend=True`` after make_private) or after its post-hook
-  (in backward: an autograd Function's or a tensor hook's write, then compared by nobody); a write undone
-  before the forward ends; FSDP2's unsharded parameters (their shards are watched).
+  runs inside the compared span, and a pre-hook registered ahead of the guard's (``prepend=True`` after
+  make_private) is refused. Not seen: writes before the guard's pre-hook by a global module pre-hook, or
+  after its post-hook (in backward: an autograd Function's or a tensor hook's write, then compared by
+  nobody); a write undone before the forward ends; FSDP2's unsharded parameters (their shards are
+  watched).
 - Nor may a training forward change a module's other Python state, which is pickled with the model
   (``torch.save(model)``, ``copy.deepcopy``): a new attribute (``self.peak = x.amax()``: there was
   nothing to compare on the first forward), a submodule added, a parameter or buffer registered or set
@@ -419,7 +420,7 @@ class ForwardGuard:
         self._views = _Views()
         self._pending: list[list] = []  # the engines' lists holding this guard's checks not yet read
         self.written: str | None = None  # a refusal of this guard: the model's state depends on a batch
-        self._post_id = -1
+        self._pre_id = self._post_id = -1
 
     def __getstate__(self) -> dict:
         self.before_release()
@@ -434,13 +435,17 @@ class ForwardGuard:
         if guard is not None:
             with contextlib.suppress(RuntimeError):  # a write seen: kept in guard.written, refused at release
                 guard._drain()
-            written, post_id = guard.written, guard._post_id
+            # a guard unpickled from an older dpkernels has no ids: its hooks' order is not checked
+            written, ids = (
+                getattr(guard, "written", None),
+                (getattr(guard, "_pre_id", -1), getattr(guard, "_post_id", -1)),
+            )
             guard.__init__(model, probe)  # type: ignore[misc]  # the model's modules may have changed
-            guard.written, guard._post_id = written, post_id
+            guard.written, (guard._pre_id, guard._post_id) = written, ids
         else:
             guard = ForwardGuard(model, probe)
             # First of the pre-hooks and always called after: each pre is paired with its post, errors included.
-            model.register_forward_pre_hook(guard.pre, with_kwargs=True, prepend=True)
+            guard._pre_id = model.register_forward_pre_hook(guard.pre, with_kwargs=True, prepend=True).id
             guard._post_id = model.register_forward_hook(guard.post, with_kwargs=True, always_call=True).id
             model.register_load_state_dict_post_hook(guard._restored)
         release = _ReleaseCheck(guard)
@@ -462,7 +467,12 @@ class ForwardGuard:
         if not self._training():
             self._before.append(None)
             return
-        self._drain()  # a forward whose backward never came
+        try:
+            self._drain()  # a forward whose backward never came
+            self._check_first()
+        except RuntimeError:
+            self._before.append(None)  # paired with the post-hook, which always runs
+            raise
         hooks = self.model._forward_hooks
         if self._post_id in hooks and next(reversed(hooks)) != self._post_id:  # a hook registered after ours
             # an OrderedDict: the hook runs before the comparison, and what it writes is seen
@@ -491,6 +501,19 @@ class ForwardGuard:
             self._views.renew(watched)
             entry = _Before(watched, _Values(self._views.renew(watched)), counts)
         self._before.append(entry)
+
+    def _check_first(self) -> None:
+        """The guard's pre-hook runs first: one registered ahead of it (``prepend=True`` after make_private) ran
+        before the copy, so what it wrote would not be seen."""
+        hooks = self.model._forward_pre_hooks
+        if self._pre_id in hooks and next(iter(hooks)) != self._pre_id:
+            ahead = hooks[next(iter(hooks))]
+            raise RuntimeError(
+                f"a forward pre-hook ({getattr(ahead, '__qualname__', type(ahead).__name__)}) was registered on the "
+                f"private model ahead of dpkernels' guard (prepend=True after make_private): it runs before the "
+                f"guard copies the model's state, so a write it made from the batch would not be seen. Register it "
+                f"before make_private, or without prepend=True"
+            )
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._before:  # a pre-hook registered before ours raised: ours never ran

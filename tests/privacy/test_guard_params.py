@@ -292,3 +292,26 @@ def test_non_contiguous_parameter_trains_and_its_write_is_refused():
     model.alias = types.SimpleNamespace(t=model.mix.data[1])
     with pytest.raises(RuntimeError, match=r"parameter 'mix' of module '<model>' \(_Strided\) was written .*" + ALIAS):
         model(torch.randn(B, 4)).square().sum().backward()
+
+
+def _prepended_writer(mod, args):
+    mod.lin.weight.data.add_(args[0].detach().abs().amax())
+
+
+def test_pre_hook_registered_ahead_of_the_guard_is_refused():
+    """A root pre-hook registered with prepend=True after make_private runs before the guard's copy: what it
+    writes would not be seen, so the forward is refused before the model runs; registered without prepend it
+    runs inside the compared span and its write is refused by name."""
+    model, opt = _private()
+    handle = model.register_forward_pre_hook(_prepended_writer, prepend=True)
+    before = model.lin.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"forward pre-hook \(_prepended_writer\) was registered .*ahead of"):
+        model(torch.randn(B, 4))
+    assert not torch.equal(model.lin.weight.detach(), before)  # it ran, unseen: hence the refusal
+    handle.remove()
+    model(torch.randn(B, 4)).square().sum().backward()  # the guard's records stay paired
+    opt.step()
+    opt.zero_grad()
+    model.register_forward_pre_hook(_prepended_writer)
+    with pytest.raises(RuntimeError, match=LIN_W + ".*" + ALIAS):
+        model(torch.randn(B, 4)).square().sum().backward()
