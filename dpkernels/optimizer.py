@@ -78,6 +78,7 @@ class DPOptimizer(torch.optim.Optimizer):
         engine.accountant = accountant
         self.sample_rate = sample_rate
         self.budget: tuple[float, int] | None = None  # (target epsilon, steps sigma was calibrated for)
+        self._over = False  # warned that the account went past the budget's steps
         self.parallel: Any = None  # dpkernels.distributed.DataParallelState when training data-parallel
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks: dict = {}
@@ -166,12 +167,14 @@ class DPOptimizer(torch.optim.Optimizer):
     def _account_step(self) -> None:
         if self.accountant is not None and self.sample_rate is not None:
             self.accountant.step(noise_multiplier=self.engine.noise_multiplier, sample_rate=self.sample_rate)
-            if self.budget is not None and self.accountant.steps == self.budget[1] + 1:
+            # past the plan, once: the account can also jump past it (a loaded state, a rollback's kept steps)
+            if self.budget is not None and self.accountant.steps > self.budget[1] and not self._over:
+                self._over = True
                 eps, planned = self.budget
                 warnings.warn(
-                    f"step {planned + 1} is past the {planned} steps the noise multiplier was calibrated for: "
-                    f"the privacy spent now exceeds target_epsilon={eps:g} (optimizer.accountant.get_epsilon(delta) "
-                    f"gives it)",
+                    f"step {self.accountant.steps} is past the {planned} steps the noise multiplier was calibrated "
+                    f"for: the privacy spent now exceeds target_epsilon={eps:g} "
+                    f"(optimizer.accountant.get_epsilon(delta) gives it)",
                     stacklevel=3,
                 )
 

@@ -90,3 +90,22 @@ def test_make_private_on_a_copy_warns_that_its_account_starts_at_zero(how, tmp_p
         )  # fmt: skip
     oc.load_state_dict(opt.state_dict())
     assert oc.accountant.steps == 3
+
+
+def test_an_account_that_jumps_past_the_budget_still_warns():
+    """target_epsilon's plan: the first step past it warns, also when the account got there by a load (another
+    run's state, a rollback's kept steps), not only by stepping onto planned + 1."""
+    _, ran = _private(5)
+    m = nn.Linear(4, 3)
+    m, opt = dpkernels.make_private(
+        m, torch.optim.SGD(m.parameters(), lr=0.1), target_epsilon=1.0, target_delta=1e-5, max_grad_norm=1.0,
+        expected_batch_size=4, sample_rate=0.01, steps=3,
+    )  # fmt: skip
+    opt.load_state_dict(ran.state_dict())  # 5 steps of another run: past the 3 planned
+    with pytest.warns(UserWarning, match=r"step 6 is past the 3 steps"):
+        _steps(m, opt, 1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _steps(m, opt, 1)  # once
