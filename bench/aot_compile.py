@@ -328,6 +328,12 @@ def _embedding_configs() -> list[Config]:
 
         return run
 
+    def bound(B, T, pad=None):  # the certified norm: float64 run sums (sorted ids past one 64-token tile)
+        def run(dt):
+            E.launch_norms_bound(_t(B, T, dtype=torch.int64), _t(B, T, D, dtype=dt), V, pad)
+
+        return run
+
     def cross(B, T, pad=None):
         def run(dt):
             ids = _t(B, T, dtype=torch.int64)
@@ -343,6 +349,8 @@ def _embedding_configs() -> list[Config]:
         Config(
             "embedding norms (scan)", f"{wte} T=256, int32 ids, padding_idx", norms(32, 256, "scan", torch.int32, 0)
         ),
+        Config("embedding norms bound", f"{wte} T=256", bound(32, 256), main=True),
+        Config("embedding norms bound", f"{wte} T=64, padding_idx", bound(32, 64, 0)),
         Config("embedding clipped sum", f"{wte} T=256", csum(32, 256, V, D), main=True),
         Config("embedding clipped sum", "V=1048576 D=2048 B=32 T=256 (int64 offsets)", csum(32, 256, 1 << 20, 2048)),
         Config("embedding cross (tied head)", f"{wte} T=256", cross(32, 256), main=True, tf32=True),

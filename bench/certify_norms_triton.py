@@ -182,8 +182,9 @@ def main() -> None:
         "| kernel-like aten ops | host ms beside the raw kernel | largest temporary MiB |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for row in embedding(args.repeat) + conv(args.repeat):
-        print(row, flush=True)
+    for rows in (embedding, conv):
+        for row in rows(args.repeat):
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

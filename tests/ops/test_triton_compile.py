@@ -35,6 +35,7 @@ FAMILIES = {
     "secure noise",
     "embedding norms (gram)",
     "embedding norms (scan)",
+    "embedding norms bound",
     "embedding clipped sum",
     "embedding cross (tied head)",
     "affine norms",
@@ -64,6 +65,7 @@ MAIN_BF16_MMA = {
     "_inst_bound_kernel": "HGMMA",
     "_token_norms_kernel": "none",  # float64 sums of squares
     "_sum_bound_kernel": "none",  # float64 sums
+    "_embedding_bound_kernel": "none",  # float64 run sums: its dots are float64 (DMMA or FMA, not HGMMA/HMMA)
 }
 DOT_KERNELS = {k for k, v in MAIN_BF16_MMA.items() if v != "none"}
 

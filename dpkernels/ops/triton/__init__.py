@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from .add_noise import add_noise
 from .affine import affine_clipped_sum, affine_norms, affine_norms_bound
-from .conv import conv_clipped_sum, conv_norms
-from .embedding import embedding_clipped_sum, embedding_linear_cross, embedding_norms
+from .conv import conv_clipped_sum, conv_norms, conv_norms_bound
+from .embedding import embedding_clipped_sum, embedding_linear_cross, embedding_norms, embedding_norms_bound
 from .linear_clipped_sum import bias_clipped_sum, linear_clipped_sum
 from .linear_norms import bias_norms, bias_norms_bound, linear_norms, linear_norms_bound
 from .secure_noise import chacha20_blocks, secure_noise
@@ -44,9 +44,11 @@ __all__ = [
     "bias_norms_bound",
     "conv_clipped_sum",
     "conv_norms",
+    "conv_norms_bound",
     "embedding_clipped_sum",
     "embedding_linear_cross",
     "embedding_norms",
+    "embedding_norms_bound",
     "linear_clipped_sum",
     "linear_norms",
     "linear_norms_bound",

@@ -46,6 +46,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..bounds import Bound, round_up_factor
+from ..reference import bounds as _ref_bounds
 from ..reference import conv as ref_conv
 from ._common import (
     FP16_SCALE_START,
@@ -70,7 +72,16 @@ from ._common import (
     tile_ranges,
 )
 from .add_noise import WIDE_OFFSETS, RowSplit, _store_tile, _store_vector
-from .linear_norms import _gram_tile, _inst_step, _store_ghost, _store_inst, _upper_pair
+from .affine import tight
+from .linear_norms import (
+    _gram_tile,
+    _inst_step,
+    _store_ghost,
+    _store_inst,
+    _upper_pair,
+    bias_norms_bound,
+    linear_norms_bound,
+)
 
 IntOrSeq = int | Sequence[int]
 INT32 = 1 << 31
@@ -823,3 +834,48 @@ def conv_clipped_sum(
         prev_b,
     )
     return w, (b if bias else None)
+
+
+# ----------------------------------------------------------------------------- certified bounds
+
+
+def conv_norms_bound(
+    x: Tensor,
+    g: Tensor,
+    *,
+    kernel_size: IntOrSeq,
+    stride: IntOrSeq,
+    padding: IntOrSeq,
+    dilation: IntOrSeq,
+    groups: int,
+    bias: bool,
+    method: str,
+) -> tuple[Bound, Bound | None]:
+    """Bounds (dpkernels/ops/bounds.py) of conv_norms' per-sample squared norms, by the Linear kernels'
+    own bounds (`linear_norms.linear_norms_bound`, ghost or inst as ``method``) on the unfolded rows.
+
+    A conv's weight gradient of sample i is sum_j over groups of the Linear gradient G_ij^T A_ij of its
+    (sample, group) row block (`reference.conv.conv_rows`: A_ij the unfolded input windows, zero where
+    a window covers the padding; G_ij the group's output gradient rows). Unfolding only copies stored
+    values (and zeros), so A_ij, G_ij are exactly the tensors whose Linear norms the kernels bound, and
+    the exact squared norm is the sum over groups of those norms (disjoint blocks). Each field of the
+    blocks' bounds is non-negative, so their float64 sum over the groups, times
+    round_up_factor(groups), bounds the sum of the exact norms (value + err, and the cap each).
+    Bias: ||sum_t g_t||^2 by `affine.sum_bound` on g's (T, C_out) rows.
+
+    The unfolded rows are a (B groups, T, C_in/groups prod(k)) copy of x in its dtype, prod(k) times
+    x's size, as the generic certificate made (for its token norms); the norm kernels themselves gather
+    windows in place (implicit GEMM), the bound kernels do not yet. float64 inputs and empty
+    dimensions (and unfolded samples of >= 2**31 elements): the reference's bounds."""
+    geom = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if not tight(x, g):
+        return _ref_bounds.conv_norms_bound(x, g, **geom, bias=bias, method=method)
+    (x, g), _ = cast_inputs("conv_norms", x, g)
+    a, rows = ref_conv.conv_rows(x, g, **geom)
+    if a.numel() == 0 or rows.numel() == 0 or a[0].numel() >= INT32:  # the kernels' offsets are int32 a sample
+        return _ref_bounds.conv_norms_bound(x, g, **geom, bias=bias, method=method)
+    w, _ = linear_norms_bound(a, rows, bias=False, method=method)
+    if groups > 1:
+        f = round_up_factor(groups)
+        w = Bound(*(t.view(-1, groups).sum(dim=1) * f for t in w))
+    return w, (bias_norms_bound(g.flatten(2).transpose(1, 2)) if bias else None)

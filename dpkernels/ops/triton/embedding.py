@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..bounds import U64, Bound, gamma, round_up_factor
+from ..reference import bounds as _ref_bounds
 from ._common import (
     acc_dtype,
     acc_tl,
@@ -57,6 +59,7 @@ from ._common import (
     gram_tile_config,
     k_block,
     launch,
+    load_exact,
     num_sms,
     output,
     per_sample,
@@ -64,6 +67,7 @@ from ._common import (
     tile_ranges,
 )
 from .add_noise import WIDE_OFFSETS, _epilogue, _tile_offsets
+from .affine import tight
 
 GRAM_MAX_T = 64  # norms_method: the Gram kernel while one sample fits one (64 x 64) tile
 
@@ -558,3 +562,154 @@ def embedding_linear_cross(ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, *, 
     ids (B, Te), g_e (B, Te, D), a (B, Th, D), g_h (B, Th, V). Returns (B,) in float32 (float64).
     """
     return _embedding_linear_cross_op(ids, g_e, a, g_h, padding_idx)
+
+
+# ----------------------------------------------------------------------------- certified bounds
+
+
+@triton.jit
+def _embedding_bound_kernel(
+    sid_ptr,  # (B, T) ids sorted within each sample (torch.sort keeps the input's strides)
+    perm_ptr,  # (B, T) the position t of each sorted id
+    g_ptr,
+    out_ptr,  # (B * n_dtiles, 3) float64: value, err, cap
+    T,
+    D,
+    n_dtiles,
+    pad,
+    s_sb,
+    s_st,
+    s_pb,
+    s_pt,
+    s_gb,
+    s_gt,
+    s_gd,
+    C_E,  # gamma_m(2^-53) (1 + 2 gamma_{m+2}(2^-53)): a run sum's error per unit of E, see embedding_norms_bound
+    F_E,  # 1 + 2 gamma_{m+2}(2^-53): E (computed) -> an upper bound on the exact sum_t |g_td|
+    F_OUT,
+    HAS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """sum over the distinct ids v of ||sum_{t: x_t = v} g_t[D-tile]||^2 with its error and cap, float64:
+    see `embedding_norms_bound`. One pass over the sample's sorted tokens: each run's sum c and sum of
+    |g| E are accumulated token by token in float64 and folded into the totals at the run's last token.
+    (tl.dot on float64 operands, which would form a tile's run sums at once, does not compile for sm_90.)"""
+    pid = tl.program_id(0)
+    sample = pid // n_dtiles
+    cols = (pid - sample * n_dtiles) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = cols < D
+    ids_base = sid_ptr + sample.to(tl.int64) * s_sb
+    perm_base = perm_ptr + sample.to(tl.int64) * s_pb
+    g_base = g_ptr + sample.to(tl.int64) * s_gb
+    c = tl.zeros((BLOCK_D,), dtype=tl.float64)  # the open run's sum
+    e = tl.zeros((BLOCK_D,), dtype=tl.float64)  # and its sum of |g|
+    acc_v = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    acc_e = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    acc_c = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    x_next = tl.load(ids_base).to(tl.int64)
+    for k in range(0, T):
+        x = x_next
+        x_next = tl.load(ids_base + (k + 1) * s_st, mask=k + 1 < T, other=-1).to(tl.int64)
+        pos = tl.load(perm_base + k * s_pt).to(tl.int64)
+        m = mask_d
+        if HAS_PAD:
+            m = m & (x != pad)  # the padding id sums zeros; its rows are never read
+        v = load_exact(g_base + pos * s_gt + cols * s_gd, m).to(tl.float64)
+        c += v
+        e += tl.abs(v)
+        end = x != x_next  # the run's last token (ids >= 0; -1 past the end)
+        d = e * C_E  # >= |c - exact run sum|
+        ub = e * F_E  # >= sum |g| over the run >= |exact run sum|
+        acc_v += tl.where(end, c * c, 0.0)
+        acc_e += tl.where(end, d * (2.0 * tl.abs(c) + d), 0.0)
+        acc_c += tl.where(end, ub * ub, 0.0)
+        c = tl.where(end, 0.0, c)
+        e = tl.where(end, 0.0, e)
+    tl.store(out_ptr + pid * 3, tl.sum(acc_v, axis=0) * F_OUT)
+    tl.store(out_ptr + pid * 3 + 1, tl.sum(acc_e, axis=0) * F_OUT)
+    tl.store(out_ptr + pid * 3 + 2, tl.sum(acc_c, axis=0) * F_OUT)
+
+
+def bound_config(D: int) -> dict:
+    """128 columns a program, one float64 element of each of the five running vectors a thread on 4 warps;
+    3 stages, so that the next tokens' id, position and row loads are in flight during a token's adds."""
+    return dict(BLOCK_D=block(D, 16, 128), num_warps=4, num_stages=3)
+
+
+def launch_norms_bound(ids: Tensor, g: Tensor, num_embeddings: int, padding_idx: int | None) -> Tensor:
+    """(B, 3) float64 (value, err, cap) of the embedding norm; see `embedding_norms_bound`. float32 and
+    16-bit g (float64 is bounded by the reference)."""
+    B, T = ids.shape
+    D = g.shape[2]
+    cfg = bound_config(D)
+    bd = cfg["BLOCK_D"]
+    n = triton.cdiv(D, bd)
+    out = output(g, (B, n, 3), torch.float64)
+    if B * n == 0 or T == 0:
+        return out.zero_().sum(1)
+    # stable: a fixed summation order. sid and perm keep the strides of ids (a transposed batch: (1, B))
+    sid, perm = torch.sort(ids, dim=1, stable=True)
+    m = T + 2  # roundings a token's term goes through in its run's sum (at most T - 1), with margin
+    f_e = round_up_factor(m)
+    launch(
+        _embedding_bound_kernel,
+        (B * n,),
+        sid,
+        perm,
+        g,
+        out,
+        T,
+        D,
+        n,
+        _pad_arg(padding_idx, num_embeddings),
+        *sid.stride(),
+        *perm.stride(),
+        *g.stride(),
+        gamma(m, U64) * f_e,
+        f_e,
+        round_up_factor(T + bd + n + 32),
+        HAS_PAD=padding_idx is not None,
+        **cfg,
+    )
+    return out.sum(1)
+
+
+def _bound_fake(ids, g, num_embeddings, padding_idx):
+    return output(g, (ids.shape[0], 3), torch.float64)
+
+
+_embedding_norms_bound_op = register_op("embedding_norms_bound", _bound_fake)(launch_norms_bound)
+
+
+def embedding_norms_bound(ids: Tensor, g: Tensor, *, num_embeddings: int, padding_idx: int | None) -> Bound:
+    """Bound (dpkernels/ops/bounds.py) of the per-sample squared norm of embedding_norms,
+
+        n = sum_v ||c*_v||^2,   c*_v = sum_{t: x_t = v} g_t     (tokens equal to padding_idx excluded),
+
+    for the stored g (B, T, D), float32 or 16-bit (`affine.tight`; float64 g and empty dimensions: the
+    reference's bound). Read exactly (`load_exact`: bf16 subnormals included) and summed in float64 per
+    (sample, id, column) as `affine.sum_bound` sums a column: no overflow or underflow is possible (sums
+    of float32 values are multiples of 2^-149 below 2^128 T, their squares within float64's range).
+    Each id's run of sorted tokens is summed in order, so a token's term reaches its run sum c_v
+    through at most m = T + 2 float64 roundings (m - 2 would do), and with E_v the computed sum of |g|
+    over the same run (rounded the same way, E_v >= (1 - u)^m sum |g|), entrywise
+
+        |c_v - c*_v| <= gamma_m sum_t |g_t| <= gamma_m E_v (1 + 2 gamma_{m+2}) =: delta_v
+        |c*_v| <= sum_t |g_t| <= E_v (1 + 2 gamma_{m+2}) =: e_v
+
+    (u = 2^-53; (1 - u)^-m <= 1 + gamma_m, and the factor's margin covers the product's rounding). So
+
+        n <= sum_v sum_d (|c_vd| + delta_vd)^2 = sum c^2 + sum delta (2 |c| + delta)   (value, err)
+        n <= sum_v sum_d e_vd^2                                                     (cap)
+
+    All terms are non-negative, so each program's sums over its (id, column) pairs and the host's sum
+    over the D-tiles are covered by F_OUT = round_up_factor(T + BLOCK_D + n_dtiles + 32) (the
+    accumulation over at most T runs, the sum over the tile's columns, the host's sum, the few
+    roundings of each term).
+    The cap, the triangle inequality per id and column, is at most the generic (sum_t |g_t|)^2, and n
+    itself (to rounding) where every id occurs once. A non-finite g entry (not padding) makes E
+    and so err and cap non-finite."""
+    if not tight(g) or ids.numel() == 0:
+        return _ref_bounds.embedding_norms_bound(ids, g, num_embeddings=num_embeddings, padding_idx=padding_idx)
+    out = _embedding_norms_bound_op(ids, g, int(num_embeddings), padding_idx)
+    return Bound(out[:, 0], out[:, 1], out[:, 2])
