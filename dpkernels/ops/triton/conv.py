@@ -867,7 +867,7 @@ def conv_norms_bound(
     x's size, as the generic certificate made (for its token norms); the norm kernels themselves gather
     windows in place (implicit GEMM), the bound kernels do not yet. float64 inputs and empty
     dimensions (and unfolded samples of >= 2**31 elements): the reference's bounds."""
-    geom = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    geom: dict = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups)
     if not tight(x, g):
         return _ref_bounds.conv_norms_bound(x, g, **geom, bias=bias, method=method)
     (x, g), _ = cast_inputs("conv_norms", x, g)
