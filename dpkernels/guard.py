@@ -469,7 +469,6 @@ class ForwardGuard:
             return
         try:
             self._drain()  # a forward whose backward never came
-            self._check_first()
         except RuntimeError:
             self._before.append(None)  # paired with the post-hook, which always runs
             raise
@@ -503,8 +502,9 @@ class ForwardGuard:
         self._before.append(entry)
 
     def _check_first(self) -> None:
-        """The guard's pre-hook runs first: one registered ahead of it (``prepend=True`` after make_private) ran
-        before the copy, so what it wrote would not be seen."""
+        """The guard's pre-hook ran first: one registered ahead of it (``prepend=True`` after make_private) ran
+        before the copy, so what it wrote would not be seen. Checked after the forward, so that a refusal of the
+        forward itself (fully_shard applied after make_private) comes first."""
         hooks = self.model._forward_pre_hooks
         if self._pre_id in hooks and next(iter(hooks)) != self._pre_id:
             ahead = hooks[next(iter(hooks))]
@@ -522,6 +522,7 @@ class ForwardGuard:
         entry = self._before.pop()
         if entry is None:
             return
+        self._check_first()
         try:
             self._compare(entry)
         except RuntimeError as err:
