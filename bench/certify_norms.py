@@ -1,6 +1,6 @@
 """Cost and inflation of certified norms (dpkernels.ops.certified) against the raw reference norms.
 
-    python -m bench.certify_norms [--repeat 5]
+    python -m bench.certify_norms [--repeat 5] [--head]
     python -m bench.certify_norms --step [--repeat 5] [--cases gpt2-tiny:4,gpt2-small:2,...]
 
 (a) time: per-sample squared norms of each layer, raw (dpkernels.ops.reference.*_norms, the plain
@@ -13,7 +13,8 @@
 clip factors, clipped sums and noise, optimizer step) with the certified norms against the same step
 with the raw float32 norms (`raw_norms`: a benchmark-only patch of dpkernels.ops.certified, never a
 user-reachable switch), timed in turn, median of --repeat, one thread; and the kernel-like aten ops of
-one step of each (bench.counters.StepCounter).
+one step of each (bench.counters.StepCounter). A third variant, timed in turn with the two, forms the
+ghost bounds' Grams from scaled copies of the rows (`scaled_copies`: the route before the unscaled one).
 
 Cases: a GPT-2-small block's Linear layers on random activations (T=256, d=768, p=3072, B=4: ghost
 norms) and the demo CNN (dpkernels.demo.make_cnn) on a batch of scikit-learn digits with real output
@@ -65,7 +66,7 @@ def _row(name: str, raw, cert, exact, repeat: int) -> str:
     return f"| {name} | {t_raw * 1e3:.2f} | {t_cert * 1e3:.2f} | {t_cert / t_raw:.2f}x | {infl:.2e} | {raw_err:.2e} |"
 
 
-def gpt2(repeat: int) -> list[str]:
+def gpt2(repeat: int, head: bool = False) -> list[str]:
     torch.manual_seed(0)
     B, T = 4, 256
     rows = []
@@ -80,6 +81,17 @@ def gpt2(repeat: int) -> list[str]:
                 lambda a=a, g=g, m=method: ref.linear_norms(a, g, bias=False, method=m),
                 lambda a=a, g=g, m=method: ops.certified.linear_norms(a, g, bias=False, method=m, backend="reference"),
                 exact,
+                repeat,
+            )
+        )
+    if head:  # the LM head: p = 50257 (B = 2: its float64 exact norms take 0.6 GB)
+        a, g = torch.randn(2, T, 768), torch.randn(2, T, 50257) * 1e-4
+        rows.append(
+            _row(
+                "GPT-2 lm_head 768->50257, B=2 (ghost)",
+                lambda: ref.linear_norms(a, g, bias=False, method="ghost"),
+                lambda: ops.certified.linear_norms(a, g, bias=False, method="ghost", backend="reference"),
+                _exact_linear(a, g),
                 repeat,
             )
         )
@@ -213,6 +225,20 @@ def raw_norms() -> Iterator[None]:
             setattr(cert, k, fn)
 
 
+@contextlib.contextmanager
+def scaled_copies() -> Iterator[None]:
+    """Within the block the reference ghost bounds form every Gram from the scaled copies of the rows
+    (the route before the unscaled one of `_unscaled_ok`): its cost, measured in turn with the others."""
+    from dpkernels.ops.reference import bounds as rb
+
+    saved = rb._unscaled_ok
+    rb._unscaled_ok = lambda xs, s, dt: [False] * len(xs)
+    try:
+        yield
+    finally:
+        rb._unscaled_ok = saved
+
+
 STEP_CASES = "gpt2-tiny:4,gpt2-tiny:16,gpt2-small:2,gpt2-small:4,resnet18-gn-tiny:8,resnet18-gn-tiny:32"
 
 
@@ -243,6 +269,10 @@ def step(cases: str, repeat: int) -> list[str]:
             with raw_norms():
                 one()
 
+        def scaled(one=one) -> None:
+            with scaled_copies():
+                one()
+
         counts = []
         for fn in (raw, one):
             c = StepCounter()
@@ -250,10 +280,10 @@ def step(cases: str, repeat: int) -> list[str]:
             with c:
                 fn()
             counts.append(sum(c.kernels.values()))
-        t_raw, t_cert = _time([raw, one], repeat)
+        t_raw, t_cert, t_sc = _time([raw, one, scaled], repeat)
         rows.append(
             f"| {name} | {B} | {t_raw * 1e3:.1f} | {t_cert * 1e3:.1f} | {t_cert / t_raw:.3f}x | "
-            f"{counts[0]} | {counts[1]} | {counts[1] - counts[0]:+d} |"
+            f"{t_sc * 1e3:.1f} | {t_sc / t_raw:.3f}x | {counts[0]} | {counts[1]} | {counts[1] - counts[0]:+d} |"
         )
         print(rows[-1], flush=True)
     return rows
@@ -262,18 +292,22 @@ def step(cases: str, repeat: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--head", action="store_true", help="add GPT-2's LM head (p = 50257) to the layer table")
     ap.add_argument("--step", action="store_true", help="whole DP steps, certified vs raw norms")
     ap.add_argument("--cases", default=STEP_CASES, help="model:batch,... for --step (bench.models names)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.step:
-        print("| model | B | raw-norm step ms | certified step ms | ratio | kernel-like ops raw | certified | extra |")
-        print("|---|---|---|---|---|---|---|---|")
+        print(
+            "| model | B | raw-norm step ms | certified step ms | ratio | certified, scaled copies ms | ratio | "
+            "kernel-like ops raw | certified | extra |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
         step(args.cases, args.repeat)
         return
     print("| layer (method) | raw ms | certified ms | ratio | certified/exact - 1 (max) | |raw/exact - 1| (max) |")
     print("|---|---|---|---|---|---|")
-    for row in gpt2(args.repeat) + cnn(args.repeat):
+    for row in gpt2(args.repeat, args.head) + cnn(args.repeat):
         print(row, flush=True)
 
 
