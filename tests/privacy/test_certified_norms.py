@@ -44,10 +44,12 @@ _BOUND_OPS = [
 ]  # fmt: skip
 
 
-# the tests whose layers the Triton kernels bound themselves (Linear, bias, affine); its Conv and Embedding
-# norms are certified by the generic certificate, exercised above on the reference's raw norms.
+# the tests whose layers the Triton backend bounds itself (Linear, bias, affine, Embedding; Conv by the Linear
+# bound kernels on its unfolded rows); only the tied head's cross term takes the generic certificate there.
 _TRITON_TESTS = {
     "test_linear",
+    "test_conv",
+    "test_embedding",
     "test_norm_layers",
     "test_tap",
     "test_tied_embedding_and_head",
