@@ -39,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -119,7 +120,42 @@ class ShardedParams:
             hook._dpkernels_engine_hook = True  # type: ignore[attr-defined]
             engine._handles.append(fp._unsharded_param.register_hook(hook))
         self.pending: dict[int, Tensor] = {}  # full-size noised shares, until the step's reduce-scatter
+        self.mods = mods
+        for m in mods:  # prepended: before FSDP's own pre-forward, which a stale state would misdirect
+            engine._handles.append(m.register_forward_pre_hook(self._recover, prepend=True))
         self._of_tensor = {id(t): fp for fp in self.fsdp.values() for t in (fp.sharded_param, fp._unsharded_param)}
+
+    def _recover(self, module: nn.Module, args: Any) -> None:
+        """Before a forward outside backward: reset FSDP if a backward pass failed part way (an error in a DP
+        layer's backward, the engine's refusals, or any exception between two blocks).
+
+        FSDP resets its per-iteration state in a callback at the end of backward, which autograd drops when the
+        pass raises: the root stays in PRE_BACKWARD with its parameters unsharded, so the next forward is taken
+        for an activation-checkpointing recomputation inside backward, skips the all-gather and computes with the
+        stale unsharded weights, and every later optimizer step updates shards the model never uses again.
+        ``reset_iter_state`` (FSDP's recovery after an aborted iteration) waits on in-flight collectives, reshards
+        and sets every state idle; the failed pass's gradients are discarded, as the engine's abort discards its."""
+        if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward: FSDP's own business
+            return
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+        ctx = module._get_fsdp_state()._state_ctx  # type: ignore[operator]
+        if ctx.iter_forward_root is not None:  # inside the root's forward: the pass began clean
+            return
+        if not ctx.post_backward_final_callback_queued and all(
+            s._training_state == TrainingState.IDLE for s in ctx.all_states
+        ):
+            return
+        root = next((m for m in self.mods if m._get_fsdp_state()._is_root), module)  # type: ignore[operator]
+        reset = getattr(root, "reset_iter_state", None)
+        if reset is None:  # pragma: no cover - torch without FSDPModule.reset_iter_state
+            raise RuntimeError(
+                f"a backward pass of this fully_shard model failed part way, and this torch "
+                f"({torch.__version__}) has no FSDPModule.reset_iter_state to reset FSDP's state: the next "
+                f"forward would compute with stale unsharded weights. Upgrade torch, or rebuild the model "
+                f"(fully_shard, then make_private) from its last saved state"
+            )
+        reset()
 
     def local_shard(self, t: Tensor) -> Tensor | None:
         """This rank's shard of the parameter ``t`` stands for in a module (the sharded parameter itself, or the

@@ -423,7 +423,9 @@ def _private_16(wrap: str):
         fully_shard(model[0], mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return dpkernels.make_private(model, opt, noise_multiplier=1.0, expected_batch_size=5, seed=7, distributed=True)
+    return dpkernels.make_private(
+        model, opt, noise_multiplier=1.0, expected_batch_size=5, dataset_size=100, seed=7, distributed=True
+    )
 
 
 def _losses_16(model, wrap: str) -> torch.Tensor:
@@ -447,30 +449,101 @@ def test_16bit_mean_loss_is_refused(one_process_group, wrap):
     assert all(g is None for g in _full_grads(model))
 
 
-@pytest.mark.parametrize(
-    "wrap",
-    [
-        "data-parallel",
-        pytest.param(
-            "fsdp2-bf16",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="any error raised inside a DP layer's backward under FSDP2 (after its root pre-backward) "
-                "leaves the next step without gradients (the same with a plain exception between two blocks)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("wrap", ["data-parallel", "fsdp2-bf16"])
 def test_after_a_refused_16bit_mean_loss_the_next_step_is_a_fresh_one(one_process_group, wrap):
-    """The same batch given per sample after the refusal is the step a fresh model takes, bit for bit."""
+    """The same batch given per sample after the refusal is the step a fresh model takes, bit for bit (noise on, same
+    seed), the refused pass uncounted. Under FSDP2 the refusal leaves FSDP's root mid-backward (its end-of-backward
+    callback dropped): the next forward resets it, or it would compute with stale unsharded weights."""
     model, opt = _private_16(wrap)
     with pytest.raises(RuntimeError, match="mean loss through 16 bits"):
         _losses_16(model, wrap).mean().backward()
     opt.backward(_losses_16(model, wrap))
     opt.step()
+    assert opt.accountant.steps == 1
     fresh, fresh_opt = _private_16(wrap)
     fresh_opt.backward(_losses_16(fresh, wrap))
     fresh_opt.step()
     for got, want in zip(_full_grads(model), _full_grads(fresh), strict=True):
         assert got is not None and want is not None and want.abs().sum() > 0
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(_losses_16(model, wrap), _losses_16(fresh, wrap), rtol=0, atol=0)  # the update is used
+
+
+_ARMED: list[bool] = []  # one entry: the next backward through _RaiseOnce raises
+
+
+class _RaiseOnce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        if _ARMED:
+            _ARMED.pop()
+            raise ValueError("an error between two blocks")
+        return g
+
+
+class _Boom(nn.Module):
+    def forward(self, x):
+        return _RaiseOnce.apply(x)
+
+
+def _private_blocks(wrap: str, noise: float):
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), _Boom(), nn.Sequential(nn.Linear(6, 3)))
+    if wrap == "fsdp2":
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return dpkernels.make_private(
+        model, opt, noise_multiplier=noise, expected_batch_size=5, dataset_size=100, seed=7, distributed=True
+    )
+
+
+def _losses_blocks(model) -> torch.Tensor:
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    return model(x).square().sum(1)
+
+
+def _full_params(model) -> list[torch.Tensor]:
+    return [getattr(p, "full_tensor", p.detach)() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("then", ["next-step", "step-right-away"])
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+@pytest.mark.parametrize("wrap", ["data-parallel", "fsdp2"])
+def test_after_an_exception_between_two_blocks_in_backward_training_goes_on_as_fresh(
+    one_process_group, wrap, noise, then
+):
+    """An exception raised by a module between two (FSDP2) blocks during backward, after the last block's DP layer
+    and FSDP's root pre-backward ran: the pass is dropped and not counted; the next step is a fresh model's, bit for
+    bit (noise off, or on with the same seed), and the model computes with the updated weights. A step taken right
+    after the failure releases a noised gradient of no sample: counted, and the same as a fresh model's empty step."""
+    model, opt = _private_blocks(wrap, noise)
+    _ARMED[:] = [True]
+    with pytest.raises(ValueError, match="between two blocks"):
+        opt.backward(_losses_blocks(model))
+    assert not _ARMED  # it raised inside backward, not at the forward
+    assert opt.accountant.steps == 0
+    fresh, fresh_opt = _private_blocks(wrap, noise)
+    if then == "step-right-away":
+        opt.step()
+        fresh_opt.step()
+        assert opt.accountant.steps == 1
+    opt.backward(_losses_blocks(model))
+    opt.step()
+    fresh_opt.backward(_losses_blocks(fresh))
+    fresh_opt.step()
+    assert opt.accountant.steps == fresh_opt.accountant.steps == (1 if then == "next-step" else 2)
+    for got, want in zip(_full_grads(model), _full_grads(fresh), strict=True):
+        assert got is not None and want is not None and want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(_full_params(model), _full_params(fresh), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(_losses_blocks(model), _losses_blocks(fresh), rtol=0, atol=0)
