@@ -83,6 +83,8 @@ class ShardedParams:
     def __init__(self, model: nn.Module, engine: Any, group: Any):
         from torch.distributed.tensor import DTensor
 
+        from .guard import ForwardGuard
+
         self.world_size = dist.get_world_size(group)
         mods = fsdp_modules(model)
         # FSDP creates a parameter's unsharded tensor at its first all-gather and keeps that object for the
@@ -123,6 +125,10 @@ class ShardedParams:
         self.mods = mods
         for m in mods:  # prepended: before FSDP's own pre-forward, which a stale state would misdirect
             engine._handles.append(m.register_forward_pre_hook(self._recover, prepend=True))
+            # the privacy guard's pre-hook stays first (make_private again finds it on the root already)
+            for k, h in list(m._forward_pre_hooks.items()):
+                if isinstance(getattr(h, "__self__", None), ForwardGuard):
+                    m._forward_pre_hooks.move_to_end(k, last=False)  # type: ignore[attr-defined]
         self._of_tensor = {id(t): fp for fp in self.fsdp.values() for t in (fp.sharded_param, fp._unsharded_param)}
 
     def _recover(self, module: nn.Module, args: Any) -> None:

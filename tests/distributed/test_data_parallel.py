@@ -547,3 +547,25 @@ def test_after_an_exception_between_two_blocks_in_backward_training_goes_on_as_f
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(_losses_blocks(model), _losses_blocks(fresh), rtol=0, atol=0)
+
+
+def test_make_private_again_on_a_fsdp2_model_recovers_from_an_exception_in_backward(one_process_group):
+    """make_private called again on the same fully_shard model: the new engine's FSDP reset runs behind the privacy
+    guard's pre-hook (which stays first, or the guard refuses the forward), and still resets FSDP after a backward
+    that raised: the step after it is a fresh model's (noise off), bit for bit."""
+    model, opt = _private_blocks("fsdp2", 0.0)
+    model, opt = dpkernels.make_private(
+        model, opt.original_optimizer, noise_multiplier=0.0, expected_batch_size=5, dataset_size=100, distributed=True
+    )
+    _ARMED[:] = [True]
+    with pytest.raises(ValueError, match="between two blocks"):
+        opt.backward(_losses_blocks(model))
+    opt.backward(_losses_blocks(model))
+    opt.step()
+    fresh, fresh_opt = _private_blocks("fsdp2", 0.0)
+    fresh_opt.backward(_losses_blocks(fresh))
+    fresh_opt.step()
+    for got, want in zip(_full_params(model), _full_params(fresh), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(_losses_blocks(model), _losses_blocks(fresh), rtol=0, atol=0)
