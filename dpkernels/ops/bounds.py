@@ -77,11 +77,27 @@ def dot_gamma(n: float, u_acc: float, u_in: float = 0.0) -> float:
     return (1.0 + u_in) ** 2 * (1.0 + gamma(n + 1, u_acc)) - 1.0
 
 
+def fp32_matmul_reduced() -> bool:
+    """Whether torch's float32 matmuls may round their operands (to TF32 or bf16): the legacy setting
+    (torch.get_float32_matmul_precision() below "highest"), or the per-backend one (torch.backends.
+    fp32_precision, .cuda/.mkldnn(.matmul).fp32_precision: anything but "ieee"/"none" anywhere in the
+    chain), under which the legacy getter raises instead of answering."""
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        pass
+    chain: list[object] = [torch.backends]
+    for name in ("cuda", "mkldnn"):
+        b = getattr(torch.backends, name, None)
+        chain += [b, getattr(b, "matmul", None)]
+    return any(getattr(b, "fp32_precision", "none") not in ("ieee", "none") for b in chain if b is not None)
+
+
 def matmul_input_roundoff(dtype: torch.dtype) -> float:
-    """u_in of torch's own matmuls on float32 operands: 0 (IEEE float32) when
-    torch.get_float32_matmul_precision() is "highest", else 2^-7 (bf16 operands, rounded or truncated,
-    which also covers TF32): "high"/"medium" let cuBLAS / oneDNN round the operands. 0 for other dtypes."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    """u_in of torch's own matmuls on float32 operands: 0 (IEEE float32) unless `fp32_matmul_reduced`,
+    else 2^-7 (bf16 operands, rounded or truncated, which also covers TF32): "high"/"medium" (or a
+    backend's "tf32"/"bf16") let cuBLAS / oneDNN round the operands. 0 for other dtypes."""
+    if dtype == torch.float32 and fp32_matmul_reduced():
         return 2.0**-7
     return 0.0
 
