@@ -4,30 +4,32 @@
   (or a view of one) holds one id per sample; one made inside the forward (nanoGPT's
   ``wpe(torch.arange(T))``) holds positions shared by every sample, which nothing can tell from the
   batch when T equals the batch size. `dpkernels.nn.DPEmbedding` refuses the latter.
-- No module state may be written during a training forward: buffers, tensors kept as plain module
-  attributes (``self.stats = torch.zeros(4)``, not registered) and parameters, trainable and frozen. Such
-  state is released with the model, and state written from the batch (a quantization observer's min/max,
-  running statistics, a parameter nudged in forward) is learned outside the gradient, without clipping or
-  noise. Around the forward, each such tensor's identity, version counter and storage (address, offset,
-  shape) are compared, which catches in-place ops (``torch.no_grad()`` ones too), reassignment and
-  ``t.data = x``: one Python read each, no host sync. A write through an alias with a version counter of
-  its own bumps none: ``t.data``, ``numpy()``, ``untyped_storage()``, DLPack, taken during the forward or
-  before it and kept anywhere (a global, a closure, an object), or a raw pointer (``data_ptr()`` and
-  ctypes). So every watched tensor is also compared by value, bit for bit: before the forward its bits
-  (an integer view of its width) are concatenated into one copy per (device, width), one ``cat``; after
-  it ``cat``, ``ne``, ``max`` per group give a flag and the index of one differing element, and the copy is
-  let go. The flag is read with the engine's one host read at the end of the backward pass (at once for a
-  forward under ``torch.no_grad()``). A forward whose backward never comes is read before the next
-  forward, before ``make_private`` again points the guard at a new engine, and before any of the model's
-  modules releases its state (``state_dict``, pickling: ``torch.save``, ``deepcopy``), through a
-  state_dict pre-hook on each module that also pickles with it. After a refusal the model's state is not
+- No module state may be written during a training forward: buffers, tensors kept as plain module attributes
+  (``self.stats = torch.zeros(4)``, not registered) and parameters, trainable and frozen. Such state is
+  released with the model, and state written from the batch (a quantization observer's min/max, running
+  statistics, a parameter nudged in forward) is learned outside the gradient, without clipping or noise.
+  Around the forward, each such tensor's identity, version counter and storage (address, offset, shape) are
+  compared, which catches in-place ops (``torch.no_grad()`` ones too), reassignment and ``t.data = x``: one
+  Python read each, no host sync. A write through an alias with a version counter of its own bumps none:
+  ``t.data``, ``numpy()``, ``untyped_storage()``, DLPack, taken during the forward or before it and kept
+  anywhere (a global, a closure, an object), or a raw pointer (``data_ptr()`` and ctypes). So every watched
+  tensor's bits are also compared, through a keyed hash (`_Values`): before the forward, per chunk of up to
+  2^20 16-bit halves of its bits, a pair of dot products with the guard's secret random integer weights, exact
+  in float64; after it the same hashes, and ``ne``, ``any`` give a flag (the first differing hash names the
+  tensor). No copy of the model: one chunk's temporaries at a time, the hashes, and the weights (<= 16 MiB per
+  device). A write that changes one 16-bit half of a chunk (one low bit, -0.0 over 0.0, a NaN payload) is
+  always seen; writes to several halves of one chunk that cancel in the hash are missed with probability <=
+  2^-36 when not chosen knowing the weights. The flag is read with the engine's one host read at the end of
+  the backward pass (at once for a forward under ``torch.no_grad()``). A forward whose backward never comes is
+  read before the next forward, before ``make_private`` again points the guard at a new engine, and before any
+  of the model's modules releases its state (``state_dict``, pickling: ``torch.save``, ``deepcopy``), through
+  a state_dict pre-hook on each module that also pickles with it. After a refusal the model's state is not
   released (state_dict, pickling) until the root's ``load_state_dict`` loads every key back. The guard's
-  post-hook is kept last among the model's forward hooks, so a forward hook registered after make_private
-  runs inside the compared span, and a pre-hook registered ahead of the guard's (``prepend=True`` after
-  make_private) is refused. Not seen: writes before the guard's pre-hook by a global module pre-hook, or
-  after its post-hook (in backward: an autograd Function's or a tensor hook's write, then compared by
-  nobody); a write undone before the forward ends; FSDP2's unsharded parameters (their shards are
-  watched).
+  post-hook is kept last among the model's forward hooks, so a forward hook registered after make_private runs
+  inside the compared span, and a pre-hook registered ahead of the guard's (``prepend=True`` after
+  make_private) is refused. Not seen: writes before the guard's pre-hook by a global module pre-hook, or after
+  its post-hook (in backward: an autograd Function's or a tensor hook's write, then compared by nobody); a
+  write undone before the forward ends; FSDP2's unsharded parameters (their shards are watched).
 - Nor may a training forward change a module's other Python state, which is pickled with the model
   (``torch.save(model)``, ``copy.deepcopy``): a new attribute (``self.peak = x.amax()``: there was
   nothing to compare on the first forward), a submodule added, a parameter or buffer registered or set
@@ -44,7 +46,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import operator
+import os
 import threading
 import weakref
 from typing import Any, NamedTuple
@@ -145,19 +149,28 @@ def _bits(t: Tensor) -> Tensor | None:
             return None
 
 
+def _halves(b: Tensor) -> Tensor:
+    """``b``'s bits (a flat `_bits` view) as 16-bit signed integers, a view (1-byte ones as they are)."""
+    return b if b.element_size() == 1 else b.view(torch.int16)
+
+
 class _Views:
     """Each watched tensor's `_bits` view, kept from one forward to the next while the tensor keeps its storage
     (address, offset, shape) and dtype: a view made again would read the same memory (the one kept holds
     that storage, so no other can take its address). A tensor whose bits are no view of it (not contiguous) is
-    read anew at each comparison."""
+    read anew at each comparison. Also the guard's secret hash weights per device (`_Values`) and the chunk
+    plan of each (device, width) group, made again when the group's tensors change."""
 
     def __init__(self) -> None:
         self.kept: dict[int, tuple[Tensor, tuple, torch.dtype, Tensor | None, bool, Any, int]] = {}
+        self.weights: dict[torch.device, Tensor] = {}
+        self.plans: dict[Any, tuple[tuple, list[tuple[list[tuple[int, int, int]], Tensor | None]]]] = {}
+        self.generator: torch.Generator | None = None
 
     def renew(self, watched: list[_Watched]) -> dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]]:
-        """(watched, bits, whether they are a view of it, their number) once per tensor (a tied parameter is
-        watched under each module holding it, compared once), grouped by the bits' (device, dtype) (None: no
-        bits); the views of tensors no longer watched are let go."""
+        """(watched, bits, whether they are a view of it, their number of 16-bit halves) once per tensor (a tied
+        parameter is watched under each module holding it, compared once), grouped by the bits' (device, dtype)
+        (None: no bits); the views of tensors no longer watched are let go."""
         kept, self.kept = self.kept, {}
         groups: dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]] = {}
         for w in watched:
@@ -170,71 +183,133 @@ class _Views:
                 b = _bits(t)  # a copy where t is not contiguous: made again each time
                 shares = b is not None and _raw_storage(b).data_ptr() == w.where[0]
                 group = None if b is None else (b.device, b.dtype)
-                old = (t, w.where, t.dtype, b, shares, group, 0 if b is None else b.numel())
+                old = (t, w.where, t.dtype, b, shares, group, 0 if b is None else _halves(b).numel())
             self.kept[key] = old
             groups.setdefault(old[5], []).append((w, old[3], old[4], old[6]))
         return groups
 
+    def plan(self, group: Any, items: list) -> list[tuple[list[tuple[int, int, int]], Tensor | None]]:
+        """The group's chunks of at most `_CHUNK` halves: each a list of segments (item, start, length), a tensor
+        cut where a chunk ends, and the device index of each segment's last half (None for a single segment)."""
+        key = tuple((id(w.tensor), n) for w, _, _, n in items)
+        cached = self.plans.get(group)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        chunks: list[list[tuple[int, int, int]]] = []
+        room = 0
+        for i, (_, _, _, n) in enumerate(items):
+            s = 0
+            while s < n:
+                if room == 0:
+                    chunks.append([])
+                    room = _CHUNK
+                k = min(room, n - s)
+                chunks[-1].append((i, s, k))
+                s, room = s + k, room - k
+        plan = []
+        for segs in chunks:
+            ends = None
+            if len(segs) > 1:
+                last = list(itertools.accumulate(k for _, _, k in segs))
+                ends = torch.tensor([e - 1 for e in last], dtype=torch.int64).to(group[0])
+            plan.append((segs, ends))
+        self.plans[group] = (key, plan)
+        return plan
 
-_CHUNK = 1 << 24  # elements compared at once after the forward: the transient memory is bounded, not the model's
+    def table(self, device: torch.device, n: int) -> Tensor:
+        """At least ``n`` rows of the secret weights on ``device``: (rows, 2) float64 integers drawn uniformly from
+        [1, 2^18] once per guard (a generator seeded from os.urandom), grown by drawing more rows (the rows
+        already drawn are kept, so a forward's pre- and post-hook use the same)."""
+        w = self.weights.get(device)
+        if w is not None and len(w) >= n:
+            return w
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        have = 0 if w is None else len(w)
+        more = torch.randint(1, _WEIGHT + 1, (n - have, 2), generator=self.generator, dtype=torch.float64)
+        w = more.to(device) if w is None else torch.cat([w, more.to(device)])
+        self.weights[device] = w
+        return w
 
 
-def _chunk(items: list) -> tuple[list[_Watched], list[Tensor], bool]:
-    return [w for w, _, _, _ in items], [b for _, b, _, _ in items], all([s for _, _, s, _ in items])
+_CHUNK = 1 << 20  # 16-bit halves hashed at once: the transient memory (one chunk's float64 copy) is bounded
+_WEIGHT = 1 << 18  # weights in [1, 2^18]: |sum| <= 2^15 * 2^18 * 2^20 = 2^53, every partial sum an exact float64
 
 
 class _Values:
-    """The values of the watched tensors before the forward, compared after it. Their bits are concatenated into
-    one copy per (device, width) (one kernel each); a tensor with no such view is cloned. After the forward,
-    `compare` takes the same views again (they read the memory as it is then) in chunks of up to `_CHUNK`
-    elements (a larger tensor alone), ``cat``, ``ne``, ``max`` per chunk: the maximum says whether any element
-    differs, its index points at one that does (named on an error, with no copy kept). Compared bit for bit: a
-    write of any value to any element is seen."""
+    """A keyed hash of the watched tensors' bits before the forward, compared with the same hash after it, in
+    chunks: no copy of the model. Each tensor's bits (`_bits`, a view where it is contiguous) are read as 16-bit
+    signed integers h_i (`_halves`; 1-byte tensors as bytes), concatenated per (device, width) group and cut
+    into chunks of up to `_CHUNK` halves (`_Views.plan`; a small tensor shares a chunk, a large one spans
+    several). A chunk's hash is the pair H = sum_i h_i W[i, :], with W the guard's secret (rows, 2) weights,
+    integers uniform in [1, 2^18] (`_Views.table`); for a chunk of several tensors, the prefix sums at each
+    tensor's last half (a ``cumsum``), so that a mismatch names the tensor (the first prefix that differs).
 
-    def __init__(self, groups: dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]]):
+    Exact and deterministic: |h_i| <= 2^15, W <= 2^18 and at most 2^20 terms keep every partial sum an integer
+    of magnitude <= 2^53, exact in float64 whatever the order of summation (device, threads, kernel), so equal
+    bits give equal hashes and nothing rounds. Probabilistic for a write (the guard refuses a change only when
+    the hash sees it): a changed chunk's hash difference is sum_i d_i W[i, c] with d != 0 (integers); fixing
+    every weight but W[j, c] for one j with d_j != 0, at most one of its 2^18 equally likely values makes the
+    difference 0, and the two columns are independent, so a write chosen without knowing the weights (they
+    are secret: drawn from os.urandom, never pickled) is missed with probability <= 2^-36 per chunk it
+    changes. Any one changed half (one bit flipped, -0.0 over 0.0, a NaN payload) gives d_j != 0 alone in
+    its chunk, so it is always seen. A tensor with no such view (a subclass) is cloned and compared by value.
+
+    Memory: per forward, the hashes, 2 per tensor segment (2 per chunk for large tensors); after the forward,
+    one chunk's temporaries at a time (the concatenated halves, their float64 copy, and for a chunk of several
+    tensors the (n, 2) products and prefix sums); the weights (<= `_CHUNK` rows, 16 MiB) are kept per
+    device by the guard."""
+
+    def __init__(self, groups: dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]], views: _Views):
         self.loose = [(w, w.tensor.detach().clone()) for w, _, _, _ in groups.pop(None, ())]
-        self.before: list[tuple[list[tuple[list[_Watched], list[Tensor], bool]], Tensor]] = []
-        for items in groups.values():
-            chunks: list[tuple[list[_Watched], list[Tensor], bool]] = []
-            start, size = 0, 0
-            for i, (_, _, _, n) in enumerate(items):
-                if size + n > _CHUNK and i > start:
-                    chunks.append(_chunk(items[start:i]))
-                    start, size = i, 0
-                size += n
-            chunks.append(_chunk(items[start:]))
-            self.before.append((chunks, torch.cat([b for _, b, _, _ in items])))  # type: ignore[misc]
-        self.found: list[tuple[list[_Watched], Tensor, Tensor]] = []
+        self.views = views
+        self.groups: list[tuple[list, list, Tensor]] = []
+        for group, items in groups.items():
+            plan = views.plan(group, items)
+            if not plan:
+                continue
+            weights = views.table(group[0], max(sum(k for _, _, k in segs) for segs, _ in plan))
+            self.groups.append((items, plan, self._hash(items, plan, weights, False)))
+        self.found: list[tuple[list, list, Tensor, Tensor]] = []
+
+    @staticmethod
+    def _hash(items: list, plan: list, weights: Tensor, again: bool) -> Tensor:
+        """The (segments, 2) hashes of a group (see the class docstring); ``again``: a tensor whose bits are no
+        view of it is read anew."""
+        halves = [
+            _halves(_bits(w.tensor) if again and not shares else b)  # type: ignore[arg-type]  # has bits
+            for w, b, shares, _ in items
+        ]
+        out = []
+        for segs, ends in plan:
+            parts = [halves[i].narrow(0, s, k) for i, s, k in segs]
+            h = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.float64)
+            w = weights[: h.numel()]
+            out.append((h @ w).unsqueeze(0) if ends is None else (h.unsqueeze(1) * w).cumsum(0).index_select(0, ends))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def compare(self) -> Tensor | None:
-        """A 0-d bool tensor on the device: some value differs from its copy (None: nothing watched). The copies
-        are let go; the index of a differing element per chunk is kept for `first_changed`."""
+        """A 0-d bool tensor on the device: some hash differs (None: nothing watched). Both hashes of each group
+        are kept for `first_changed`."""
         flags = []
-        for chunks, before in self.before:
-            at = 0
-            for ws, bs, shares in chunks:
-                if not shares:  # a copy of a tensor's bits, not a view: read again
-                    bs = [_bits(w.tensor) for w in ws]  # type: ignore[misc]  # had bits before, shape unchanged
-                now = bs[0] if len(bs) == 1 else torch.cat(bs)
-                if not now.numel():
-                    continue
-                hit, first = torch.ne(now, before[at : at + now.numel()]).view(torch.uint8).max(0)
-                at += now.numel()
-                flags.append(hit.bool())
-                self.found.append((ws, hit, first))
-        self.before = []
+        for items, plan, before in self.groups:
+            weights = self.views.weights[before.device]
+            now = self._hash(items, plan, weights, True)
+            flags.append((now != before).any())
+            self.found.append((items, plan, before, now))
+        self.groups = []
         flags += [_changed(w.tensor, c) for w, c in self.loose]
         return functools.reduce(operator.or_, flags) if flags else None
 
     def first_changed(self) -> _Watched | None:
-        for ws, hit, at in self.found:
-            if bool(hit):
-                i = int(at)
-                for w in ws:
-                    n = _bits(w.tensor).numel()  # type: ignore[union-attr]  # had bits before
-                    if i < n:
-                        return w
-                    i -= n
+        for items, plan, before, now in self.found:
+            differs = (now != before).any(1).nonzero()
+            if len(differs):
+                at = int(differs[0, 0])
+                for segs, _ in plan:
+                    if at < len(segs):
+                        return items[segs[at][0]][0]
+                    at -= len(segs)
         return next((w for w, c in self.loose if bool(_changed(w.tensor, c))), None)
 
 
@@ -497,21 +572,20 @@ class ForwardGuard:
                         watched.append(_Watched(n, m, "sharded parameter", k, shard, shard._version, _placement(shard)))
                     else:
                         watched.append(_Watched(n, m, "parameter", k, p, p._version, _placement(p)))
-            self._views.renew(watched)
-            entry = _Before(watched, _Values(self._views.renew(watched)), counts)
+            entry = _Before(watched, _Values(self._views.renew(watched), self._views), counts)
         self._before.append(entry)
 
     def _check_first(self) -> None:
         """The guard's pre-hook ran first: one registered ahead of it (``prepend=True`` after make_private) ran
-        before the copy, so what it wrote would not be seen. Checked after the forward, so that a refusal of the
-        forward itself (fully_shard applied after make_private) comes first."""
+        before the guard hashes the model's state, so what it wrote would not be seen. Checked after the forward,
+        so that a refusal of the forward itself (fully_shard applied after make_private) comes first."""
         hooks = self.model._forward_pre_hooks
         if self._pre_id in hooks and next(iter(hooks)) != self._pre_id:
             ahead = hooks[next(iter(hooks))]
             raise RuntimeError(
                 f"a forward pre-hook ({getattr(ahead, '__qualname__', type(ahead).__name__)}) was registered on the "
                 f"private model ahead of dpkernels' guard (prepend=True after make_private): it runs before the "
-                f"guard copies the model's state, so a write it made from the batch would not be seen. Register it "
+                f"guard hashes the model's state, so a write it made from the batch would not be seen. Register it "
                 f"before make_private, or without prepend=True"
             )
 
@@ -582,7 +656,7 @@ class ForwardGuard:
                 check()
 
     def _check_values(self, flag: Tensor, values: _Values) -> None:
-        """Raise if ``flag`` says a value changed, naming a tensor whose values differ from its copy."""
+        """Raise if ``flag`` says a value changed, naming a tensor whose hash differs from the one before."""
         if not bool(flag):
             return
         w = values.first_changed()
