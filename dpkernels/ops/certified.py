@@ -2,10 +2,13 @@
 
 Each function has the signature of the raw op of the same name (dpkernels.ops.<op>) and returns float64
 (B,) upper bounds on the exact squared norms of the gradients of the given tensors (see
-dpkernels/ops/bounds.py for the model and `Bound`). The backend that serves the raw op serves these:
-if it has ``<op>_bound`` (the reference does: tight bounds computed beside its norms), that is used;
-otherwise its raw squared norm is certified here from per-token norms and the backend's declared
-arithmetic (`bounds.generic_bound`), so a new backend inherits a rigorous (if loose) certificate.
+dpkernels/ops/bounds.py for the model and `Bound`). The backend that serves the raw op serves these
+if it has ``<op>_bound`` (Triton has its own for every op but the tied cross term); otherwise the
+reference's bound serves (tight, plain torch ops on any device: the compiled backend's ops, Triton's
+cross term). Only an op the reference has no bound for has its raw squared norm certified here from
+per-token norms and the backend's declared arithmetic (`bounds.generic_bound`): rigorous, but loose on
+natural data (certified/exact 8-170x for GPT-2 Linear shapes, ~T x for an Embedding of T distinct ids),
+which over-clips every sample by that factor.
 ``*_bound`` variants return the `Bound` itself, for sums with signed terms (the tied cross term).
 """
 
@@ -22,12 +25,12 @@ from .bounds import F64, Bound, generic_bound, round_up_factor, token_norms
 
 
 def _own(op: str, backend: str | None, *args, **kwargs):
-    """(the serving backend's own ``op``_bound or None, the raw op), after the op's input checks (the
-    dispatcher's: the same inputs refused, the same way, as the raw op)."""
+    """(the serving backend's own ``op``_bound, else the reference's, else None; the raw op), after the op's
+    input checks (the dispatcher's: the same inputs refused, the same way, as the raw op)."""
     getattr(_validate, op)(*args, **kwargs)
     raw, name = resolve_named(op, args[0], backend)
-    mod = _load(name)
-    return getattr(mod, f"{op}_bound", None), raw
+    own = getattr(_load(name), f"{op}_bound", None)
+    return (own if own is not None else getattr(_ref, f"{op}_bound", None)), raw
 
 
 def _generic_rows(raw: Tensor, a: Tensor, g: Tensor, groups: int = 1) -> Bound:

@@ -45,7 +45,7 @@ _BOUND_OPS = [
 
 
 # the tests whose layers the Triton backend bounds itself (Linear, bias, affine, Embedding; Conv by the Linear
-# bound kernels on its unfolded rows); only the tied head's cross term takes the generic certificate there.
+# bound kernels on its unfolded rows); the tied head's cross term, which it has no bound for, the reference's.
 _TRITON_TESTS = {
     "test_linear",
     "test_conv",
@@ -65,9 +65,8 @@ def path(request, monkeypatch):
     those backends compute on); triton: every op on the Triton backend, its own bounds where it has
     them; triton-tf32: the same with TF32 dot operands (the Linear layers only: the interpreter is slow)."""
     name = request.node.originalname
-    # held close to the exact norm: the reference's bounds, and the Triton kernels' own (not the tied test's
-    # embedding parts, certified generically on that backend)
-    _PATH[1] = request.param == "tight" or (request.param != "generic" and name != "test_tied_embedding_and_head")
+    # held close to the exact norm: the reference's bounds, and the Triton kernels' own
+    _PATH[1] = request.param != "generic"
     if request.param.startswith("triton"):
         if name not in (_TF32_TESTS if request.param == "triton-tf32" else _TRITON_TESTS):
             pytest.skip("not run on this path")
