@@ -547,6 +547,11 @@ class ForwardGuard:
         except RuntimeError:
             self._before.append(None)  # paired with the post-hook, which always runs
             raise
+        try:
+            self._check_modules()
+        except RuntimeError:
+            self._before.append(None)
+            raise
         hooks = self.model._forward_hooks
         if self._post_id in hooks and next(reversed(hooks)) != self._post_id:  # a hook registered after ours
             # an OrderedDict: the hook runs before the comparison, and what it writes is seen
@@ -574,6 +579,18 @@ class ForwardGuard:
                         watched.append(_Watched(n, m, "parameter", k, p, p._version, _placement(p)))
             entry = _Before(watched, _Values(self._views.renew(watched), self._views), counts)
         self._before.append(entry)
+
+    def _check_modules(self) -> None:
+        """Refuse a module set on the model after make_private: none of its tensors is watched (a frozen layer
+        swapped in could write the batch into its weight, released with the model)."""
+        known = {id(m) for _, m, _ in self.modules}
+        for n, m in self.model.named_modules():
+            if id(m) not in known:
+                raise RuntimeError(
+                    f"DP training forward: module {n!r} ({type(m).__name__}) was set on the model after "
+                    "make_private, so the privacy guard does not watch its parameters and buffers; set every "
+                    "module before make_private (or call make_private again after changing the model)"
+                )
 
     def _check_first(self) -> None:
         """The guard's pre-hook ran first: one registered ahead of it (``prepend=True`` after make_private) ran

@@ -315,3 +315,28 @@ def test_pre_hook_registered_ahead_of_the_guard_is_refused():
     model.register_forward_pre_hook(_prepended_writer)
     with pytest.raises(RuntimeError, match=LIN_W + ".*" + ALIAS):
         model(torch.randn(B, 4)).square().sum().backward()
+
+
+class _SwappedWriter(nn.Linear):
+    """A frozen layer set on the model after make_private whose forward writes a batch value into its weight."""
+
+    def forward(self, x):
+        self.weight.data[0, 0] = float(x.detach().abs().amax())
+        return super().forward(x)
+
+
+def test_module_set_after_make_private_is_refused_and_trains_after_make_private_again():
+    model, opt = _private()
+    writer = _SwappedWriter(3, 2).requires_grad_(False)
+    before = writer.weight.detach().clone()
+    model.frozen = writer  # accepted before: the batch's value trained into it and state_dict released it
+    with pytest.raises(RuntimeError, match="'frozen' .*set on the model after make_private"):
+        model(torch.randn(B, 4)).square().sum().backward()
+    assert torch.equal(writer.weight, before)  # refused before the forward ran
+    assert all(p.grad is None for p in model.parameters())
+    model.frozen = nn.Linear(3, 2).requires_grad_(False)
+    model, opt = dpkernels.make_private(
+        model, opt.original_optimizer, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=B
+    )
+    model(torch.randn(B, 4)).square().sum().backward()
+    opt.step()
