@@ -189,20 +189,23 @@ class _Views:
         return groups
 
     def plan(self, group: Any, items: list) -> list[tuple[list[tuple[int, int, int]], Tensor | None]]:
-        """The group's chunks of at most `_CHUNK` halves: each a list of segments (item, start, length), a tensor
+        """The group's chunks of at most `_CHUNK` halves (a quarter of the group where that is more than
+        `_SMALL_CHUNK`): each a list of segments (item, start, length), a tensor
         cut where a chunk ends, and the device index of each segment's last half (None for a single segment)."""
         key = tuple((id(w.tensor), n) for w, _, _, n in items)
         cached = self.plans.get(group)
         if cached is not None and cached[0] == key:
             return cached[1]
         chunks: list[list[tuple[int, int, int]]] = []
+        total = sum(n for _, _, _, n in items)
+        size = min(_CHUNK, max(_SMALL_CHUNK, -(-total // 4)))  # a small model: weights, temporaries ~ its size
         room = 0
         for i, (_, _, _, n) in enumerate(items):
             s = 0
             while s < n:
                 if room == 0:
                     chunks.append([])
-                    room = _CHUNK
+                    room = size
                 k = min(room, n - s)
                 chunks[-1].append((i, s, k))
                 s, room = s + k, room - k
@@ -233,6 +236,7 @@ class _Views:
 
 
 _CHUNK = 1 << 20  # 16-bit halves hashed at once: the transient memory (one chunk's float64 copy) is bounded
+_SMALL_CHUNK = 1 << 14
 _WEIGHT = 1 << 18  # weights in [1, 2^18]: |sum| <= 2^15 * 2^18 * 2^20 = 2^53, every partial sum an exact float64
 
 
@@ -257,7 +261,7 @@ class _Values:
 
     Memory: per forward, the hashes, 2 per tensor segment (2 per chunk for large tensors); after the forward,
     one chunk's temporaries at a time (the concatenated halves, their float64 copy, and for a chunk of several
-    tensors the (n, 2) products and prefix sums); the weights (<= `_CHUNK` rows, 16 MiB) are kept per
+    tensors their (n, 2) products, summed in place); the weights (<= `_CHUNK` rows, 16 MiB) are kept per
     device by the guard."""
 
     def __init__(self, groups: dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]], views: _Views):
@@ -285,7 +289,10 @@ class _Values:
             parts = [halves[i].narrow(0, s, k) for i, s, k in segs]
             h = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.float64)
             w = weights[: h.numel()]
-            out.append((h @ w).unsqueeze(0) if ends is None else (h.unsqueeze(1) * w).cumsum(0).index_select(0, ends))
+            if ends is None:
+                out.append((h @ w).unsqueeze(0))
+            else:  # prefix sums in place: exact integers, so the order of the scan does not matter
+                out.append((h.unsqueeze(1) * w).cumsum_(0).index_select(0, ends))
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def compare(self) -> Tensor | None:
