@@ -231,8 +231,8 @@ def token_norms(x: Tensor, up: float = 1.0) -> Tensor:
 
 def backend_arithmetic(dtype: torch.dtype) -> tuple[float, float]:
     """(u_acc, u_in) of a backend kernel that accumulates in acc_dtype and may feed float32 operands to
-    TF32 tensor cores (the Triton kernels do when torch.get_float32_matmul_precision() != "highest")."""
-    u_in = 2.0**-10 if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" else 0.0
+    TF32 tensor cores (the Triton kernels do when `fp32_matmul_reduced`, legacy or per-backend setting)."""
+    u_in = 2.0**-10 if dtype == torch.float32 and fp32_matmul_reduced() else 0.0
     return unit_roundoff(torch.float64 if dtype == torch.float64 else torch.float32), u_in
 
 

@@ -27,3 +27,30 @@ def test_per_backend_bf16_matmul_precision_is_read_and_norms_stay_upper_bounds()
     assert bool((cert >= exact).all())
     assert torch.get_float32_matmul_precision() == "highest"  # restored: the legacy getter answers again
     assert matmul_input_roundoff(torch.float32) == 0.0
+
+
+def test_triton_reads_the_per_backend_setting_too():
+    """The Triton kernels' dot precision and the arithmetic their bounds assume follow the same setting (a
+    per-backend "tf32" made both raise, the legacy getter's error)."""
+    import pytest
+
+    from dpkernels.ops.bounds import backend_arithmetic
+
+    try:
+        from dpkernels.ops.triton._common import dot_precision
+    except Exception as exc:  # triton not installed here
+        pytest.skip(f"no Triton backend: {exc}")
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        assert dot_precision(torch.float32) == "tf32"
+        assert backend_arithmetic(torch.float32)[1] == 2.0**-10
+        gen = torch.Generator().manual_seed(6)
+        a, g = torch.randn(2, 8, 16, generator=gen), torch.randn(2, 8, 12, generator=gen)
+        lin = nn.Linear(16, 12, bias=False)
+        cert = api.per_sample_norms(lin, a, g, backend="triton")[lin.weight]
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+    exact = torch.einsum("btp,btd->bpd", g.double(), a.double()).square().sum((1, 2))
+    assert bool((cert >= exact).all())
+    assert dot_precision(torch.float32) == "ieee"

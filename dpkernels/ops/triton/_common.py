@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..bounds import fp32_matmul_reduced
 from ..reference._common import acc_dtype  # noqa: F401  (re-exported: the ops accumulate as the reference)
 
 NS = "dpkernels"  # the one torch.library namespace of every dpkernels op
@@ -150,9 +151,10 @@ def acc_tl(dtype: torch.dtype):
 
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: TF32 for float32 only where torch's own matmuls may use it
-    (torch.set_float32_matmul_precision "high"/"medium"), so the kernel rounds like the reference's
-    matmul on the same GPU; "ieee" otherwise (and for the 16-bit and float64 types, where it is moot)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    (torch.set_float32_matmul_precision "high"/"medium", or a per-backend fp32_precision "tf32"/"bf16":
+    `bounds.fp32_matmul_reduced`, which `bounds.backend_arithmetic` reads too), so the kernel rounds like
+    the reference's matmul on the same GPU; "ieee" otherwise (and for the 16-bit and float64 types)."""
+    if dtype == torch.float32 and fp32_matmul_reduced():
         return "tf32"
     return "ieee"
 
