@@ -363,8 +363,8 @@ def _zeros(B: int, device: torch.device) -> Tensor:
 
 def _certify(bounds: list[Bound], groups: int) -> Tensor:
     """Row-block bounds (B * groups) -> certified per-sample norms, the groups' blocks summed (disjoint)."""
-    b = Bound(*(torch.cat([getattr(x, f) for x in bounds]).view(-1, groups).sum(dim=1) for f in Bound._fields))
-    return b.certified()
+    b = Bound(*(torch.cat([getattr(x, f) for x in bounds]) for f in Bound._fields))
+    return (b if groups == 1 else b.group_sum(groups)).certified()
 
 
 def _rows_norms(module: Any, a: Tensor, g: Tensor, mask: Mask) -> Tensor:

@@ -123,8 +123,19 @@ class Bound(NamedTuple):
     cap: Tensor
 
     def plus(self, other: Bound) -> Bound:
-        """The bound of a sum of two quantities (squared norms of disjoint blocks add)."""
-        return Bound(self.value + other.value, self.err + other.err, self.cap + other.cap)
+        """The bound of a sum of two quantities (squared norms of disjoint blocks add); see `group_sum`."""
+        return Bound(*(torch.stack([a, b]) for a, b in zip(self, other, strict=True))).group_sum(2, dim=0)
+
+    def group_sum(self, groups: int, dim: int = 1) -> Bound:
+        """The bound of sums over ``groups`` quantities: the fields viewed as (-1, groups) and summed (dim=1),
+        or given stacked with the groups along ``dim``. The values are signed (value + err >= n only): their
+        float64 sum errs by at most gamma_{G-1}(2^-53) sum |value|, which err takes on; the non-negative err
+        and cap sums are rounded up. f = round_up_factor(G + 4) covers it all: f - 1 = 2 gamma_{G+6} exceeds
+        gamma_{G-1} with the roundings of |value|'s sum, and f the err and cap sums' and the final ones."""
+        f = round_up_factor(groups + 4)
+        v, e, c = (t if dim == 0 else t.reshape(-1, groups) for t in self)
+        d = 0 if dim == 0 else 1
+        return Bound(v.sum(d), (e.sum(d) + v.abs().sum(d) * (f - 1.0)) * f, c.sum(d) * f)
 
     def certified(self) -> Tensor:
         """min(value + err, cap), rounded up: an upper bound on n, float64 (B,), never negative.

@@ -356,7 +356,7 @@ def conv_norms_bound(
     x: Tensor, g: Tensor, *, kernel_size, stride, padding, dilation, groups: int, bias: bool, method: str
 ) -> tuple[Bound, Bound | None]:
     """Bounds of conv_norms: the Linear bounds of each (sample, group) row block of the unfolded input,
-    summed over groups (squared norms of disjoint blocks add, and so do their bounds)."""
+    summed over groups (squared norms of disjoint blocks add, and so do their bounds: `Bound.group_sum`)."""
     if method not in ("ghost", "inst"):
         raise ValueError(f"conv_norms: method must be 'ghost' or 'inst', got {method!r}")
     B = x.shape[0]
@@ -368,7 +368,7 @@ def conv_norms_bound(
     for sl in _chunks(B, per_sample):
         a, gr = conv_rows(x[sl], g[sl], **geom)  # type: ignore[arg-type]
         wb, _ = linear_norms_bound(a, gr, bias=False, method=method)
-        parts.append(wb if groups == 1 else Bound(*(t.view(-1, groups).sum(dim=1) for t in wb)))
+        parts.append(wb if groups == 1 else wb.group_sum(groups))
     return _cat(parts, x), (bias_norms_bound(g.flatten(2).transpose(1, 2)) if bias else None)
 
 

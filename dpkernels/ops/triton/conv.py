@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..bounds import Bound, round_up_factor
+from ..bounds import Bound
 from ..reference import bounds as _ref_bounds
 from ..reference import conv as ref_conv
 from ._common import (
@@ -858,9 +858,8 @@ def conv_norms_bound(
     (sample, group) row block (`reference.conv.conv_rows`: A_ij the unfolded input windows, zero where
     a window covers the padding; G_ij the group's output gradient rows). Unfolding only copies stored
     values (and zeros), so A_ij, G_ij are exactly the tensors whose Linear norms the kernels bound, and
-    the exact squared norm is the sum over groups of those norms (disjoint blocks). Each field of the
-    blocks' bounds is non-negative, so their float64 sum over the groups, times
-    round_up_factor(groups), bounds the sum of the exact norms (value + err, and the cap each).
+    the exact squared norm is the sum over groups of those norms (disjoint blocks), bounded by the
+    blocks' bounds summed (`Bound.group_sum`: the signed values' float64 rounding goes into err).
     Bias: ||sum_t g_t||^2 by `affine.sum_bound` on g's (T, C_out) rows.
 
     The unfolded rows are a (B groups, T, C_in/groups prod(k)) copy of x in its dtype, prod(k) times
@@ -876,6 +875,5 @@ def conv_norms_bound(
         return _ref_bounds.conv_norms_bound(x, g, **geom, bias=bias, method=method)
     w, _ = linear_norms_bound(a, rows, bias=False, method=method)
     if groups > 1:
-        f = round_up_factor(groups)
-        w = Bound(*(t.view(-1, groups).sum(dim=1) * f for t in w))
+        w = w.group_sum(groups)
     return w, (bias_norms_bound(g.flatten(2).transpose(1, 2)) if bias else None)
