@@ -204,4 +204,6 @@ def tied_total(parts: list[Bound], cross: Bound | None) -> Bound:
     if cross is None or len(parts) < 2:
         return total
     cap = (parts[0].cap.sqrt() + parts[1].cap.sqrt()).square() * round_up_factor(8)
-    return Bound(total.value + 2.0 * cross.value, total.err + 2.0 * cross.err, cap)
+    value, err = (torch.stack([t, 2.0 * x]) for t, x in zip(total[:2], cross[:2], strict=True))
+    summed = Bound(value, err, torch.stack([cap, cap])).group_sum(2, dim=0)  # the signed sum's rounding -> err
+    return Bound(summed.value, summed.err, cap)

@@ -40,3 +40,14 @@ def test_group_sum_is_tight_on_natural_bounds():
     got = b.group_sum(4).certified()
     want = (v * (1 + 1e-4)).sum(1)
     assert bool(((got / want - 1).abs() < 1e-12).all())
+
+
+def test_tied_total_keeps_the_norms_beside_a_large_negative_cross_value():
+    """||dE||^2 = 1 exactly, ||dH||^2 = 0 with a cross value of -2^59 whose err (2^59) makes up for it."""
+    from dpkernels.ops.certified import tied_total
+
+    def one(v, e, c):
+        return Bound(*(torch.tensor([x], dtype=torch.float64) for x in (v, e, c)))
+
+    got = tied_total([one(1.0, 0.0, 1.0), one(0.0, 0.0, 0.0)], one(-(2.0**59), 2.0**59, float("inf")))
+    assert float(got.certified()[0]) >= 1.0
