@@ -107,6 +107,15 @@ def round_up_factor(n_ops: float) -> float:
     return 1.0 + 2.0 * gamma(n_ops + 2, U64)
 
 
+def signed_sum(value: Tensor, err: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """(value, err) of the sums along ``dim`` of G quantities bounded by value + err each, the values signed:
+    their float64 sum errs by at most gamma_{G-1}(2^-53) sum |value|, which err takes on, and the err sum is
+    rounded up. f = round_up_factor(G + 4) covers it all: f - 1 = 2 gamma_{G+6} exceeds gamma_{G-1} with the
+    roundings of |value|'s sum, and f the err sum's and the final ones."""
+    f = round_up_factor(value.shape[dim] + 4)
+    return value.sum(dim), (err.sum(dim) + value.abs().sum(dim) * (f - 1.0)) * f
+
+
 class Bound(NamedTuple):
     """Upper bounds on a (B,) exact quantity n: n <= value + err and n <= cap (float64 each).
 
@@ -128,14 +137,11 @@ class Bound(NamedTuple):
 
     def group_sum(self, groups: int, dim: int = 1) -> Bound:
         """The bound of sums over ``groups`` quantities: the fields viewed as (-1, groups) and summed (dim=1),
-        or given stacked with the groups along ``dim``. The values are signed (value + err >= n only): their
-        float64 sum errs by at most gamma_{G-1}(2^-53) sum |value|, which err takes on; the non-negative err
-        and cap sums are rounded up. f = round_up_factor(G + 4) covers it all: f - 1 = 2 gamma_{G+6} exceeds
-        gamma_{G-1} with the roundings of |value|'s sum, and f the err and cap sums' and the final ones."""
-        f = round_up_factor(groups + 4)
+        or given stacked with the groups along ``dim``: the values and errs by `signed_sum`, the non-negative
+        caps rounded up by the same factor."""
         v, e, c = (t if dim == 0 else t.reshape(-1, groups) for t in self)
         d = 0 if dim == 0 else 1
-        return Bound(v.sum(d), (e.sum(d) + v.abs().sum(d) * (f - 1.0)) * f, c.sum(d) * f)
+        return Bound(*signed_sum(v, e, d), c.sum(d) * round_up_factor(groups + 4))
 
     def certified(self) -> Tensor:
         """min(value + err, cap), rounded up: an upper bound on n, float64 (B,), never negative.

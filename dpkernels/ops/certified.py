@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import _load, _validate, acc_dtype, resolve_named
 from . import reference as _ref
-from .bounds import F64, Bound, generic_bound, round_up_factor, token_norms
+from .bounds import F64, Bound, generic_bound, round_up_factor, signed_sum, token_norms
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -205,5 +205,4 @@ def tied_total(parts: list[Bound], cross: Bound | None) -> Bound:
         return total
     cap = (parts[0].cap.sqrt() + parts[1].cap.sqrt()).square() * round_up_factor(8)
     value, err = (torch.stack([t, 2.0 * x]) for t, x in zip(total[:2], cross[:2], strict=True))
-    summed = Bound(value, err, torch.stack([cap, cap])).group_sum(2, dim=0)  # the signed sum's rounding -> err
-    return Bound(summed.value, summed.err, cap)
+    return Bound(*signed_sum(value, err, 0), cap)  # the signed cross value's rounding goes into err

@@ -138,8 +138,8 @@ def _scaled_gram_tile(
             x = load_exact(base + rows_i[:, None] * s_t + cols[None, :] * s_k, mask_i[:, None] & mask_k[None, :])
             y = load_exact(base + cols[:, None] * s_k + rows_j[None, :] * s_t, mask_k[:, None] & mask_j[None, :])
             if SCALE:
-                x = x.to(tl.float32) * scale
-                y = y.to(tl.float32) * scale
+                x = x * scale
+                y = y * scale
             part = tl.dot(x.to(DOT), y.to(DOT), part, input_precision=PRECISION)
         acc += part
     return acc
@@ -635,8 +635,8 @@ def _inst_bound_kernel(
             g = load_exact(g_base + rows[:, None] * s_gt + offs_p[None, :] * s_gp, mask_t[:, None] & mask_p[None, :])
             a = load_exact(a_base + rows[:, None] * s_at + offs_d[None, :] * s_ad, mask_t[:, None] & mask_d[None, :])
             if SCALE:
-                g = g.to(tl.float32) * sg
-                a = a.to(tl.float32) * sa
+                g = g * sg
+                a = a * sa
             part = tl.dot(tl.trans(g).to(DOT), a.to(DOT), part, input_precision=PRECISION)
         acc += part
     sa64, sg64 = sa.to(tl.float64), sg.to(tl.float64)
