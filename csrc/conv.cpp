@@ -310,9 +310,11 @@ std::tuple<Tensor, Tensor> conv_clipped_sum(const Tensor& x, const Tensor& g, co
   } else {
     std::vector<int64_t> cshape(x.dim(), 1);
     cshape[0] = B;
-    const Tensor gs = g.to(acc).mul(cc.view(cshape));
+    // a sample with c_i = 0 adds exactly 0: its x and g set to 0 (a select: 0 * inf is NaN)
+    const Tensor drop = cc.view(cshape).eq(0);
+    const Tensor gs = g.to(acc).mul(cc.view(cshape)).masked_fill_(drop, 0);
     const Tensor weight = at::empty(weight_shape, x.options().dtype(acc));  // only its shape is read
-    auto grads = at::convolution_backward(gs, x.to(acc), weight, c10::nullopt, s, pad, dil, false,
+    auto grads = at::convolution_backward(gs, x.to(acc).masked_fill(drop, 0), weight, c10::nullopt, s, pad, dil, false,
                                           std::vector<int64_t>(n, 0), groups, {false, true, false});
     w = std::get<1>(grads).contiguous();
     finish(w, w, pw, noise_std, scale, seed_w);

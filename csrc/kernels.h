@@ -243,7 +243,8 @@ struct RowSum {
   }
 };
 
-// out[c] = epi(sum_i clip_i s[i, c], c), sequential over i; one j per column.
+// out[c] = epi(sum_i clip_i s[i, c], c), sequential over i; one j per column. A sample with clip_i = 0
+// adds exactly 0 (skipped, not multiplied: its s may be inf or NaN, and 0 * inf is NaN).
 template <class acc_t>
 struct WeightedSum {
   const acc_t* s;  // (B, C)
@@ -253,7 +254,8 @@ struct WeightedSum {
   Noise<acc_t> epi;
   DPK_HD void operator()(int64_t c) const {
     acc_t v = 0;
-    for (int64_t i = 0; i < B; ++i) v += clip[i] * s[i * C + c];
+    for (int64_t i = 0; i < B; ++i)
+      if (clip[i] != acc_t(0)) v += clip[i] * s[i * C + c];
     out[c] = epi(v, c);
   }
 };
@@ -288,7 +290,8 @@ struct EmbNormPart {
 };
 
 // total[v, d] = sum over the run of rows k with id v (ids sorted over the whole batch) of clip_i g[n, d],
-// n = perm[k] the flat (i, t) position, i = n / T; one j per (k, d), only run starts write.
+// n = perm[k] the flat (i, t) position, i = n / T; one j per (k, d), only run starts write. Rows of
+// samples with clip_i = 0 are skipped (they add exactly 0, even inf or NaN ones).
 template <class in_t, class acc_t>
 struct EmbScatter {
   const int64_t* sorted;  // (N,) flat ids, sorted
@@ -304,7 +307,8 @@ struct EmbScatter {
     acc_t s = 0;
     for (int64_t q = k; q < N && sorted[q] == v; ++q) {
       const int64_t n = perm[q];
-      s += clip[n / T] * static_cast<acc_t>(g[n * D + d]);
+      const acc_t ci = clip[n / T];
+      if (ci != acc_t(0)) s += ci * static_cast<acc_t>(g[n * D + d]);
     }
     total[v * D + d] = s;
   }
@@ -442,7 +446,8 @@ struct ConvOperands {
 //
 // load: thread (kk = tid / 16, lane = tid % 16) brings row k of the reduction (for group grp; ok: k
 // is in range) into row kk of the G and A tiles, columns p0 + lane + 16 q and d0 + lane + 16 q,
-// G's entries scaled by clip[i(k)] (clip nullptr: by nothing), 0 outside (P, D) or past the rows.
+// G's entries scaled by clip[i(k)] (clip nullptr: by nothing), 0 outside (P, D) or past the rows, and
+// both G's and A's row 0 when clip[i(k)] is 0: that sample adds exactly 0, even with inf or NaN entries.
 template <int BK, int BP, int BD, class acc_t, class Ops>
 DPK_HD void gemm_load(const Ops& ops, acc_t (*sg)[BP + 16], acc_t (*sa)[BD + 16], int64_t k, bool ok, int64_t grp,
                       const acc_t* clip, int64_t p0, int64_t d0, int64_t P, int64_t D, int tid) {
@@ -452,6 +457,7 @@ DPK_HD void gemm_load(const Ops& ops, acc_t (*sg)[BP + 16], acc_t (*sa)[BD + 16]
   if (ok) {
     const int64_t i = ops.row(k, grp, r);
     ci = clip ? clip[i] : acc_t(1);
+    ok = ci != acc_t(0);
   }
   DPK_UNROLL
   for (int q = 0; q < BP / 16; ++q) {

@@ -12,6 +12,8 @@
 //   aten (the CPU's): per chunk of samples one scaled copy of G in the accumulation dtype and an
 //     addmm into W (MKL), then the epilogue functor in place over W.
 //
+// Both paths: a sample with c_i = 0 adds exactly 0, its rows of G and A read as 0 (0 * inf is NaN).
+//
 // Why a hand-tiled kernel rather than cuBLAS into a workspace plus an epilogue kernel: cuBLAS cannot
 // scale the reduction's rows, so it needs a scaled copy of G (in fp32: a 16-bit c_i g_it loses bits,
 // and leaves fp16's range for c_i > 1 or c_i << 1) and, for 16-bit inputs, an fp32 copy of A, then a
@@ -54,8 +56,11 @@ Tensor weight_aten(const Tensor& a, const Tensor& g, const Tensor& cc, const Opt
   const int64_t step = std::max<int64_t>(1, CHUNK_ELEMS / std::max<int64_t>(1, T * std::max(P, D)));
   for (int64_t lo = 0; lo < B; lo += step) {
     const int64_t hi = std::min(B, lo + step);
-    const Tensor gs = g.slice(0, lo, hi).to(acc).mul(cc.slice(0, lo, hi).view({-1, 1, 1}));
-    w.addmm_(gs.reshape({-1, P}).t(), a.slice(0, lo, hi).to(acc).reshape({-1, D}));
+    // a sample with c_i = 0 adds exactly 0: its rows of G and A set to 0 (a select: 0 * inf is NaN)
+    const Tensor ci = cc.slice(0, lo, hi).view({-1, 1, 1}), drop = ci.eq(0);
+    const Tensor gs = g.slice(0, lo, hi).to(acc).mul(ci).masked_fill_(drop, 0);
+    const Tensor as = a.slice(0, lo, hi).to(acc).masked_fill(drop, 0);
+    w.addmm_(gs.reshape({-1, P}).t(), as.reshape({-1, D}));
   }
   finish(w, w, pw, noise_std, scale, seed);
   return w;

@@ -219,6 +219,11 @@ def clipped_sum(
     subtracting two updates then removes. The noise is dense: every coordinate of p gets it
     (embedding rows no sample used included). DP-SGD's usual call: noise_std = sigma * R,
     scale = 1 / expected batch size. Accumulates in float32 (float64 for float64 inputs).
+
+    A sample with c_i = 0 adds exactly 0, even when its activations or output gradients hold inf or NaN
+    (the ops select, never 0 * inf = NaN): set c_i = 0 where a per-sample norm is not finite
+    (torch.where(torch.isfinite(n2), c, 0)) to leave such a sample out of the sum, as if absent, with no
+    host read.
     """
     fn, params, uses = _prepare(module, activations, grad_output)
     B = uses[0][1].shape[0]

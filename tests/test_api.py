@@ -124,6 +124,23 @@ def test_norms_and_clipped_sum(case, B, reduction):
         torch.testing.assert_close(sums[p], want, **TOL)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_sample_with_factor_zero_adds_nothing_even_non_finite(case):
+    """clip_factors c_i = 0 for a sample whose activations or output gradients hold NaN / inf: the sums are those
+    of the other samples (the ops select, never 0 * NaN)."""
+    m, x, g, params, ps = _setup(case, 3, "sum")
+    c = torch.tensor([0.5, 0.0, 0.75], dtype=DT)
+    g = g.clone()
+    g[1] = float("nan")
+    if x.is_floating_point():
+        x = x.clone()
+        x[1] = float("inf")
+    sums = api.clipped_sum(m, x, g, c)
+    for p in params:
+        want = torch.einsum("b...,b->...", ps[id(p)][[0, 2]], c[[0, 2]])
+        torch.testing.assert_close(sums[p], want, **TOL)
+
+
 def test_hook_list_form_and_no_side_effect():
     """Opacus hooks pass the forward inputs as a list; the caller's module gets no new attribute."""
     m, x, g, params, _ = _setup("conv1d", 3, "sum")

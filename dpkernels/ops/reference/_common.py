@@ -15,6 +15,11 @@ Noise: every op that writes a gradient computes
 
 with ``z`` drawn from a generator keyed by ``seed`` (one seed per output tensor),
 ``prev`` an optional accumulated sum (gradient accumulation, tied weights).
+
+Dropped rows: a sample whose clip factor is exactly 0 adds exactly 0 to every clipped sum, whatever its
+rows hold (`kept`). A product would not do: 0 * inf and 0 * NaN are NaN, so one sample with a non-finite
+activation or output gradient (dropped by the engine's ``nonfinite="drop"``) or a padding row
+(dpkernels.padding) would decide whether everyone's sum is finite. Every backend follows this rule.
 """
 
 from __future__ import annotations
@@ -52,6 +57,18 @@ def group_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
     inv = torch.empty_like(seg).scatter_(0, order, seg)
     key_of = torch.full_like(keys, -1).scatter_(0, seg, sorted_keys)  # a group's elements all write its key
     return inv, key_of
+
+
+def kept(x: Tensor, c: Tensor, dt: torch.dtype, scaled: bool = False) -> Tensor:
+    """x (B, ...) in dtype ``dt`` with the rows of samples whose clip factor c_i is 0 set to exactly 0
+    (``scaled``: each row multiplied by c_i as well). A select, not a product (0 * inf is NaN): a row with
+    c_i = 0 adds exactly 0 to a clipped sum, finite or not. Costs one elementwise pass over x, in place
+    when the cast or the scaling already made a copy."""
+    drop = (c == 0).view(-1, *([1] * (x.dim() - 1)))
+    y = x.to(dt)
+    if scaled:
+        return (y * c.to(dt).view_as(drop)).masked_fill_(drop, 0)
+    return y.masked_fill_(drop, 0) if y is not x else y.masked_fill(drop, 0)
 
 
 def gaussian(shape, seed: int, device, dtype=torch.float32) -> Tensor:

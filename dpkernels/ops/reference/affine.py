@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype, finish
+from ._common import acc_dtype, finish, kept
 
 
 def affine_norms(xhat: Tensor, g: Tensor, *, weight: bool, bias: bool) -> tuple[Tensor | None, Tensor | None]:
@@ -45,12 +45,13 @@ def affine_clipped_sum(
 
     weight: scale * (prev_w + sum_i c_i sum_t xhat_it * g_it + noise_std * z_w)
     bias:   scale * (prev_b + sum_i c_i sum_t g_it + noise_std * z_b)
+    A sample with c_i = 0 adds exactly 0, even with non-finite rows (_common.kept).
     """
     dt = acc_dtype(xhat, g)
-    gs = g.to(dt) * c.to(dt)[:, None, None]
+    gs = kept(g, c, dt, scaled=True)
     w = b = None
     if weight:
-        w = finish(torch.einsum("btc,btc->c", xhat.to(dt), gs), prev_w, noise_std, scale, seed_w, fresh=True)
+        w = finish(torch.einsum("btc,btc->c", kept(xhat, c, dt), gs), prev_w, noise_std, scale, seed_w, fresh=True)
     if bias:
         b = finish(gs.sum(dim=(0, 1)), prev_b, noise_std, scale, seed_b, fresh=True)
     return w, b

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import _chunks, acc_dtype, finish
+from ._common import _chunks, acc_dtype, finish, kept
 from .linear import bias_clipped_sum, bias_norms, linear_norms
 
 IntOrSeq = int | Sequence[int]
@@ -162,15 +162,16 @@ def conv_clipped_sum(
     weight: scale * (prev_w + sum_i c_i grad_W(x_i, g_i) + noise_std * z_w)   weight_shape
             = the weight gradient of the conv with g's samples scaled by c (one convolution_backward)
     bias:   scale * (prev_b + sum_i c_i sum_t g_it + noise_std * z_b)         (C_out,)
-    Computed in float32 (float64 for float64 inputs).
+    Computed in float32 (float64 for float64 inputs). A sample with c_i = 0 adds exactly 0, even with
+    non-finite rows (_common.kept: its x and g are set to 0 before the convolution's backward).
     """
     dt = acc_dtype(x, g)
     n = x.dim() - 2
-    gs = g.to(dt) * c.to(dt).view(-1, *([1] * (n + 1)))
+    gs = kept(g, c, dt, scaled=True)
     weight = torch.empty(tuple(weight_shape), device=x.device, dtype=dt)  # only its shape is read
     _, w, _ = torch.ops.aten.convolution_backward(
         gs,
-        x.to(dt),
+        kept(x, c, dt),
         weight,
         None,
         list(_ntuple(stride, n, "stride")),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _chunks, acc_dtype, group_keys, noise_base
+from ._common import _chunks, acc_dtype, group_keys, kept, noise_base
 
 
 def _pad_mask(ids: Tensor, padding_idx: int | None, num_embeddings: int) -> Tensor | None:
@@ -83,11 +83,12 @@ def embedding_clipped_sum(
     row, which must be noised. The engine's ``add_noise`` (a step no sample reached) noises it as well,
     so every path gives the same distribution. Consequence: unlike torch, the padding row moves by the
     noise during training; reset it after ``optimizer.step()`` if it must stay fixed (post-processing).
+    A sample with c_i = 0 adds exactly 0, even with non-finite rows (_common.kept).
     ids: (B, T), g: (B, T, D), c: (B,). Returns (V, D) in float32 (float64 for float64 g).
     """
     dt = acc_dtype(g)
     D = g.shape[-1]
-    rows = _masked_rows(ids, g, padding_idx, num_embeddings, dt) * c.to(dt)[:, None, None]
+    rows = kept(_masked_rows(ids, g, padding_idx, num_embeddings, dt), c, dt, scaled=True)
     total = noise_base((num_embeddings, D), prev, noise_std, scale, seed, g.device, dt)
     return total.index_add_(0, ids.reshape(-1), rows.reshape(-1, D), alpha=scale)
 

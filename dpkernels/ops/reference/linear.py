@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import _chunks, acc_dtype, finish, finish_mm
+from ._common import _chunks, acc_dtype, finish, finish_mm, kept
 
 # ----------------------------------------------------------------------------- Linear
 
@@ -39,6 +39,19 @@ def linear_norms(a: Tensor, g: Tensor, *, bias: bool, method: str) -> tuple[Tens
     return w, (bias_norms(g) if bias else None)
 
 
+def _terms(a: Tensor, g: Tensor, c: Tensor, dt: torch.dtype, bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(X, Y, bias sum) with X @ Y = sum_i c_i G_i^T A_i over these samples, rows with c_i = 0 set to 0 in both
+    operands (`kept`: 0 * inf is NaN). c_i scales the narrower of G_i (T, p) and A_i (T, d):
+    sum_i (c_i G_i)^T A_i = sum_i G_i^T (c_i A_i), so a language model's head (p = V) scales no copy of G.
+    flatten, not reshape(-1, p): p or d may be 0."""
+    if a.shape[-1] < g.shape[-1]:
+        gk = kept(g, c, dt)
+        b = torch.einsum("btp,b->p", gk, c.to(dt)) if bias else None
+        return gk.flatten(0, 1).T, kept(a, c, dt, scaled=True).flatten(0, 1), b
+    gs = kept(g, c, dt, scaled=True)
+    return gs.flatten(0, 1).T, kept(a, c, dt).flatten(0, 1), (gs.sum(dim=(0, 1)) if bias else None)
+
+
 def linear_clipped_sum(
     a: Tensor,
     g: Tensor,
@@ -56,18 +69,23 @@ def linear_clipped_sum(
 
     weight: scale * (prev_w + sum_i c_i G_i^T A_i + noise_std * z_w)   (p, d)
     bias:   scale * (prev_b + sum_i c_i sum_t g_it + noise_std * z_b)  (p,)
+    A sample with c_i = 0 adds exactly 0, even with non-finite rows (_common.kept).
     """
     dt = acc_dtype(a, g)
-    cd = c.to(dt)[:, None, None]
-    # c_i scales the narrower of G_i (T, p) and A_i (T, d): sum_i (c_i G_i)^T A_i = sum_i G_i^T (c_i A_i), so a
-    # language model's head (p = V) needs no (B, T, V) copy of G. flatten, not reshape(-1, p): p or d may be 0.
-    if a.shape[-1] < g.shape[-1]:
-        w = finish_mm(g.to(dt).flatten(0, 1).T, (a.to(dt) * cd).flatten(0, 1), prev_w, noise_std, scale, seed_w)
-        b = torch.einsum("btp,b->p", g.to(dt), c.to(dt)) if bias else None
+    # chunks of samples bound the masked copies (`_terms`) as the norms bound their temporaries
+    chunks = list(_chunks(g.shape[0], g.shape[1] * max(a.shape[-1], g.shape[-1])))
+    if len(chunks) <= 1:
+        x, y, b = _terms(a, g, c, dt, bias)
+        w = finish_mm(x, y, prev_w, noise_std, scale, seed_w)
     else:
-        gs = g.to(dt) * cd
-        w = finish_mm(gs.flatten(0, 1).T, a.to(dt).flatten(0, 1), prev_w, noise_std, scale, seed_w)
-        b = gs.sum(dim=(0, 1)) if bias else None
+        w = torch.zeros(g.shape[-1], a.shape[-1], device=g.device, dtype=dt)
+        b = torch.zeros(g.shape[-1], device=g.device, dtype=dt) if bias else None
+        for sl in chunks:
+            x, y, bc = _terms(a[sl], g[sl], c[sl], dt, bias)
+            w.addmm_(x, y)
+            if b is not None and bc is not None:
+                b.add_(bc)
+        w = finish(w, prev_w, noise_std, scale, seed_w, fresh=True)
     return w, (finish(b, prev_b, noise_std, scale, seed_b, fresh=True) if b is not None else None)
 
 
@@ -82,7 +100,7 @@ def bias_norms(g: Tensor) -> Tensor:
 def bias_clipped_sum(
     g: Tensor, c: Tensor, *, noise_std: float = 0.0, scale: float = 1.0, seed: int = 0, prev: Tensor | None = None
 ) -> Tensor:
-    """scale * (prev + sum_i c_i sum_t g_it + noise_std * z), g: (B, T, p)."""
+    """scale * (prev + sum_i c_i sum_t g_it + noise_std * z), g: (B, T, p); c_i = 0 adds exactly 0."""
     dt = acc_dtype(g)
-    total = torch.einsum("btp,b->p", g.to(dt), c.to(dt))
+    total = torch.einsum("btp,b->p", kept(g, c, dt), c.to(dt))
     return finish(total, prev, noise_std, scale, seed, fresh=True)

@@ -277,13 +277,18 @@ def load_exact(ptrs, mask):
 def clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, cols, mask_c, s_gc, ACC: tl.constexpr):
     """Rows (i, t) = divmod(rows, T) of g at columns ``cols``, each scaled by its sample's clip factor c_i
     in ACC as it loads (no pass over g to scale it: docs/design.md, speed lever 1). Returns the (rows, cols)
-    tile c_i g_it and the rows' samples and positions."""
+    tile c_i g_it, the rows' samples and positions, and ``keep``: mask_k and c_i != 0.
+
+    A row whose sample has c_i = 0 is not loaded (0 in its place, the load's mask): it adds exactly 0,
+    even when it holds inf or NaN (0 * inf is NaN); the caller masks its other operand's loads (A, xhat)
+    with ``keep`` for the same reason. Free: the mask was there already, now per row."""
     sample = rows // T
     t = rows - sample * T
     c = tl.load(c_ptr + sample, mask=mask_k, other=0.0).to(ACC)
+    keep = mask_k & (c != 0)
     g_rows = sample.to(tl.int64) * s_gb + t.to(tl.int64) * s_gt
-    g = tl.load(g_ptr + g_rows[:, None] + cols[None, :] * s_gc, mask=mask_k[:, None] & mask_c[None, :], other=0.0)
-    return g.to(ACC) * c[:, None], sample, t
+    g = tl.load(g_ptr + g_rows[:, None] + cols[None, :] * s_gc, mask=keep[:, None] & mask_c[None, :], other=0.0)
+    return g.to(ACC) * c[:, None], sample, t, keep
 
 
 # Block floating point for fp16 operands of the clipped sums (`fp16_block_scale`): the running scale

@@ -163,10 +163,10 @@ def _affine_clipped_sum_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
         mask_k = rows < k_hi
-        g, sample, t = clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, cols, mask_c, s_gc, ACC)
-        if HAS_W:
+        g, sample, t, keep = clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, cols, mask_c, s_gc, ACC)
+        if HAS_W:  # rows with c_i = 0: xhat not loaded either (0 * inf is NaN), see clipped_rows
             x_rows = sample.to(tl.int64) * s_xb + t.to(tl.int64) * s_xt
-            mask = mask_k[:, None] & mask_c[None, :]
+            mask = keep[:, None] & mask_c[None, :]
             x = tl.load(x_ptr + x_rows[:, None] + cols[None, :] * s_xc, mask=mask, other=0.0).to(ACC)
             aw += x * g
         if HAS_B:

@@ -372,9 +372,10 @@ def _conv_clipped_sum_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
         mask_k = rows < k_hi
-        gc, sample, t = clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, chan, mask_p, s_gc, ACC)
+        gc, sample, t, keep = clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, chan, mask_p, s_gc, ACC)
         wd, wh, ww = _window(t, O_H, O_W, ST_D, ST_H, ST_W, PAD_D, PAD_H, PAD_W, NDIM)
-        oa, ma = _gather(wd, wh, ww, mask_k, ch, kd, kh, kw, mask_d, S_D, S_H, S_W, s_xc, s_xd, s_xh, s_xw, NDIM)
+        # rows with c_i = 0: their patches not loaded either (0 * inf is NaN), see clipped_rows
+        oa, ma = _gather(wd, wh, ww, keep, ch, kd, kh, kw, mask_d, S_D, S_H, S_W, s_xc, s_xd, s_xh, s_xw, NDIM)
         a = tl.load(x_grp + sample.to(tl.int64)[:, None] * s_xb + oa, mask=ma, other=0.0)
         x = gc
         if FP16:  # keep c_i g_it in fp16's range: see _common.fp16_block_scale

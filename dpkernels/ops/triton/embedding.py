@@ -228,7 +228,7 @@ def _embedding_clipped_sum_kernel(
         mask_k = ks < hi
         x = tl.load(sid_ptr + ks, mask=mask_k, other=-1)
         pos = tl.load(perm_ptr + ks, mask=mask_k, other=0)
-        gc, _, _ = clipped_rows(g_ptr, c_ptr, pos, mask_k, T, s_gb, s_gt, cols, mask_d, s_gd, ACC)
+        gc, _, _, _ = clipped_rows(g_ptr, c_ptr, pos, mask_k, T, s_gb, s_gt, cols, mask_d, s_gd, ACC)
         onehot = (rows[:, None] == x[None, :]).to(ACC)  # (BLOCK_V, BLOCK_K): scatter as a matmul
         # ieee: 1.0 * gc is exact, so the sum rounds like the reference's fp32 index_add (TF32 would not)
         acc = tl.dot(onehot, gc, acc, input_precision="ieee")

@@ -104,11 +104,11 @@ def _clipped_sum_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
         mask_k = rows < k_hi
-        gc, sample, t = clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, offs_p, mask_p, s_gp, ACC)
-        if HAS_WEIGHT:
+        gc, sample, t, keep = clipped_rows(g_ptr, c_ptr, rows, mask_k, T, s_gb, s_gt, offs_p, mask_p, s_gp, ACC)
+        if HAS_WEIGHT:  # rows with c_i = 0: A not loaded either (0 * inf is NaN), see clipped_rows
             a_rows = sample.to(tl.int64) * s_ab + t.to(tl.int64) * s_at
             a = tl.load(
-                a_ptr + a_rows[:, None] + offs_d[None, :] * s_ad, mask=mask_k[:, None] & mask_d[None, :], other=0.0
+                a_ptr + a_rows[:, None] + offs_d[None, :] * s_ad, mask=keep[:, None] & mask_d[None, :], other=0.0
             )
             x = gc
             if FP16:  # keep c_i g_it in fp16's range: see _common.fp16_block_scale
