@@ -3,8 +3,9 @@
 Everything make_private decides about the privacy mechanism that is a plain value (numbers and names,
 not the model's modules or parameter objects): the noise multiplier, the clipping bounds per group,
 the clip function, the strategy, the loss reduction, accumulation, the expected batch size, the seed,
-perturbed clipping's k, secure mode and the fixed loss scale. An engine reads it and never writes it;
-what moves during a run (the bounds under adaptive clipping, the step counter) lives in the engine.
+perturbed clipping's k, secure mode, the fixed loss scale and what a non-finite per-sample gradient
+does. An engine reads it and never writes it; what moves during a run (the bounds under adaptive
+clipping, the step counter) lives in the engine.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .secure import check_seed
 
 STRATEGIES = ("bk", "two-pass")
 LOSS_REDUCTIONS = ("mean", "sum")
+NONFINITE = ("raise", "drop")  # what a non-finite per-sample gradient does (make_private's ``nonfinite``)
 
 
 def _positive_finite(name: str, x: float, why: str = "") -> float:
@@ -46,6 +48,7 @@ class EngineConfig:
     perturb_k: float = 0.0
     secure_mode: bool = False
     loss_scale: float = 1.0
+    nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
         check_seed(self.secure_mode, self.seed)
@@ -53,6 +56,18 @@ class EngineConfig:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
+        if self.nonfinite not in NONFINITE:
+            raise ValueError(
+                f"nonfinite must be one of {NONFINITE} (what a sample with a non-finite per-sample gradient does: "
+                f"'raise' stops the step with FloatingPointError, 'drop' gives it clip factor 0), got "
+                f"{self.nonfinite!r}"
+            )
+        if self.nonfinite == "drop" and self.perturb_k != 0.0:
+            raise ValueError(
+                "nonfinite='drop' with perturb_k is not supported yet: perturbed clipping sums c_i (g_i + k zeta_i) "
+                "with a product, so a dropped sample's inf or NaN would still reach the sum. Use perturb_k=0, or "
+                "nonfinite='raise'"
+            )
         if self.clipping not in CLIP_FUNCTIONS:
             raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {self.clipping!r}")
         ebs = self.expected_batch_size

@@ -292,6 +292,7 @@ def make_private(
     loss_scale: float = 1.0,
     perturb_k: float = 0.0,
     adaptive_clipping: Any = None,
+    nonfinite: str = "raise",
 ) -> tuple[nn.Module, DPOptimizer]:
     """Make ``model`` and ``optimizer`` train with DP-SGD.
 
@@ -331,6 +332,15 @@ def make_private(
 
     ``secure_mode``: the noise from ChaCha20 keyed by the operating system's entropy, sampled in float64 by a
     method that resists the known floating-point attacks, on every backend (dpkernels.secure); ``seed`` refused.
+
+    ``nonfinite``: what a sample whose per-sample gradient is non-finite (inf or NaN in its loss, input or any
+    layer's output gradient) does. "raise" (the default): the backward raises FloatingPointError naming the
+    samples and layers, no gradient is written and no step counted; clear, but whether the step happens then
+    depends on one sample, so an adversary whose sample overflows learns from the failed step whether it was
+    drawn. "drop": that sample gets clip factor 0 in each clipping group where its squared norm is not finite
+    (decided on the device, no host read) and adds exactly 0 to every clipped sum; the step goes on and is
+    accounted as usual. This is DP: the released sum with the sample dropped is the sum without it, the
+    neighbouring dataset's. ``optimizer.engine.dropped_samples()`` counts them (a host read, only when asked).
     """
     if clipping not in CLIP_FUNCTIONS:
         raise ValueError(f"clipping must be one of {CLIP_FUNCTIONS}, got {clipping!r}")
@@ -398,6 +408,7 @@ def make_private(
         perturb_k=perturb_k,
         secure_mode=secure_mode,
         loss_scale=loss_scale,
+        nonfinite=nonfinite,
     )
     if adaptive_clipping is not None:
         from .adaptive import attach as attach_adaptive
@@ -421,6 +432,7 @@ def make_private(
                 "accumulation_steps": accumulation_steps,
                 "accountant": accountant,
                 "perturb_k": perturb_k,
+                "nonfinite": nonfinite,
                 "secure_mode": bool(secure_mode),  # one rank drawing Philox noise would weaken a secure run
                 "adaptive_clipping": repr(engine.adaptive.config) if engine.adaptive is not None else None,
                 "privacy account so far": repr(spent),  # a rank continuing a run alone would report another epsilon

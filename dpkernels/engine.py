@@ -357,6 +357,10 @@ class Engine:
         self._micro = 0
         self._strategy = make_strategy(config.strategy)  # runs the passes; says what the pass in progress does
         self._factors: list[Tensor | None] = [None] * len(groups)
+        # nonfinite="drop": the batch's samples given c_i = 0 for a non-finite norm in some group (B,) bool, and
+        # their count since make_private (int64), both on the device: read only by dropped_samples()
+        self._drop_mask: Tensor | None = None
+        self._dropped: Tensor | None = None
         self._count_task = -1  # the graph task _counting describes
         self._counting: dict[Tie, bool] = {}  # per tie: does that pass ask for its parameters' gradients
         self._pass: BackwardPass | None = None  # the backward pass in progress
@@ -400,6 +404,7 @@ class Engine:
         lambda self: self.config.loss_scale, doc="S of make_private(loss_scale=S): the loss was multiplied by S"
     )
     secure = property(lambda self: self.noise.secure)
+    nonfinite = property(lambda self: self.config.nonfinite, doc='"raise" or "drop": see make_private')
 
     def _plan_attr(name: str, doc: str) -> Any:  # type: ignore[misc]
         def get(self: Engine) -> Any:
@@ -450,6 +455,7 @@ class Engine:
         self.run_id = old.run_id
         self.steps = old.steps
         self.stream = old.stream
+        self._dropped = old._dropped
 
     def retire(self) -> None:
         """Stop training (make_private was called again on the model): hooks removed, per-step state
@@ -553,6 +559,7 @@ class Engine:
             self.parallel.reset_step()  # a new logical step: nothing of an abandoned one is all-reduced
         if self._strategy.takes_norms:  # the clipping pass of two-pass keeps the norms pass's factors
             self._factors = [None] * len(self.groups)
+            self._drop_mask = None
             if self.adaptive is not None:
                 self.adaptive.begin_pass()
         self._pass = BackwardPass(self)
@@ -673,6 +680,7 @@ class Engine:
         for tie in self.ties:
             tie.expected = 0
         self._factors = [None] * len(self.groups)
+        self._drop_mask = None
         if self.perturb is not None:
             self.perturb.clear()
         self._drop_pass()
@@ -806,14 +814,21 @@ class Engine:
             return
         now.done[gi] = True
         n2 = self._group_norms(gi)
-        now.closed.append(n2)  # checked finite with the pass's one host read (_check_finite)
         c = factors_in(
             clip_factors(n2.sqrt(), self.bounds[gi], self.clipping, self.gamma),
             self.loss_scale(),
             self._factor_dtype[gi],
         )
-        if self._sample_mask is not None:
-            c = c * sample_mask(self._sample_mask, c)
+        mask = sample_mask(self._sample_mask, c) if self._sample_mask is not None else None
+        if mask is not None:
+            c = c * mask
+        if self.nonfinite == "drop":
+            c, dropped = drop_nonfinite(n2, c)
+            if mask is not None:
+                dropped = dropped & mask.bool()  # a padding row is not a sample
+            self._drop_mask = dropped if self._drop_mask is None else self._drop_mask | dropped
+        else:
+            now.closed.append(n2)  # checked finite with the pass's one host read (_check_finite)
         self._factors[gi] = c
         if self.adaptive is not None:
             self.adaptive.observe(gi, n2, self.bounds[gi])
@@ -921,6 +936,10 @@ class Engine:
                 tie.expected = 0
             self._micro += 1
             self._factors = [None] * len(self.groups)  # the batch's clip factors: secret, and used up
+            if self._drop_mask is not None:  # the samples dropped from the sums just committed
+                n = self._drop_mask.sum()
+                self._dropped = n if self._dropped is None else self._dropped + n
+                self._drop_mask = None
             if self.perturb is not None:
                 self.perturb.clear()
         self._drop_pass()
@@ -955,8 +974,20 @@ class Engine:
                     names += [self._name_of[m] for t in self._ties_of_group[gi] for m in t.modules]
         raise FloatingPointError(
             f"non-finite per-sample gradient in the clipping group(s) of {sorted(set(names))[:8]} for sample(s) "
-            f"{sorted(bad)[:8]}: no step was taken; check the loss and inputs of those samples"
+            f"{sorted(bad)[:8]}: no step was taken; check the loss and inputs of those samples. Whether a step "
+            f"fails depends on single samples, which an adversary can see: make_private(..., nonfinite='drop') "
+            f"gives such a sample clip factor 0 and steps as usual (DP-safe)"
         )
+
+    def dropped_samples(self) -> int:
+        """How many samples nonfinite="drop" left out of the clipped sums since make_private (a sample counts
+        once per micro-batch however many of its clipping groups it was dropped from; padding rows never).
+
+        A host read of a device counter: nothing reads it unless this is called. The number is private to the
+        trainer: it depends on the data (one adversarial sample moves it by 1), so releasing it, or acting on
+        it in a way that shows (stopping the run when it moves), is not covered by the DP guarantee; use it to
+        notice a diverging run or bad data. Always 0 with nonfinite="raise"."""
+        return 0 if self._dropped is None else int(self._dropped)
 
     def backward(self, loss: Tensor, sample_mask: Tensor | None = None) -> None:
         """One micro-batch's backward; for "two-pass" the norms pass and then the clipping pass.
@@ -1110,6 +1141,21 @@ def factors_in(c: Tensor, multiplier: float, dtype: torch.dtype) -> Tensor:
     m = _round_down(_round_down(multiplier, 2.0**-52), 2.0**-23)
     c = torch.threshold(c * m, torch.finfo(torch.float32).tiny, 0.0).clamp_max_(torch.finfo(torch.float32).max)
     return c.to(dtype)
+
+
+def drop_nonfinite(n2: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """nonfinite="drop": (c with c_i = 0 where the group's squared norm n2_i is not finite, that (B,) mask),
+    on the device with no host read.
+
+    Why this is DP: every clipped-sum op adds exactly 0 for a sample with c_i = 0, whatever its rows hold
+    (dpkernels.ops: a select, not 0 * inf = NaN), so the released sum with sample i dropped is the sum over the
+    batch without it, the neighbouring dataset's under add/remove; the step, its noise and its accounting are
+    those of that batch, and whether the step happens no longer depends on one sample. Other clipping groups keep
+    their own factors (a sample finite there adds c_i^g g_i^g with the usual bound R_g). With adaptive clipping
+    such a sample's count term is that of a norm above the bound (NaN <= R is false): -1/2, within the count's
+    sensitivity of 1/2."""
+    finite = torch.isfinite(n2)
+    return torch.where(finite, c, torch.zeros((), dtype=c.dtype, device=c.device)), ~finite
 
 
 def sample_mask(mask: Tensor, c: Tensor) -> Tensor:

@@ -6,9 +6,10 @@ next multiple of P, never a split, so a step is still one Poisson sample; with P
 that happens about once in 30,000 steps, by the normal approximation) and yields ``(batch, mask)``,
 mask[i] True for a drawn sample. ``optimizer.backward(loss, sample_mask=mask)`` multiplies each padded
 row's clip factor by 0 on the device (no host read), so the padding adds exactly nothing to the clipped
-sum (0 times finite values; a non-finite padded row is refused like any other); the noise, the accounting
-and the division by the expected batch size are those of the unpadded batch. A mean loss over the padded
-batch is fine: the engine undoes the mean with the batch size it sees.
+sum (every clipped-sum op adds exactly 0 for a row whose factor is 0, by a select, so even a non-finite
+row would add 0; under nonfinite="raise" a non-finite padded row is still refused like any other); the
+noise, the accounting and the division by the expected batch size are those of the unpadded batch. A mean
+loss over the padded batch is fine: the engine undoes the mean with the batch size it sees.
 
 Padding rows are zeros, never a copy of a sample, so a row counted by mistake carries no sample's data; but
 their number is P - n, so counting them moves the step by up to 2 R per sample. The mask is therefore not

@@ -23,7 +23,7 @@ B = 6  # the global batch, split over the ranks
 R = 0.3  # small enough that most samples of the zoo models are clipped
 
 
-def _step(case, model, x, y, *, distributed, strategy="bk", groups="all-layer", sigma=0.0, seed=None, accum=1):
+def _step(case, model, x, y, *, distributed, strategy="bk", groups="all-layer", sigma=0.0, seed=None, accum=1, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     model, opt = dpkernels.make_private(
         model,
@@ -36,6 +36,7 @@ def _step(case, model, x, y, *, distributed, strategy="bk", groups="all-layer", 
         accumulation_steps=accum,
         seed=seed,
         distributed=distributed,
+        **kw,
     )
     for xs, ys in zip(x.tensor_split(accum), y.tensor_split(accum), strict=True):
         loss = batch_loss(case, model(xs), ys, "mean")
@@ -59,7 +60,7 @@ def _sharded(model: nn.Module, mp=None) -> nn.Module:
     return model
 
 
-def _fsdp_step(case, model, x, y, *, strategy="bk", groups="all-layer", sigma=0.0, seed=None, accum=1, mp=None):
+def _fsdp_step(case, model, x, y, *, strategy="bk", groups="all-layer", sigma=0.0, seed=None, accum=1, mp=None, **kw):
     """One DP step of the FSDP2-sharded ``model``: the full gradient (its shards all-gathered)."""
     model = _sharded(model, mp)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -74,6 +75,7 @@ def _fsdp_step(case, model, x, y, *, strategy="bk", groups="all-layer", sigma=0.
         accumulation_steps=accum,
         seed=seed,
         distributed=True,
+        **kw,
     )
     for xs, ys in zip(x.tensor_split(accum), y.tensor_split(accum), strict=True):
         opt.backward(batch_loss(case, model(xs), ys, "mean"))
@@ -253,6 +255,35 @@ def exact(case_name, rank, world, *, strategy="bk", groups="all-layer", empty_ra
     single, _ = _step(case, case.build(), x, y, distributed=False, strategy=strategy, groups=groups, accum=accum)
     err = ((mine - single).norm() / single.norm()).item()
     return {"rel_err": err, "ranks_equal": same, "norm": single.norm().item()}
+
+
+def nonfinite(rank, world, *, fsdp):
+    """nonfinite="drop" across ranks, noise on (one seed, so both runs draw the same noise): sample 1 (rank 1's) has
+    an inf input and is dropped there; the all-reduced (FSDP2: reduce-scattered) step equals the data-parallel step
+    without that sample, and each rank counts its own dropped samples."""
+    case = BY_NAME["mlp"]
+    x, y = batch(case, B)
+    x[1].view(-1)[0] = float("inf")
+    kw = dict(sigma=1.0, seed=5, nonfinite="drop")
+    steps, dropped = [], []
+    for without in (False, True):
+        xs, ys = x[rank::world], y[rank::world]  # rank 0: samples 0, 2, 4; rank 1: 1, 3, 5
+        if without and rank == 1:
+            xs, ys = xs[1:], ys[1:]
+        if fsdp:
+            g, opt = _fsdp_step(case, case.build(), xs, ys, **kw)
+        else:
+            g, opt = _step(case, case.build(), xs, ys, distributed=True, **kw)
+        steps.append(g)
+        every: list = [None] * world
+        dist.all_gather_object(every, opt.engine.dropped_samples())
+        dropped.append(every)
+    mine, without = steps
+    every_g = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every_g, mine)
+    err = ((mine - without).norm() / without.norm()).item()
+    return {"rel_err": err, "ranks_equal": all(torch.equal(every_g[0], e) for e in every_g), "dropped": dropped,
+            "finite": bool(torch.isfinite(mine).all())}  # fmt: skip
 
 
 def noise(rank, world, *, seed):
@@ -441,6 +472,8 @@ def main() -> None:
     results["overlap/layer-wise/two-pass"] = overlap(rank, world, groups="layer-wise", strategy="two-pass")
     results["overlap/all-layer"] = overlap(rank, world, groups="all-layer")
     results["overlap/layer-wise/idle-rank"] = overlap(rank, world, groups="layer-wise", idle_rank=1)
+    results["nonfinite/ddp"] = nonfinite(rank, world, fsdp=False)
+    results["nonfinite/fsdp"] = nonfinite(rank, world, fsdp=True)
     results["noise/os-seeds"] = noise(rank, world, seed=None)
     results["noise/same-seed"] = noise(rank, world, seed=1234)
     results["sensitivity"] = sensitivity(rank, world)

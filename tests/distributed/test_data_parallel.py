@@ -152,6 +152,18 @@ def test_a_rank_without_backward_launches_the_same_buckets_at_the_step(two_ranks
     assert r["launches"] == [[2, 2, 1, 1, 0, 0], [-1] * 6]
 
 
+@pytest.mark.parametrize("key", ["nonfinite/ddp", "nonfinite/fsdp"])
+def test_a_sample_dropped_on_one_rank_gives_the_step_without_it(two_ranks, key):
+    """nonfinite="drop", noise on with one seed: rank 1's sample with an inf input is dropped there (its own
+    counter says 1, rank 0's 0) and the global step equals the data-parallel step without it, same noise. 1e-12:
+    float64, the same non-zero terms added in another order (and rank 1's G rows rounded as g / 3 * 3 vs g / 2 * 2
+    under the mean)."""
+    r = two_ranks[key]
+    assert r["finite"] and r["ranks_equal"]
+    assert r["dropped"] == [[0, 1], [0, 0]]
+    assert r["rel_err"] < 1e-12
+
+
 @pytest.mark.parametrize("key", ["noise/os-seeds", "noise/same-seed"])
 def test_noise_is_added_once_for_the_global_step(two_ranks, key):
     """Empty steps on both ranks: the summed noise has std sigma R / B, not sqrt(2) times more (both ranks adding
