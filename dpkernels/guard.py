@@ -13,12 +13,13 @@
   Python read each, no host sync. A write through an alias with a version counter of its own bumps none:
   ``t.data``, ``numpy()``, ``untyped_storage()``, DLPack, taken during the forward or before it and kept
   anywhere (a global, a closure, an object), or a raw pointer (``data_ptr()`` and ctypes). So every watched
-  tensor's bits are also compared, through a keyed hash (`_Values`): before the forward, per chunk of up to
-  2^20 16-bit halves of its bits, a pair of dot products with the guard's secret random integer weights, exact
-  in float64; after it the same hashes, and ``ne``, ``any`` give a flag (the first differing hash names the
-  tensor). No copy of the model: one chunk's temporaries at a time, the hashes, and the weights (<= 16 MiB per
-  device). A write that changes one 16-bit half of a chunk (one low bit, -0.0 over 0.0, a NaN payload) is
-  always seen; writes to several halves of one chunk that cancel in the hash are missed with probability <=
+  tensor's bits are also compared, through a keyed hash (`_Values`): before the forward, per row of up to 2^12
+  16-bit halves of its bits (a row holds one tensor's), a pair of dot products with the guard's secret random
+  integer weights, exact in float64, many rows and tensors at once (3 ops per batch of <= 2^22 halves, 8 MiB of
+  state); after it the same hashes, and ``ne``, ``any`` give a flag (the first differing row names the
+  tensor). No copy of the model: one batch's temporaries at a time (<= 40 MiB), the hashes (16 bytes a row),
+  and the weights (<= 64 KiB per device). A write that changes one 16-bit half (one low bit, -0.0 over 0.0, a
+  NaN payload) is always seen; writes to several halves that cancel in the hash are missed with probability <=
   2^-36 when not chosen knowing the weights. The flag is read with the engine's one host read at the end of
   the backward pass (at once for a forward under ``torch.no_grad()``). A forward whose backward never comes is
   read before the next forward, before ``make_private`` again points the guard at a new engine, and before any
@@ -44,9 +45,9 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
-import itertools
 import operator
 import os
 import threading
@@ -154,23 +155,49 @@ def _halves(b: Tensor) -> Tensor:
     return b if b.element_size() == 1 else b.view(torch.int16)
 
 
+class _Batch(NamedTuple):
+    """One batched op of a device's hash: rows [row, row + rows) of ``width`` halves each, from ``parts`` (views
+    of the tensors' halves and of the padding zeros) in the order of ``spec``: (item, start, length), item -1
+    for padding."""
+
+    row: int
+    rows: int
+    width: int
+    spec: list[tuple[int, int, int]]
+    parts: list[Tensor]
+    stale: bool  # holds bits that are no view of their tensor (a copy): read anew after the forward
+
+
+class _Plan(NamedTuple):
+    """A device's hash layout (`_Views.plan`): made for the `_bits` of its tensors (``bits``, by identity)."""
+
+    bits: tuple[Tensor, ...]
+    rows: int
+    firsts: list[int]  # the first row of each tensor with bits, ascending
+    owners: list[int]  # the item whose rows start there
+    batches: list[_Batch]
+    width: int  # the widest row
+
+
 class _Views:
     """Each watched tensor's `_bits` view, kept from one forward to the next while the tensor keeps its storage
     (address, offset, shape) and dtype: a view made again would read the same memory (the one kept holds
     that storage, so no other can take its address). A tensor whose bits are no view of it (not contiguous) is
-    read anew at each comparison. Also the guard's secret hash weights per device (`_Values`) and the chunk
-    plan of each (device, width) group, made again when the group's tensors change."""
+    read anew at each comparison. Also the guard's secret hash weights per device (`table`), the zeros that
+    pad a tensor's last row, and each device's hash layout (`plan`), made again when its tensors' bits
+    change."""
 
     def __init__(self) -> None:
         self.kept: dict[int, tuple[Tensor, tuple, torch.dtype, Tensor | None, bool, Any, int]] = {}
         self.weights: dict[torch.device, Tensor] = {}
-        self.plans: dict[Any, tuple[tuple, list[tuple[list[tuple[int, int, int]], Tensor | None]]]] = {}
+        self.pads: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self.plans: dict[torch.device, _Plan] = {}
         self.generator: torch.Generator | None = None
 
     def renew(self, watched: list[_Watched]) -> dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]]:
         """(watched, bits, whether they are a view of it, their number of 16-bit halves) once per tensor (a tied
-        parameter is watched under each module holding it, compared once), grouped by the bits' (device, dtype)
-        (None: no bits); the views of tensors no longer watched are let go."""
+        parameter is watched under each module holding it, compared once), grouped by the bits' device (None:
+        no bits), in the order watched; the views and plans of tensors no longer watched are let go."""
         kept, self.kept = self.kept, {}
         groups: dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]] = {}
         for w in watched:
@@ -182,42 +209,71 @@ class _Views:
             if old is None or old[0] is not t or old[1] != w.where or old[2] is not t.dtype or not old[4]:
                 b = _bits(t)  # a copy where t is not contiguous: made again each time
                 shares = b is not None and _raw_storage(b).data_ptr() == w.where[0]
-                group = None if b is None else (b.device, b.dtype)
+                group = None if b is None else b.device
                 old = (t, w.where, t.dtype, b, shares, group, 0 if b is None else _halves(b).numel())
             self.kept[key] = old
             groups.setdefault(old[5], []).append((w, old[3], old[4], old[6]))
+        for device in [d for d in self.plans if d not in groups]:
+            del self.plans[device]
         return groups
 
-    def plan(self, group: Any, items: list) -> list[tuple[list[tuple[int, int, int]], Tensor | None]]:
-        """The group's chunks of at most `_CHUNK` halves (a quarter of the group where that is more than
-        `_SMALL_CHUNK`): each a list of segments (item, start, length), a tensor
-        cut where a chunk ends, and the device index of each segment's last half (None for a single segment)."""
-        key = tuple((id(w.tensor), n) for w, _, _, n in items)
-        cached = self.plans.get(group)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        chunks: list[list[tuple[int, int, int]]] = []
-        total = sum(n for _, _, _, n in items)
-        size = min(_CHUNK, max(_SMALL_CHUNK, -(-total // 4)))  # a small model: weights, temporaries ~ its size
-        room = 0
-        for i, (_, _, _, n) in enumerate(items):
-            s = 0
-            while s < n:
-                if room == 0:
-                    chunks.append([])
-                    room = size
-                k = min(room, n - s)
-                chunks[-1].append((i, s, k))
-                s, room = s + k, room - k
-        plan = []
-        for segs in chunks:
-            ends = None
-            if len(segs) > 1:
-                last = list(itertools.accumulate(k for _, _, k in segs))
-                ends = torch.tensor([e - 1 for e in last], dtype=torch.int64).to(group[0])
-            plan.append((segs, ends))
-        self.plans[group] = (key, plan)
+    def plan(self, device: torch.device, items: list[tuple[_Watched, Tensor | None, bool, int]]) -> _Plan:
+        """The device's hash layout (see `_Values`): per width of halves (2 bytes; 1 for 1-byte tensors), each
+        tensor's halves in rows of ``width`` halves, its last row padded with zeros, so that a row holds one
+        tensor's halves; ``width`` = the group's halves / (8 x its tensors), in [`_MIN_ROW`, `_ROW`] (the
+        padding is < 1/8 of the group, or `_MIN_ROW` halves a tensor); the rows cut into batches of <= `_BATCH`
+        halves (at least one row), a tensor spanning several where it is large."""
+        bits = tuple(b for _, b, _, _ in items if b is not None)  # all: this device's items have bits
+        cached = self.plans.get(device)
+        if cached is not None and len(cached.bits) == len(bits) and all(map(operator.is_, cached.bits, bits)):
+            return cached
+        halves = [_halves(b) for b in bits]
+        kinds: dict[torch.dtype, list[int]] = {}
+        for i, h in enumerate(halves):
+            if h.numel():  # an empty tensor has no bits to write
+                kinds.setdefault(h.dtype, []).append(i)
+        batches: list[_Batch] = []
+        firsts: list[int] = []
+        owners: list[int] = []
+        row = widest = 0
+        for dtype, idx in kinds.items():
+            sizes = [halves[i].numel() for i in idx]
+            width = min(_ROW, max(_MIN_ROW, sum(sizes) // (8 * len(idx))))
+            widest = max(widest, width)
+            per = max(1, _BATCH // width)  # rows per batch
+            zeros = self.pad(device, dtype, width)
+            first, spec, parts, stale = row, [], [], False
+            for i, n in zip(idx, sizes, strict=True):
+                firsts.append(row)
+                owners.append(i)
+                s = 0
+                while s < n:
+                    k = min(n - s, (first + per - row) * width)  # the rest of the tensor, or of the batch
+                    rows = -(-k // width)
+                    spec.append((i, s, k))
+                    parts.append(halves[i].narrow(0, s, k))
+                    if rows * width > k:  # the tensor's last row
+                        spec.append((-1, 0, rows * width - k))
+                        parts.append(zeros[: rows * width - k])
+                    stale = stale or not items[i][2]
+                    s, row = s + k, row + rows
+                    if row == first + per:
+                        batches.append(_Batch(first, per, width, spec, parts, stale))
+                        first, spec, parts, stale = row, [], [], False
+            if spec:
+                batches.append(_Batch(first, row - first, width, spec, parts, stale))
+        plan = _Plan(bits, row, firsts, owners, batches, widest)
+        if batches:
+            self.table(device, widest)
+        self.plans[device] = plan
         return plan
+
+    def pad(self, device: torch.device, dtype: torch.dtype, n: int) -> Tensor:
+        """At least ``n`` zeros of ``dtype`` on ``device`` (made once; a row's padding is a view of them)."""
+        z = self.pads.get((device, dtype))
+        if z is None or len(z) < n:
+            z = self.pads[(device, dtype)] = torch.zeros(n, dtype=dtype, device=device)
+        return z
 
     def table(self, device: torch.device, n: int) -> Tensor:
         """At least ``n`` rows of the secret weights on ``device``: (rows, 2) float64 integers drawn uniformly from
@@ -235,88 +291,96 @@ class _Views:
         return w
 
 
-_CHUNK = 1 << 20  # 16-bit halves hashed at once: the transient memory (one chunk's float64 copy) is bounded
-_SMALL_CHUNK = 1 << 14
+_ROW = 1 << 12  # halves per hashed row at most (a row's hash is exact for <= 2^20; padding <= _ROW per tensor)
+_MIN_ROW = 1 << 4
+_BATCH = 1 << 22  # halves hashed by one batched op at most: the temporaries, 10 bytes a half (40 MiB)
 _WEIGHT = 1 << 18  # weights in [1, 2^18]: |sum| <= 2^15 * 2^18 * 2^20 = 2^53, every partial sum an exact float64
 
 
 class _Values:
     """A keyed hash of the watched tensors' bits before the forward, compared with the same hash after it, in
-    chunks: no copy of the model. Each tensor's bits (`_bits`, a view where it is contiguous) are read as 16-bit
-    signed integers h_i (`_halves`; 1-byte tensors as bytes), concatenated per (device, width) group and cut
-    into chunks of up to `_CHUNK` halves (`_Views.plan`; a small tensor shares a chunk, a large one spans
-    several). A chunk's hash is the pair H = sum_i h_i W[i, :], with W the guard's secret (rows, 2) weights,
-    integers uniform in [1, 2^18] (`_Views.table`); for a chunk of several tensors, the prefix sums at each
-    tensor's last half (a ``cumsum``), so that a mismatch names the tensor (the first prefix that differs).
+    batches: no copy of the model. Each tensor's bits (`_bits`, a view where it is contiguous) are read as 16-bit
+    signed integers h_i (`_halves`; 1-byte tensors as bytes, 0..255) and laid out per device and width in rows
+    of ``width`` <= `_ROW` halves (`_Views.plan`): each tensor starts a row and its last row is padded with
+    zeros, so every row holds one tensor's halves. A row's hash is the pair H = sum_i h_i W[i, :], with W the
+    guard's secret (width, 2) weights, integers uniform in [1, 2^18] (`_Views.table`), the same for every row.
+    Rows are hashed in batches of <= `_BATCH` halves, 3 ops each: the batch's parts (views of the tensors'
+    halves and of the padding zeros) concatenated (``cat``, of one dtype: CUDA's cat copies many inputs in one
+    kernel only when they share the output's; none for a batch within one tensor), converted to float64 and
+    multiplied by W (one ``mm`` of the (rows, width) batch, written into the device's (rows, 2)
+    hashes). A device's hashes are one tensor: ``ne``, ``any`` give its flag. A first differing row names its
+    tensor.
 
-    Exact and deterministic: |h_i| <= 2^15, W <= 2^18 and at most 2^20 terms keep every partial sum an integer
-    of magnitude <= 2^53, exact in float64 whatever the order of summation (device, threads, kernel), so equal
-    bits give equal hashes and nothing rounds. Probabilistic for a write (the guard refuses a change only when
-    the hash sees it): a changed chunk's hash difference is sum_i d_i W[i, c] with d != 0 (integers); fixing
-    every weight but W[j, c] for one j with d_j != 0, at most one of its 2^18 equally likely values makes the
+    Exact and deterministic: |h_i| <= 2^15, 1 <= W <= 2^18 and width <= `_ROW` <= 2^20 terms per row (the zeros
+    add nothing) keep every product and every partial sum of a row, in whatever order and grouping the matmul
+    sums them (blocked, split, fused multiply-add, on any device and thread count), an integer of magnitude <=
+    2^15 2^18 2^20 = 2^53, exact in float64 (the conversion of h_i too), so equal bits give equal hashes and
+    nothing rounds. Probabilistic for a write (the guard refuses a change only when the hash sees it): a
+    changed row's hash difference is sum_i d_i W[i, c] with d != 0 (integers, |d_i| <= 2^16); fixing every
+    weight but W[j, c] for one j with d_j != 0, at most one of its 2^18 equally likely values makes the
     difference 0, and the two columns are independent, so a write chosen without knowing the weights (they
-    are secret: drawn from os.urandom, never pickled) is missed with probability <= 2^-36 per chunk it
-    changes. Any one changed half (one bit flipped, -0.0 over 0.0, a NaN payload) gives d_j != 0 alone in
-    its chunk, so it is always seen. A tensor with no such view (a subclass) is cloned and compared by value.
+    are secret: drawn from os.urandom, never pickled) goes unseen only if every row it changes cancels, with
+    probability <= 2^-36 (that of any one of them). Any one changed half (one bit flipped, -0.0 over 0.0, a NaN
+    payload) gives d_j != 0 alone in its row, and d_j W[j, c] != 0: always seen. A tensor with no such view (a
+    subclass) is cloned and compared by value.
 
-    Memory: per forward, the hashes, 2 per tensor segment (2 per chunk for large tensors); after the forward,
-    one chunk's temporaries at a time (the concatenated halves, their float64 copy, and for a chunk of several
-    tensors their (n, 2) products, summed in place); the weights (<= `_CHUNK` rows, 16 MiB) are kept per
-    device by the guard."""
+    Memory: the hashes, 16 bytes per row, rows <= halves / width + tensors (for a large model about halves /
+    2^12: 1.2 MiB for GPT-2-small's 622 MiB of float32 parameters), kept from before the forward until the flag
+    is read; while hashing, one batch's temporaries: its concatenated halves (2 bytes each) and their float64 copy
+    (8 bytes each), <= 10 `_BATCH` bytes = 40 MiB; per device the guard keeps the weights (width x 2 float64,
+    <= 64 KiB) and the padding zeros (width halves, <= 8 KiB). No tensor of the model's size."""
 
     def __init__(self, groups: dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]], views: _Views):
         self.loose = [(w, w.tensor.detach().clone()) for w, _, _, _ in groups.pop(None, ())]
         self.views = views
-        self.groups: list[tuple[list, list, Tensor]] = []
-        for group, items in groups.items():
-            plan = views.plan(group, items)
-            if not plan:
-                continue
-            weights = views.table(group[0], max(sum(k for _, _, k in segs) for segs, _ in plan))
-            self.groups.append((items, plan, self._hash(items, plan, weights, False)))
-        self.found: list[tuple[list, list, Tensor, Tensor]] = []
+        self.devices: list[tuple[list, _Plan, Tensor, Tensor]] = []  # items, plan, weights, hashes before
+        for device, items in groups.items():
+            plan = views.plan(device, items)
+            if plan.batches:
+                weights = views.table(device, plan.width)
+                self.devices.append((items, plan, weights, self._hash(items, plan, weights, False)))
+        self.found: list[tuple[list, _Plan, Tensor, Tensor]] = []  # items, plan, hashes before, after
 
     @staticmethod
-    def _hash(items: list, plan: list, weights: Tensor, again: bool) -> Tensor:
-        """The (segments, 2) hashes of a group (see the class docstring); ``again``: a tensor whose bits are no
-        view of it is read anew."""
-        halves = [
-            _halves(_bits(w.tensor) if again and not shares else b)  # type: ignore[arg-type]  # has bits
-            for w, b, shares, _ in items
-        ]
-        out = []
-        for segs, ends in plan:
-            parts = [halves[i].narrow(0, s, k) for i, s, k in segs]
-            h = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.float64)
-            w = weights[: h.numel()]
-            if ends is None:
-                out.append((h @ w).unsqueeze(0))
-            else:  # prefix sums in place: exact integers, so the order of the scan does not matter
-                out.append((h.unsqueeze(1) * w).cumsum_(0).index_select(0, ends))
-        return out[0] if len(out) == 1 else torch.cat(out)
+    def _hash(items: list, plan: _Plan, weights: Tensor, again: bool) -> Tensor:
+        """The (rows, 2) hashes of a device's tensors (see the class docstring); ``again``: a tensor whose bits
+        are no view of it is read anew."""
+        out = torch.empty(plan.rows, 2, dtype=torch.float64, device=weights.device)
+        fresh: dict[int, Tensor] = {}
+        for batch in plan.batches:
+            parts = batch.parts
+            if again and batch.stale:  # a copy of a tensor's bits: read it again
+                parts = list(parts)
+                for j, (i, s, k) in enumerate(batch.spec):
+                    if i >= 0 and not items[i][2]:
+                        if i not in fresh:
+                            fresh[i] = _halves(_bits(items[i][0].tensor))  # type: ignore[arg-type]  # has bits
+                        parts[j] = fresh[i].narrow(0, s, k)
+            x = parts[0] if len(parts) == 1 else torch.cat(parts)
+            rows = x.view(batch.rows, batch.width).to(torch.float64)
+            torch.mm(rows, weights[: batch.width], out=out.narrow(0, batch.row, batch.rows))
+        return out
 
     def compare(self) -> Tensor | None:
-        """A 0-d bool tensor on the device: some hash differs (None: nothing watched). Both hashes of each group
-        are kept for `first_changed`."""
+        """A 0-d bool tensor on the (first) device: some hash differs (None: nothing watched). Both hashes of each
+        device are kept for `first_changed`."""
         flags = []
-        for items, plan, before in self.groups:
-            weights = self.views.weights[before.device]
+        for items, plan, weights, before in self.devices:
             now = self._hash(items, plan, weights, True)
-            flags.append((now != before).any())
+            flags.append(torch.ne(now, before).any())
             self.found.append((items, plan, before, now))
-        self.groups = []
+        self.devices = []
         flags += [_changed(w.tensor, c) for w, c in self.loose]
-        return functools.reduce(operator.or_, flags) if flags else None
+        if not flags:
+            return None
+        return functools.reduce(lambda a, b: a | (b if b.device == a.device else b.to(a.device)), flags)
 
     def first_changed(self) -> _Watched | None:
+        """A tensor whose hash differs: of the first device where one does, the first in the order watched."""
         for items, plan, before, now in self.found:
-            differs = (now != before).any(1).nonzero()
-            if len(differs):
-                at = int(differs[0, 0])
-                for segs, _ in plan:
-                    if at < len(segs):
-                        return items[segs[at][0]][0]
-                    at -= len(segs)
+            rows = (now != before).any(1).nonzero().flatten().tolist()
+            if rows:
+                return items[min(plan.owners[bisect.bisect_right(plan.firsts, r) - 1] for r in rows)][0]
         return next((w for w, c in self.loose if bool(_changed(w.tensor, c))), None)
 
 
