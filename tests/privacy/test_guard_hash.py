@@ -321,3 +321,42 @@ def test_ops_per_hash_are_three_a_batch(monkeypatch, batch):
     with counter:
         values.compare()
     assert sum(counter.kernels.values()) == 2 * ops + 2, counter.kernels
+
+
+class _Odd(nn.Module):
+    """A private model with watched buffers of odd sizes in 1-, 4- and 8-byte dtypes besides its float32 weights."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("odd", torch.ones(5, dtype=torch.float32).to(dtype))
+        self.register_buffer("empty", torch.empty(0, dtype=dtype))
+        self.write = None
+
+    def forward(self, x):
+        out = self.lin(x)
+        if self.write is not None:
+            self.write()
+        return out
+
+
+@pytest.mark.parametrize("layout", ["default", "rows of 5"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.int64, torch.float8_e4m3fn])
+@pytest.mark.parametrize("at", ["first", "last"])
+def test_odd_buffer_written_in_forward_is_refused_and_named(monkeypatch, layout, dtype, at):
+    """One bit of an odd-sized buffer's first or last element (in a padded last row) written through an alias
+    during a training forward is refused, naming the buffer."""
+    _layout(monkeypatch, LAYOUTS[layout])
+    model = _Odd(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = dpkernels.make_private(
+        model, opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=B, loss_reduction="sum"
+    )
+    model(torch.randn(B, 4)).square().sum().backward()  # an honest step trains
+    opt.step()
+    opt.zero_grad()
+    raw = _raw(model.odd)
+    j = 0 if at == "first" else len(raw) - 1
+    model.write = lambda: raw.__setitem__(j, raw[j] ^ 64)
+    with pytest.raises(RuntimeError, match=r"buffer 'odd' of module '<model>' .*was written"):
+        model(torch.randn(B, 4)).square().sum().backward()
