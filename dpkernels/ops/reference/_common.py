@@ -59,12 +59,12 @@ def group_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
     return inv, key_of
 
 
-def kept(x: Tensor, c: Tensor, dt: torch.dtype, scaled: bool = False) -> Tensor:
+def kept(x: Tensor, c: Tensor, dt: torch.dtype, scaled: bool = False, drop: Tensor | None = None) -> Tensor:
     """x (B, ...) in dtype ``dt`` with the rows of samples whose clip factor c_i is 0 set to exactly 0
     (``scaled``: each row multiplied by c_i as well). A select, not a product (0 * inf is NaN): a row with
     c_i = 0 adds exactly 0 to a clipped sum, finite or not. Costs one elementwise pass over x, in place
-    when the cast or the scaling already made a copy."""
-    drop = (c == 0).view(-1, *([1] * (x.dim() - 1)))
+    when the cast or the scaling already made a copy. ``drop``: c == 0, when the caller has it already."""
+    drop = (c == 0 if drop is None else drop).view(-1, *([1] * (x.dim() - 1)))
     y = x.to(dt)
     if scaled:
         return (y * c.to(dt).view_as(drop)).masked_fill_(drop, 0)

@@ -48,10 +48,12 @@ def affine_clipped_sum(
     A sample with c_i = 0 adds exactly 0, even with non-finite rows (_common.kept).
     """
     dt = acc_dtype(xhat, g)
-    gs = kept(g, c, dt, scaled=True)
+    drop = c == 0
+    gs = kept(g, c, dt, scaled=True, drop=drop)
     w = b = None
     if weight:
-        w = finish(torch.einsum("btc,btc->c", kept(xhat, c, dt), gs), prev_w, noise_std, scale, seed_w, fresh=True)
+        xg = torch.einsum("btc,btc->c", kept(xhat, c, dt, drop=drop), gs)
+        w = finish(xg, prev_w, noise_std, scale, seed_w, fresh=True)
     if bias:
         b = finish(gs.sum(dim=(0, 1)), prev_b, noise_std, scale, seed_b, fresh=True)
     return w, b

@@ -44,12 +44,13 @@ def _terms(a: Tensor, g: Tensor, c: Tensor, dt: torch.dtype, bias: bool) -> tupl
     operands (`kept`: 0 * inf is NaN). c_i scales the narrower of G_i (T, p) and A_i (T, d):
     sum_i (c_i G_i)^T A_i = sum_i G_i^T (c_i A_i), so a language model's head (p = V) scales no copy of G.
     flatten, not reshape(-1, p): p or d may be 0."""
+    drop = c == 0
     if a.shape[-1] < g.shape[-1]:
-        gk = kept(g, c, dt)
+        gk = kept(g, c, dt, drop=drop)
         b = torch.einsum("btp,b->p", gk, c.to(dt)) if bias else None
-        return gk.flatten(0, 1).T, kept(a, c, dt, scaled=True).flatten(0, 1), b
-    gs = kept(g, c, dt, scaled=True)
-    return gs.flatten(0, 1).T, kept(a, c, dt).flatten(0, 1), (gs.sum(dim=(0, 1)) if bias else None)
+        return gk.flatten(0, 1).T, kept(a, c, dt, scaled=True, drop=drop).flatten(0, 1), b
+    gs = kept(g, c, dt, scaled=True, drop=drop)
+    return gs.flatten(0, 1).T, kept(a, c, dt, drop=drop).flatten(0, 1), (gs.sum(dim=(0, 1)) if bias else None)
 
 
 def linear_clipped_sum(
