@@ -81,6 +81,17 @@ class _Tied(nn.Module):
         return self.h(torch.tanh(self.e(ids))).mean(1)
 
 
+class _LSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5, batch_first=True)
+        self.h = nn.Linear(5, 2)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.h(y).mean(1)
+
+
 def _data(kind: str):
     g = torch.Generator().manual_seed(7)
     if kind == "mlp":
@@ -91,6 +102,8 @@ def _data(kind: str):
         return _Emb, torch.randint(1, 11, (4, 6), generator=g)
     if kind == "tied-embedding-head":
         return _Tied, torch.randint(0, 11, (4, 6), generator=g)
+    if kind == "lstm":
+        return _LSTM, torch.randn(4, 3, 4, generator=g, dtype=torch.float64)
     return _MHA, torch.randn(4, 3, 4, generator=g, dtype=torch.float64)
 
 
@@ -134,7 +147,7 @@ def _assert_same(got, want, what):
 
 @pytest.mark.parametrize("value", [INF, NAN], ids=["inf", "nan"])
 @pytest.mark.parametrize("bad", ["input", "loss"])
-@pytest.mark.parametrize("kind", ["mlp", "conv+groupnorm", "embedding+layernorm", "tied-embedding-head", "mha"])
+@pytest.mark.parametrize("kind", ["mlp", "conv+groupnorm", "embedding+layernorm", "tied-embedding-head", "mha", "lstm"])
 def test_the_step_with_a_non_finite_sample_is_the_step_without_it(kind, bad, value):
     make, x = _data(kind)
     if kind in ("embedding+layernorm", "tied-embedding-head") and bad == "input":
