@@ -26,8 +26,10 @@ searchsorted). One program per (row block, D-tile) gathers its tokens' rows c_i 
 into its rows by a one-hot matmul (onehot[r, k] = [x_k = v0 + r]), then applies the shared noise
 epilogue (add_noise.py) and writes its tile once: every table row, touched or not, is written
 exactly once with its noise, no atomics, no zero-fill or second pass. The padding row gets noise
-and no data, as the reference documents. A non-finite gradient row spreads to the other rows of its
-block through the matmul (the engine refuses non-finite per-sample norms before any sum is taken).
+and no data, as the reference documents. A non-finite gradient row would spread to the other rows of its
+block through the matmul (0 * inf is NaN): the rows of a sample with c_i = 0 are never loaded
+(`_common.clipped_rows`), and the engine refuses or drops (c_i = 0) a sample whose norm is not finite
+before any sum is taken.
 
 Cross term: one program per (sample, Th-tile, Te-tile) forms A_S G_E,T^T by tl.dot, gathers
 P[s, t] = g_h[i, s, x_t] and sums the product; the head's (Th, V) gradient is only gathered.
