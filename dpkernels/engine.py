@@ -364,9 +364,10 @@ class Engine:
         self._count_task = -1  # the graph task _counting describes
         self._counting: dict[Tie, bool] = {}  # per tie: does that pass ask for its parameters' gradients
         self._pass: BackwardPass | None = None  # the backward pass in progress
-        # (ok flag on the device, check raising by name): module state compared by value around a training
-        # forward (dpkernels.guard), read with the backward pass's one host read
-        self.deferred_checks: list[tuple[Tensor, Callable[[], None]]] = []
+        # (ok, check raising by name), read with the backward pass's one host read: ok a 0-d bool tensor on the
+        # device, or a callable making it when due (None: nothing to check): module state hashed around a
+        # training forward and its backward (dpkernels.guard), a padded batch's mask (dpkernels.padding)
+        self.deferred_checks: list[tuple[Tensor | Callable[[], Tensor | None], Callable[[], None]]] = []
         self.accountant: Any = None  # the privacy account, kept here so that make_private again continues it
         # names this run in the optimizer's saved states (not a secret): loading a state of the same run is a
         # rollback, whose abandoned steps were released all the same (DPOptimizer.load_state_dict)
@@ -949,16 +950,24 @@ class Engine:
 
         Each group's summed squared norms are non-finite exactly when a term is (norms are >= 0), so one
         flag per group, and-ed on the device, replaces a read per parameter (149 on GPT-2-small)."""
-        pending = list(self.deferred_checks)
-        self.deferred_checks.clear()
+        # A guard's hash of a forward (dpkernels.guard) is due at the end of that forward's backward pass (of
+        # two-pass's clipping pass, whose backward runs the forward's hooks again); the others at once.
+        due = [
+            isinstance(f, Tensor) or (self._strategy.sums and getattr(f, "reached", None) is not False)
+            for f, _ in self.deferred_checks
+        ]
+        pending = [e for e, d in zip(self.deferred_checks, due, strict=True) if d]
+        self.deferred_checks[:] = [e for e, d in zip(self.deferred_checks, due, strict=True) if not d]
         assert self._pass is not None
         closed = self._pass.closed
         finite = None
         if closed:  # one flag for every closed group: (G, B) squared norms, all finite
             finite = torch.isfinite(closed[0] if len(closed) == 1 else torch.stack(closed)).all()
         ok = finite
-        for flag, _ in pending:
-            ok = flag if ok is None else ok & flag
+        for entry, _ in pending:
+            flag = entry if isinstance(entry, Tensor) else entry()
+            if flag is not None:
+                ok = flag if ok is None else ok & flag
         if ok is None or bool(ok):
             return
         for _, check in pending:
@@ -1051,6 +1060,9 @@ class Engine:
     def finish_step(self) -> None:
         """Give every parameter not yet noised its noise (and scale); then start a new logical step."""
         self.check_live()
+        for flag, _ in self.deferred_checks:  # hashed before the step writes the parameters (read later)
+            if not isinstance(flag, Tensor):
+                flag()
         if self._acc_lost is not None:
             why, self._acc_lost = self._acc_lost, None
             self._acc.clear()

@@ -16,21 +16,26 @@
   tensor's bits are also compared, through a keyed hash (`_Values`): before the forward, per row of up to 2^12
   16-bit halves of its bits (a row holds one tensor's), a pair of dot products with the guard's secret random
   integer weights, exact in float64, many rows and tensors at once (3 ops per batch of <= 2^22 halves, 8 MiB of
-  state); after it the same hashes, and ``ne``, ``any`` give a flag (the first differing row names the
+  state); after it (the second hash, below) the same hashes, and ``ne``, ``any`` give a flag (the first differing row names the
   tensor). No copy of the model: one batch's temporaries at a time (<= 40 MiB), the hashes (16 bytes a row),
   and the weights (<= 64 KiB per device). A write that changes one 16-bit half (one low bit, -0.0 over 0.0, a
   NaN payload) is always seen; writes to several halves that cancel in the hash are missed with probability <=
-  2^-36 when not chosen knowing the weights. The flag is read with the engine's one host read at the end of
-  the backward pass (at once for a forward under ``torch.no_grad()``). A forward whose backward never comes is
-  read before the next forward, before ``make_private`` again points the guard at a new engine, and before any
-  of the model's modules releases its state (``state_dict``, pickling: ``torch.save``, ``deepcopy``), through
-  a state_dict pre-hook on each module that also pickles with it. After a refusal the model's state is not
+  2^-36 when not chosen knowing the weights. The second hash is made at the end of the forward's backward pass
+  (marked by hooks on the forward's output tensors), so writes during backward (a tensor hook or an autograd
+  Function the forward set up, two-pass's second backward) are compared too, and its flag is read with the
+  engine's one host read there (at once for a forward under ``torch.no_grad()`` or whose output needs no
+  gradient). A forward whose backward has not come is hashed before ``optimizer.step()`` and the root's
+  ``load_state_dict`` change the state, and read before the next forward (kept open while its output is alive
+  and nothing hashed it), before ``make_private`` again points the guard at a new engine, and before any of the
+  model's modules releases its state (``state_dict``, pickling: ``torch.save``, ``deepcopy``), through a
+  state_dict pre-hook on each module that also pickles with it. After a refusal the model's state is not
   released (state_dict, pickling) until the root's ``load_state_dict`` loads every key back. The guard's
   post-hook is kept last among the model's forward hooks, so a forward hook registered after make_private runs
   inside the compared span, and a pre-hook registered ahead of the guard's (``prepend=True`` after
   make_private) is refused. Not seen: writes before the guard's pre-hook by a global module pre-hook, or after
-  its post-hook (in backward: an autograd Function's or a tensor hook's write, then compared by nobody); a
-  write undone before the forward ends; FSDP2's unsharded parameters (their shards are watched).
+  the second hash (by an autograd callback queued during backward, which runs after the engine's; in a backward
+  after the model's state was released between the forward and it); a write undone before the second hash;
+  FSDP2's unsharded parameters (their shards are watched).
 - Nor may a training forward change a module's other Python state, which is pickled with the model
   (``torch.save(model)``, ``copy.deepcopy``): a new attribute (``self.peak = x.amax()``: there was
   nothing to compare on the first forward), a submodule added, a parameter or buffer registered or set
@@ -517,14 +522,68 @@ def _python_state_error(name: str, m: nn.Module, before: list, now: list) -> Run
     )
 
 
-def _written_error(w: _Watched, how: str, also: str = "") -> RuntimeError:
+def _written_error(w: _Watched, how: str, also: str = "", when: str = "a DP training forward") -> RuntimeError:
     return RuntimeError(
-        f"{w.describe()} was written during a DP training forward ({how}){also}: module state is released with the "
+        f"{w.describe()} was written during {when} ({how}){also}: module state is released with the "
         f"model, and state written from the batch is learned outside the gradient, with no clipping and no noise (its "
         f"value now depends on this batch: do not release this model's state). Put that module in eval mode "
         f"(module.eval()) or disable what writes it (torch.ao.quantization.disable_observer) before training, "
         f"compute the value from public data, or, for a parameter, let the optimizer alone change it"
     )
+
+
+class _Later:
+    """The second half of a training forward's hash (`_Values.compare`), made on the first call and kept: at the
+    end of the forward's backward pass (`Engine._check_finite`, whose one host read reads it), or earlier where
+    the forward's backward has not come: before the next forward, ``optimizer.step()``, ``load_state_dict``,
+    or a release of the model's state. Returns the 0-d flag "some watched value changed" (None: nothing
+    watched)."""
+
+    __slots__ = ("values", "reached", "_out", "_flag", "_done", "__weakref__")
+
+    def __init__(self, values: _Values):
+        self.values = values
+        # the forward's backward pass has begun (a hook on its output fired); None: its output has no tensor
+        # seen (an object pytree does not flatten), so the end of the next backward pass reads it
+        self.reached: bool | None = None
+        self._out: weakref.ref[Tensor] | None = None  # an output tensor of the forward: its graph is alive
+        self._flag: Tensor | None = None
+        self._done = False
+
+    def await_backward(self, output: Any) -> bool:
+        """Whether a backward pass may still come through the forward's ``output``: hook its tensors that require
+        grad, so that the backward which reaches them marks this hash due at its end (`Engine._check_finite`
+        reads only those: a forward whose backward has not begun keeps its write window open). False: no output
+        tensor requires grad (hash now)."""
+        leaves = [t for t in tree_leaves(output) if isinstance(t, Tensor)]
+        if not leaves and output is not None:  # an output pytree does not flatten: due at the next backward
+            return True
+        grads = [t for t in leaves if t.requires_grad]
+        if not grads:
+            return False
+        self.reached, self._out = False, weakref.ref(grads[0])
+        mark = weakref.ref(self)
+        for t in grads:
+            t.register_hook(functools.partial(_mark_reached, mark))
+        return True
+
+    def open(self) -> bool:
+        """Not made yet, and a backward may still come through the forward's output (alive, not reached)."""
+        return not self._done and self.reached is False and self._out is not None and self._out() is not None
+
+    def __call__(self) -> Tensor | None:
+        if not self._done:
+            with torch.no_grad():
+                changed = self.values.compare()
+            self._flag = None if changed is None else ~changed
+            self._done = True
+        return self._flag
+
+
+def _mark_reached(later: weakref.ref[_Later], grad: Tensor) -> None:
+    obj = later()
+    if obj is not None:
+        obj.reached = True
 
 
 class _Before(NamedTuple):
@@ -593,6 +652,7 @@ class ForwardGuard:
             # First of the pre-hooks and always called after: each pre is paired with its post, errors included.
             guard._pre_id = model.register_forward_pre_hook(guard.pre, with_kwargs=True, prepend=True).id
             guard._post_id = model.register_forward_hook(guard.post, with_kwargs=True, always_call=True).id
+            model.register_load_state_dict_pre_hook(guard._before_load)
             model.register_load_state_dict_post_hook(guard._restored)
         release = _ReleaseCheck(guard)
         for _, m, _ in guard.modules:
@@ -614,7 +674,7 @@ class ForwardGuard:
             self._before.append(None)
             return
         try:
-            self._drain()  # a forward whose backward never came
+            self._drain(before_forward=True)  # a forward whose backward never came
         except RuntimeError:
             self._before.append(None)  # paired with the post-hook, which always runs
             raise
@@ -686,12 +746,12 @@ class ForwardGuard:
             return
         self._check_first()
         try:
-            self._compare(entry)
+            self._compare(entry, output)
         except RuntimeError as err:
             self.written = str(err)
             raise
 
-    def _compare(self, entry: _Before) -> None:
+    def _compare(self, entry: _Before, output: Any = None) -> None:
         for name, m, count, _, _ in entry.counts:
             if len(m._buffers) != count:
                 raise RuntimeError(
@@ -715,22 +775,34 @@ class ForwardGuard:
                 raise _written_error(w, "in place")
             if _placement(now) != w.where:
                 raise _written_error(w, "through .data")
-        with torch.no_grad():
-            flag = entry.values.compare()
-        if flag is None:
-            return
-        check = functools.partial(self._check_values, flag, entry.values)
+        later = _Later(entry.values)
+        check = functools.partial(self._check_values, later)
         eng: Any = self.probe._dp_engine
         pending = vars(eng).get("deferred_checks") if eng is not None else None
-        if torch.is_grad_enabled() and isinstance(pending, list):
-            pending.append((~flag, check))  # read with the backward pass's one host read
+        if torch.is_grad_enabled() and isinstance(pending, list) and later.await_backward(output):
+            # hashed and read at the end of the backward pass, with its one host read: a write made during
+            # backward (a tensor hook or autograd Function the forward set up) is compared too
+            pending.append((later, check))
             if not any(p is pending for p in self._pending):
                 self._pending.append(pending)
         else:
             check()
 
-    def _drain(self) -> None:
-        """Read the checks of training forwards whose backward has not come (all the engines' waiting checks)."""
+    def settle(self) -> None:
+        """Hash now (no host read) the training forwards whose backward has not come, before something changes
+        the model's state legitimately: ``optimizer.step()``, ``load_state_dict``."""
+        eng: Any = self.probe._dp_engine
+        current = vars(eng).get("deferred_checks") if eng is not None else None
+        for pending in [*self._pending, current if isinstance(current, list) else []]:
+            for flag, _ in pending:
+                if isinstance(flag, _Later):
+                    flag()
+
+    def _drain(self, before_forward: bool = False) -> None:
+        """Read the engines' waiting checks (training forwards whose backward has not come). ``before_forward``:
+        keep the hash of a forward whose output may still be backpropagated and that nothing has made yet
+        (`_Later.open`), so that the writes of its backward are compared too, at that backward's end (or at
+        ``optimizer.step()``, which makes it, and the next read)."""
         eng: Any = self.probe._dp_engine
         lists = list(self._pending)
         current = vars(eng).get("deferred_checks") if eng is not None else None
@@ -739,20 +811,26 @@ class ForwardGuard:
         self._pending = []
         for pending in lists:
             checks = list(pending)
-            pending.clear()
-            for _, check in checks:
-                check()
+            keep = [e for e in checks if before_forward and isinstance(e[0], _Later) and e[0].open()]
+            pending[:] = keep
+            if keep:
+                self._pending.append(pending)
+            for entry in checks:
+                if not any(entry is k for k in keep):
+                    entry[1]()
 
-    def _check_values(self, flag: Tensor, values: _Values) -> None:
-        """Raise if ``flag`` says a value changed, naming a tensor whose hash differs from the one before."""
-        if not bool(flag):
+    def _check_values(self, later: _Later) -> None:
+        """Raise if the hash says a value changed, naming a tensor whose hash differs from the one before."""
+        same = later()
+        if same is None or bool(same):
             return
-        w = values.first_changed()
+        w = later.values.first_changed()
         err = _written_error(
             w,  # type: ignore[arg-type]  # the flag says one differs
-            "through .data, which bumps no version counter",
-            ", or through another alias of its memory (numpy(), untyped_storage(), DLPack, a raw data_ptr()) taken "
-            "before or during the forward",
+            "through .data, which bumps no version counter, or through another alias of its memory (numpy(), "
+            "untyped_storage(), DLPack, a raw data_ptr()) taken before or during the forward; in backward, by a "
+            "tensor hook or an autograd Function the forward set up",
+            when="a DP training forward or its backward pass",
         )
         self.written = str(err)
         raise err
@@ -767,6 +845,9 @@ class ForwardGuard:
                 f"wrote it from a batch, outside the gradient, and it was refused then: {self.written}. Load the state "
                 f"saved before that forward with model.load_state_dict (all keys), or build the model anew"
             )
+
+    def _before_load(self, *args: Any) -> None:
+        self.settle()  # the waiting hashes compare the state the forwards left, not the one loaded
 
     def _restored(self, module: nn.Module, keys: Any) -> None:
         """The root model's state loaded whole (no key missing): a refused write no longer taints it."""

@@ -71,7 +71,7 @@ def _wrong_mask(why: str) -> ValueError:
     )
 
 
-def loader_mask(mask: torch.Tensor, deferred: list[tuple[torch.Tensor, Callable[[], None]]]) -> torch.Tensor:
+def loader_mask(mask: torch.Tensor, deferred: list) -> torch.Tensor:
     """The sample mask of a DP backward, checked against the loader's record while padded batches are held.
 
     The mask the loader yielded, unchanged (same object, same version counter), is taken as it is. Any other

@@ -150,8 +150,11 @@ def test_guard_holds_no_copy_of_the_model(monkeypatch, layout):
     halves = sum(t.numel() * t.element_size() // 2 for t in tensors)
     during = []
     model.out.register_forward_hook(lambda *a: during.append(sum(t.numel() for t in _held(g, g._before[-1].values))))
-    model(torch.randn(B, 4)).square().sum()  # no backward: the check waits, holding the hashes
-    values = g._pending[0][0][1].args[1]
+    out = model(torch.randn(B, 4)).square().sum()  # no backward yet: the check waits, holding the hashes
+    later = g._pending[0][0][0]
+    assert out.requires_grad and later.open()  # its backward may still come
+    later()  # the second hash, made at the end of the backward (or before the next forward, a step, a release)
+    values = later.values
     (plan,) = g._views.plans.values()
     width = min(layout[0], max(guard._MIN_ROW, halves // (8 * len(tensors))))
     assert plan.width == width and plan.rows <= halves / width + len(tensors), (plan, halves)
