@@ -12,30 +12,29 @@
   compared, which catches in-place ops (``torch.no_grad()`` ones too), reassignment and ``t.data = x``: one
   Python read each, no host sync. A write through an alias with a version counter of its own bumps none:
   ``t.data``, ``numpy()``, ``untyped_storage()``, DLPack, taken during the forward or before it and kept
-  anywhere (a global, a closure, an object), or a raw pointer (``data_ptr()`` and ctypes). So every watched
-  tensor's bits are also compared, through a keyed hash (`_Values`): before the forward, per row of up to 2^12
-  16-bit halves of its bits (a row holds one tensor's), a pair of dot products with the guard's secret random
-  integer weights, exact in float64, many rows and tensors at once (3 ops per batch of <= 2^22 halves, 8 MiB of
-  state); after it (the second hash, below) the same hashes, and ``ne``, ``any`` give a flag (the first differing row names the
-  tensor). No copy of the model: one batch's temporaries at a time (<= 40 MiB), the hashes (16 bytes a row),
-  and the weights (<= 64 KiB per device). A write that changes one 16-bit half (one low bit, -0.0 over 0.0, a
-  NaN payload) is always seen; writes to several halves that cancel in the hash are missed with probability <=
-  2^-36 when not chosen knowing the weights. The second hash is made at the end of the forward's backward pass
-  (marked by hooks on the forward's output tensors), so writes during backward (a tensor hook or an autograd
-  Function the forward set up, two-pass's second backward) are compared too, and its flag is read with the
-  engine's one host read there (at once for a forward under ``torch.no_grad()`` or whose output needs no
-  gradient). A forward whose backward has not come is hashed before ``optimizer.step()`` and the root's
-  ``load_state_dict`` change the state, and read before the next forward (kept open while its output is alive
-  and nothing hashed it), before ``make_private`` again points the guard at a new engine, and before any of the
-  model's modules releases its state (``state_dict``, pickling: ``torch.save``, ``deepcopy``), through a
-  state_dict pre-hook on each module that also pickles with it. After a refusal the model's state is not
-  released (state_dict, pickling) until the root's ``load_state_dict`` loads every key back. The guard's
-  post-hook is kept last among the model's forward hooks, so a forward hook registered after make_private runs
-  inside the compared span, and a pre-hook registered ahead of the guard's (``prepend=True`` after
-  make_private) is refused. Not seen: writes before the guard's pre-hook by a global module pre-hook, or after
-  the second hash (by an autograd callback queued during backward, which runs after the engine's; in a backward
-  after the model's state was released between the forward and it); a write undone before the second hash;
-  FSDP2's unsharded parameters (their shards are watched).
+  anywhere (a global, a closure, an object), or a raw pointer (``data_ptr()`` and ctypes). So every watched tensor's
+  bits are also compared, through a keyed hash (`_Values`): before the forward, per row of up to 2^12 16-bit halves of
+  its bits (a row holds one tensor's), a pair of dot products with the guard's secret random integer weights, exact in
+  float64, many rows and tensors at once (3 ops per batch of <= 2^22 halves, 8 MiB of state); after it (the second
+  hash, below) the same hashes, and ``ne``, ``any`` give a flag (the first differing row names the tensor). No copy of
+  the model: one batch's temporaries at a time (<= 40 MiB), the hashes (16 bytes a row), and the weights (<= 64 KiB
+  per device). A write that changes one 16-bit half (one low bit, -0.0 over 0.0, a NaN payload) is always seen; writes
+  to several halves that cancel in the hash are missed with probability <= 2^-36 when not chosen knowing the weights.
+  The second hash is made at the end of the forward's backward pass (marked by hooks on the forward's output tensors),
+  so writes during backward (a tensor hook or an autograd Function the forward set up, two-pass's second backward) are
+  compared too, and its flag is read with the engine's one host read there (at once for a forward under
+  ``torch.no_grad()`` or whose output needs no gradient). A forward whose backward has not come is hashed before
+  ``optimizer.step()`` and the root's ``load_state_dict`` change the state, and read before the next forward (kept
+  open while its output is alive and nothing hashed it), before ``make_private`` again points the guard at a new
+  engine, and before any of the model's modules releases its state (``state_dict``, pickling: ``torch.save``,
+  ``deepcopy``), through a state_dict pre-hook on each module that also pickles with it. After a refusal the model's
+  state is not released (state_dict, pickling) until the root's ``load_state_dict`` loads every key back. The guard's
+  post-hook is kept last among the model's forward hooks, so a forward hook registered after make_private runs inside
+  the compared span, and a pre-hook registered ahead of the guard's (``prepend=True`` after make_private) is refused.
+  Not seen: writes before the guard's pre-hook by a global module pre-hook, or after the second hash (by an autograd
+  callback queued during backward, which runs after the engine's; in a backward after the model's state was released
+  between the forward and it); a write undone before the second hash; FSDP2's unsharded parameters (their shards are
+  watched).
 - Nor may a training forward change a module's other Python state, which is pickled with the model
   (``torch.save(model)``, ``copy.deepcopy``): a new attribute (``self.peak = x.amax()``: there was
   nothing to compare on the first forward), a submodule added, a parameter or buffer registered or set
