@@ -40,7 +40,8 @@ way to remove that.
 Cost: the bookkeeping is a few (B,) float64 ops per bound with every constant folded into one
 coefficient (no per-term (B,) vectors), the scales come from the exponent bits of one float32 norm
 per tensor (`pow2_scales`: four integer ops for both operands), and a non-finite input propagates
-through the arithmetic itself (no isfinite/where). Nothing here synchronises with the host.
+through the arithmetic itself (no isfinite/where). Nothing here synchronises with the host; the
+reference ghost bound reads two numbers back on the CPU only (its unscaled route).
 """
 
 from __future__ import annotations
@@ -178,10 +179,11 @@ def max_scaled_entry(dtype: torch.dtype) -> float:
     return 2.0**28 if dtype == torch.float32 else 2.0**774
 
 
-def pow2_scales(xs: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+def pow2_scales(xs: tuple[Tensor, ...], dtype: torch.dtype, m: Tensor | None = None) -> Tensor:
     """(len(xs), B) powers of two s in ``dtype`` with s_i m_i in [1/2, 1) for the computed sample norms
-    m_i = `sample_norms` (x_i), clamped to [2^-K, 2^K] (K = SCALE_LOG2[dtype]; also where m_i is 0,
-    subnormal or not finite). Built from m's exponent bits, the same on every device:
+    m_i = `sample_norms` (x_i) (or ``m``, the caller's stacked `sample_norms` of xs), clamped to
+    [2^-K, 2^K] (K = SCALE_LOG2[dtype]; also where m_i is 0, subnormal or not finite). Built from m's
+    exponent bits, the same on every device:
 
         s = 2^(2 bias - 1 - E) for m = 1.f 2^(E - bias):  bits(s) = ((2 bias - 1) << M) - (bits(m) & expmask)
 
@@ -194,7 +196,8 @@ def pow2_scales(xs: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
     (products far above underflow). float64: the same with 2^±250 (entries of norm-representable data)."""
     ity, mask, c, mant, bias = _BITS[dtype]
     k = SCALE_LOG2[dtype]
-    m = torch.stack([sample_norms(x, dtype) for x in xs])
+    if m is None:
+        m = torch.stack([sample_norms(x, dtype) for x in xs])
     return (c - m.view(ity).bitwise_and(mask)).clamp_((bias - k) << mant, (bias + k) << mant).view(dtype)
 
 

@@ -40,10 +40,12 @@ def _no_autocast(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     @functools.wraps(fn)
     def wrapped(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         devs = {"cpu"} | {t.device.type for t in args if isinstance(t, Tensor)}
+        on = sorted(d for d in devs if torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d))
+        if not on:  # nothing to turn off (the usual case): no context to enter
+            return fn(*args, **kwargs)
         with contextlib.ExitStack() as stack:
-            for dev in sorted(devs):
-                if torch.amp.is_autocast_available(dev):
-                    stack.enter_context(torch.autocast(dev, enabled=False))
+            for dev in on:
+                stack.enter_context(torch.autocast(dev, enabled=False))
             return fn(*args, **kwargs)
 
     return wrapped

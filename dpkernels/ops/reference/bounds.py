@@ -10,14 +10,19 @@ unit of the accumulation dtype, float32 or float64; gamma_n = n u / (1 - n u)):
   before any float32 arithmetic, so nothing overflows and underflow errs by at most eta per product,
   tiny against the scaled sample's own size; the bound is divided by (s_a s_g)^2 at the end (exact).
   Entries that become subnormal when scaled move the rows by at most eta each (in the bounds' constants).
+  The ghost bound skips the scaling (s = 1) for float32 rows on the CPU whose sample norms lie in
+  [2^-21, 2^60) (`_unscaled_ok`): nothing can overflow there, and its absolute underflow constant is
+  no larger than the scaled one.
 - Sums over tokens (bias, norm layers' affine weights, embedding rows, the instantiated weight's
   chunks) run in float64, where the products of two float32 numbers are exact and a sum of N terms
   errs by at most gamma_N(2^-53) of their absolute sum; their bound needs only the rows' Frobenius
   norm (`_sum_bound`).
 - Every bound is also capped by the triangle inequality, n <= (sum_t |x_t| |y_t|)^2 (the sum bounds:
   T ||x||_F^2).
-- Each bound's last arithmetic is a handful of (B,) float64 ops with the constants folded in: about
-  30 aten ops for a ghost norm, 29 for an instantiated one, 6 for a bias (`certified()` adds 3).
+- Each bound's last arithmetic is a handful of (B,) float64 ops with the constants folded in (once per
+  shape: `_ghost_consts`, `_sum_consts`): 18 aten ops for a ghost norm on the CPU's unscaled route (~25
+  scaled), 29 for an instantiated one, 6 for a bias, 9 for a norm layer's weight and bias together
+  (`certified()` adds 3 each).
 
 On natural data the certified squared norm exceeds the exact one by ~7.5e-4 (GPT-2-shaped ghost norms
 on random activations, float32 dots of length _CHUNK = 1024), more when all tokens share a large common
@@ -27,6 +32,7 @@ it and the cost (bench/results/certify_norms.md).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -89,55 +95,117 @@ def _gram_gamma(d: int, u: float, u_in: float) -> float:
     return g + gamma(max(1, math.ceil(d / _CHUNK)), U64) * (1.0 + g)
 
 
-# Scales for which the Gram of the stored float32 rows may be formed unscaled and scaled after
-# (`_unscaled_ok`): s in [2^-60, 2^20].
-_FAST_LOG2 = (-60, 20)
+# Computed sample norms m for which `_ghost` forms the Gram of the stored float32 rows (`_unscaled_ok`):
+# m in [2^-21, 2^60), the samples whose `pow2_scales` scale lies in [2^-60, 2^20].
+_UNSCALED_NORMS = (2.0**-21, 2.0**60)
 
 
-def _unscaled_ok(xs: tuple[Tensor, ...], s: Tensor, dt: torch.dtype) -> list[bool]:
-    """Per operand x (scales s[k], from `pow2_scales`): whether its Gram may be formed from the stored rows
-    and multiplied by s^2 afterwards (in float64) instead of being formed from the scaled copy s x. Yes
-    when x is float32 on the CPU and every sample's scale lies in [2^-60, 2^20] (one host read: free on
-    the CPU; other devices keep the scaled copies and never synchronise). Then, for every sample:
+def _unscaled_ok(xs: tuple[Tensor, ...], m: Tensor, dt: torch.dtype) -> list[bool]:
+    """Per operand x (computed sample norms m[k], `sample_norms` in ``dt``): whether `_ghost` may form its
+    Gram from the stored rows with no scale at all (s = 1) instead of from the scaled copy s x. Yes when x
+    is float32 on the CPU and every sample's m lies in [2^-21, 2^60) (one host read: free on the CPU; other
+    devices keep the scaled copies and never synchronise). Then, for every sample:
 
-    - no overflow: s m < 1 for the computed norm m, so m < 2^60 and the exact norm m* <= m (1 + 3u) +
-      2^-75 < 2^61 (`pow2_scales`); every product, partial sum and Gram entry of x is at most m*^2 (1 +
-      gamma) < 2^123 in magnitude (non-finite data has m = inf or NaN: clamped to 2^-100, not taken);
-    - the scaling after is exact: a nonzero entry of the float32 Gram (or of the float64 sum of its
-      chunks) is a multiple of 2^-149 below 2^124, times s^2 in [2^-120, 2^40] it stays in float64's
-      normal range, and s x* (x* the stored rows) is exact in real arithmetic: no subnormal loss at all;
-    - underflow: the unscaled Gram's absolute error <= n eta (`_gram_gamma`) becomes n eta s^2 <= n eta
-      2^40 in the scaled units, so `_ghost`'s constants take eta' = eta 2^40 for this operand (and eps =
-      sqrt(n) eta' >= 0 for the scaling, which is exact here): every step of its proof holds with eta'.
-      On natural data c grows from ~1e-21 to ~1e-12 against token norms ~1/sqrt(T): no visible inflation.
+    - no overflow: m < 2^60, so the exact norm m* <= m (1 + 3u) + 2^-75 < 2^61 (`pow2_scales`); every
+      product, partial sum and Gram entry of x is at most m*^2 (1 + gamma) < 2^123 in magnitude (a
+      non-finite sample has m = inf or NaN: not taken);
+    - `_ghost`'s proof holds with s = 1: the rows are exact (eps_a = 0; its constant c is computed with
+      eps_a > 0, larger than needed) and eta = 2^-149 in absolute units. Its float64 arithmetic neither
+      overflows (V, Q, P^2 < T^2 2^250) nor underflows (nonzero Gram entries are multiples of 2^-149 and
+      token norms are >= 2c > 2^-75, so every product is 0 or >= 2^-300), so its roundings are relative,
+      as in scaled units;
+    - tightness: c is absolute here (~1e-19 at these lengths) where the scaled copy makes it relative to
+      the sample's size; with m >= 2^-21 (s <= 2^20) it is at most the scaled route's c / s, the constant
+      the scaled copies' proof gives in these units: a sample of natural size sees no difference, and
+      tiny or zero samples (whose bound would be dominated by c) keep their scaled copy.
 
     16-bit and float64 data keep the scaled copy (the copy is their cast to the accumulation dtype anyway;
     float64's constants are derived for it), and so do matmuls allowed to round their operands to bf16
     or TF32 (torch's float32 matmul precision below "highest"): a rounded operand below 2^-126 errs by
     more than eta in absolute terms, which the scaled copy keeps far from natural magnitudes."""
-    if dt != torch.float32 or s.device.type != "cpu" or s.shape[1] == 0 or matmul_input_roundoff(dt):
+    if dt != torch.float32 or m.device.type != "cpu" or m.shape[1] == 0 or matmul_input_roundoff(dt):
         return [False] * len(xs)
-    lo, hi = s.aminmax(dim=1)
-    ok = [
-        a >= 2.0 ** _FAST_LOG2[0] and b <= 2.0 ** _FAST_LOG2[1] for a, b in zip(lo.tolist(), hi.tolist(), strict=True)
-    ]
+    lo, hi = m.aminmax(dim=1)
+    ok = [a >= _UNSCALED_NORMS[0] and b < _UNSCALED_NORMS[1] for a, b in zip(lo.tolist(), hi.tolist(), strict=True)]
     return [k and x.dtype == torch.float32 for k, x in zip(ok, xs, strict=True)]
+
+
+def _grams(a: Tensor, g: Tensor) -> Tensor:
+    """(b, 2, T, T) float64: X = `_gram`(a) and Y = `_gram`(g) stacked straight into float64 (exact)."""
+    X, Y = _gram(a), _gram(g)
+    if X.requires_grad or Y.requires_grad:  # out= takes no autograd inputs
+        return torch.stack([X, Y], 1).to(F64)
+    b, T = X.shape[0], X.shape[1]
+    return torch.stack([X, Y], 1, out=torch.empty(b, 2, T, T, dtype=F64, device=X.device))
+
+
+@functools.lru_cache(maxsize=1024)
+def _ghost_consts(T: int, d: int, p: int, dt: torch.dtype, u_in: float) -> tuple[float, ...]:
+    """`_ghost`'s constants, folded once per shape and arithmetic: (2c, w_x, w_y, k_p, k_c) for float32
+    accumulation, (2c, k_p, k_c) for float64 (see `_ghost` for each)."""
+    u, eta = unit_roundoff(dt), underflow_eta(dt)
+    gd, gp = _gram_gamma(d, u, u_in), _gram_gamma(p, u, u_in)
+    c = 0.0
+    for n_, g_ in ((d, gd), (p, gp)):
+        e = math.sqrt(n_) * eta
+        c = max(c, math.sqrt(n_ * eta) + e / g_ + math.sqrt((e * e + n_ * eta) / g_))
+    Tb = _pow2ceil(T)
+    gt = gamma(2 * Tb + 1, U64)  # the quadratic forms' two stages (lengths T and 2T) and P (length T)
+    r = round_up_factor(4) / (1.0 - gt) ** 2  # Q, P vs their computed values; k_a, k_g's roundings
+    ka, kg = round_up_factor(4) / (1.0 - gd), round_up_factor(4) / (1.0 - gp)
+    g2 = gamma(Tb * Tb + 1, U64)
+    f = round_up_factor(6)  # the (b,) float64 ops and the weights' products (see _ghost)
+    kc = ka * kg * r * f
+    if dt == F64:
+        kp = (gd + gp + 3.0 * gd * gp + g2 * (1.0 + gd) * (1.0 + gp)) * ka * kg * r * f
+        c = max(c, (4.0 * underflow_eta(F64) / kp) ** 0.25)
+        return (2.0 * c, kp, kc)
+    up = round_up_factor(4)  # the square roots' rounding
+    w_x = math.sqrt(gp * kg * r * f) * up
+    w_y = math.sqrt((gd + g2 * (1.0 + gd)) * ka * r * f) * up
+    return (2.0 * c, w_x, w_y, gd * gp * ka * kg * r * f, kc)
+
+
+def _cross(n: Tensor, w_x: float, w_y: float, matmul: bool | None = None) -> Tensor:
+    """(w_x n_g, w_y n_a) (b, 2, T) from n = (n_a, n_g): one product per entry either way. On the CPU one
+    float64 matmul W n, W = [[0, w_x], [w_y, 0]] (W's other entry is an exact 0 term); elsewhere a flip and
+    two scalar products (W would be a host-to-device copy, which synchronises). ``matmul``: force a route."""
+    if n.device.type == "cpu" if matmul is None else matmul:
+        return torch.matmul(torch.tensor([[0.0, w_x], [w_y, 0.0]], dtype=F64), n)
+    w = n.flip(1)
+    w[:, 0].mul_(w_x)
+    w[:, 1].mul_(w_y)
+    return w
+
+
+def _ghost_terms(Z: Tensor, n: Tensor, k: tuple[float, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """(V, err, cap) of `_ghost` from the float64 Grams Z (b, 2, T, T) and token norms n (b, 2, T)."""
+    b, T = Z.shape[0], Z.shape[2]
+    na, ng = n.unbind(1)  # views (unbind/narrow: cheaper to dispatch than indexing)
+    P = torch.bmm(na.unsqueeze(1), ng.unsqueeze(2)).view(b)
+    X, Y = Z.view(b, 2, T * T).unbind(1)
+    V = torch.bmm(X.unsqueeze(1), Y.unsqueeze(2)).view(b)
+    if len(k) == 3:  # float64 rows: the cap-shaped error
+        return V, P.square().mul_(k[1]), P.square().mul_(k[2])
+    w = _cross(n, k[1], k[2])  # (b, 2, T): (w_x n_g, w_y n_a)
+    q = torch.bmm(w.view(2 * b, 1, T), Z.abs().view(2 * b, T, T))
+    S = torch.bmm(q.view(b, 1, 2 * T), w.view(b, 2 * T, 1)).view(b)  # w_x^2 Q_x + w_y^2 Q_y
+    return V, torch.addcmul(S, P, P, value=k[3]), P.square().mul_(k[4])
 
 
 def _ghost(a: Tensor, g: Tensor) -> Bound:
     """Ghost norm <A A^T, G G^T> of each row block with its bound; a: (b, T, d), g: (b, T, p).
 
     Rows scaled by powers of two (`pow2_scales`: A = s_a a, G = s_g g, exact up to subnormal entries,
-    eps_a = sqrt(d) eta per token), X = A A^T, Y = G G^T by `_gram`, stacked and taken to float64, with
-    g_d = `_gram_gamma`(d), a_d = d eta (likewise g_p, a_p). Float32 rows on the CPU whose scales are
-    within [2^-60, 2^20] skip the scaled copy: X = s_a^2 fl(a a^T) exactly, with eta' = 2^40 eta in
-    place of eta in every constant below (`_unscaled_ok` proves it). From X's diagonal (|X_tt - |A_t|^2| <= g_d
-    |A_t|^2 + a_d), with one constant c for both sides,
+    eps_a = sqrt(d) eta per token), X = A A^T, Y = G G^T by `_gram`, stacked into float64, with
+    g_d = `_gram_gamma`(d), a_d = d eta (likewise g_p, a_p). A float32 operand on the CPU whose sample norms
+    all lie in [2^-21, 2^60) takes s = 1 (no scaled copy: `_unscaled_ok` proves it). From X's diagonal
+    (|X_tt - |A_t|^2| <= g_d |A_t|^2 + a_d), with one constant c for both sides,
 
-        n_t = fl(fl(sqrt(X_tt)) + c),   k_a = (1 + 2 gamma_6(2^-53)) / (1 - g_d)
+        n_t = fl(fl(sqrt(X_tt)) + 2c),   k_a = (1 + 2 gamma_6(2^-53)) / (1 - g_d)
 
     gives |A_t| + eps_a + c' <= sqrt(k_a) n_t with c' = eps_a / g_d + sqrt((eps_a^2 + a_d) / g_d) (c >=
-    sqrt(a_d) + c'), hence, for the exact scaled rows a* (x* = a* a*^T):
+    sqrt(a_d) + c'; 2c: c's own rounding), hence, for the exact scaled rows a* (x* = a* a*^T):
 
         |X - x*| <= g_d |A_t||A_s| + a_d + eps_a (|A_t| + |A_s|) + eps_a^2 <= alpha = g_d k_a n_a n_a^T
         |X| <= (1 + g_d) k_a n_a n_a^T,      |a*_t| <= sqrt(k_a) n_a,t
@@ -150,61 +218,37 @@ def _ghost(a: Tensor, g: Tensor) -> Bound:
 
     with Q_y = n_a^T |Y| n_a, Q_x = n_g^T |X| n_g, P = n_a . n_g: the error weighs each pair by the
     computed |Y_ts| (resp. |X_ts|), up to ~T / sqrt(p) times tighter on natural data than g U with U the
-    cap. Q (two float64 matmul stages) and P (one) are >= (1 - gamma_T(2^-53))^2 times their exact values
-    (non-negative terms); products of float32-derived numbers neither under- nor overflow in float64.
+    cap. Both quadratic forms come from one pass: w = W n = (fl(w_x n_g), fl(w_y n_a)) (one float64
+    product per entry: W's other entry is 0), S = fl(sum_k w_k^T |Z_k| w_k) (two float64 matmul stages,
+    lengths T and 2T, of non-negative terms: >= (1 - gamma_{2T})^2 of its exact value, as P's one stage),
+    with w_x^2 >= g_p k_g R, w_y^2 >= (g_d + gamma_{T^2}(1 + g_d)) k_a R, R = r f: r covers S's and P's
+    roundings, f = 1 + 2 gamma_8(2^-53) the weights' products and the (b,) ops after (err = fl(S + k_p P P),
+    cap = fl(k_c fl(P^2)): at most three roundings each, of non-negative terms), and the square roots'
+    rounding a factor 1 + 2 gamma_6 each. So S >= f (g_p k_g Q_x + (g_d + ...) k_a Q_y) and err, cap are
+    upper bounds. Products of float32-derived numbers neither under- nor overflow in float64.
     Float64 inputs (g_d ~ 1e-13) use the cap-shaped error (g_d + g_p + 3 g_d g_p + gamma_{T^2}(2^-53)
     (1 + g_d)(1 + g_p)) k_a k_g P^2 instead (|Y| <= (1 + g_p) k_g n_g n_g^T), with c large enough that
-    the float64 underflow of V's products (T^2 eta64) is below its P^2 (P >= T c^2) term. Finally
-    everything is divided by (s_a s_g)^2 (exact).
+    the float64 underflow of V's products (T^2 eta64) is below its P^2 (P >= T c^2) term. Finally, on the
+    scaled route, everything is divided by (s_a s_g)^2 (exact).
 
-    About 30 ops for any T, d, p <= _CHUNK: two norms and the scales, two scaled copies (or, unscaled,
-    one min/max and host read, the float64 square of the scales), two Grams, the stacked float64 Grams,
-    their diagonal's roots, |.|, four float64 matmuls, six (b,) ops.
+    Ops (T, d, p <= _CHUNK), both operands unscaled: 18: the two float32 sample norms stacked and their
+    range (min/max, one host read), two Grams stacked into float64, their diagonal's roots + 2c, five
+    float64 matmuls (P, V, W n, the two stages of S), |Z| and three (b,) ops; scaled: ~25 (the scales' bits,
+    the scaled copies and the division by (s_a s_g)^2). `Bound.certified` adds three.
     """
     dt = acc_dtype(a, g)
     b, T, d = a.shape
-    p = g.shape[2]
-    u, eta, u_in = unit_roundoff(dt), underflow_eta(dt), matmul_input_roundoff(dt)
-    s = pow2_scales((a, g), dt)
-    gd, gp = _gram_gamma(d, u, u_in), _gram_gamma(p, u, u_in)
-    fast = _unscaled_ok((a, g), s, dt)
-    Z = torch.stack([_gram(x if k else scale_rows(x, sx)) for x, sx, k in zip((a, g), s, fast, strict=True)], 1)
-    if any(fast):  # the Grams of the stored rows, scaled after (see _unscaled_ok): one float64 product
-        w = s.to(F64).square_()
-        for k in range(2):
-            if not fast[k]:
-                w[k] = 1.0
-        Z = torch.mul(Z, w.t().reshape(b, 2, 1, 1))  # (b, 2, T, T) float64: exact
-    else:
-        Z = Z.to(F64)
-    c = 0.0
-    for n_, g_, unscaled in ((d, gd, fast[0]), (p, gp, fast[1])):
-        eta_x = eta * 2.0 ** (2 * _FAST_LOG2[1]) if unscaled else eta  # unscaled: underflow weighs s^2 <= 2^40
-        e = math.sqrt(n_) * eta_x
-        c = max(c, math.sqrt(n_ * eta_x) + e / g_ + math.sqrt((e * e + n_ * eta_x) / g_))
-    Tb = _pow2ceil(T)
-    gt = gamma(Tb + 1, U64)
-    r = round_up_factor(4) / (1.0 - gt) ** 2  # Q, P vs their computed values; k_a, k_g's roundings
-    ka, kg = round_up_factor(4) / (1.0 - gd), round_up_factor(4) / (1.0 - gp)
-    g2 = gamma(Tb * Tb + 1, U64)
-    f = round_up_factor(6)  # the (b,) float64 ops below
-    if dt == F64:
-        kp = (gd + gp + 3.0 * gd * gp + g2 * (1.0 + gd) * (1.0 + gp)) * ka * kg * r * f
-        c = max(c, (4.0 * underflow_eta(F64) / kp) ** 0.25)
-    n = Z.diagonal(dim1=2, dim2=3).sqrt().add_(c * 2.0)  # (b, 2, T): n_a, n_g (2c: c's own rounding)
-    P = torch.bmm(n[:, 0:1], n[:, 1:2].transpose(1, 2)).view(b)
-    V = torch.bmm(Z[:, 0].reshape(b, 1, T * T), Z[:, 1].reshape(b, T * T, 1)).view(b)
-    if dt == F64:
-        err = P.square().mul_(kp)
-    else:
-        nf = n.flip(1)  # (n_g, n_a): X is weighed by n_g, Y by n_a
-        q = torch.bmm(nf.view(2 * b, 1, T), Z.abs().view(2 * b, T, T))
-        Q = torch.bmm(q, nf.view(2 * b, T, 1)).view(b, 2)  # (Q_x, Q_y)
-        ky = (gd + g2 * (1.0 + gd)) * ka * r * f
-        err = torch.add(Q[:, 1] * ky, Q[:, 0], alpha=gp * kg * r * f)
-        err = torch.addcmul(err, P, P, value=gd * gp * ka * kg * r * f)
-    cap = P.square().mul_(ka * kg * r * f)
-    out = torch.stack([V, err, cap]).div_(unscale_sq(s))
+    k = _ghost_consts(T, d, g.shape[2], dt, matmul_input_roundoff(dt))
+    m = torch.stack([sample_norms(a, dt), sample_norms(g, dt)])
+    keep = _unscaled_ok((a, g), m, dt)
+    if all(keep):
+        Z = _grams(a, g)
+        return Bound(*_ghost_terms(Z, Z.diagonal(dim1=2, dim2=3).sqrt().add_(k[0]), k))
+    s = pow2_scales((a, g), dt, m)
+    if any(keep):  # the kept operand's Gram is in its stored units: s = 1 for it
+        s = torch.where(torch.tensor(keep, device=s.device)[:, None], 1.0, s)
+    Z = _grams(*(x if kx else scale_rows(x, sx) for x, sx, kx in zip((a, g), s, keep, strict=True)))
+    out = torch.stack(_ghost_terms(Z, Z.diagonal(dim1=2, dim2=3).sqrt().add_(k[0]), k)).div_(unscale_sq(s))
     return Bound(out[0], out[1], out[2])
 
 
@@ -297,6 +341,17 @@ def _empty(x: Tensor) -> Bound:
     return Bound(z, z, z)
 
 
+@functools.lru_cache(maxsize=1024)
+def _sum_consts(T: int, m: int, f64: bool, n_sq: int) -> tuple[float, float, float]:
+    """`_sum_bound`'s constants (k_e k_c, k_c, the float64 squares' underflow), folded once per shape."""
+    gT = gamma(T + 1, U64)
+    gv = gamma(n_sq + 2, U64)
+    kF = ((1.0 + gamma(T * m + 2, U64)) / (1.0 - U64)) ** 2 * (2.0 if f64 else 1.0)
+    kc = T * kF * round_up_factor(4)
+    ke = (gT + gv + gT * gv) * (1.0 + gv) * (1.0 + gT) ** 2 + (gT + gT * gT) * (2.0 if f64 else 1.0)
+    return ke * kc, kc, 2.0 * n_sq * underflow_eta(F64)
+
+
 def _sum_bound(value: Tensor, F: Tensor, T: int, m: int, f64: bool, n_sq: int) -> Bound:
     """Bound of n* = sum_j ||v*_j||^2, v*_j the exact sums over disjoint groups of the T rows x*_t (m
     entries each), from float64 sums v_j (a dot product or sum of length <= T per entry: |v_j - v*_j|
@@ -322,19 +377,14 @@ def _sum_bound(value: Tensor, F: Tensor, T: int, m: int, f64: bool, n_sq: int) -
     eta64 and sum_j b_j^2 doubles with tau; terms of order eta64^2 are below float64's range and concern
     only samples whose exact squared norm is below 2^-1074 anyway.
 
-    Three (b,) ops: F^2, err = k_e F^2, cap = k_c F^2 (four for float64 inputs)."""
-    gT = gamma(T + 1, U64)
-    gv = gamma(n_sq + 2, U64)
-    kF = ((1.0 + gamma(T * m + 2, U64)) / (1.0 - U64)) ** 2 * (2.0 if f64 else 1.0)
-    f = round_up_factor(4)
+    Three (b,) ops: F^2, err = k_e F^2, cap = k_c F^2 (four for float64 inputs); any shape of value and F
+    (the weight's and bias's sums of a norm layer come stacked)."""
+    kek, kc, e_add = _sum_consts(T, m, f64, n_sq)
     F2 = F.square()
-    kc = T * kF * f
-    ke = (gT + gv + gT * gv) * (1.0 + gv) * (1.0 + gT) ** 2 + (gT + gT * gT) * (2.0 if f64 else 1.0)
-    err = F2 * (ke * kc)
+    err = F2 * kek
     cap = F2.mul_(kc)
     if f64:
-        e64 = underflow_eta(F64)
-        err = err.add_(2.0 * n_sq * e64)
+        err = err.add_(e_add)
     return Bound(value, err, cap)
 
 
@@ -454,9 +504,17 @@ def affine_norms_bound(xhat: Tensor, g: Tensor, *, weight: bool, bias: bool) -> 
 
     The weight's rows x*_t = xhat_t * g_t are formed in float64 (exact for float32 and 16-bit inputs;
     float64 inputs round each product: relative u, absolute eta64, which the dot-product model of
-    _sum_bound covers: v_k = sum_t xhat_tk g_tk is a length-T dot product); see _sum_bound."""
+    _sum_bound covers: v_k = sum_t xhat_tk g_tk is a length-T dot product); see _sum_bound. With both
+    asked (and xhat, g of one dtype: the two bounds' constants are then the same), the two row sets are
+    stacked (B, 2, T, C) and summed, squared and bounded together: 9 ops, was 14."""
     w = b = None
     B, T, C = g.shape
+    if weight and bias and B and T and C and xhat.dtype == g.dtype:  # one stacked float64 pass for both
+        R = torch.stack([xhat.to(F64) * g, g], 1)  # (B, 2, T, C): rows x_t = xhat_t * g_t, then g_t
+        v = R.sum(dim=2)
+        value = torch.bmm(v.view(2 * B, 1, C), v.view(2 * B, C, 1)).view(B, 2)
+        wb = _sum_bound(value, torch.linalg.vector_norm(R, dim=(2, 3)), T, C, g.dtype == F64, C)
+        return Bound(*(t[:, 0] for t in wb)), Bound(*(t[:, 1] for t in wb))
     if weight:
         if B == 0 or T == 0 or C == 0:
             w = _empty(g)
