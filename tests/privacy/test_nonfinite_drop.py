@@ -92,6 +92,26 @@ class _LSTM(nn.Module):
         return self.h(y).mean(1)
 
 
+class _Tapped(nn.Module):
+    """A position table broadcast over the batch (a parameter tap, dpkernels.nn.tap) before a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 3, 4))
+        self.h = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.h(x + self.pos).mean(1)
+
+
+def _tapped():
+    from dpkernels.nn.tap import tap_parameters
+
+    model = _Tapped()
+    tap_parameters(model, ["pos"])
+    return model
+
+
 def _data(kind: str):
     g = torch.Generator().manual_seed(7)
     if kind == "mlp":
@@ -102,6 +122,8 @@ def _data(kind: str):
         return _Emb, torch.randint(1, 11, (4, 6), generator=g)
     if kind == "tied-embedding-head":
         return _Tied, torch.randint(0, 11, (4, 6), generator=g)
+    if kind == "tap":
+        return _tapped, torch.randn(4, 3, 4, generator=g, dtype=torch.float64)
     if kind == "lstm":
         return _LSTM, torch.randn(4, 3, 4, generator=g, dtype=torch.float64)
     return _MHA, torch.randn(4, 3, 4, generator=g, dtype=torch.float64)
@@ -147,7 +169,9 @@ def _assert_same(got, want, what):
 
 @pytest.mark.parametrize("value", [INF, NAN], ids=["inf", "nan"])
 @pytest.mark.parametrize("bad", ["input", "loss"])
-@pytest.mark.parametrize("kind", ["mlp", "conv+groupnorm", "embedding+layernorm", "tied-embedding-head", "mha", "lstm"])
+@pytest.mark.parametrize(
+    "kind", ["mlp", "conv+groupnorm", "embedding+layernorm", "tied-embedding-head", "mha", "lstm", "tap"]
+)
 def test_the_step_with_a_non_finite_sample_is_the_step_without_it(kind, bad, value):
     make, x = _data(kind)
     if kind in ("embedding+layernorm", "tied-embedding-head") and bad == "input":
