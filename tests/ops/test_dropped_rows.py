@@ -151,16 +151,16 @@ def test_a_sample_with_clip_factor_zero_adds_exactly_zero(case, value, dtype, ba
 
 
 @pytest.mark.parametrize("case", ["linear-d<p", "linear-d>=p"])
-def test_the_reference_linear_sum_in_chunks(case, monkeypatch):
-    """The reference Linear sum masks (copies) its operands a chunk of samples at a time past _CHUNK_ELEMS: here
-    one sample per chunk, the same result as one chunk (float64: rounding of another summation order only, ~1e-15),
-    the poisoned sample still adding exactly 0."""
-    from dpkernels.ops.reference import _common
+def test_the_reference_linear_sum_in_blocks(case, monkeypatch):
+    """The reference Linear sum masks (copies) its unscaled operand a block of rows at a time past _MASK_ELEMS:
+    here one row per block, the same result as one block (float64: rounding of another summation order only,
+    ~1e-15), the poisoned sample still adding exactly 0."""
+    from dpkernels.ops.reference import linear
 
     op, tensors, kw = CASES[case](torch.float64)
     c = _factors(4, torch.float64)
     whole = _run(op, tensors, c, kw, "reference")
-    monkeypatch.setattr(_common, "_CHUNK_ELEMS", 1)
+    monkeypatch.setattr(linear, "_MASK_ELEMS", 1)
     poisoned = {k: _poison(t, float("nan")) for k, t in tensors.items()}
     for got in (_run(op, tensors, c, kw, "reference"), _run(op, poisoned, c, kw, "reference")):
         for out, want in zip(got, whole, strict=True):

@@ -59,14 +59,14 @@ def group_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
     return inv, key_of
 
 
-def kept(x: Tensor, c: Tensor, dt: torch.dtype, scaled: bool = False, drop: Tensor | None = None) -> Tensor:
-    """x (B, ...) in dtype ``dt`` with the rows of samples whose clip factor c_i is 0 set to exactly 0
-    (``scaled``: each row multiplied by c_i as well). A select, not a product (0 * inf is NaN): a row with
-    c_i = 0 adds exactly 0 to a clipped sum, finite or not. Costs one elementwise pass over x, in place
-    when the cast or the scaling already made a copy. ``drop``: c == 0, when the caller has it already."""
-    drop = (c == 0 if drop is None else drop).view(-1, *([1] * (x.dim() - 1)))
+def kept(x: Tensor, drop: Tensor, dt: torch.dtype, c: Tensor | None = None) -> Tensor:
+    """x (N, ...) in dtype ``dt`` with the rows where ``drop`` (N,) is True (a sample's clip factor c_i is 0)
+    set to exactly 0; with ``c`` (N,) each row multiplied by c_i as well. A select, not a product (0 * inf is
+    NaN): a row with c_i = 0 adds exactly 0 to a clipped sum, finite or not. Costs one elementwise pass over
+    x, in place when the cast or the scaling already made a copy."""
+    drop = drop.view(-1, *([1] * (x.dim() - 1)))
     y = x.to(dt)
-    if scaled:
+    if c is not None:
         return (y * c.to(dt).view_as(drop)).masked_fill_(drop, 0)
     return y.masked_fill_(drop, 0) if y is not x else y.masked_fill(drop, 0)
 

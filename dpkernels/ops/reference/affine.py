@@ -49,10 +49,10 @@ def affine_clipped_sum(
     """
     dt = acc_dtype(xhat, g)
     drop = c == 0
-    gs = kept(g, c, dt, scaled=True, drop=drop)
+    gs = kept(g, drop, dt, c)
     w = b = None
     if weight:
-        xg = torch.einsum("btc,btc->c", kept(xhat, c, dt, drop=drop), gs)
+        xg = torch.einsum("btc,btc->c", kept(xhat, drop, dt), gs)
         w = finish(xg, prev_w, noise_std, scale, seed_w, fresh=True)
     if bias:
         b = finish(gs.sum(dim=(0, 1)), prev_b, noise_std, scale, seed_b, fresh=True)

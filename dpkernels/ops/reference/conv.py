@@ -168,11 +168,11 @@ def conv_clipped_sum(
     dt = acc_dtype(x, g)
     n = x.dim() - 2
     drop = c == 0
-    gs = kept(g, c, dt, scaled=True, drop=drop)
+    gs = kept(g, drop, dt, c)
     weight = torch.empty(tuple(weight_shape), device=x.device, dtype=dt)  # only its shape is read
     _, w, _ = torch.ops.aten.convolution_backward(
         gs,
-        kept(x, c, dt, drop=drop),
+        kept(x, drop, dt),
         weight,
         None,
         list(_ntuple(stride, n, "stride")),

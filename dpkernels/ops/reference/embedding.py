@@ -88,7 +88,7 @@ def embedding_clipped_sum(
     """
     dt = acc_dtype(g)
     D = g.shape[-1]
-    rows = kept(_masked_rows(ids, g, padding_idx, num_embeddings, dt), c, dt, scaled=True)
+    rows = kept(_masked_rows(ids, g, padding_idx, num_embeddings, dt), c == 0, dt, c)
     total = noise_base((num_embeddings, D), prev, noise_std, scale, seed, g.device, dt)
     return total.index_add_(0, ids.reshape(-1), rows.reshape(-1, D), alpha=scale)
 

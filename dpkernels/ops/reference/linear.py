@@ -39,18 +39,8 @@ def linear_norms(a: Tensor, g: Tensor, *, bias: bool, method: str) -> tuple[Tens
     return w, (bias_norms(g) if bias else None)
 
 
-def _terms(a: Tensor, g: Tensor, c: Tensor, dt: torch.dtype, bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(X, Y, bias sum) with X @ Y = sum_i c_i G_i^T A_i over these samples, rows with c_i = 0 set to 0 in both
-    operands (`kept`: 0 * inf is NaN). c_i scales the narrower of G_i (T, p) and A_i (T, d):
-    sum_i (c_i G_i)^T A_i = sum_i G_i^T (c_i A_i), so a language model's head (p = V) scales no copy of G.
-    flatten, not reshape(-1, p): p or d may be 0."""
-    drop = c == 0
-    if a.shape[-1] < g.shape[-1]:
-        gk = kept(g, c, dt, drop=drop)
-        b = torch.einsum("btp,b->p", gk, c.to(dt)) if bias else None
-        return gk.flatten(0, 1).T, kept(a, c, dt, scaled=True, drop=drop).flatten(0, 1), b
-    gs = kept(g, c, dt, scaled=True, drop=drop)
-    return gs.flatten(0, 1).T, kept(a, c, dt, drop=drop).flatten(0, 1), (gs.sum(dim=(0, 1)) if bias else None)
+# Entries of the unscaled operand of a Linear clipped sum masked (so copied) at a time: 16 MiB in float32.
+_MASK_ELEMS = 1 << 22
 
 
 def linear_clipped_sum(
@@ -73,19 +63,39 @@ def linear_clipped_sum(
     A sample with c_i = 0 adds exactly 0, even with non-finite rows (_common.kept).
     """
     dt = acc_dtype(a, g)
-    # chunks of samples bound the masked copies (`_terms`) as the norms bound their temporaries
-    chunks = list(_chunks(g.shape[0], g.shape[1] * max(a.shape[-1], g.shape[-1])))
-    if len(chunks) <= 1:
-        x, y, b = _terms(a, g, c, dt, bias)
+    B, T, d, p = a.shape[0], a.shape[1], a.shape[-1], g.shape[-1]
+    drop = c == 0
+    # c_i scales the narrower of G_i (T, p) and A_i (T, d): sum_i (c_i G_i)^T A_i = sum_i G_i^T (c_i A_i), so a
+    # language model's head (p = V) makes no scaled copy of G. The other operand's rows of samples with c_i = 0
+    # are set to 0 too (0 * inf is NaN), a block of rows at a time, so that its masked copy stays below
+    # _MASK_ELEMS entries. flatten, not reshape(-1, p): p or d may be 0.
+    scale_a = d < p
+    narrow = kept(a if scale_a else g, drop, dt, c)  # c_i A_i or c_i G_i, (B, T, .)
+    wide = g if scale_a else a
+    b = narrow.sum(dim=(0, 1)) if bias and not scale_a else None
+    step = max(1, _MASK_ELEMS // max(1, wide.shape[-1]))
+    if step >= B * T:  # one block: the whole operand masked at once
+        m = kept(wide, drop, dt)
+        x, y = (m.flatten(0, 1).T, narrow.flatten(0, 1)) if scale_a else (narrow.flatten(0, 1).T, m.flatten(0, 1))
         w = finish_mm(x, y, prev_w, noise_std, scale, seed_w)
+        if bias and scale_a:
+            b = torch.einsum("btp,b->p", m, c.to(dt))
     else:
-        w = torch.zeros(g.shape[-1], a.shape[-1], device=g.device, dtype=dt)
-        b = torch.zeros(g.shape[-1], device=g.device, dtype=dt) if bias else None
-        for sl in chunks:
-            x, y, bc = _terms(a[sl], g[sl], c[sl], dt, bias)
-            w.addmm_(x, y)
-            if b is not None and bc is not None:
-                b.add_(bc)
+        nf, wf = narrow.flatten(0, 1), wide.flatten(0, 1)
+        row_drop = drop[:, None].expand(B, T).reshape(-1)
+        row_c = c.to(dt)[:, None].expand(B, T).reshape(-1)
+        w = torch.zeros(p, d, device=g.device, dtype=dt)
+        if bias and scale_a:
+            b = torch.zeros(p, device=g.device, dtype=dt)
+        for k in range(0, B * T, step):
+            sl = slice(k, k + step)
+            m = kept(wf[sl], row_drop[sl], dt)
+            if scale_a:
+                w.addmm_(m.T, nf[sl])
+                if b is not None:
+                    b.addmv_(m.T, row_c[sl])
+            else:
+                w.addmm_(nf[sl].T, m)
         w = finish(w, prev_w, noise_std, scale, seed_w, fresh=True)
     return w, (finish(b, prev_b, noise_std, scale, seed_b, fresh=True) if b is not None else None)
 
@@ -103,5 +113,5 @@ def bias_clipped_sum(
 ) -> Tensor:
     """scale * (prev + sum_i c_i sum_t g_it + noise_std * z), g: (B, T, p); c_i = 0 adds exactly 0."""
     dt = acc_dtype(g)
-    total = torch.einsum("btp,b->p", kept(g, c, dt), c.to(dt))
+    total = torch.einsum("btp,b->p", kept(g, c == 0, dt), c.to(dt))
     return finish(total, prev, noise_std, scale, seed, fresh=True)
