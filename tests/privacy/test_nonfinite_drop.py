@@ -299,6 +299,25 @@ def test_drop_with_a_padded_batch():
     _assert_same([p.grad for p in model.parameters()], _grads(make, x, keep=WITHOUT), "padded")
 
 
+def test_the_step_is_accounted_as_usual():
+    """A step with a dropped sample is a step of the mechanism: the accountant counts it, once, with the run's
+    sigma and sampling rate; the engine's step counter (which keys the noise streams) moves as usual."""
+    make, x = _data("mlp")
+    torch.manual_seed(0)
+    model = make().double()
+    model, opt = dpkernels.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=1.0, max_grad_norm=1.0,
+        expected_batch_size=4.0, sample_rate=0.01, seed=3, nonfinite="drop",
+    )  # fmt: skip
+    xb = x.clone()
+    xb[BAD, 0] = NAN
+    for _ in range(2):
+        opt.backward(model(xb).square().sum(1))
+        opt.step()
+    assert opt.accountant.history == [(1.0, 0.01, 2)] and opt.engine.steps == 2
+    assert opt.engine.dropped_samples() == 2
+
+
 def test_raise_still_raises_with_no_step():
     make, x = _data("mlp")
     torch.manual_seed(0)
