@@ -38,8 +38,9 @@ def clip_factors(norms: Tensor, bound: float, clipping: str = "abadi", gamma: fl
     Computed in float64 (float32 rounding of R / (n + eps) could exceed R
     by an ulp), returned in float64 for float64 norms and float32 otherwise, rounded down; a factor
     below the smallest normal float64 is 0 (its rounding is absolute, not relative). A factor is
-    never NaN or negative: a NaN norm gives 0 (the engine refuses non-finite norms before this, with
-    an error naming the layer; 0 is what a caller who did not check gets: the sample is dropped).
+    never NaN or negative: a NaN norm gives 0 (the engine then either refuses the pass, naming the layer,
+    or with nonfinite="drop" sets c_i = 0 for any non-finite norm, +inf too; the clipped sums add
+    exactly 0 for such a row).
     """
     n = norms.to(torch.float64)
     if clipping == "abadi":  # min(1, +inf) = 1; NaN: 0
