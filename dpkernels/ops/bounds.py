@@ -154,6 +154,31 @@ class Bound(NamedTuple):
         return torch.fmin(self.value + self.err, self.cap) * round_up_factor(4)
 
 
+class CoveredBound(Bound):
+    """A `Bound` whose err also covers the float64 rounding of value + err, so that fl(value + err) >= n
+    and `certified` needs no final factor: fmin(fl(value + err), cap), two ops instead of three.
+
+    Its producer makes err >= (e0 + u |value|) / (1 - u), with e0 its own bound (value + e0 >= n >= 0) and
+    u |value| bounded from its own terms (`cover_coef`). Then value + err >= 0, and fl(value + err) >=
+    (value + err)(1 - u) >= value - u |value| + e0 + u |value| >= n (a sum that lands among the subnormals
+    is exact). Bounds with err = 0 whose value already is an upper bound (the instantiated and one-token
+    norms) qualify as they are. Sums and other combinations of bounds (`plus`, `group_sum`, scaling
+    by a non-power of two) build a plain `Bound`, whose `certified` rounds up."""
+
+    __slots__ = ()
+
+    def certified(self) -> Tensor:
+        """min(value + err, cap): an upper bound on n, float64 (B,), never negative (see the class)."""
+        return torch.fmin(self.value + self.err, self.cap)
+
+
+def cover_coef(k_err: float, k_abs: float) -> float:
+    """The coefficient of a `CoveredBound`'s err term q, whose own bound is e0 = k_err q, given |value| <=
+    k_abs q (q >= 0, computed by the producer): (k_err + u k_abs) / (1 - u), with two more float64
+    roundings of err (its product and sum) covered."""
+    return (k_err + U64 * k_abs) / (1.0 - U64) * round_up_factor(2)
+
+
 def _norm_dims(x: Tensor) -> tuple[int, ...]:
     return tuple(range(1, x.dim()))
 

@@ -150,3 +150,46 @@ def test_cross_weights_either_route():
     n[1, 0, 2] = float("inf")
     for route in (True, False):
         assert not bool(torch.isfinite(rb._cross(n, 1.5e-3, 7e-5, matmul=route)[1, 1, 2]))
+
+
+def test_covered_bound_certifies_without_a_factor_and_its_sums_round_up():
+    """A CoveredBound's certified norm is fmin(value + err, cap) itself (its producer covered the sum's
+    rounding); a NaN value falls back to the cap; combining bounds gives a plain Bound, rounded up."""
+    from dpkernels.ops.bounds import Bound, CoveredBound
+
+    v = torch.tensor([1.0, float("nan"), 3.0], dtype=F64)
+    e = torch.tensor([2.0**-60, 1.0, 0.0], dtype=F64)
+    c = torch.tensor([5.0, 7.0, 2.0], dtype=F64)
+    cov = CoveredBound(v, e, c)
+    assert torch.equal(cov.certified(), torch.fmin(v + e, c))
+    plain = Bound(v, e, c).certified()
+    assert bool((plain[[0, 2]] > torch.fmin(v + e, c)[[0, 2]]).all())  # rounded up
+    stacked = CoveredBound(*(t.view(3, 1).expand(3, 2) for t in (v, e, c)))
+    for combined in (cov.plus(cov), stacked.group_sum(2)):
+        assert type(combined) is Bound
+
+
+@pytest.mark.parametrize("kind", ["natural", "cancel", "subnormal", "huge"])
+def test_reference_bounds_are_covered(kind):
+    """Every reference producer whose certified norm skips the factor returns a CoveredBound whose err
+    carries at least u |value| (the sum's rounding), and fl(value + err) >= the exact norm."""
+    from dpkernels.ops.bounds import U64, CoveredBound
+
+    gen = _gen(("covered", kind))
+    a = _rows(kind, 4, 6, 5, gen).float()
+    g = _rows("natural", 4, 6, 3, gen).float() * 1e-2
+    if kind == "cancel":
+        g = _cancel_g(g)
+    ew = _exact_linear(a, g)
+    eb = g.double().sum(1).square().sum(1)
+    cases = [
+        ("ghost", rb._ghost(a, g), ew),
+        ("inst", rb._inst(a, g), ew),
+        ("one-token", rb._one_token(a[:, :1], g[:, :1]), _exact_linear(a[:, :1], g[:, :1])),
+        ("bias", rb.bias_norms_bound(g), eb),
+        ("affine bias", rb.affine_norms_bound(g * 3, g, weight=True, bias=True)[1], eb),
+    ]
+    for name, bound, exact in cases:
+        assert isinstance(bound, CoveredBound), name
+        assert bool((bound.err >= U64 * bound.value.abs()).all()) or bool((bound.err == 0).all()), name
+        assert bool((bound.value + bound.err >= exact).all()), name

@@ -42,6 +42,8 @@ from ..bounds import (
     F64,
     U64,
     Bound,
+    CoveredBound,
+    cover_coef,
     dot_gamma,
     gamma,
     matmul_input_roundoff,
@@ -156,14 +158,16 @@ def _ghost_consts(T: int, d: int, p: int, dt: torch.dtype, u_in: float) -> tuple
     g2 = gamma(Tb * Tb + 1, U64)
     f = round_up_factor(6)  # the (b,) float64 ops and the weights' products (see _ghost)
     kc = ka * kg * r * f
+    fe = f / (1.0 - U64)  # err also covers the rounding of value + err (CoveredBound)
+    kv = U64 * (1.0 + g2) * (1.0 + gd) * (1.0 + gp)  # u |V| <= kv k_a k_g r P^2
     if dt == F64:
-        kp = (gd + gp + 3.0 * gd * gp + g2 * (1.0 + gd) * (1.0 + gp)) * ka * kg * r * f
+        kp = (gd + gp + 3.0 * gd * gp + g2 * (1.0 + gd) * (1.0 + gp) + kv) * ka * kg * r * fe
         c = max(c, (4.0 * underflow_eta(F64) / kp) ** 0.25)
         return (2.0 * c, kp, kc)
     up = round_up_factor(4)  # the square roots' rounding
-    w_x = math.sqrt(gp * kg * r * f) * up
-    w_y = math.sqrt((gd + g2 * (1.0 + gd)) * ka * r * f) * up
-    return (2.0 * c, w_x, w_y, gd * gp * ka * kg * r * f, kc)
+    w_x = math.sqrt(gp * kg * r * fe) * up
+    w_y = math.sqrt((gd + g2 * (1.0 + gd)) * ka * r * fe) * up
+    return (2.0 * c, w_x, w_y, (gd * gp + kv) * ka * kg * r * fe, kc)
 
 
 def _cross(n: Tensor, w_x: float, w_y: float, matmul: bool | None = None) -> Tensor:
@@ -225,7 +229,10 @@ def _ghost(a: Tensor, g: Tensor) -> Bound:
     roundings, f = 1 + 2 gamma_8(2^-53) the weights' products and the (b,) ops after (err = fl(S + k_p P P),
     cap = fl(k_c fl(P^2)): at most three roundings each, of non-negative terms), and the square roots'
     rounding a factor 1 + 2 gamma_6 each. So S >= f (g_p k_g Q_x + (g_d + ...) k_a Q_y) and err, cap are
-    upper bounds. Products of float32-derived numbers neither under- nor overflow in float64.
+    upper bounds. Products of float32-derived numbers neither under- nor overflow in float64. The result
+    is a `CoveredBound`: err also carries u |V| <= u (1 + gamma_{T^2})(1 + g_d)(1 + g_p) k_a k_g P^2 (|V| <=
+    (1 + gamma_{T^2}) sum |X||Y|) in its P^2 coefficient, and every coefficient is divided by 1 - u, so
+    fl(V + err) >= n* and `certified` needs no final factor.
     Float64 inputs (g_d ~ 1e-13) use the cap-shaped error (g_d + g_p + 3 g_d g_p + gamma_{T^2}(2^-53)
     (1 + g_d)(1 + g_p)) k_a k_g P^2 instead (|Y| <= (1 + g_p) k_g n_g n_g^T), with c large enough that
     the float64 underflow of V's products (T^2 eta64) is below its P^2 (P >= T c^2) term. Finally, on the
@@ -243,13 +250,13 @@ def _ghost(a: Tensor, g: Tensor) -> Bound:
     keep = _unscaled_ok((a, g), m, dt)
     if all(keep):
         Z = _grams(a, g)
-        return Bound(*_ghost_terms(Z, Z.diagonal(dim1=2, dim2=3).sqrt().add_(k[0]), k))
+        return CoveredBound(*_ghost_terms(Z, Z.diagonal(dim1=2, dim2=3).sqrt().add_(k[0]), k))
     s = pow2_scales((a, g), dt, m)
     if any(keep):  # the kept operand's Gram is in its stored units: s = 1 for it
         s = torch.where(torch.tensor(keep, device=s.device)[:, None], 1.0, s)
     Z = _grams(*(x if kx else scale_rows(x, sx) for x, sx, kx in zip((a, g), s, keep, strict=True)))
     out = torch.stack(_ghost_terms(Z, Z.diagonal(dim1=2, dim2=3).sqrt().add_(k[0]), k)).div_(unscale_sq(s))
-    return Bound(out[0], out[1], out[2])
+    return CoveredBound(out[0], out[1], out[2])  # divided by powers of two: exact, the cover holds
 
 
 def _inst(a: Tensor, g: Tensor, keep: Tensor | None = None) -> Bound:
@@ -301,7 +308,7 @@ def _inst(a: Tensor, g: Tensor, keep: Tensor | None = None) -> Bound:
     cap = S.to(F64).square_().mul_(k2 * k2 * f)
     up = up.square_().mul_(f)
     out = torch.stack([up, cap]).div_(unscale_sq(s))
-    return Bound(out[0], torch.zeros_like(out[0]), out[1])
+    return CoveredBound(out[0], torch.zeros_like(out[0]), out[1])  # err = 0: value + 0 is exact
 
 
 def linear_norms_bound(a: Tensor, g: Tensor, *, bias: bool, method: str) -> tuple[Bound, Bound | None]:
@@ -324,7 +331,8 @@ def _cat(parts: list[Bound], x: Tensor) -> Bound:
         return parts[0]
     if not parts:
         return _empty(x)
-    return Bound(*(torch.cat([getattr(b, f) for b in parts]) for f in Bound._fields))
+    kind = CoveredBound if all(isinstance(b, CoveredBound) for b in parts) else Bound  # entrywise: kept
+    return kind(*(torch.cat([getattr(b, f) for b in parts]) for f in Bound._fields))
 
 
 def _one_token(a: Tensor, g: Tensor) -> Bound:
@@ -333,12 +341,12 @@ def _one_token(a: Tensor, g: Tensor) -> Bound:
     upper bounds, no overflow or underflow for float32 and 16-bit values): no Gram, no matmul, and
     tight to float64 rounding, so it is both the value and the cap."""
     up = (token_norms(a[:, 0]) * token_norms(g[:, 0], round_up_factor(4))).square_()
-    return Bound(up, torch.zeros_like(up), up)
+    return CoveredBound(up, torch.zeros_like(up), up)
 
 
 def _empty(x: Tensor) -> Bound:
     z = torch.zeros(x.shape[0], device=x.device, dtype=F64)
-    return Bound(z, z, z)
+    return CoveredBound(z, z, z)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -349,7 +357,9 @@ def _sum_consts(T: int, m: int, f64: bool, n_sq: int) -> tuple[float, float, flo
     kF = ((1.0 + gamma(T * m + 2, U64)) / (1.0 - U64)) ** 2 * (2.0 if f64 else 1.0)
     kc = T * kF * round_up_factor(4)
     ke = (gT + gv + gT * gv) * (1.0 + gv) * (1.0 + gT) ** 2 + (gT + gT * gT) * (2.0 if f64 else 1.0)
-    return ke * kc, kc, 2.0 * n_sq * underflow_eta(F64)
+    e64 = 2.0 * n_sq * underflow_eta(F64)
+    # CoveredBound: 0 <= value <= (1 + g_v)(1 + gamma_T)^2 k_c F^2 (+ the float64 squares' underflow)
+    return cover_coef(ke * kc, (1.0 + gv) * (1.0 + gT) ** 2 * kc), kc, cover_coef(e64, e64)
 
 
 def _sum_bound(value: Tensor, F: Tensor, T: int, m: int, f64: bool, n_sq: int) -> Bound:
@@ -377,6 +387,9 @@ def _sum_bound(value: Tensor, F: Tensor, T: int, m: int, f64: bool, n_sq: int) -
     eta64 and sum_j b_j^2 doubles with tau; terms of order eta64^2 are below float64's range and concern
     only samples whose exact squared norm is below 2^-1074 anyway.
 
+    A `CoveredBound`: err's coefficients also carry u value <= u (1 + g_v)(1 + gamma_T)^2 k_c F^2 (and the
+    squares' float64 underflow) and are divided by 1 - u (`cover_coef`).
+
     Three (b,) ops: F^2, err = k_e F^2, cap = k_c F^2 (four for float64 inputs); any shape of value and F
     (the weight's and bias's sums of a norm layer come stacked)."""
     kek, kc, e_add = _sum_consts(T, m, f64, n_sq)
@@ -385,7 +398,7 @@ def _sum_bound(value: Tensor, F: Tensor, T: int, m: int, f64: bool, n_sq: int) -
     cap = F2.mul_(kc)
     if f64:
         err = err.add_(e_add)
-    return Bound(value, err, cap)
+    return CoveredBound(value, err, cap)
 
 
 def _dot_rows(v: Tensor) -> Tensor:
@@ -514,7 +527,7 @@ def affine_norms_bound(xhat: Tensor, g: Tensor, *, weight: bool, bias: bool) -> 
         v = R.sum(dim=2)
         value = torch.bmm(v.view(2 * B, 1, C), v.view(2 * B, C, 1)).view(B, 2)
         wb = _sum_bound(value, torch.linalg.vector_norm(R, dim=(2, 3)), T, C, g.dtype == F64, C)
-        return Bound(*(t[:, 0] for t in wb)), Bound(*(t[:, 1] for t in wb))
+        return CoveredBound(*(t[:, 0] for t in wb)), CoveredBound(*(t[:, 1] for t in wb))
     if weight:
         if B == 0 or T == 0 or C == 0:
             w = _empty(g)
