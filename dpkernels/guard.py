@@ -14,7 +14,8 @@
   ``t.data``, ``numpy()``, ``untyped_storage()``, DLPack, taken during the forward or before it and kept
   anywhere (a global, a closure, an object), or a raw pointer (``data_ptr()`` and ctypes). So every watched tensor's
   bits are also compared, through a keyed hash (`_Values`): before the forward, per row of up to 2^12 16-bit halves of
-  its bits (a row holds one tensor's), a pair of dot products with the guard's secret random integer weights, exact in
+  its storage's bits (every byte torch.save writes with it, those outside its elements too; a row holds one
+  storage's, shared by its views), a pair of dot products with the guard's secret random integer weights, exact in
   float64, many rows and tensors at once (3 ops per batch of <= 2^22 halves, 8 MiB of state); after it (the second
   hash, below) the same hashes, and ``ne``, ``any`` give a flag (the first differing row names the tensor). No copy of
   the model: one batch's temporaries at a time (<= 40 MiB), the hashes (16 bytes a row), and the weights (<= 64 KiB
@@ -159,6 +160,32 @@ def _halves(b: Tensor) -> Tensor:
     return b if b.element_size() == 1 else b.view(torch.int16)
 
 
+def _storage_key(t: Tensor | None) -> tuple | None:
+    """(device, address, bytes) of a plain tensor's storage; None for anything else (a subclass: DTensor)."""
+    if t is None or type(t) not in (Tensor, nn.Parameter) or t.is_sparse or t.is_quantized:
+        return None
+    try:
+        st = _raw_storage(t)
+        return (t.device, st.data_ptr(), st.nbytes())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _storage_bits(t: Tensor) -> Tensor | None:
+    """Every byte of ``t``'s storage as a flat integer view (int16 for an even number of bytes, else uint8), None
+    where there is none (`_storage_key`). ``torch.save`` writes the whole storage of each tensor it saves, bytes
+    outside the tensor's elements included (a slice of a larger tensor, a tensor resized smaller), so a write
+    there from the batch would be released with the model: the guard hashes the storage, not the elements."""
+    if _storage_key(t) is None:
+        return None
+    try:
+        with torch.no_grad():
+            b = torch.empty(0, dtype=torch.uint8, device=t.device).set_(_raw_storage(t))
+        return b.view(torch.int16) if b.numel() % 2 == 0 else b
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+
+
 class _Batch(NamedTuple):
     """One batched op of a device's hash: rows [row, row + rows) of ``width`` halves each, from ``parts`` (views
     of the tensors' halves and of the padding zeros) in the order of ``spec``: (item, start, length), item -1
@@ -184,39 +211,56 @@ class _Plan(NamedTuple):
 
 
 class _Views:
-    """Each watched tensor's `_bits` view, kept from one forward to the next while the tensor keeps its storage
-    (address, offset, shape) and dtype: a view made again would read the same memory (the one kept holds
-    that storage, so no other can take its address). A tensor whose bits are no view of it (not contiguous) is
-    read anew at each comparison. Also the guard's secret hash weights per device (`table`), the zeros that
-    pad a tensor's last row, and each device's hash layout (`plan`), made again when its tensors' bits
-    change."""
+    """The bits of each watched tensor's whole storage (`_storage_bits`: every byte ``torch.save`` writes with the
+    tensor, those outside its elements too), a view kept from one forward to the next while the storage keeps its
+    address and size: a view made again would read the same memory (the one kept holds that storage, so no
+    other can take its address). Tensors sharing a storage (views, tied or sliced weights) are hashed once. A
+    tensor with no such view (not a plain tensor) has its own bits (`_bits`), read anew at each comparison when
+    they are a copy. Also the guard's secret hash weights per device (`table`), the zeros that pad a storage's
+    last row, and each device's hash layout (`plan`), made again when its storages change."""
 
     def __init__(self) -> None:
-        self.kept: dict[int, tuple[Tensor, tuple, torch.dtype, Tensor | None, bool, Any, int]] = {}
+        self.kept: dict[Any, tuple[Tensor, Tensor | None, bool, Any, int]] = {}
+        self.sharing: dict[int, list[_Watched]] = {}  # id(bits) -> the watched tensors on that storage, in order
         self.weights: dict[torch.device, Tensor] = {}
         self.pads: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self.plans: dict[torch.device, _Plan] = {}
         self.generator: torch.Generator | None = None
 
     def renew(self, watched: list[_Watched]) -> dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]]:
-        """(watched, bits, whether they are a view of it, their number of 16-bit halves) once per tensor (a tied
-        parameter is watched under each module holding it, compared once), grouped by the bits' device (None:
-        no bits), in the order watched; the views and plans of tensors no longer watched are let go."""
+        """(watched, bits, whether they are a view of its memory, their number of 16-bit halves) once per storage
+        (`_storage_bits`: tensors sharing one, a tied parameter watched under each module holding it, are
+        compared once; the first watched stands for them, `sharing` lists them all), or once per tensor with no
+        storage view, grouped by the bits' device (None: no bits), in the order watched; the views and plans of
+        storages no longer watched are let go."""
         kept, self.kept = self.kept, {}
+        self.sharing = {}
         groups: dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]] = {}
+        seen: set[int] = set()
         for w in watched:
             t = w.tensor
-            key = id(t)
-            if key in self.kept:
+            if id(t) in seen:
                 continue
+            seen.add(id(t))
+            key: Any = _storage_key(t)
+            if key is not None and key in self.kept:
+                self.sharing[id(self.kept[key][1])].append(w)
+                continue
+            if key is None:  # no storage view: its own bits, a copy read anew (or a clone compared by value)
+                key = ("tensor", id(t))
             old = kept.get(key)
-            if old is None or old[0] is not t or old[1] != w.where or old[2] is not t.dtype or not old[4]:
-                b = _bits(t)  # a copy where t is not contiguous: made again each time
-                shares = b is not None and _raw_storage(b).data_ptr() == w.where[0]
+            if old is None or not old[2] or _storage_key(old[1]) != key:
+                b = _storage_bits(t)
+                if b is None:
+                    b = _bits(t)  # a copy where t is not contiguous: made again each time
+                    shares = b is not None and _raw_storage(b).data_ptr() == w.where[0]
+                else:
+                    shares = True
                 group = None if b is None else b.device
-                old = (t, w.where, t.dtype, b, shares, group, 0 if b is None else _halves(b).numel())
+                old = (t, b, shares, group, 0 if b is None else _halves(b).numel())
             self.kept[key] = old
-            groups.setdefault(old[5], []).append((w, old[3], old[4], old[6]))
+            self.sharing[id(old[1])] = [w]
+            groups.setdefault(old[3], []).append((w, old[1], old[2], old[4]))
         for device in [d for d in self.plans if d not in groups]:
             del self.plans[device]
         return groups
@@ -337,6 +381,7 @@ class _Values:
     def __init__(self, groups: dict[Any, list[tuple[_Watched, Tensor | None, bool, int]]], views: _Views):
         self.loose = [(w, w.tensor.detach().clone()) for w, _, _, _ in groups.pop(None, ())]
         self.views = views
+        self.sharing = views.sharing  # made by the `renew` that gave ``groups``
         self.devices: list[tuple[list, _Plan, Tensor, Tensor]] = []  # items, plan, weights, hashes before
         for device, items in groups.items():
             plan = views.plan(device, items)
@@ -380,12 +425,28 @@ class _Values:
         return functools.reduce(lambda a, b: a | (b if b.device == a.device else b.to(a.device)), flags)
 
     def first_changed(self) -> _Watched | None:
-        """A tensor whose hash differs: of the first device where one does, the first in the order watched."""
+        """A tensor whose hash differs: of the first device where one does, the first storage in the order
+        watched, and of the tensors on it the first whose bytes span the first changed row (else the first on
+        it: a byte of its storage outside every watched tensor, which torch.save writes all the same)."""
         for items, plan, before, now in self.found:
             rows = (now != before).any(1).nonzero().flatten().tolist()
             if rows:
-                return items[min(plan.owners[bisect.bisect_right(plan.firsts, r) - 1] for r in rows)][0]
+                i, row, k = min((plan.owners[k], r, k) for r in rows for k in [bisect.bisect_right(plan.firsts, r) - 1])
+                width = next(b.width for b in plan.batches if b.row <= row < b.row + b.rows)
+                size = _halves(items[i][1]).element_size()
+                lo = (row - plan.firsts[k]) * width * size
+                on = self.sharing.get(id(items[i][1]), [items[i][0]])
+                return next((w for w in on if _spans(w.tensor, lo, lo + width * size)), on[0])
         return next((w for w, c in self.loose if bool(_changed(w.tensor, c))), None)
+
+
+def _spans(t: Tensor, lo: int, hi: int) -> bool:
+    """Whether bytes [lo, hi) of ``t``'s storage meet the span of its elements."""
+    if t.numel() == 0:
+        return False
+    first = int(t.storage_offset())
+    last = first + sum((int(n) - 1) * abs(int(st)) for n, st in zip(t.shape, t.stride(), strict=True))
+    return first * t.element_size() < hi and lo < (last + 1) * t.element_size()
 
 
 _raw_storage = torch._C.TensorBase.untyped_storage
@@ -827,7 +888,8 @@ class ForwardGuard:
         err = _written_error(
             w,  # type: ignore[arg-type]  # the flag says one differs
             "through .data, which bumps no version counter, or through another alias of its memory (numpy(), "
-            "untyped_storage(), DLPack, a raw data_ptr()) taken before or during the forward; in backward, by a "
+            "untyped_storage(), DLPack, a raw data_ptr()) taken before or during the forward, also to bytes of its "
+            "storage outside its elements, which torch.save writes with it; in backward, by a "
             "tensor hook or an autograd Function the forward set up",
             when="a DP training forward or its backward pass",
         )
