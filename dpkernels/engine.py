@@ -774,6 +774,7 @@ class Engine:
             return
         tie.reported = True
         if not self._strategy.takes_norms:  # the clipping pass of two-pass: the factors are known
+            self._check_same_norms(tie)
             self._sum_params(tie, tie.params)
             tie.uses.clear()
             return
@@ -781,7 +782,7 @@ class Engine:
             pruning.refuse_perturbed(tie.names, tie.modules)
         norms = (tie_norms(tie) if self.perturb is None else self.perturb.norms(self, tie)) if tie.uses else {}
         if tie.uses:
-            self._strategy.took_norms(tie)
+            self._strategy.took_norms(tie, norms)
         now = self._pass
         assert now is not None
         for gi in {self._group_of[id(p)] for p in tie.params}:
@@ -792,6 +793,39 @@ class Engine:
                 self._group_done(gi)
         if not self._strategy.sums:
             tie.uses.clear()
+
+    def _check_same_norms(self, tie: Tie) -> None:
+        """two-pass: the clip factors come from the norms pass, the sums from the clipping pass's own backward, whose
+        output gradients (and saved activations) a hook can change between the passes (a tensor hook scaling its
+        gradient on its second call, a saved-tensors unpack hook): the clipped contribution c_i g_i would then
+        exceed R. So the clipping pass takes each tie's certified norms again and requires, for every sample
+        with c_i != 0, n2'_i <= n2_i per parameter (then c_i^2 sum_p ||g'_ip||^2 <= c_i^2 sum_p n2_ip <= R^2): a
+        flag on the device, read with the pass's one host read, which refuses the step before any .grad is
+        written. Costs one more norms computation per layer in the clipping pass."""
+        first = self._strategy.norms_taken(tie)
+        if not tie.uses or self.perturb is not None or first is None:
+            return
+        again = tie_norms(tie)
+        flags = []
+        for p in tie.params:
+            c = self._factors[self._group_of[id(p)]]
+            if id(p) not in first or id(p) not in again or c is None:
+                continue
+            flags.append(((again[id(p)] <= first[id(p)]) | (c == 0)).all())
+        if not flags:
+            return
+        flag = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        names = list(tie.names)
+
+        def refuse() -> None:
+            raise RuntimeError(
+                f"strategy='two-pass': the clipping pass's per-sample gradients of {names} exceed the norms the "
+                f"norms pass clipped them by (a tensor hook, autograd Function or saved-tensors hook gave the second "
+                f"backward other output gradients or activations): the step is refused, no .grad was written. "
+                f"Make such hooks return the same gradient on each call, or use strategy='bk'"
+            )
+
+        self.deferred_checks.append((flag, refuse))
 
     def _group_norms(self, gi: int) -> Tensor:
         """The per-sample squared norms of group ``gi`` in loss units: sum_p n2_p * loss_scale^2 over the

@@ -6,7 +6,7 @@ Both answer the engine through one interface:
     check_pass()        a backward pass may start (two-pass refuses a bare loss.backward())
     takes_norms         the pass in progress takes per-sample norms (and so new clip factors)
     sums                the pass in progress computes clipped sums
-    took_norms(tie)     the pass took the norms of ``tie``'s uses
+    took_norms(tie, n)  the pass took the norms ``n`` of ``tie``'s uses
     normed(tie)         the norms of ``tie`` were taken for the sums of this pass
 
 "bk" (book-keeping): one backward; each layer's (input, G) is kept until its clipping group closes,
@@ -34,11 +34,14 @@ class BookKeeping:
     def check_pass(self) -> None:
         pass
 
-    def took_norms(self, tie: Any) -> None:
+    def took_norms(self, tie: Any, norms: dict[int, Tensor]) -> None:
         pass
 
     def normed(self, tie: Any) -> bool:
         return True
+
+    def norms_taken(self, tie: Any) -> dict[int, Tensor] | None:
+        return None
 
 
 class TwoPass:
@@ -47,6 +50,8 @@ class TwoPass:
     def __init__(self) -> None:
         self.phase: str | None = None  # "norms" or "apply" while `run` runs them
         self._normed: set[int] = set()  # the ties whose norms the norms pass took
+        # those norms, {id(p): (B,)}: the clipping pass's per-sample gradients must not exceed them (`norms_taken`)
+        self._norms: dict[int, dict[int, Tensor]] = {}
 
     @property
     def takes_norms(self) -> bool:
@@ -62,16 +67,22 @@ class TwoPass:
                 "strategy='two-pass' runs two backward passes: call optimizer.backward(loss) instead of loss.backward()"
             )
 
-    def took_norms(self, tie: Any) -> None:
+    def took_norms(self, tie: Any, norms: dict[int, Tensor]) -> None:
         self._normed.add(id(tie))
+        self._norms[id(tie)] = norms
 
     def normed(self, tie: Any) -> bool:
         return id(tie) in self._normed
+
+    def norms_taken(self, tie: Any) -> dict[int, Tensor] | None:
+        """The norms pass's certified squared norms of ``tie``'s parameters, which its clip factors came from."""
+        return self._norms.get(id(tie))
 
     def run(self, engine: Any, loss: Tensor) -> None:
         try:
             self.phase = "norms"
             self._normed.clear()
+            self._norms.clear()
             # autograd.grad, not backward: the norms pass must not accumulate into any leaf's .grad
             # (an input that requires grad would otherwise get its gradient twice). The DP parameters
             # as inputs make autograd run every DP layer's backward; they receive None.
@@ -86,6 +97,7 @@ class TwoPass:
         finally:
             self.phase = None
             engine._factors = [None] * len(engine.groups)  # the batch's clip factors: secret, used up
+            self._norms.clear()
             engine._drop_pass()
 
 
