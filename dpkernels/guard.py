@@ -388,6 +388,10 @@ class _Values:
             if plan.batches:
                 weights = views.table(device, plan.width)
                 self.devices.append((items, plan, weights, self._hash(items, plan, weights, False)))
+        # each storage's (device, address, bytes) as hashed: a storage resized since (during backward) has moved,
+        # and its kept view must not be read (it would read freed memory)
+        self.keys = [[_storage_key(b) for _, b, _, _ in items] for items, *_ in self.devices]
+        self.moved: _Watched | None = None
         self.found: list[tuple[list, _Plan, Tensor, Tensor]] = []  # items, plan, hashes before, after
 
     @staticmethod
@@ -414,7 +418,12 @@ class _Values:
         """A 0-d bool tensor on the (first) device: some hash differs (None: nothing watched). Both hashes of each
         device are kept for `first_changed`."""
         flags = []
-        for items, plan, weights, before in self.devices:
+        for (items, plan, weights, before), keys in zip(self.devices, self.keys, strict=True):
+            moved = next((w for (w, b, _, _), k in zip(items, keys, strict=True) if _storage_key(b) != k), None)
+            if moved is not None:  # its storage was resized: written, and not to be read through the old view
+                self.moved = self.moved or moved
+                flags.append(torch.ones((), dtype=torch.bool, device=weights.device))
+                continue
             now = self._hash(items, plan, weights, True)
             flags.append(torch.ne(now, before).any())
             self.found.append((items, plan, before, now))
@@ -428,6 +437,8 @@ class _Values:
         """A tensor whose hash differs: of the first device where one does, the first storage in the order
         watched, and of the tensors on it the first whose bytes span the first changed row (else the first on
         it: a byte of its storage outside every watched tensor, which torch.save writes all the same)."""
+        if self.moved is not None:
+            return self.moved
         for items, plan, before, now in self.found:
             rows = (now != before).any(1).nonzero().flatten().tolist()
             if rows:

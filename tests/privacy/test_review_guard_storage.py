@@ -106,3 +106,60 @@ def test_every_byte_of_a_shared_storage_is_seen_and_named(monkeypatch, layout):
             assert values.first_changed().key in ("a", "c"), j
     values = guard._Values(views.renew(watched), views)
     assert not bool(values.compare()) and values.first_changed() is None
+
+
+@pytest.mark.parametrize("change", ["resize larger", "resize smaller", "set_ other storage", "storage resized"])
+def test_a_tensor_re_stored_between_forwards_is_hashed_anew(change):
+    """Between two forwards the tensor's storage changes (user code): the next forward's hash reads the new
+    storage, not the old view kept from the forward before (one bit flipped anywhere in it is seen)."""
+    t = torch.arange(6, dtype=torch.float32)
+    other = torch.zeros(1)
+    views = guard._Views()
+    guard._Values(views.renew(_watch({"t": t, "other": other})), views)  # a view of the old storage kept
+    if change == "resize larger":
+        t.resize_(40)
+    elif change == "resize smaller":
+        t.resize_(2)
+    elif change == "set_ other storage":
+        t.set_(torch.arange(9, dtype=torch.float32).untyped_storage(), 1, (3,))
+    else:
+        t.untyped_storage().resize_(4 * 17)
+    watched = _watch({"t": t, "other": other})
+    raw = _raw(t)
+    for j in range(len(raw)):
+        values = guard._Values(views.renew(watched), views)
+        raw[j] ^= 1
+        flag = values.compare()
+        raw[j] ^= 1
+        assert bool(flag) and values.first_changed().key == "t", (change, j)
+
+
+def test_a_storage_resized_after_the_first_hash_is_refused_not_read():
+    """A storage resized between the two hashes (in backward) has moved: refused and named, and its old view,
+    which would read freed memory, is not hashed."""
+    t = torch.arange(1000.0)
+    views = guard._Views()
+    values = guard._Values(views.renew(_watch({"t": t})), views)
+    t.untyped_storage().resize_(0)
+    assert bool(values.compare()) and values.first_changed().key == "t"
+
+
+def test_a_storage_resized_in_backward_is_refused():
+    class Resizer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.register_buffer("b", torch.zeros(1000))
+
+        def forward(self, x):
+            y = self.lin(x)
+            y.register_hook(lambda g: (self.b.untyped_storage().resize_(8), None)[-1])
+            return y
+
+    model = Resizer()
+    model, _ = dpkernels.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
+        expected_batch_size=4.0,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"buffer 'b' of module '<model>' .*was written"):
+        model(torch.randn(4, 3)).square().sum().backward()
