@@ -6,7 +6,8 @@ Why not fixed here: each write lands after every comparison the guard makes, in 
 ``optimizer.step()``, ``load_state_dict`` and the user's own code may change the model (a weight constraint, an
 EMA, a buffer reset). Refusing any change there that the optimizer did not make needs a hash after each step and a
 comparison at the next forward and at each release (two more hashes a step), and would refuse those legitimate
-edits; the guard's documented gaps ("after the second hash") cover these routes."""
+edits; the guard's documented gaps ("after the second hash") cover these routes. Also here: a forward's write
+released before its check is read, by saving the tensors without state_dict (no hook runs on a tensor's pickling)."""
 
 from __future__ import annotations
 
@@ -127,3 +128,40 @@ def test_a_write_within_the_window_is_refused():
     with pytest.raises(RuntimeError, match=r"buffer 'stat' .*was written during a DP training forward or its backward"):
         model(X).square().sum(1).mean().backward()
     _refused(model)
+
+
+class _Frozen(nn.Module):
+    """A frozen layer whose weight the forward writes from the batch through ``.data`` (no version bump: only the
+    hash sees it, at the end of the forward's backward pass, or at the next forward, step or state_dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.frozen = nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        self.frozen.weight.data[0] = x.detach()[0]
+        return self.lin(x)
+
+
+@pytest.mark.xfail(strict=True, reason="tensors exported without state_dict while a forward's check is pending")
+def test_parameters_exported_directly_after_a_forward_without_backward():
+    """A training forward with no backward yet (a logged loss), then the parameters saved without state_dict
+    (``dict(model.named_parameters())``): no hook runs before the tensors are pickled, so the pending check is
+    never read. Measured: the saved frozen weight's row 0 is the batch's first row, bit for bit."""
+    import io
+
+    model = _Frozen()
+    model, _ = dpkernels.make_private(
+        model, torch.optim.SGD(model.lin.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
+        expected_batch_size=4.0,
+    )  # fmt: skip
+    out = model(X)  # noqa: F841  # alive: its backward may still come, so the check waits
+    buf = io.BytesIO()
+    try:
+        torch.save(dict(model.named_parameters()), buf)
+    except RuntimeError:
+        return  # refused
+    buf.seek(0)
+    assert not torch.equal(torch.load(buf)["frozen.weight"][0], X[0]), "released with the batch"
