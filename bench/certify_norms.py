@@ -14,7 +14,8 @@ clip factors, clipped sums and noise, optimizer step) with the certified norms a
 with the raw float32 norms (`raw_norms`: a benchmark-only patch of dpkernels.ops.certified, never a
 user-reachable switch), timed in turn, median of --repeat, one thread; and the kernel-like aten ops of
 one step of each (bench.counters.StepCounter). A third variant, timed in turn with the two, forms the
-ghost bounds' Grams from scaled copies of the rows (`scaled_copies`: the route before the unscaled one).
+ghost bounds' Grams from scaled copies of the rows (`scaled_copies`: the route of other devices, and of
+an operand with a zero, tiny or huge sample, instead of the CPU's unscaled one).
 
 Cases: a GPT-2-small block's Linear layers on random activations (T=256, d=768, p=3072, B=4: ghost
 norms) and the demo CNN (dpkernels.demo.make_cnn) on a batch of scikit-learn digits with real output
@@ -228,7 +229,8 @@ def raw_norms() -> Iterator[None]:
 @contextlib.contextmanager
 def scaled_copies() -> Iterator[None]:
     """Within the block the reference ghost bounds form every Gram from the scaled copies of the rows
-    (the route before the unscaled one of `_unscaled_ok`): its cost, measured in turn with the others."""
+    (the route `_unscaled_ok` spares in-range float32 rows on the CPU): its cost, measured in turn with
+    the others."""
     from dpkernels.ops.reference import bounds as rb
 
     saved = rb._unscaled_ok
