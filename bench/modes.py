@@ -168,6 +168,7 @@ def _dpkernels(mode: str, work: Workload, ctx: Context) -> Runner:
 
     name, _, backend = mode.partition(":")  # no backend named: dpkernels' automatic choice
     groups, strategy = DPK_MODES[name]
+    ops.last_backend.clear()  # served_by names this run's ops only, not an earlier run's in this process
     model, opt = dpkernels.make_private(
         work.model,
         _sgd(work.model, ctx),
