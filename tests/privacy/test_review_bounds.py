@@ -9,6 +9,9 @@ import sys
 import textwrap
 
 import pytest
+import torch
+
+from dpkernels.ops import certified as C
 
 # Flush-to-zero / denormals-are-zero (torch.set_flush_denormal(True)) changes the arithmetic of every thread
 # that inherits it, OpenMP workers included, and a later set_flush_denormal(False) does not undo it on
@@ -45,3 +48,20 @@ def test_flush_denormal(case):
         [sys.executable, "-c", _FTZ.format(case=case)], capture_output=True, text=True, check=True, timeout=300
     )
     assert float(out.stdout.split()[-1]) >= 1.0, out.stdout
+
+
+@pytest.mark.parametrize("method", ["ghost", "inst"])
+@pytest.mark.parametrize("ea", [-75, -76, -80])
+@pytest.mark.parametrize("a0", [2.0**-20, 2.0**-22])  # the sample's norm in / below the unscaled range
+def test_tiny_tokens_under_huge_gradients(method, ea, a0):
+    """Tokens whose Gram products underflow (a_t a_s = 2^(2 ea) <= 2^-150: rounded to 0 or the smallest
+    subnormal) under output gradients near the unscaled range's top (2^59): the whole gradient comes from
+    them, so only the absolute underflow constant (c, e) holds the bound up; one large token keeps the
+    sample's norm in (2^-20) or just below (2^-22) the ghost bound's unscaled range."""
+    T, d = 256, 8
+    a, g = torch.zeros(1, T, d), torch.zeros(1, T, d)
+    a[0, 0, 0] = a0
+    a[0, 1:, 0], g[0, 1:, 0] = 2.0**ea, 2.0**59
+    exact = ((T - 1) * 2.0 ** (ea + 59)) ** 2  # one nonzero entry, (T - 1) 2^(ea + 59): exact in float64
+    got = C.linear_norms(a, g, bias=False, method=method)[0].item()
+    assert got >= exact, got / exact
