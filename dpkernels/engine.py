@@ -45,6 +45,7 @@ from .nn import DPModule
 from .noise import NoisePlan
 from .noise import mix64 as _mix64  # noqa: F401  (dpkernels.api, perturb, distributed import it from here)
 from .ops._validate import ids_looked_up
+from .ops.bounds import check_gradual_underflow, workers_flush
 from .perturb import Perturbation
 from .strategies import make_strategy
 
@@ -549,6 +550,10 @@ class Engine:
     def _begin_backward(self) -> None:
         self.check_live()
         self._strategy.check_pass()
+        if any(p.device.type == "cpu" for p in self._params):  # flush-to-zero CPU arithmetic refused
+            check_gradual_underflow()  # this thread; torch's workers with the pass's one host read:
+            flush = workers_flush(torch.get_num_threads())
+            self.deferred_checks.append((~flush, functools.partial(check_gradual_underflow, threads=True)))
         if self._micro >= self.accumulation_steps:
             raise RuntimeError(
                 f"a backward pass after {self.accumulation_steps} micro-batch(es) without optimizer.step(): "

@@ -47,6 +47,7 @@ reference ghost bound reads two numbers back on the CPU only (its unscaled route
 from __future__ import annotations
 
 import math
+import struct
 from typing import NamedTuple
 
 import torch
@@ -54,6 +55,34 @@ from torch import Tensor
 
 U64 = 2.0**-53
 F64 = torch.float64
+_TINY = struct.unpack("<d", (1).to_bytes(8, "little"))[0]  # the smallest subnormal double, from its bits
+
+
+def workers_flush(threads: int) -> Tensor:
+    """0-d bool: some of torch's CPU intra-op threads flush subnormals (a subnormal float32 product spread
+    over ``threads`` workers, more than torch's grain size each). No host read: the caller reads it."""
+    with torch.no_grad():
+        return (torch.full((max(1, threads) * (1 << 16),), 2.0**-140) * 2.0 == 0).any()
+
+
+def check_gradual_underflow(threads: bool = False) -> None:
+    """Refuse flush-to-zero / denormals-are-zero CPU arithmetic (``torch.set_flush_denormal(True)``, or the
+    MXCSR / FPCR bits set by another library): the model above has gradual underflow (eta_min the smallest
+    subnormal); flushing makes a product's absolute error up to the smallest normal, and an input read as
+    0 loses all of its terms (certified 0x the exact norm for a sample with a subnormal activation, 0.5x for
+    flushed Gram products). Probes the calling thread (a Python float product, which uses the same SSE /
+    FPCR state: ~60 ns, so every certified bound checks) and, with ``threads``, torch's intra-op threads
+    (`workers_flush`; they inherit the state of the thread that created them, which a later
+    ``set_flush_denormal(False)`` does not change; the engine reads that flag with a backward pass's one
+    host read instead)."""
+    if _TINY * 2.0 == 0.0 or (threads and bool(workers_flush(torch.get_num_threads()))):
+        raise RuntimeError(
+            "flush-to-zero / denormals-are-zero arithmetic is on (torch.set_flush_denormal(True), or a library "
+            "that set the CPU's floating-point control bits): dpkernels' certified per-sample norms assume IEEE "
+            "gradual underflow, and flushing can make a norm 0 or half the true one, so a sample could exceed the "
+            "clipping bound. Call torch.set_flush_denormal(False) before training (if torch's worker threads were "
+            "started with it on, in a fresh process)"
+        )
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:

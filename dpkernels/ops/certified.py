@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import _load, _validate, acc_dtype, resolve_named
 from . import reference as _ref
-from .bounds import F64, Bound, generic_bound, round_up_factor, signed_sum, token_norms
+from .bounds import F64, Bound, check_gradual_underflow, generic_bound, round_up_factor, signed_sum, token_norms
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -39,6 +39,7 @@ def _no_autocast(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 
     @functools.wraps(fn)
     def wrapped(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        check_gradual_underflow()  # the calling thread's arithmetic (the engine probes the workers too)
         devs = {"cpu"} | {t.device.type for t in args if isinstance(t, Tensor)}
         on = sorted(d for d in devs if torch.amp.is_autocast_available(d) and torch.is_autocast_enabled(d))
         if not on:  # nothing to turn off (the usual case): no context to enter
