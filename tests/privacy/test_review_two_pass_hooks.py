@@ -22,13 +22,14 @@ class _Net(nn.Module):
         self.a = nn.Linear(3, 4)
         self.b = nn.Linear(4, 2)
         self.how = how
+        self.factor = 1000.0
 
     def forward(self, x):
         calls = []
 
         def scale_second(g):  # the same gradient in the norms pass, 1000x in the clipping pass
             calls.append(1)
-            return g * 1000.0 if len(calls) == 2 else None
+            return g * self.factor if len(calls) == 2 else None
 
         def pack(t):
             return t
@@ -47,9 +48,10 @@ class _Net(nn.Module):
         return self.b(torch.tanh(h))
 
 
-def _step(how, x, **kw):
+def _step(how, x, factor=1000.0, **kw):
     torch.manual_seed(0)
     model = _Net(how)
+    model.factor = factor
     settings = dict(noise_multiplier=0.0, max_grad_norm=R, expected_batch_size=1.0, loss_reduction="sum")
     settings.update(kw, strategy="two-pass")
     model, opt = dpkernels.make_private(model, torch.optim.SGD(model.parameters(), lr=0.0), **settings)
@@ -85,3 +87,14 @@ def test_unchanged_passes_step_within_the_bound():
     model = _step(None, X)
     norm = torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters()))
     assert 0.5 * R < float(norm) <= R * (1 + 1e-6), float(norm)  # float32 sums of a clipped gradient of norm R
+
+
+def test_the_check_allows_only_rounding_sized_growth():
+    """The comparison's slack (1 + 2^-16 on squared norms: bounds of the same norm from a backend that adds in
+    any order) stays inside the certified R (1 + 1e-5): a clipping-pass gradient 1 + 2^-18 times the norms
+    pass's steps within it; 1 + 2^-14 times (squared: 1 + 2^-13, past the slack) is refused."""
+    model = _step("tensor hook", X, factor=1.0 + 2.0**-18)
+    norm = torch.sqrt(sum(p.grad.double().square().sum() for p in model.parameters()))
+    assert float(norm) <= R * (1 + 1e-5), float(norm)
+    with pytest.raises(RuntimeError, match="two-pass"):
+        _step("tensor hook", X, factor=1.0 + 2.0**-14)
