@@ -593,9 +593,9 @@ def _python_state_error(name: str, m: nn.Module, before: list, now: list) -> Run
     )
 
 
-def _written_error(w: _Watched, how: str, also: str = "", when: str = "a DP training forward") -> RuntimeError:
+def _written_error(w: _Watched, how: str, when: str = "a DP training forward") -> RuntimeError:
     return RuntimeError(
-        f"{w.describe()} was written during {when} ({how}){also}: module state is released with the "
+        f"{w.describe()} was written during {when} ({how}): module state is released with the "
         f"model, and state written from the batch is learned outside the gradient, with no clipping and no noise (its "
         f"value now depends on this batch: do not release this model's state). Put that module in eval mode "
         f"(module.eval()) or disable what writes it (torch.ao.quantization.disable_observer) before training, "
@@ -607,7 +607,7 @@ class _Later:
     """The second half of a training forward's hash (`_Values.compare`), made on the first call and kept: at the
     end of the forward's backward pass (`Engine._check_finite`, whose one host read reads it), or earlier where
     the forward's backward has not come: before the next forward, ``optimizer.step()``, ``load_state_dict``,
-    or a release of the model's state. Returns the 0-d flag "some watched value changed" (None: nothing
+    or a release of the model's state. Returns the 0-d flag "every watched value is as before" (None: nothing
     watched)."""
 
     __slots__ = ("values", "reached", "_out", "_flag", "_done", "__weakref__")
@@ -746,13 +746,9 @@ class ForwardGuard:
             return
         try:
             self._drain(before_forward=True)  # a forward whose backward never came
-        except RuntimeError:
-            self._before.append(None)  # paired with the post-hook, which always runs
-            raise
-        try:
             self._check_modules()
         except RuntimeError:
-            self._before.append(None)
+            self._before.append(None)  # paired with the post-hook, which always runs
             raise
         hooks = self.model._forward_hooks
         if self._post_id in hooks and next(reversed(hooks)) != self._post_id:  # a hook registered after ours
@@ -862,23 +858,26 @@ class ForwardGuard:
     def settle(self) -> None:
         """Hash now (no host read) the training forwards whose backward has not come, before something changes
         the model's state legitimately: ``optimizer.step()``, ``load_state_dict``."""
-        eng: Any = self.probe._dp_engine
-        current = vars(eng).get("deferred_checks") if eng is not None else None
-        for pending in [*self._pending, current if isinstance(current, list) else []]:
+        for pending in self._waiting():
             for flag, _ in pending:
                 if isinstance(flag, _Later):
                     flag()
+
+    def _waiting(self) -> list[list]:
+        """The engines' lists that may hold this guard's checks: those it appended to, and the current engine's."""
+        eng: Any = self.probe._dp_engine
+        lists = list(self._pending)
+        current = vars(eng).get("deferred_checks") if eng is not None else None
+        if isinstance(current, list) and not any(p is current for p in lists):
+            lists.append(current)
+        return lists
 
     def _drain(self, before_forward: bool = False) -> None:
         """Read the engines' waiting checks (training forwards whose backward has not come). ``before_forward``:
         keep the hash of a forward whose output may still be backpropagated and that nothing has made yet
         (`_Later.open`), so that the writes of its backward are compared too, at that backward's end (or at
         ``optimizer.step()``, which makes it, and the next read)."""
-        eng: Any = self.probe._dp_engine
-        lists = list(self._pending)
-        current = vars(eng).get("deferred_checks") if eng is not None else None
-        if isinstance(current, list) and not any(p is current for p in lists):
-            lists.append(current)
+        lists = self._waiting()
         self._pending = []
         for pending in lists:
             checks = list(pending)
