@@ -49,8 +49,8 @@ class TwoPass:
 
     def __init__(self) -> None:
         self.phase: str | None = None  # "norms" or "apply" while `run` runs them
-        self._normed: set[int] = set()  # the ties whose norms the norms pass took
-        # those norms, {id(p): (B,)}: the clipping pass's per-sample gradients must not exceed them (`norms_taken`)
+        # the ties whose norms the norms pass took, and those norms {id(p): (B,)}: the clipping pass's per-sample
+        # gradients must not exceed them (`norms_taken`)
         self._norms: dict[int, dict[int, Tensor]] = {}
 
     @property
@@ -68,11 +68,10 @@ class TwoPass:
             )
 
     def took_norms(self, tie: Any, norms: dict[int, Tensor]) -> None:
-        self._normed.add(id(tie))
         self._norms[id(tie)] = norms
 
     def normed(self, tie: Any) -> bool:
-        return id(tie) in self._normed
+        return id(tie) in self._norms
 
     def norms_taken(self, tie: Any) -> dict[int, Tensor] | None:
         """The norms pass's certified squared norms of ``tie``'s parameters, which its clip factors came from."""
@@ -81,7 +80,6 @@ class TwoPass:
     def run(self, engine: Any, loss: Tensor) -> None:
         try:
             self.phase = "norms"
-            self._normed.clear()
             self._norms.clear()
             # autograd.grad, not backward: the norms pass must not accumulate into any leaf's .grad
             # (an input that requires grad would otherwise get its gradient twice). The DP parameters
