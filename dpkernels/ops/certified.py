@@ -31,11 +31,13 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _no_autocast(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Run a bound with autocast off (on the CPU and on the inputs' device): the norms are formed in the
-    Backward, where the caller's autocast is still on, and autocast would cast the bounds' float32 matmuls
-    (Grams, instantiated weights, unfolded convolutions) to 16 bits, an error no constant accounts for
-    (natural float32 rows under CPU bfloat16 autocast: certified 0.9984x the exact norm)."""
+def _bound_arithmetic(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run a bound in the arithmetic its proof assumes. Gradual underflow on the calling thread
+    (`bounds.check_gradual_underflow`: flush-to-zero is refused). Autocast off (on the CPU and on the
+    inputs' device): the norms are formed in the Backward, where the caller's autocast is still on, and
+    autocast would cast the bounds' float32 matmuls (Grams, instantiated weights, unfolded convolutions) to
+    16 bits, an error no constant accounts for (natural float32 rows under CPU bfloat16 autocast: certified
+    0.9984x the exact norm)."""
 
     @functools.wraps(fn)
     def wrapped(*args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -89,7 +91,7 @@ def _generic_bias(raw: Tensor, g: Tensor, groups: int = 1) -> Bound:
     return generic_bound(raw, S, S.square() + T * T, groups * T * T + T + p + 2, T * T * p + T * p + p, acc_dtype(g))
 
 
-@_no_autocast
+@_bound_arithmetic
 def linear_norms_bound(a: Tensor, g: Tensor, *, bias: bool, method: str, backend: str | None = None):
     own, raw = _own("linear_norms", backend, a, g, bias=bias, method=method)
     if own is not None:
@@ -98,7 +100,7 @@ def linear_norms_bound(a: Tensor, g: Tensor, *, bias: bool, method: str, backend
     return _generic_rows(rw, a, g), (_generic_bias(rb, g) if bias else None)
 
 
-@_no_autocast
+@_bound_arithmetic
 def bias_norms_bound(g: Tensor, *, backend: str | None = None) -> Bound:
     own, raw = _own("bias_norms", backend, g)
     if own is not None:
@@ -106,7 +108,7 @@ def bias_norms_bound(g: Tensor, *, backend: str | None = None) -> Bound:
     return _generic_bias(raw(g), g)
 
 
-@_no_autocast
+@_bound_arithmetic
 def conv_norms_bound(x: Tensor, g: Tensor, *, backend: str | None = None, **kw):
     own, raw = _own("conv_norms", backend, x, g, **kw)
     if own is not None:
@@ -118,7 +120,7 @@ def conv_norms_bound(x: Tensor, g: Tensor, *, backend: str | None = None, **kw):
     return wb, (_generic_bias(rb, g.flatten(2).transpose(1, 2), kw["groups"]) if kw["bias"] else None)
 
 
-@_no_autocast
+@_bound_arithmetic
 def embedding_norms_bound(
     ids: Tensor, g: Tensor, *, num_embeddings: int, padding_idx: int | None, backend: str | None = None
 ) -> Bound:
@@ -133,7 +135,7 @@ def embedding_norms_bound(
     return generic_bound(r, S, S.square() + T * T, T * T + T * D + 4, T * T * D + T * D, acc_dtype(g))
 
 
-@_no_autocast
+@_bound_arithmetic
 def embedding_linear_cross_bound(
     ids: Tensor, g_e: Tensor, a: Tensor, g_h: Tensor, *, padding_idx: int | None, backend: str | None = None
 ) -> Bound:
@@ -150,7 +152,7 @@ def embedding_linear_cross_bound(
     return Bound(bnd.value, bnd.err, torch.full_like(bnd.cap, math.inf))
 
 
-@_no_autocast
+@_bound_arithmetic
 def affine_norms_bound(xhat: Tensor, g: Tensor, *, weight: bool, bias: bool, backend: str | None = None):
     own, raw = _own("affine_norms", backend, xhat, g, weight=weight, bias=bias)
     if own is not None:
