@@ -5,6 +5,8 @@ either setting and take bf16 operand rounding (u_in = 2^-7) under it."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -12,18 +14,32 @@ from dpkernels import api
 from dpkernels.ops.bounds import matmul_input_roundoff
 
 
-def test_per_backend_bf16_matmul_precision_is_read_and_norms_stay_upper_bounds():
-    before = torch.backends.mkldnn.matmul.fp32_precision
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+@contextlib.contextmanager
+def _fp32_precision(setting, value: str):
+    """``setting.fp32_precision = value`` (a torch.backends object) while the block runs, then the old one."""
+    before = setting.fp32_precision
+    setting.fp32_precision = value
     try:
-        assert matmul_input_roundoff(torch.float32) == 2.0**-7
-        gen = torch.Generator().manual_seed(5)
-        a, g = torch.randn(4, 16, 32, generator=gen), torch.randn(4, 16, 24, generator=gen)
-        lin = nn.Linear(32, 24, bias=False)
-        cert = api.per_sample_norms(lin, a, g, backend="reference")[lin.weight]
+        yield
     finally:
-        torch.backends.mkldnn.matmul.fp32_precision = before
-    exact = torch.einsum("btp,btd->bpd", g.double(), a.double()).square().sum((1, 2))
+        setting.fp32_precision = before
+
+
+def _certified_weight_norms(
+    backend: str, seed: int, B: int, T: int, d: int, p: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(certified, exact float64) per-sample squared norms of a bias-free Linear's weight gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    a, g = torch.randn(B, T, d, generator=gen), torch.randn(B, T, p, generator=gen)
+    lin = nn.Linear(d, p, bias=False)
+    cert = api.per_sample_norms(lin, a, g, backend=backend)[lin.weight]
+    return cert, torch.einsum("btp,btd->bpd", g.double(), a.double()).square().sum((1, 2))
+
+
+def test_per_backend_bf16_matmul_precision_is_read_and_norms_stay_upper_bounds():
+    with _fp32_precision(torch.backends.mkldnn.matmul, "bf16"):
+        assert matmul_input_roundoff(torch.float32) == 2.0**-7
+        cert, exact = _certified_weight_norms("reference", 5, 4, 16, 32, 24)
     assert bool((cert >= exact).all())
     assert torch.get_float32_matmul_precision() == "highest"  # restored: the legacy getter answers again
     assert matmul_input_roundoff(torch.float32) == 0.0
@@ -40,17 +56,9 @@ def test_triton_reads_the_per_backend_setting_too():
         from dpkernels.ops.triton._common import dot_precision
     except Exception as exc:  # triton not installed here
         pytest.skip(f"no Triton backend: {exc}")
-    before = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    try:
+    with _fp32_precision(torch.backends.cuda.matmul, "tf32"):
         assert dot_precision(torch.float32) == "tf32"
         assert backend_arithmetic(torch.float32)[1] == 2.0**-10
-        gen = torch.Generator().manual_seed(6)
-        a, g = torch.randn(2, 8, 16, generator=gen), torch.randn(2, 8, 12, generator=gen)
-        lin = nn.Linear(16, 12, bias=False)
-        cert = api.per_sample_norms(lin, a, g, backend="triton")[lin.weight]
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = before
-    exact = torch.einsum("btp,btd->bpd", g.double(), a.double()).square().sum((1, 2))
+        cert, exact = _certified_weight_norms("triton", 6, 2, 8, 16, 12)
     assert bool((cert >= exact).all())
     assert dot_precision(torch.float32) == "ieee"
