@@ -67,6 +67,17 @@ def _row(name: str, raw, cert, exact, repeat: int) -> str:
     return f"| {name} | {t_raw * 1e3:.2f} | {t_cert * 1e3:.2f} | {t_cert / t_raw:.2f}x | {infl:.2e} | {raw_err:.2e} |"
 
 
+def _linear_row(name: str, a: torch.Tensor, g: torch.Tensor, method: str, repeat: int) -> str:
+    """A bias-free Linear's raw and certified reference norms of (a, g) by ``method``, against the exact ones."""
+    return _row(
+        f"{name} ({method})",
+        lambda: ref.linear_norms(a, g, bias=False, method=method),
+        lambda: ops.certified.linear_norms(a, g, bias=False, method=method, backend="reference"),
+        _exact_linear(a, g),
+        repeat,
+    )
+
+
 def gpt2(repeat: int, head: bool = False) -> list[str]:
     torch.manual_seed(0)
     B, T = 4, 256
@@ -74,40 +85,14 @@ def gpt2(repeat: int, head: bool = False) -> list[str]:
     for name, d, p in (("attn c_attn 768->2304", 768, 2304), ("mlp c_fc 768->3072", 768, 3072),
                        ("mlp c_proj 3072->768", 3072, 768)):  # fmt: skip
         a, g = torch.randn(B, T, d), torch.randn(B, T, p) * 1e-3
-        method = ops.linear_norm_method(T, d, p)
-        exact = _exact_linear(a, g)
-        rows.append(
-            _row(
-                f"GPT-2 {name} ({method})",
-                lambda a=a, g=g, m=method: ref.linear_norms(a, g, bias=False, method=m),
-                lambda a=a, g=g, m=method: ops.certified.linear_norms(a, g, bias=False, method=m, backend="reference"),
-                exact,
-                repeat,
-            )
-        )
+        rows.append(_linear_row(f"GPT-2 {name}", a, g, ops.linear_norm_method(T, d, p), repeat))
     if head:  # the LM head: p = 50257 (B = 2: its float64 exact norms take 0.6 GB)
         a, g = torch.randn(2, T, 768), torch.randn(2, T, 50257) * 1e-4
-        rows.append(
-            _row(
-                "GPT-2 lm_head 768->50257, B=2 (ghost)",
-                lambda: ref.linear_norms(a, g, bias=False, method="ghost"),
-                lambda: ops.certified.linear_norms(a, g, bias=False, method="ghost", backend="reference"),
-                _exact_linear(a, g),
-                repeat,
-            )
-        )
+        rows.append(_linear_row("GPT-2 lm_head 768->50257, B=2", a, g, "ghost", repeat))
     # a transformer-like input: a shared mean direction (tokens aligned) plus noise
     a = torch.randn(B, T, 768) * 0.3 + torch.randn(1, 1, 768)
     g = torch.randn(B, T, 3072) * 1e-3
-    rows.append(
-        _row(
-            "GPT-2 mlp c_fc, aligned tokens (ghost)",
-            lambda: ref.linear_norms(a, g, bias=False, method="ghost"),
-            lambda: ops.certified.linear_norms(a, g, bias=False, method="ghost", backend="reference"),
-            _exact_linear(a, g),
-            repeat,
-        )
-    )
+    rows.append(_linear_row("GPT-2 mlp c_fc, aligned tokens", a, g, "ghost", repeat))
     return rows
 
 
